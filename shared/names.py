@@ -1,0 +1,86 @@
+"""Every name two processes must agree on: subjects, buckets, KV keys, labels, headers, the name pattern.
+
+Nothing else in the project spells one of these strings.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aube.shared.errors import InvalidName
+
+# A function name is a DNS label: safe as a URL path, a KV key token, a container name part and an image tag.
+# A leading underscore can never match, which keeps `/_aube/...` free for the proxy's own endpoints.
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+# Request/reply subjects. The contract names the first three; the rest are the services' own.
+SUBJECT_UPLOAD = "aube.fn.upload"
+SUBJECT_DELETE = "aube.fn.delete"
+SUBJECT_LIST = "aube.fn.list"
+SUBJECT_SCALE = "aube.fn.scale"
+SUBJECT_STOP_INSTANCE = "aube.instance.stop"
+SUBJECT_EVENTS_PREFIX = "aube.events.fn"
+
+# Queue groups, so that running a second copy of a service shares the work instead of doubling it.
+QUEUE_CONTROLPLANE = "aube-controlplane"
+
+# JetStream buckets.
+BUCKET_INSTANCES = "aube-instances"  # key "<function>.<slot>" -> InstanceRecord
+BUCKET_FUNCTIONS = "aube-functions"  # key "<function>" -> FunctionRecord
+BUCKET_LEASES = "aube-leases"  # key "<proxy id>" -> ProxyLease, expires by TTL
+BUCKET_BUNDLES = "aube-bundles"  # object store for uploads above the NATS max payload
+
+# Docker labels and process-runtime markers. Everything Aube creates carries LABEL_MANAGED.
+LABEL_MANAGED = "aube.managed"
+LABEL_FUNCTION = "aube.function"
+LABEL_VERSION = "aube.version"
+LABEL_INSTANCE = "aube.instance"
+LABEL_SLOT = "aube.slot"
+LABEL_OWNER = "aube.owner"  # which control plane started it; lets tests run several platforms side by side
+LABEL_TEST = "aube.test"
+
+# The proxy's own endpoints; NAME_PATTERN can never produce them.
+PATH_HEALTH = "/_aube/health"
+PATH_METRICS = "/_aube/metrics"
+# The in-instance server answers health checks on the same path.
+INSTANCE_HEALTH_PATH = PATH_HEALTH
+
+ENV_INSTANCE_ID = "AUBE_INSTANCE_ID"
+ENV_FUNCTION = "AUBE_FUNCTION"
+ENV_VERSION = "AUBE_VERSION"
+
+
+def validate_name(name: object) -> str:
+    """Return `name` if it is a valid function name, else raise InvalidName saying why."""
+    if not isinstance(name, str):
+        raise InvalidName(f"function name must be a string, got {type(name).__name__}")
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidName(
+            f"invalid function name {name[:80]!r}: use 1-63 characters of a-z, 0-9 and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def events_subject(name: str) -> str:
+    return f"{SUBJECT_EVENTS_PREFIX}.{name}"
+
+
+def instance_key(function: str, slot: int) -> str:
+    return f"{function}.{slot}"
+
+
+def instance_key_filter(function: str | None = None) -> str:
+    return f"{function}.*" if function else ">"
+
+
+def image_repository(name: str) -> str:
+    return f"aube-fn-{name}"
+
+
+def image_tag(name: str, version: int) -> str:
+    return f"{image_repository(name)}:v{version}"
+
+
+def container_name(owner: str, name: str, instance_id: str) -> str:
+    return f"aube-{owner}-{name}-{instance_id}"

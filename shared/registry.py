@@ -1,0 +1,195 @@
+"""The instance registry: typed access to the JetStream KV buckets every service shares.
+
+Every write that can race is a compare-and-set on the entry's revision (`kv.create` for absent keys,
+`kv.update(..., last=revision)` otherwise). A lost race is a normal outcome: the methods return None and log
+at DEBUG; callers re-read and decide again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from aube.shared import names
+from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, decode_record, encode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class Versioned(msgspec.Struct, frozen=True):
+    """A registry record with the revision it was read at: the token for the next compare-and-set."""
+
+    key: str
+    revision: int
+    record: msgspec.Struct
+
+
+class InstanceEntry(msgspec.Struct, frozen=True):
+    key: str
+    revision: int
+    record: InstanceRecord
+
+
+class FunctionEntry(msgspec.Struct, frozen=True):
+    key: str
+    revision: int
+    record: FunctionRecord
+
+
+class LeaseEntry(msgspec.Struct, frozen=True):
+    key: str
+    revision: int
+    record: ProxyLease
+
+
+class InstanceChange(msgspec.Struct, frozen=True):
+    """One event from `watch_instances`: `record` is None when the key was deleted."""
+
+    key: str
+    revision: int
+    record: InstanceRecord | None
+
+
+class Registry:
+    def __init__(self, instances: KeyValue, functions: KeyValue, leases: KeyValue) -> None:
+        self.instances_kv = instances
+        self.functions_kv = functions
+        self.leases_kv = leases
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> Registry:
+        """Bind the buckets, creating them on first use (creation with the same config is idempotent)."""
+        return cls(
+            await js.create_key_value(bucket=names.BUCKET_INSTANCES, history=1),
+            await js.create_key_value(bucket=names.BUCKET_FUNCTIONS, history=1),
+            await js.create_key_value(bucket=names.BUCKET_LEASES, history=1),
+        )
+
+    # -- instances ---------------------------------------------------------------------------------------
+
+    async def instances(self, function: str | None = None) -> list[InstanceEntry]:
+        return [
+            InstanceEntry(key, rev, decode_record(value, InstanceRecord))
+            async for key, rev, value in _snapshot(self.instances_kv, names.instance_key_filter(function))
+        ]
+
+    async def get_instance(self, key: str) -> InstanceEntry | None:
+        got = await _get(self.instances_kv, key)
+        return None if got is None else InstanceEntry(key, got[0], decode_record(got[1], InstanceRecord))
+
+    async def create_instance(self, record: InstanceRecord) -> int | None:
+        """Take the record's slot if it is free; None if another writer holds it."""
+        key = names.instance_key(record.function, record.slot)
+        try:
+            return await self.instances_kv.create(key, encode(record))
+        except KeyWrongLastSequenceError:
+            log.debug("slot %s already taken", key)
+            return None
+
+    async def update_instance(self, entry_revision: int, record: InstanceRecord) -> int | None:
+        """Replace the record if it is still at `entry_revision`; None on a lost race."""
+        key = names.instance_key(record.function, record.slot)
+        try:
+            return await self.instances_kv.update(key, encode(record), last=entry_revision)
+        except KeyWrongLastSequenceError:
+            log.debug("lost race updating %s at revision %d", key, entry_revision)
+            return None
+
+    async def delete_instance(self, key: str, revision: int | None = None) -> bool:
+        """Delete (at `revision` if given); False if the entry changed meanwhile."""
+        try:
+            await self.instances_kv.delete(key, last=revision)
+        except KeyWrongLastSequenceError:
+            log.debug("lost race deleting %s at revision %s", key, revision)
+            return False
+        return True
+
+    async def watch_instances(self, function: str | None = None) -> AsyncIterator[InstanceChange | None]:
+        """Current entries, then None (caught up), then every change, for as long as the caller iterates."""
+        watcher = await self.instances_kv.watch(names.instance_key_filter(function))
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    yield None
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    yield InstanceChange(entry.key, entry.revision or 0, None)
+                else:
+                    rec = decode_record(entry.value, InstanceRecord)
+                    yield InstanceChange(entry.key, entry.revision or 0, rec)
+        finally:
+            await watcher.stop()
+
+    # -- functions ---------------------------------------------------------------------------------------
+
+    async def functions(self) -> list[FunctionEntry]:
+        return [
+            FunctionEntry(key, rev, decode_record(value, FunctionRecord))
+            async for key, rev, value in _snapshot(self.functions_kv, ">")
+        ]
+
+    async def get_function(self, name: str) -> FunctionEntry | None:
+        got = await _get(self.functions_kv, name)
+        return None if got is None else FunctionEntry(name, got[0], decode_record(got[1], FunctionRecord))
+
+    async def put_function(self, record: FunctionRecord, revision: int | None) -> int | None:
+        """Create (revision None) or replace at `revision`; None on a lost race."""
+        try:
+            if revision is None:
+                return await self.functions_kv.create(record.name, encode(record))
+            return await self.functions_kv.update(record.name, encode(record), last=revision)
+        except KeyWrongLastSequenceError:
+            log.debug("lost race writing function %s", record.name)
+            return None
+
+    async def delete_function(self, name: str) -> None:
+        await self.functions_kv.delete(name)
+
+    # -- proxy leases ------------------------------------------------------------------------------------
+
+    async def leases(self) -> list[LeaseEntry]:
+        return [
+            LeaseEntry(key, rev, decode_record(value, ProxyLease))
+            async for key, rev, value in _snapshot(self.leases_kv, ">")
+        ]
+
+    async def put_lease(self, lease: ProxyLease) -> int:
+        return await self.leases_kv.put(lease.proxy_id, encode(lease))
+
+    async def delete_lease(self, proxy_id: str, revision: int | None = None) -> bool:
+        try:
+            await self.leases_kv.delete(proxy_id, last=revision)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+
+async def _get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:
+    try:
+        entry = await kv.get(key)
+    except (KeyNotFoundError, NotFoundError):  # KeyDeletedError is a KeyNotFoundError
+        return None
+    if entry.value is None:
+        return None
+    return entry.revision or 0, entry.value
+
+
+async def _snapshot(kv: KeyValue, key_filter: str) -> AsyncIterator[tuple[str, int, bytes]]:
+    """Every live entry under `key_filter`, through one ordered consumer rather than a get per key."""
+    watcher = await kv.watch(key_filter, ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                return
+            if entry.value:
+                yield entry.key, entry.revision or 0, entry.value
+    finally:
+        await watcher.stop()

@@ -1,0 +1,269 @@
+"""Every wire message and registry record, as msgspec Structs, with their encoders and decoders.
+
+Schema evolution: a new field always gets a default, so services of mixed versions keep decoding each other.
+Replies follow the contract: `{"ok": true, ...}` or `{"ok": false, "error": {"code", "message"}}`; since `ok` is
+a bool (not a msgspec tag), `decode_reply` reads it first and then decodes the right Struct.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from aube.shared.errors import AubeError, InvalidRequest, error_from_code
+
+# ---------------------------------------------------------------------------------------------------------
+# The function manifest (aube.toml). Every key has a default, so AubeFaaS folders need no manifest.
+
+
+class FunctionSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    runtime: Literal["python", "command"] = "python"
+    # runtime "command": argv of an executable inside the function folder or on PATH.
+    command: list[str] = msgspec.field(default_factory=list)
+    # runtime "command": "lines" maps text messages to stdin lines; "binary" passes raw bytes both ways.
+    mode: Literal["lines", "binary"] = "lines"
+
+
+class ScalingSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    min_free: int = 1
+    max_instances: int = 10
+    idle_timeout: float = 900.0
+    fresh_per_stream: bool = False
+
+
+class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    memory: str = "256m"
+    cpus: float = 0.5
+    pids: int = 128
+    stream_idle_timeout: float = 0.0  # 0 = never
+    stream_max_duration: float = 0.0  # 0 = unlimited
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    function: FunctionSection = msgspec.field(default_factory=FunctionSection)
+    scaling: ScalingSection = msgspec.field(default_factory=ScalingSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry records (JetStream KV values).
+
+InstanceState = Literal["starting", "free", "busy", "draining", "unhealthy"]
+RuntimeKind = Literal["docker", "process"]
+
+
+class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Key `<name>` in BUCKET_FUNCTIONS: the function's current version; proxies read it to route."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    artifact: str  # image tag (docker) or prepared folder (process)
+    runtime: RuntimeKind
+    created_at: float
+    updated_at: float
+    deleting: bool = False
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Key `<function>.<slot>` in BUCKET_INSTANCES.
+
+    A function has at most `max_instances` slots, and a slot key is created with `kv.create` (absent only),
+    so the cap holds for any number of concurrent scale requests. Every state change is a compare-and-set
+    on the entry's revision: that is what makes a claim exclusive across proxy replicas.
+    """
+
+    function: str
+    slot: int
+    instance_id: str
+    version: int
+    state: InstanceState
+    runtime: RuntimeKind
+    owner: str  # the control plane that started it (its reconcile scope)
+    address: str = ""  # "host:port" a proxy dials; empty while starting
+    handle: str = ""  # container id or process id
+    created_at: float = 0.0
+    last_used: float = 0.0  # when it last became free
+    claimed_by: str | None = None  # proxy id holding the stream
+    claimed_at: float | None = None
+    streams_served: int = 0
+    retire: bool = False  # set by delete/re-upload: stop it once its stream ends instead of reusing it
+
+
+class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):
+    """Key `<proxy id>` in BUCKET_LEASES, renewed by its proxy; the KV's TTL removes it when the proxy dies."""
+
+    proxy_id: str
+    started_at: float
+    renewed_at: float
+    address: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests.
+
+
+class UploadRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    zip: str | None = None  # base64 zip: AubeFaaS's body, unchanged
+    tar: str | None = None  # base64 tar.gz
+    object: str | None = None  # key in the BUCKET_BUNDLES object store
+
+
+class DeleteRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    grace: float | None = None  # seconds busy instances may keep streaming; None = the configured default
+
+
+class ListRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str | None = None
+
+
+class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    count: int = 1
+    requested_by: str = ""
+
+
+class StopInstanceRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    slot: int
+    instance_id: str  # guards against stopping a newer instance that reused the slot
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replies.
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = False
+    error: ErrorBody
+
+
+class UploadReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    name: str
+    version: int
+    url: str
+    instances: int = 0
+
+
+class DeleteReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    name: str = ""
+    stopped: int = 0
+    draining: int = 0
+
+
+class FunctionSummary(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    instances: int
+    free: int
+    busy: int
+    runtime: str = ""
+    min_free: int = 0
+    max_instances: int = 0
+    url: str = ""
+
+
+class ListReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    functions: list[FunctionSummary] = msgspec.field(default_factory=list)
+
+
+class InstanceAddress(msgspec.Struct, frozen=True, kw_only=True):
+    slot: int
+    instance_id: str
+    address: str
+
+
+class ScaleReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    name: str
+    started: list[InstanceAddress] = msgspec.field(default_factory=list)
+    total: int = 0  # instances of the function after the scale
+
+
+class StopInstanceReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    stopped: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events on aube.events.fn.<name>.
+
+EventKind = Literal["accepted", "build", "ready", "failed", "scaled", "stopped", "deleted"]
+
+
+class FunctionEvent(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    event: EventKind
+    at: float
+    version: int | None = None
+    message: str = ""
+    code: str | None = None
+    instances: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Codecs, built once.
+
+_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+class _ReplyHead(msgspec.Struct):
+    ok: bool = False
+
+
+_head_decoder = msgspec.json.Decoder(_ReplyHead)
+_error_decoder = msgspec.json.Decoder(ErrorReply)
+
+
+def encode(value: msgspec.Struct) -> bytes:
+    return _encoder.encode(value)
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Decode `data` as `kind`; a malformed body raises InvalidRequest naming the problem."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(data)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"malformed {kind.__name__}: {e}") from e
+
+
+def error_reply(error: AubeError) -> bytes:
+    return _encoder.encode(ErrorReply(error=ErrorBody(code=error.code, message=error.message)))
+
+
+def decode_reply(data: bytes, kind: type[T]) -> T:
+    """Decode a service's reply; an error reply is raised as the AubeError it carries."""
+    try:
+        head = _head_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise AubeError(f"unreadable reply: {data[:200]!r}") from e
+    if not head.ok:
+        err = _error_decoder.decode(data).error
+        raise error_from_code(err.code, err.message)
+    return decode(data, kind)
+
+
+def decode_record(data: bytes, kind: type[T]) -> T:
+    """Decode a registry value (no InvalidRequest wrapping: a bad record is a bug, not user input)."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    return decoder.decode(data)  # type: ignore[no-any-return]

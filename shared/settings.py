@@ -1,0 +1,98 @@
+"""One frozen settings object per service. Each field `x` is read from `AUBE_X` in the service's `__main__` only
+and passed down; nothing else reads the environment.
+
+Durations are seconds as floats; `None` (spelt "", "none" or "off" in the environment) disables a timer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import msgspec
+
+from aube.shared.errors import InvalidRequest
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_PROXY_PORT = 8093
+DEFAULT_BASE_IMAGE = "aube-base:bookworm"
+
+
+def _default_data_dir() -> str:
+    return str(Path.home() / ".local" / "share" / "aube")
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()[:20]}-{uuid.uuid4().hex[:6]}"
+
+
+class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = DEFAULT_NATS_URL
+    runtime: Literal["auto", "docker", "process"] = "auto"
+    # Scope of this control plane's instances (labels, registry `owner`): reconcile only touches its own, so
+    # several platforms (or test runs) can share one Docker engine.
+    owner: str = "default"
+    advertise_host: str = "127.0.0.1"  # the address proxies dial; instance ports are published on it
+    public_url: str = f"ws://localhost:{DEFAULT_PROXY_PORT}"  # base of the stream URL in upload replies
+    data_dir: str = msgspec.field(default_factory=_default_data_dir)
+    base_image: str = DEFAULT_BASE_IMAGE  # built from Debian packages when missing, unless configured
+    reconcile_interval: float = 10.0
+    health_timeout: float = 30.0
+    build_timeout: float = 900.0
+    docker_timeout: float = 60.0
+    max_bundle_bytes: int = 64 * 1024 * 1024
+    max_extracted_bytes: int = 256 * 1024 * 1024
+    max_files: int = 4096
+    delete_grace: float = 30.0  # seconds a busy instance may keep streaming after its function is deleted
+    start_timeout: float = 120.0  # a "starting" slot older than this with no instance is reclaimed
+    sandbox: Literal["auto", "bwrap", "none"] = "auto"  # process runtime isolation
+
+
+class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = DEFAULT_NATS_URL
+    proxy_host: str = "0.0.0.0"
+    proxy_port: int = DEFAULT_PROXY_PORT
+    proxy_id: str = msgspec.field(default_factory=_default_node_id)
+    reuse_port: bool = True
+    claim_timeout: float = 10.0
+    lease_ttl: float = 6.0
+    max_head_bytes: int = 16 * 1024
+    head_timeout: float | None = 10.0
+    connect_timeout: float = 3.0
+    scale_cooldown: float = 2.0
+
+
+class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = DEFAULT_NATS_URL
+    reaper_id: str = msgspec.field(default_factory=_default_node_id)
+    reap_interval: float = 1.0
+    lease_ttl: float = 6.0
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+_DISABLED = {"", "none", "off"}
+
+
+def settings_from_env(kind: type[S], environ: Mapping[str, str] | None = None, **overrides: object) -> S:
+    """Build `kind` from `AUBE_<FIELD>` variables (then `overrides`); a bad value names its variable."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for field in msgspec.structs.fields(kind):
+        value = environ.get(f"AUBE_{field.name.upper()}")
+        if value is None:
+            continue
+        raw[field.name] = None if value.strip().lower() in _DISABLED and _nullable(field.type) else value
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError as e:
+        raise InvalidRequest(f"bad setting: {e} (from AUBE_* environment variables)") from e
+
+
+def _nullable(tp: object) -> bool:
+    return "None" in repr(tp)
