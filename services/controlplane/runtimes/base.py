@@ -1,0 +1,119 @@
+"""What the control plane needs from a place that runs instances: the Runtime protocol and its Structs.
+
+Two runtimes implement it: `docker` (production: one hardened container per instance) and `process` (the
+embedded default without Docker: one child process per instance, in bubblewrap where available). Both run the
+same in-instance server (`aube.instance`) configured by the environment variables in `instance_environment`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from aube.shared import names
+from aube.shared.schemas import Manifest, RuntimeKind
+
+# Where the in-instance server listens inside a container; the process runtime picks a free port instead.
+INSTANCE_PORT = 8080
+
+BuildLog = Callable[[str], None]
+
+
+class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    function: str
+    version: int
+    slot: int
+    instance_id: str
+    artifact: str  # what `prepare` returned
+    manifest: Manifest
+    owner: str
+
+
+class StartedInstance(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    handle: str  # container id or pid
+    address: str  # "host:port" reachable from the proxies
+
+
+class RunningInstance(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance the runtime found carrying Aube's labels (or environment markers) for one owner."""
+
+    handle: str
+    instance_id: str
+    function: str
+    version: int
+    slot: int
+    alive: bool
+
+
+class Artifact(msgspec.Struct, frozen=True, kw_only=True):
+    """A prepared function version (an image, or a folder for the process runtime)."""
+
+    ref: str
+    function: str
+    version: int
+
+
+class Runtime(Protocol):
+    kind: RuntimeKind
+
+    async def prepare(
+        self, name: str, version: int, bundle_dir: Path, manifest: Manifest, owner: str, log: BuildLog
+    ) -> str:
+        """Build what instances of this version start from; raise BuildFailed with the build output."""
+        ...
+
+    async def remove_artifact(self, ref: str) -> None:
+        """Remove a prepared version; a missing one is not an error."""
+        ...
+
+    async def artifacts(self, owner: str) -> list[Artifact]: ...
+
+    async def start(self, spec: InstanceSpec) -> StartedInstance:
+        """Start one instance; raise RuntimeFailure (and leave nothing behind) if it cannot start."""
+        ...
+
+    async def stop(self, handle: str) -> None:
+        """Stop and remove an instance; a missing one is not an error."""
+        ...
+
+    async def is_alive(self, handle: str) -> bool: ...
+
+    async def instances(self, owner: str) -> list[RunningInstance]: ...
+
+    async def close(self) -> None: ...
+
+
+def instance_environment(spec: InstanceSpec, port: int) -> dict[str, str]:
+    """The in-instance server's configuration, plus the function's own `[env]` (which cannot override it)."""
+    fn = spec.manifest.function
+    env = dict(spec.manifest.env)
+    env.update(
+        {
+            names.ENV_INSTANCE_ID: spec.instance_id,
+            names.ENV_FUNCTION: spec.function,
+            names.ENV_VERSION: str(spec.version),
+            "AUBE_INSTANCE_PORT": str(port),
+            "AUBE_FN_RUNTIME": fn.runtime,
+            "AUBE_FN_COMMAND": json.dumps(fn.command),
+            "AUBE_FN_MODE": fn.mode,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
+    return env
+
+
+def instance_labels(spec: InstanceSpec) -> dict[str, str]:
+    return {
+        names.LABEL_MANAGED: "true",
+        names.LABEL_OWNER: spec.owner,
+        names.LABEL_FUNCTION: spec.function,
+        names.LABEL_VERSION: str(spec.version),
+        names.LABEL_INSTANCE: spec.instance_id,
+        names.LABEL_SLOT: str(spec.slot),
+    }
