@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import anyio
@@ -38,8 +39,8 @@ async def install_requirements(
         return
     cached = cache_dir / "sites" / requirements_digest(requirements)
     if not cached.exists():
-        staging = cached.with_name(cached.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
+        # A private staging folder: two uploads with the same requirements may install at the same moment.
+        staging = cached.with_name(f"{cached.name}.partial-{uuid.uuid4().hex[:8]}")
         cmd = [
             sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
             "--only-binary=:all:", "--target", str(staging),
@@ -58,5 +59,8 @@ async def install_requirements(
             shutil.rmtree(staging, ignore_errors=True)
             tail = "\n".join(output.strip().splitlines()[-8:])
             raise BuildFailed(f"requirements.txt could not be installed:\n{tail}")
-        staging.rename(cached)
+        try:
+            staging.rename(cached)
+        except OSError:  # the other upload finished first; its copy is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(cached, target, dirs_exist_ok=True, symlinks=True)
