@@ -74,12 +74,12 @@ def instance_key_filter(function: str | None = None) -> str:
     return f"{function}.*" if function else ">"
 
 
-def image_repository(name: str) -> str:
-    return f"aube-fn-{name}"
+def image_repository(owner: str, name: str) -> str:
+    return f"aube-fn-{owner}-{name}"
 
 
-def image_tag(name: str, version: int) -> str:
-    return f"{image_repository(name)}:v{version}"
+def image_tag(owner: str, name: str, version: int) -> str:
+    return f"{image_repository(owner, name)}:v{version}"
 
 
 def container_name(owner: str, name: str, instance_id: str) -> str:

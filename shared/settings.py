@@ -36,7 +36,8 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Scope of this control plane's instances (labels, registry `owner`): reconcile only touches its own, so
     # several platforms (or test runs) can share one Docker engine.
     owner: str = "default"
-    advertise_host: str = "127.0.0.1"  # the address proxies dial; instance ports are published on it
+    publish_host: str = "127.0.0.1"  # instance ports are published on this host address only
+    advertise_host: str = "127.0.0.1"  # the address proxies dial to reach a published instance port
     public_url: str = f"ws://localhost:{DEFAULT_PROXY_PORT}"  # base of the stream URL in upload replies
     data_dir: str = msgspec.field(default_factory=_default_data_dir)
     base_image: str = DEFAULT_BASE_IMAGE  # built from Debian packages when missing, unless configured
