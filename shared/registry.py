@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import TypeVar
-
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -20,16 +18,6 @@ from aube.shared import names
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, decode_record, encode
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T", bound=msgspec.Struct)
-
-
-class Versioned(msgspec.Struct, frozen=True):
-    """A registry record with the revision it was read at: the token for the next compare-and-set."""
-
-    key: str
-    revision: int
-    record: msgspec.Struct
 
 
 class InstanceEntry(msgspec.Struct, frozen=True):

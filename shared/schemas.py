@@ -93,11 +93,16 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):
-    """Key `<proxy id>` in BUCKET_LEASES, renewed by its proxy; the KV's TTL removes it when the proxy dies."""
+    """Key `<proxy id>` in BUCKET_LEASES, renewed by its proxy every ttl/3 seconds.
+
+    A lease whose `renewed_at + ttl` has passed belongs to a dead proxy: the reaper deletes it (compare-and-set)
+    and recycles the instances that proxy had claimed, since their stream state is unknown.
+    """
 
     proxy_id: str
     started_at: float
     renewed_at: float
+    ttl: float = 6.0
     address: str = ""
 
 
