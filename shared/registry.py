@@ -115,7 +115,7 @@ class Registry:
                     rec = decode_record(entry.value, InstanceRecord)
                     yield InstanceChange(entry.key, entry.revision or 0, rec)
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
     # -- functions ---------------------------------------------------------------------------------------
 
@@ -181,4 +181,4 @@ async def _snapshot(kv: KeyValue, key_filter: str) -> AsyncIterator[tuple[str, i
             if entry.value:
                 yield entry.key, entry.revision or 0, entry.value
     finally:
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]
