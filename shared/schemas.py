@@ -90,6 +90,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     claimed_at: float | None = None
     streams_served: int = 0
     retire: bool = False  # set by delete/re-upload: stop it once its stream ends instead of reusing it
+    retire_deadline: float | None = None  # delete's grace: a stream still open then is ended; None = never
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):

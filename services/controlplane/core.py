@@ -1,0 +1,510 @@
+"""The control plane's operations: upload, delete, list, scale, stop-instance, retirement and reconcile.
+
+Each public coroutine is one request (or one pass of a loop). Decisions come from `decisions.py` and `bundle.py`;
+this module performs them against the registry, the runtime and NATS. Every registry write that can race is a
+compare-and-set, so a concurrent proxy, reaper or second control plane wins over a stale decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js.object_store import ObjectStore
+
+from aube.controlplane import decisions
+from aube.controlplane.bundle import BundleLimits, validate_bundle
+from aube.controlplane.health import wait_healthy
+from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
+from aube.shared import names
+from aube.shared.errors import AubeError, CapacityExhausted, InvalidBundle, InvalidRequest, UnknownFunction
+from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
+from aube.shared.schemas import (
+    DeleteReply,
+    DeleteRequest,
+    EventKind,
+    FunctionEvent,
+    FunctionRecord,
+    FunctionSummary,
+    InstanceAddress,
+    InstanceRecord,
+    ListReply,
+    ListRequest,
+    Manifest,
+    ScaleReply,
+    ScaleRequest,
+    StopInstanceReply,
+    StopInstanceRequest,
+    UploadReply,
+    UploadRequest,
+    encode,
+)
+from aube.shared.settings import ControlPlaneSettings
+
+log = logging.getLogger(__name__)
+
+# Bounded cleanup after a failure or a cancellation: long enough to stop a container, short enough not to hang.
+CLEANUP_SECONDS = 30.0
+# A draining/unhealthy entry nobody stopped for this long lost its stop request; retirement stops it.
+STALE_DRAINING_SECONDS = 10.0
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        settings: ControlPlaneSettings,
+        nc: NATS,
+        registry: Registry,
+        runtime: Runtime,
+        bundles: ObjectStore,
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.registry = registry
+        self.runtime = runtime
+        self.bundles = bundles
+        self.owner = settings.owner
+        self.limits = BundleLimits(
+            max_compressed_bytes=settings.max_bundle_bytes,
+            max_extracted_bytes=settings.max_extracted_bytes,
+            max_files=settings.max_files,
+        )
+        self.in_flight: set[str] = set()  # instance ids this process is starting right now
+        self.uploading: set[str] = set()  # function names with an upload under way here
+        self._function_locks: dict[str, anyio.Lock] = {}
+        self._first_seen: dict[tuple[str, int], float] = {}
+        self.work_dir = Path(settings.data_dir) / "uploads"
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    async def emit(self, name: str, event: EventKind, **fields: object) -> None:
+        body = msgspec.convert({"name": name, "event": event, "at": time.time(), **fields}, FunctionEvent)
+        try:
+            await self.nc.publish(names.events_subject(name), encode(body))
+        except Exception:  # an event is advisory: losing one must not fail the operation it reports
+            log.warning("could not publish %s event for %s", event, name, exc_info=True)
+
+    # -- upload ------------------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _function_lock(self, name: str) -> AsyncIterator[None]:
+        lock = self._function_locks.setdefault(name, anyio.Lock())
+        async with lock:
+            self.uploading.add(name)
+            try:
+                yield
+            finally:
+                self.uploading.discard(name)
+
+    async def _bundle_bytes(self, req: UploadRequest) -> bytes:
+        sources = [s for s in (req.zip, req.tar, req.object) if s is not None]
+        if len(sources) != 1:
+            raise InvalidRequest('an upload carries exactly one of "zip", "tar" (base64) or "object" (a bundle key)')
+        if req.object is not None:
+            return await self._fetch_object(req.object)
+        text = sources[0]
+        # base64 grows data by 4/3: refuse oversized text before decoding it.
+        if len(text) > self.limits.max_compressed_bytes * 4 // 3 + 4:
+            raise InvalidBundle(
+                f"bundle is larger than the limit of {self.limits.max_compressed_bytes} bytes", code="bundle_too_large"
+            )
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidBundle(f"bundle is not valid base64: {e}", code="bundle_corrupt") from e
+
+    async def _fetch_object(self, key: str) -> bytes:
+        try:
+            info = await self.bundles.get_info(key)
+        except Exception as e:
+            raise InvalidRequest(f"no bundle {key!r} in the {names.BUCKET_BUNDLES} object store") from e
+        if (info.size or 0) > self.limits.max_compressed_bytes:
+            raise InvalidBundle(
+                f"bundle is larger than the limit of {self.limits.max_compressed_bytes} bytes", code="bundle_too_large"
+            )
+        result = await self.bundles.get(key)
+        # The bundle was only the vehicle of this upload: the image or prepared folder now holds the function.
+        with anyio.move_on_after(5):
+            await self.bundles.delete(key)
+        return result.data or b""
+
+    async def upload(self, req: UploadRequest) -> UploadReply:
+        name = names.validate_name(req.name)
+        data = await self._bundle_bytes(req)
+        async with self._function_lock(name):
+            workdir = self.work_dir / uuid.uuid4().hex
+            try:
+                root, manifest = await anyio.to_thread.run_sync(validate_bundle, data, workdir / "bundle", self.limits)
+                return await self._deploy(name, root, manifest)
+            except AubeError as e:
+                await self.emit(name, "failed", message=e.message, code=e.code)
+                raise
+            finally:
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
+
+    async def _next_version(self, name: str, existing: FunctionEntry | None) -> int:
+        # Versions never repeat for a name, even across a delete: an old version's image may still serve a stream.
+        seen = [existing.record.version] if existing else []
+        seen += [a.version for a in await self.runtime.artifacts(self.owner) if a.function == name]
+        seen += [e.record.version for e in await self.registry.instances(name)]
+        return max(seen, default=0) + 1
+
+    async def _prepare(self, name: str, version: int, root: Path, manifest: Manifest) -> str:
+        """Build the version, streaming its output as `build` events. Runtimes may log from worker threads."""
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def build_log(line: str) -> None:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+        async def publish_lines() -> None:
+            while (line := await lines.get()) is not None:
+                log.debug("build %s v%d: %s", name, version, line)
+                await self.emit(name, "build", version=version, message=line)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish_lines)
+            try:
+                return await self.runtime.prepare(name, version, root, manifest, self.owner, build_log)
+            finally:
+                loop.call_soon(lines.put_nowait, None)
+
+    async def _deploy(self, name: str, root: Path, manifest: Manifest) -> UploadReply:
+        existing = await self.registry.get_function(name)
+        version = await self._next_version(name, existing)
+        await self.emit(name, "accepted", version=version)
+        artifact = await self._prepare(name, version, root, manifest)
+        started: list[InstanceEntry] = []
+        try:
+            # At least one instance is health-checked even for a scale-to-zero function: a broken version must fail
+            # its upload, not its first stream.
+            wanted = max(manifest.scaling.min_free, 1)
+            started = await self._start_instances(name, version, artifact, manifest, wanted)
+            if not started:
+                raise CapacityExhausted(f"{name}: all {manifest.scaling.max_instances} instance slots are in use")
+            now = time.time()
+            record = FunctionRecord(
+                name=name,
+                version=version,
+                manifest=manifest,
+                artifact=artifact,
+                runtime=self.runtime.kind,
+                created_at=existing.record.created_at if existing and not existing.record.deleting else now,
+                updated_at=now,
+            )
+            if await self.registry.put_function(record, existing.revision if existing else None) is None:
+                raise AubeError(f"{name} was changed by another upload at the same moment; upload again", code="conflict")
+        except BaseException:
+            with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
+                for entry in started:
+                    await self._stop_entry(entry, reason="upload failed")
+                await self.runtime.remove_artifact(artifact)
+            raise
+        # The version is live. Its instances become claimable; the probe of a scale-to-zero function goes.
+        keep = manifest.scaling.min_free
+        for entry in started[keep:]:
+            await self._stop_entry(entry, reason="health probe done")
+        ready = [e for e in started[:keep] if await self._mark_free(e)]
+        if existing is not None:
+            await self._retire_old_versions(name, current=version, deadline=None)
+        await self.emit(name, "ready", version=version, instances=len(ready))
+        log.info("function %s version %d ready with %d warm instance(s)", name, version, len(ready))
+        return UploadReply(name=name, version=version, url=self._url(name), instances=len(ready))
+
+    def _url(self, name: str) -> str:
+        return f"{self.settings.public_url.rstrip('/')}/{name}"
+
+    # -- instances ---------------------------------------------------------------------------------------------
+
+    async def _start_instances(
+        self, name: str, version: int, artifact: str, manifest: Manifest, count: int
+    ) -> list[InstanceEntry]:
+        """Start up to `count` instances concurrently, each in a slot it won by compare-and-set, and health-check
+        them. They stay "starting" (unclaimable) until the caller marks them free. Fewer than `count` come back
+        when slots run out; if every start fails, the first failure is raised."""
+        taken = {e.record.slot for e in await self.registry.instances(name)}
+        results: list[InstanceEntry] = []
+        errors: list[AubeError] = []
+
+        async def start_one() -> None:
+            try:
+                entry = await self._start_instance(name, version, artifact, manifest, taken)
+            except AubeError as e:
+                errors.append(e)
+                return
+            if entry is not None:
+                results.append(entry)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(start_one)
+        if not results and errors:
+            raise errors[0]
+        return sorted(results, key=lambda e: e.record.slot)
+
+    async def _start_instance(
+        self, name: str, version: int, artifact: str, manifest: Manifest, taken: set[int]
+    ) -> InstanceEntry | None:
+        now = time.time()
+        instance_id = uuid.uuid4().hex[:12]
+        record: InstanceRecord | None = None
+        revision: int | None = None
+        for slot in decisions.free_slots(taken, manifest.scaling.max_instances):
+            taken.add(slot)  # a sibling task of this request does not try it again
+            record = InstanceRecord(
+                function=name,
+                slot=slot,
+                instance_id=instance_id,
+                version=version,
+                state="starting",
+                runtime=self.runtime.kind,
+                owner=self.owner,
+                created_at=now,
+            )
+            revision = await self.registry.create_instance(record)
+            if revision is not None:
+                break
+        if record is None or revision is None:
+            return None
+        spec = InstanceSpec(
+            function=name,
+            version=version,
+            slot=record.slot,
+            instance_id=instance_id,
+            artifact=artifact,
+            manifest=manifest,
+            owner=self.owner,
+        )
+        key = names.instance_key(name, record.slot)
+        self.in_flight.add(instance_id)
+        started: StartedInstance | None = None
+        try:
+            started = await self.runtime.start(spec)
+            handle = started.handle
+            await wait_healthy(started.address, self.settings.health_timeout, lambda: self.runtime.is_alive(handle))
+            record = msgspec.structs.replace(record, address=started.address, handle=started.handle)
+            new_revision = await self.registry.update_instance(revision, record)
+            if new_revision is None:
+                raise AubeError(f"instance slot {key} was taken over while starting", code="conflict")
+            log.info("instance %s of %s v%d healthy at %s", instance_id, name, version, started.address)
+            return InstanceEntry(key, new_revision, record)
+        except BaseException:
+            with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
+                if started is not None:
+                    await self.runtime.stop(started.handle)
+                await self.registry.delete_instance(key)
+            raise
+        finally:
+            self.in_flight.discard(instance_id)
+
+    async def _mark_free(self, entry: InstanceEntry) -> bool:
+        record = msgspec.structs.replace(entry.record, state="free", last_used=time.time())
+        return await self.registry.update_instance(entry.revision, record) is not None
+
+    async def _stop_entry(self, entry: InstanceEntry, *, reason: str) -> None:
+        """Stop an instance and drop its entry. Callers have ensured no stream uses it (or its grace is over)."""
+        r = entry.record
+        if r.handle:
+            await self.runtime.stop(r.handle)
+        else:
+            # Started by a process that died before recording the handle: find it by its labels.
+            for running in await self.runtime.instances(self.owner):
+                if running.instance_id == r.instance_id:
+                    await self.runtime.stop(running.handle)
+        await self.registry.delete_instance(entry.key, entry.revision)
+        log.info("instance %s of %s v%d stopped: %s", r.instance_id, r.function, r.version, reason)
+
+    async def _drain_and_stop(self, entry: InstanceEntry, *, reason: str) -> bool:
+        """free/unhealthy -> draining by compare-and-set, then stop. False if a proxy claimed it meanwhile."""
+        if entry.record.state not in ("draining",):
+            draining = msgspec.structs.replace(entry.record, state="draining")
+            revision = await self.registry.update_instance(entry.revision, draining)
+            if revision is None:
+                return False
+            entry = InstanceEntry(entry.key, revision, draining)
+        await self._stop_entry(entry, reason=reason)
+        return True
+
+    async def _retire_old_versions(self, name: str, *, current: int | None, deadline: float | None) -> tuple[int, int]:
+        """Stop the free instances of older versions now; let busy ones finish (until `deadline`, if any).
+        Returns (stopped, still streaming)."""
+        stopped = streaming = 0
+        for entry in await self.registry.instances(name):
+            r = entry.record
+            if current is not None and r.version >= current:
+                continue
+            if r.state == "busy" or not await self._drain_and_stop(entry, reason="retired"):
+                fresh = await self.registry.get_instance(entry.key)
+                if fresh is None or fresh.record.instance_id != r.instance_id:
+                    continue
+                if fresh.record.state != "busy":
+                    stopped += await self._drain_and_stop(fresh, reason="retired")
+                    continue
+                marked = msgspec.structs.replace(fresh.record, retire=True, retire_deadline=deadline)
+                if await self.registry.update_instance(fresh.revision, marked) is not None:
+                    streaming += 1
+            else:
+                stopped += 1
+        return stopped, streaming
+
+    # -- requests from proxies and reapers ---------------------------------------------------------------------
+
+    async def scale(self, req: ScaleRequest) -> ScaleReply:
+        name = names.validate_name(req.name)
+        function = await self.registry.get_function(name)
+        if function is None or function.record.deleting:
+            raise UnknownFunction(f"no function named {name!r}")
+        f = function.record
+        count = max(1, min(req.count, f.manifest.scaling.max_instances))
+        started = await self._start_instances(name, f.version, f.artifact, f.manifest, count)
+        if not started:
+            raise CapacityExhausted(f"{name} already runs its maximum of {f.manifest.scaling.max_instances} instances")
+        ready = [e for e in started if await self._mark_free(e)]
+        total = len(await self.registry.instances(name))
+        await self.emit(name, "scaled", version=f.version, instances=total)
+        return ScaleReply(
+            name=name,
+            started=[
+                InstanceAddress(slot=e.record.slot, instance_id=e.record.instance_id, address=e.record.address)
+                for e in ready
+            ],
+            total=total,
+        )
+
+    async def stop_instance(self, req: StopInstanceRequest) -> StopInstanceReply:
+        name = names.validate_name(req.name)
+        entry = await self.registry.get_instance(names.instance_key(name, req.slot))
+        if entry is None or entry.record.instance_id != req.instance_id:
+            return StopInstanceReply(stopped=False)  # already gone: stopping is idempotent
+        if entry.record.state == "busy":
+            raise InvalidRequest(f"instance {req.instance_id} of {name} is carrying a stream; drain it first")
+        if entry.record.state == "starting":
+            raise InvalidRequest(f"instance {req.instance_id} of {name} is still starting")
+        stopped = await self._drain_and_stop(entry, reason=req.reason or "requested")
+        if not stopped:
+            raise InvalidRequest(f"instance {req.instance_id} of {name} was claimed meanwhile; not stopped")
+        await self.emit(name, "stopped", message=f"instance {req.instance_id}: {req.reason}")
+        return StopInstanceReply(stopped=True)
+
+    # -- delete and list ---------------------------------------------------------------------------------------
+
+    async def delete(self, req: DeleteRequest) -> DeleteReply:
+        name = names.validate_name(req.name)
+        async with self._function_lock(name):
+            function = await self.registry.get_function(name)
+            if function is None or function.record.deleting:
+                raise UnknownFunction(f"no function named {name!r}")
+            marked = msgspec.structs.replace(function.record, deleting=True, updated_at=time.time())
+            if await self.registry.put_function(marked, function.revision) is None:
+                raise AubeError(f"{name} changed while deleting it; try again", code="conflict")
+            grace = self.settings.delete_grace if req.grace is None else max(0.0, req.grace)
+            stopped, streaming = await self._retire_old_versions(name, current=None, deadline=time.time() + grace)
+            if streaming == 0:
+                await self._finish_delete(name)
+        await self.emit(name, "deleted", message=f"{stopped} stopped, {streaming} finishing their streams")
+        log.info("function %s deleted: %d instance(s) stopped, %d still streaming", name, stopped, streaming)
+        return DeleteReply(name=name, stopped=stopped, draining=streaming)
+
+    async def _finish_delete(self, name: str) -> None:
+        """The last instance of a deleted function is gone: drop its record and every prepared version."""
+        for artifact in await self.runtime.artifacts(self.owner):
+            if artifact.function == name:
+                await self.runtime.remove_artifact(artifact.ref)
+        entry = await self.registry.get_function(name)
+        if entry is not None and entry.record.deleting:
+            await self.registry.delete_function(name)
+
+    async def list(self, req: ListRequest) -> ListReply:
+        functions = [f for f in await self.registry.functions() if not f.record.deleting]
+        if req.name is not None:
+            functions = [f for f in functions if f.record.name == req.name]
+        instances = await self.registry.instances()
+        summaries = []
+        for f in sorted(functions, key=lambda f: f.record.name):
+            mine = [e.record for e in instances if e.record.function == f.record.name]
+            summaries.append(
+                FunctionSummary(
+                    name=f.record.name,
+                    version=f.record.version,
+                    instances=len(mine),
+                    free=sum(r.state == "free" for r in mine),
+                    busy=sum(r.state == "busy" for r in mine),
+                    runtime=f.record.runtime,
+                    min_free=f.record.manifest.scaling.min_free,
+                    max_instances=f.record.manifest.scaling.max_instances,
+                    url=self._url(f.record.name),
+                )
+            )
+        return ListReply(functions=summaries)
+
+    # -- housekeeping ------------------------------------------------------------------------------------------
+
+    async def retire_pass(self) -> None:
+        """Stop what retirement, delete's grace or a lost stop request left behind; finish deletes."""
+        now = time.time()
+        entries = await self.registry.instances()
+        functions = await self.registry.functions()
+        live = {(e.key, e.revision) for e in entries if e.record.state in ("draining", "unhealthy")}
+        self._first_seen = {k: self._first_seen.get(k, now) for k in live}
+        plan = decisions.plan_retirement(
+            owner=self.owner,
+            entries=entries,
+            functions=functions,
+            in_flight=self.in_flight,
+            now=now,
+            stale_after=STALE_DRAINING_SECONDS,
+            first_seen=self._first_seen,
+        )
+        for entry in plan.stop:
+            if entry.record.state == "busy":
+                log.warning(
+                    "instance %s of deleted %s still streaming after the grace period: stopping it",
+                    entry.record.instance_id,
+                    entry.record.function,
+                )
+                await self._stop_entry(entry, reason="delete grace period over")
+            else:
+                await self._drain_and_stop(entry, reason="retired")
+        for name in plan.finished_deletes:
+            if name not in self.uploading:
+                await self._finish_delete(name)
+
+    async def reconcile(self, *, startup: bool = False) -> decisions.ReconcilePlan:
+        """Make the runtime and the registry agree; see decisions.plan_reconcile for the rules and the order."""
+        running = await self.runtime.instances(self.owner)
+        artifacts = await self.runtime.artifacts(self.owner)
+        entries = await self.registry.instances()
+        functions = await self.registry.functions()
+        plan = decisions.plan_reconcile(
+            owner=self.owner,
+            running=running,
+            entries=entries,
+            functions=functions,
+            artifacts=artifacts,
+            in_flight=set(self.in_flight),
+            busy_uploads=set(self.uploading),
+            now=time.time(),
+            start_timeout=self.settings.start_timeout,
+            startup=startup,
+        )
+        for handle in plan.stop_handles:
+            log.warning("reconcile: stopping instance %s, unknown to the registry or exited", handle)
+            await self.runtime.stop(handle)
+        for entry in plan.delete_entries:
+            log.warning("reconcile: dropping registry entry %s, its instance is gone", entry.key)
+            await self.registry.delete_instance(entry.key, entry.revision)
+        for ref in plan.remove_artifacts:
+            log.info("reconcile: removing unused version %s", ref)
+            await self.runtime.remove_artifact(ref)
+        return plan

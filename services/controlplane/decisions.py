@@ -1,0 +1,132 @@
+"""The control plane's decisions, free of I/O: which slots to take, what reconcile removes, what retirement stops.
+
+Inputs are registry records and runtime listings (msgspec Structs) and `now`; outputs are Structs naming what to do.
+The service shell (service.py) performs them, each with a compare-and-set so a concurrent change wins over a stale
+decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+
+import msgspec
+
+from aube.controlplane.runtimes.base import Artifact, RunningInstance
+from aube.shared.registry import FunctionEntry, InstanceEntry
+
+# States in which no stream can be running on the instance, so stopping it cuts nothing.
+STOPPABLE_STATES = frozenset({"free", "draining", "unhealthy"})
+
+
+def free_slots(taken: Collection[int], max_instances: int) -> list[int]:
+    """Slot numbers a new instance may take, lowest first. Slots bound the instance count: a slot key is created
+    absent-only, so however many scale requests race, at most `max_instances` instances exist."""
+    return [slot for slot in range(max_instances) if slot not in taken]
+
+
+class ReconcilePlan(msgspec.Struct, frozen=True, kw_only=True):
+    stop_handles: list[str]  # runtime instances to stop: unknown to the registry, or exited
+    delete_entries: list[InstanceEntry]  # registry entries whose instance is gone
+    remove_artifacts: list[str]  # prepared versions nothing uses any more
+
+
+def plan_reconcile(
+    *,
+    owner: str,
+    running: Sequence[RunningInstance],
+    entries: Sequence[InstanceEntry],
+    functions: Sequence[FunctionEntry],
+    artifacts: Sequence[Artifact],
+    in_flight: Collection[str],
+    busy_uploads: Collection[str],
+    now: float,
+    start_timeout: float,
+    startup: bool,
+) -> ReconcilePlan:
+    """Make the runtime and the registry agree (invariant 2: nothing leaks, nothing dangles).
+
+    `running` must be listed BEFORE `entries` are read: an instance is created after its entry, so an instance
+    absent from a later registry snapshot really is an orphan. `in_flight` are instance ids this process is starting
+    right now. At `startup` nothing is in flight, so a "starting" entry is a leftover of a crashed control plane:
+    its instance (if any) and its entry both go.
+    """
+    mine = [e for e in entries if e.record.owner == owner]
+    entry_ids = {e.record.instance_id for e in mine}
+    alive_ids = {r.instance_id for r in running if r.alive}
+
+    stop_handles = [
+        r.handle
+        for r in running
+        if r.instance_id not in in_flight
+        and (not r.alive or r.instance_id not in entry_ids or (startup and _starting(mine, r.instance_id)))
+    ]
+    delete_entries = [
+        e
+        for e in mine
+        if e.record.instance_id not in in_flight
+        and (
+            e.record.instance_id not in alive_ids
+            and (e.record.state != "starting" or startup or now - e.record.created_at > start_timeout)
+            or (startup and e.record.state == "starting")
+        )
+    ]
+
+    current = {f.record.name: f.record.version for f in functions if not f.record.deleting}
+    used = {(e.record.function, e.record.version) for e in entries}
+    remove_artifacts = [
+        a.ref
+        for a in artifacts
+        if a.function not in busy_uploads
+        and current.get(a.function) != a.version
+        and (a.function, a.version) not in used
+    ]
+    return ReconcilePlan(stop_handles=stop_handles, delete_entries=delete_entries, remove_artifacts=remove_artifacts)
+
+
+def _starting(entries: Iterable[InstanceEntry], instance_id: str) -> bool:
+    return any(e.record.instance_id == instance_id and e.record.state == "starting" for e in entries)
+
+
+class RetirePlan(msgspec.Struct, frozen=True, kw_only=True):
+    stop: list[InstanceEntry]  # retired or leftover-draining instances no stream uses, or past their grace
+    finished_deletes: list[str]  # deleted functions with no instance left: drop the record and the artifacts
+
+
+def plan_retirement(
+    *,
+    owner: str,
+    entries: Sequence[InstanceEntry],
+    functions: Sequence[FunctionEntry],
+    in_flight: Collection[str],
+    now: float,
+    stale_after: float,
+    first_seen: Mapping[tuple[str, int], float],
+) -> RetirePlan:
+    """Which retired instances to stop now (invariant 3: never one with a live stream, except after delete's
+    documented grace), and which deletions are complete.
+
+    A "draining" or "unhealthy" entry is normally stopped by whoever drained it (proxy, reaper); one left at the
+    same revision longer than `stale_after` (`first_seen` maps (key, revision) to when this control plane first saw
+    it) lost its stop request and is stopped here.
+    """
+    deleting = {f.record.name for f in functions if f.record.deleting}
+    current = {f.record.name: f.record.version for f in functions}
+    stop: list[InstanceEntry] = []
+    for e in entries:
+        r = e.record
+        if r.owner != owner or r.instance_id in in_flight or r.state == "starting":
+            continue
+        orphaned = r.function not in current or r.function in deleting
+        retired = r.retire or orphaned or r.version != current.get(r.function)
+        if r.state == "busy":
+            if r.retire_deadline is not None and now >= r.retire_deadline:
+                stop.append(e)
+        elif r.state == "free" and retired:
+            stop.append(e)
+        elif r.state in ("draining", "unhealthy") and (
+            orphaned or now - first_seen.get((e.key, e.revision), now) > stale_after
+        ):
+            stop.append(e)
+    with_instances = {e.record.function for e in entries}
+    finished = sorted(name for name in deleting if name not in with_instances)
+    return RetirePlan(stop=stop, finished_deletes=finished)

@@ -1,0 +1,45 @@
+"""Health checks of a starting instance: an HTTP GET of the in-instance server's health path until it answers 200.
+
+A TCP connect alone proves nothing under Docker: the engine's port proxy accepts connections before the
+container listens. So the check reads the HTTP status line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from aube.shared import names
+from aube.shared.errors import HealthCheckFailed
+
+
+async def probe(address: str, timeout: float = 2.0) -> bool:
+    """One health request; True only for an HTTP 200 answer."""
+    host, _, port = address.rpartition(":")
+    with anyio.move_on_after(timeout):
+        try:
+            async with await anyio.connect_tcp(host, int(port)) as stream:
+                request = f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+                await stream.send(request.encode())
+                head = b""
+                while b"\r\n" not in head and len(head) < 1024:
+                    head += await stream.receive()
+                return head.split(b" ", 2)[1:2] == [b"200"]
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, IndexError):
+            return False
+    return False
+
+
+async def wait_healthy(address: str, timeout: float, alive: Callable[[], Awaitable[bool]]) -> None:
+    """Return once `address` is healthy; HealthCheckFailed when the deadline passes or the instance dies first."""
+    delay = 0.02
+    with anyio.move_on_after(timeout):
+        while True:
+            if await probe(address):
+                return
+            if not await alive():
+                raise HealthCheckFailed(f"instance at {address} exited before it became healthy")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    raise HealthCheckFailed(f"instance at {address} did not pass its health check within {timeout:g}s")
