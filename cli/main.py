@@ -1,0 +1,140 @@
+"""`aube`: deploy, delete and list functions over NATS, as the nats CLI or scripts/upload.sh would.
+
+    aube deploy <folder> <name>    upload a function folder; prints the stream URL
+    aube delete <name>             delete a function
+    aube ls                        list functions and their instances
+    aube events <name>             follow a function's events
+
+Exit status 0 on success; on failure a one-line `error: <code>: <message>` on stderr and status 1 (2 for usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import anyio
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+
+from aube.shared import names
+from aube.shared.bus import request
+from aube.shared.errors import AubeError, InvalidRequest
+from aube.shared.schemas import (
+    DeleteReply,
+    DeleteRequest,
+    ListReply,
+    ListRequest,
+    UploadReply,
+    UploadRequest,
+)
+from aube.shared.settings import DEFAULT_NATS_URL
+
+# Folders that are never part of a function.
+SKIPPED = {"__pycache__", ".git", ".venv", ".mypy_cache", ".pytest_cache"}
+
+
+def pack_folder(folder: Path) -> bytes:
+    """A reproducible tar.gz of the folder's files (paths relative to it, no owners, no skipped folders)."""
+    if not folder.is_dir():
+        raise InvalidRequest(f"{folder} is not a folder")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if SKIPPED & set(rel.parts) or path.is_dir():
+                continue
+            info = tar.gettarinfo(str(path), arcname=str(rel))
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            if info.isreg():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+async def deploy(nc: NATS, folder: Path, name: str, timeout: float) -> UploadReply:
+    names.validate_name(name)
+    bundle = pack_folder(folder)
+    body = UploadRequest(name=name, tar=base64.b64encode(bundle).decode())
+    if len(msgspec.json.encode(body)) > nc.max_payload:
+        # Too big for one message: hand the bundle over through the JetStream object store.
+        store = await nc.jetstream().create_object_store(names.BUCKET_BUNDLES)
+        key = f"{name}-{uuid.uuid4().hex}"
+        await store.put(key, bundle)
+        body = UploadRequest(name=name, object=key)
+    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, timeout)
+
+
+async def follow_events(nc: NATS, name: str) -> None:
+    sub = await nc.subscribe(names.events_subject(names.validate_name(name)))
+    async for msg in sub.messages:
+        print(msg.data.decode(), flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    nc = await nats.connect(args.nats, connect_timeout=5, max_reconnect_attempts=1, allow_reconnect=False)
+    try:
+        if args.command == "deploy":
+            up = await deploy(nc, Path(args.folder), args.name, args.timeout)
+            print(up.url)
+        elif args.command == "delete":
+            names.validate_name(args.name)
+            await request(nc, names.SUBJECT_DELETE, DeleteRequest(name=args.name), DeleteReply, args.timeout)
+            print(f"deleted {args.name}")
+        elif args.command == "ls":
+            listed = await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, args.timeout)
+            if args.json:
+                print(json.dumps(msgspec.to_builtins(listed.functions), indent=2))
+            else:
+                print(f"{'NAME':<24} {'VERSION':>7} {'INSTANCES':>9} {'FREE':>5} {'BUSY':>5}  URL")
+                for f in listed.functions:
+                    print(f"{f.name:<24} {f.version:>7} {f.instances:>9} {f.free:>5} {f.busy:>5}  {f.url}")
+        elif args.command == "events":
+            await follow_events(nc, args.name)
+    finally:
+        await nc.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aube", description="Aube: functions for streams")
+    p.add_argument("--nats", default=os.environ.get("AUBE_NATS_URL", DEFAULT_NATS_URL), help="NATS server URL")
+    p.add_argument("--timeout", type=float, default=float(os.environ.get("AUBE_CLI_TIMEOUT", "600")))
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("deploy", help="upload a function folder (fn.py, requirements.txt, aube.toml)")
+    d.add_argument("folder")
+    d.add_argument("name")
+    sub.add_parser("delete", help="delete a function").add_argument("name")
+    ls = sub.add_parser("ls", help="list functions")
+    ls.add_argument("--json", action="store_true")
+    sub.add_parser("events", help="follow a function's events").add_argument("name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return anyio.run(run, args)
+    except AubeError as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+    except (OSError, nats.errors.Error) as e:
+        print(f"error: unavailable: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Upload a function folder, as AubeFaaS's upload script did: scripts/upload.sh <folder> <name>
+# Prints the stream URL (ws://.../<name>) on success; a clear error and a non-zero exit otherwise.
+# NATS: $AUBE_NATS_URL (default nats://127.0.0.1:4222).
+set -euo pipefail
+if [ $# -ne 2 ]; then
+  echo "usage: $0 <folder> <name>" >&2
+  exit 2
+fi
+root=$(cd "$(dirname "$0")/.." && pwd)
+exec "${AUBE_PYTHON:-$root/.venv/bin/python}" -m aube.cli deploy "$1" "$2"
