@@ -1,0 +1,163 @@
+"""The reaper's service shell: every `reap_interval` it snapshots the registry, asks `decisions.plan` what to do
+and does it.
+
+Safety comes from the registry, not from this process: an instance is drained by a compare-and-set at the
+revision the decision was made on, and only the writer that won that CAS sends the stop request. So a proxy
+claiming the instance meanwhile, or a second reaper acting on the same snapshot, turns the drain into a no-op
+(logged at DEBUG), and any number of reapers can run at once.
+
+Logging policy: INFO for every reap (function, instance, reason), DEBUG for lost races, WARNING when the
+registry or the control plane fails (the pass is retried on the next tick; a lost stop request is sent again
+by `decisions.stale_stops`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import nats
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+
+from aube.reaper.decisions import Action, AskStop, DeleteLease, Drain, Instance, Lease, Plan, Policy, Seen, Snapshot
+from aube.reaper.decisions import plan as make_plan
+from aube.shared import bus, names
+from aube.shared.errors import AubeError
+from aube.shared.registry import Registry
+from aube.shared.schemas import InstanceRecord, StopInstanceReply, StopInstanceRequest
+from aube.shared.settings import ReaperSettings
+
+log = logging.getLogger(__name__)
+
+# A stop request is answered once the instance is gone; a container stop can take its engine's full grace.
+STOP_TIMEOUT = 30.0
+# A draining/unhealthy entry unchanged for this many intervals lost its stop request.
+STALE_INTERVALS = 10
+# Actions of one pass run side by side, but not as a flood at the control plane.
+MAX_CONCURRENT_ACTIONS = 8
+
+
+def policy_for(settings: ReaperSettings) -> Policy:
+    return Policy(lease_grace=settings.lease_ttl, stale_after=STALE_INTERVALS * settings.reap_interval)
+
+
+async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run the reaper until cancelled; `task_status.started()` once connected and the registry is open."""
+    nc = await nats.connect(
+        settings.nats_url,
+        name=f"aube-reaper-{settings.reaper_id}",
+        max_reconnect_attempts=-1,
+        error_cb=_log_nats_error,
+    )
+    try:
+        registry = await Registry.open(nc.jetstream())
+        reaper = Reaper(nc, registry, policy_for(settings), reaper_id=settings.reaper_id)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reaper.run, settings.reap_interval)
+            log.info("reaper %s running (every %gs)", settings.reaper_id, settings.reap_interval)
+            task_status.started()
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.close()
+
+
+class Reaper:
+    """One reaper's loop and its memory of how long entries have stayed draining (see decisions.stale_stops)."""
+
+    def __init__(self, nc: NATS, registry: Registry, policy: Policy, *, reaper_id: str = "") -> None:
+        self.nc = nc
+        self.registry = registry
+        self.policy = policy
+        self.reaper_id = reaper_id
+        self.seen: dict[str, Seen] = {}
+        self._limiter = anyio.CapacityLimiter(MAX_CONCURRENT_ACTIONS)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.reap_once()
+            except Exception as e:  # the registry is away (NATS reconnecting): try again next tick
+                log.warning("reap pass failed, retrying in %gs: %s", interval, e, exc_info=True)
+            await anyio.sleep(interval)
+
+    async def reap_once(self) -> Plan:
+        """One pass: snapshot, decide, act; returns the plan (for tests and logs)."""
+        snapshot = await self.snapshot()
+        plan = make_plan(snapshot, self.seen, time.time(), self.policy)
+        self.seen = plan.seen
+        if plan.actions:
+            # Each action handles its own failures, so one lost request never cancels its siblings.
+            async with anyio.create_task_group() as tg:
+                for action in plan.actions:
+                    tg.start_soon(self._act, action)
+        return plan
+
+    async def snapshot(self) -> Snapshot:
+        # Instances before leases: a claim seen here was made after its proxy's lease was written, so that
+        # lease is in the later read; only a claim racing a proxy's very first lease can miss it, and
+        # Policy.lease_grace covers that.
+        functions = {e.key: e.record for e in await self.registry.functions()}
+        instances = [Instance(key=e.key, revision=e.revision, record=e.record) for e in await self.registry.instances()]
+        leases = [Lease(key=e.key, revision=e.revision, record=e.record) for e in await self.registry.leases()]
+        return Snapshot(functions=functions, instances=instances, leases=leases)
+
+    async def _act(self, action: Action) -> None:
+        async with self._limiter:
+            try:
+                if isinstance(action, DeleteLease):
+                    await self._delete_lease(action)
+                elif isinstance(action, Drain):
+                    await self._drain(action)
+                elif isinstance(action, AskStop):
+                    await self._ask_stop(action)
+            except Exception as e:
+                log.warning("reaper action %s failed, retrying later: %s", type(action).__name__, e, exc_info=True)
+
+    async def _delete_lease(self, action: DeleteLease) -> None:
+        if await self.registry.delete_lease(action.proxy_id, action.revision):
+            log.info("deleted expired lease of proxy %s", action.proxy_id)
+        else:
+            log.debug("lease of proxy %s was renewed meanwhile; kept", action.proxy_id)
+
+    async def _drain(self, action: Drain) -> None:
+        rec = action.record
+        ilog = _instance_log(rec)
+        revision = await self.registry.update_instance(action.revision, rec)
+        if revision is None:
+            # A proxy claimed it, or another reaper drained it first: either way it is not ours to stop.
+            ilog.debug(
+                "lost race draining %s at revision %d (%s); left alone", action.key, action.revision, action.reason
+            )
+            return
+        ilog.info("reaping %s instance %s (%s)", rec.function, rec.instance_id, action.reason)
+        await self._stop(rec, action.reason)
+
+    async def _ask_stop(self, action: AskStop) -> None:
+        rec = action.record
+        _instance_log(rec).info(
+            "asking again to stop %s instance %s, %s (%s)", rec.function, rec.instance_id, rec.state, action.reason
+        )
+        await self._stop(rec, action.reason)
+
+    async def _stop(self, rec: InstanceRecord, reason: str) -> None:
+        ilog = _instance_log(rec)
+        request = StopInstanceRequest(name=rec.function, slot=rec.slot, instance_id=rec.instance_id, reason=reason)
+        try:
+            reply = await bus.request(self.nc, names.SUBJECT_STOP_INSTANCE, request, StopInstanceReply, STOP_TIMEOUT)
+        except AubeError as e:
+            # The entry stays draining, so stale_stops asks again after Policy.stale_after.
+            ilog.warning(
+                "stop request for %s instance %s failed (%s); will ask again", rec.function, rec.instance_id, e
+            )
+            return
+        ilog.debug("stop of %s instance %s answered: stopped=%s", rec.function, rec.instance_id, reply.stopped)
+
+
+def _instance_log(rec: InstanceRecord) -> logging.LoggerAdapter[logging.Logger]:
+    return logging.LoggerAdapter(log, {"function": rec.function, "instance": rec.instance_id})
+
+
+async def _log_nats_error(e: Exception) -> None:
+    log.warning("nats: %s", e)

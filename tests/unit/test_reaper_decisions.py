@@ -1,0 +1,269 @@
+"""The reaper's pure decisions: what is reaped, what is kept, which claims and leases are dead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from aube.reaper.decisions import (
+    AskStop,
+    DeleteLease,
+    Drain,
+    Instance,
+    Lease,
+    Plan,
+    Policy,
+    Seen,
+    Snapshot,
+    plan,
+)
+from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ProxyLease, ScalingSection
+
+NOW = 10_000.0
+POLICY = Policy(lease_grace=6.0, stale_after=5.0)
+
+
+def fn(
+    name: str = "echo", *, version: int = 2, min_free: int = 1, idle_timeout: float = 60.0, **kw: Any
+) -> FunctionRecord:
+    manifest = Manifest(scaling=ScalingSection(min_free=min_free, idle_timeout=idle_timeout))
+    return FunctionRecord(
+        name=name, version=version, manifest=manifest, artifact="img", runtime="process", created_at=0.0,
+        updated_at=0.0, **kw,
+    )  # fmt: skip
+
+
+def inst(
+    slot: int, *, function: str = "echo", version: int = 2, state: str = "free", revision: int | None = None, **kw: Any
+) -> Instance:
+    kw.setdefault("created_at", 0.0)
+    record = msgspec.convert(
+        {
+            "function": function,
+            "slot": slot,
+            "instance_id": f"i{slot}",
+            "version": version,
+            "state": state,
+            "runtime": "process",
+            "owner": "o",
+            **kw,
+        },
+        InstanceRecord,
+    )
+    return Instance(key=f"{function}.{slot}", revision=revision if revision is not None else 100 + slot, record=record)
+
+
+def lease(proxy_id: str, *, renewed_at: float, ttl: float = 6.0, revision: int = 7) -> Lease:
+    return Lease(
+        key=proxy_id,
+        revision=revision,
+        record=ProxyLease(proxy_id=proxy_id, started_at=0.0, renewed_at=renewed_at, ttl=ttl),
+    )
+
+
+def run(
+    instances: list[Instance],
+    functions: list[FunctionRecord] | None = None,
+    leases: list[Lease] | None = None,
+    *,
+    seen: dict[str, Seen] | None = None,
+    now: float = NOW,
+) -> Plan:
+    functions = [fn()] if functions is None else functions
+    snap = Snapshot(functions={f.name: f for f in functions}, instances=instances, leases=leases or [])
+    return plan(snap, seen or {}, now, POLICY)
+
+
+def drained(p: Plan) -> dict[str, str]:
+    """key -> reason of every Drain in the plan."""
+    return {a.key: a.reason for a in p.actions if isinstance(a, Drain)}
+
+
+# -- idle reaping --------------------------------------------------------------------------------------------
+
+
+def test_free_instance_idle_longer_than_timeout_is_drained_at_its_revision() -> None:
+    keep = inst(1, last_used=NOW - 1)
+    idle = inst(2, last_used=NOW - 61, revision=42)
+    p = run([keep, idle])
+    assert drained(p) == {"echo.2": "idle"}
+    (action,) = p.actions
+    assert isinstance(action, Drain)
+    assert action.revision == 42
+    assert action.record == msgspec.structs.replace(idle.record, state="draining")
+
+
+def test_free_instance_within_idle_timeout_is_kept() -> None:
+    p = run([inst(1, last_used=NOW - 1), inst(2, last_used=NOW - 59), inst(3, last_used=NOW - 60)])
+    assert p.actions == []
+
+
+def test_idle_timeout_is_per_function() -> None:
+    functions = [fn("fast", idle_timeout=5, min_free=0), fn("slow", idle_timeout=500, min_free=0)]
+    p = run([inst(1, function="fast", last_used=NOW - 10), inst(1, function="slow", last_used=NOW - 10)], functions)
+    assert drained(p) == {"fast.1": "idle"}
+
+
+def test_min_free_keeps_the_most_recently_used() -> None:
+    instances = [inst(s, last_used=NOW - 100 * s) for s in range(1, 6)]  # slot 1 used last, slot 5 longest ago
+    p = run(instances, [fn(min_free=2)])
+    assert drained(p) == {"echo.3": "idle", "echo.4": "idle", "echo.5": "idle"}
+
+
+def test_min_free_keeps_recent_ones_whatever_the_listing_order() -> None:
+    instances = [inst(1, last_used=NOW - 500), inst(2, last_used=NOW - 100), inst(3, last_used=NOW - 300)]
+    p = run(list(reversed(instances)), [fn(min_free=1)])
+    assert drained(p) == {"echo.1": "idle", "echo.3": "idle"}
+
+
+def test_never_used_instance_counts_idle_from_creation() -> None:
+    p = run([inst(1, created_at=NOW - 100), inst(2, created_at=NOW - 10)], [fn(min_free=0)])
+    assert drained(p) == {"echo.1": "idle"}
+
+
+def test_min_free_zero_scales_to_zero() -> None:
+    instances = [inst(s, last_used=NOW - 61 - s) for s in range(1, 4)]
+    p = run(instances, [fn(min_free=0)])
+    assert set(drained(p)) == {"echo.1", "echo.2", "echo.3"}
+
+
+def test_min_free_counts_only_free_instances() -> None:
+    """A busy instance is not warm capacity: min_free keeps one of the free ones."""
+    busy = inst(1, state="busy", claimed_by="p1", claimed_at=NOW - 1000)
+    free = [inst(2, last_used=NOW - 100), inst(3, last_used=NOW - 200)]
+    p = run([busy, *free], [fn(min_free=1)], [lease("p1", renewed_at=NOW)])
+    assert drained(p) == {"echo.3": "idle"}
+
+
+def test_old_version_and_retired_are_reaped_when_free_and_not_counted_toward_min_free() -> None:
+    old = inst(1, version=1, last_used=NOW)  # just used: not idle at all
+    retired = inst(2, retire=True, last_used=NOW)
+    current = inst(3, last_used=NOW - 1000)  # the only one counted: kept as the one warm instance
+    p = run([old, retired, current], [fn(version=2, min_free=1)])
+    assert drained(p) == {"echo.1": "old_version", "echo.2": "retired"}
+
+
+def test_deleting_function_reaps_every_free_instance() -> None:
+    p = run([inst(1, last_used=NOW), inst(2, last_used=NOW)], [fn(min_free=3, deleting=True)])
+    assert drained(p) == {"echo.1": "function_deleted", "echo.2": "function_deleted"}
+
+
+def test_newer_version_than_the_record_is_an_upload_in_flight_only_idle_applies() -> None:
+    fresh = inst(1, version=3, last_used=NOW - 1)
+    stale = inst(2, version=3, last_used=NOW - 61)
+    p = run([fresh, stale], [fn(version=2, min_free=5)])
+    assert drained(p) == {"echo.2": "idle"}
+
+
+def test_function_without_record_gets_the_default_idle_timeout() -> None:
+    default = ScalingSection().idle_timeout
+    p = run([inst(1, last_used=NOW - default + 1), inst(2, last_used=NOW - default - 1)], functions=[])
+    assert drained(p) == {"echo.2": "idle"}
+
+
+def test_starting_draining_unhealthy_are_never_drained() -> None:
+    instances = [
+        inst(1, state="starting", last_used=0.0),
+        inst(2, state="draining", last_used=0.0),
+        inst(3, state="unhealthy", last_used=0.0),
+    ]
+    assert drained(run(instances, [fn(min_free=0)])) == {}
+
+
+# -- busy instances and proxy leases -------------------------------------------------------------------------
+
+
+def test_busy_instance_of_a_live_proxy_is_never_chosen_however_old_or_obsolete() -> None:
+    busy = [
+        inst(1, state="busy", claimed_by="p1", claimed_at=0.0, last_used=0.0),
+        inst(2, state="busy", claimed_by="p1", claimed_at=0.0, version=1, retire=True),
+    ]
+    p = run(busy, [fn(min_free=0, idle_timeout=0, deleting=True)], [lease("p1", renewed_at=NOW - 1)])
+    assert p.actions == []
+
+
+def test_expired_lease_is_deleted_at_its_revision() -> None:
+    leases = [lease("dead", renewed_at=NOW - 7, ttl=6, revision=9), lease("alive", renewed_at=NOW - 5, ttl=6)]
+    p = run([], leases=leases)
+    assert p.actions == [DeleteLease(proxy_id="dead", revision=9)]
+
+
+def test_lease_expiry_uses_the_lease_own_ttl() -> None:
+    p = run([], leases=[lease("slow", renewed_at=NOW - 20, ttl=30), lease("fast", renewed_at=NOW - 3, ttl=2)])
+    assert [a.proxy_id for a in p.actions if isinstance(a, DeleteLease)] == ["fast"]
+
+
+def test_busy_instances_of_a_dead_proxy_are_recycled() -> None:
+    leases = [lease("dead", renewed_at=NOW - 100), lease("alive", renewed_at=NOW)]
+    instances = [
+        inst(1, state="busy", claimed_by="dead", claimed_at=NOW - 200, revision=51),
+        inst(2, state="busy", claimed_by="alive", claimed_at=NOW - 200),
+    ]
+    p = run(instances, leases=leases)
+    assert drained(p) == {"echo.1": "dead_proxy"}
+    (drain,) = (a for a in p.actions if isinstance(a, Drain))
+    assert drain.revision == 51
+    assert drain.record.state == "draining"
+
+
+def test_busy_instance_of_a_proxy_without_any_lease_is_recycled_after_the_grace() -> None:
+    instances = [
+        inst(1, state="busy", claimed_by="gone", claimed_at=NOW - POLICY.lease_grace - 1),
+        inst(2, state="busy", claimed_by="new", claimed_at=NOW - POLICY.lease_grace + 1),  # lease not seen yet
+    ]
+    assert drained(run(instances)) == {"echo.1": "dead_proxy"}
+
+
+def test_recent_claim_of_an_expired_lease_waits_for_the_grace() -> None:
+    instances = [inst(1, state="busy", claimed_by="p", claimed_at=NOW - 1)]
+    p = run(instances, leases=[lease("p", renewed_at=NOW - 100)])
+    assert drained(p) == {}
+    assert any(isinstance(a, DeleteLease) for a in p.actions)
+
+
+def test_busy_without_claim_info_counts_from_creation() -> None:
+    instances = [inst(1, state="busy", created_at=NOW - 100), inst(2, state="busy", created_at=NOW - 1)]
+    assert drained(run(instances)) == {"echo.1": "dead_proxy"}
+
+
+# -- lost stop requests --------------------------------------------------------------------------------------
+
+
+def test_draining_entry_is_asked_again_only_after_staying_at_one_revision() -> None:
+    entry = inst(1, state="draining", revision=30)
+    first = run([entry], now=NOW)
+    assert first.actions == []
+    assert first.seen == {"echo.1": Seen(revision=30, since=NOW)}
+
+    early = run([entry], seen=first.seen, now=NOW + POLICY.stale_after - 0.1)
+    assert early.actions == []
+
+    late = run([entry], seen=early.seen, now=NOW + POLICY.stale_after)
+    assert late.actions == [AskStop(key="echo.1", record=entry.record, reason="stale_draining")]
+    # Asking restarts the clock: the next pass does not ask again at once.
+    assert late.seen == {"echo.1": Seen(revision=30, since=NOW + POLICY.stale_after)}
+    assert run([entry], seen=late.seen, now=NOW + POLICY.stale_after + 1).actions == []
+
+
+def test_unhealthy_entry_is_asked_again_too() -> None:
+    entry = inst(1, state="unhealthy")
+    seen = {"echo.1": Seen(revision=entry.revision, since=NOW - 10)}
+    assert run([entry], seen=seen).actions == [AskStop(key="echo.1", record=entry.record, reason="stale_unhealthy")]
+
+
+def test_a_new_revision_restarts_the_stale_clock() -> None:
+    entry = inst(1, state="draining", revision=31)
+    p = run([entry], seen={"echo.1": Seen(revision=30, since=NOW - 100)})
+    assert p.actions == []
+    assert p.seen == {"echo.1": Seen(revision=31, since=NOW)}
+
+
+def test_memory_forgets_entries_that_are_gone_or_no_longer_draining() -> None:
+    seen = {"echo.1": Seen(revision=1, since=0.0), "echo.2": Seen(revision=2, since=0.0)}
+    p = run([inst(2, state="free", revision=3, last_used=NOW)], seen=seen)
+    assert p.seen == {}
+
+
+def test_plan_of_an_empty_registry_is_empty() -> None:
+    assert run([], functions=[]) == Plan(actions=[], seen={})
