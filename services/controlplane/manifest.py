@@ -1,0 +1,219 @@
+"""The function folder's own rules: parsing `aube.toml` into a Manifest, and checking `fn.py` or the command.
+
+Pure logic over a folder already on disk (extracted by `aube.controlplane.bundle`): no network, no engine.
+Every problem is an InvalidBundle whose `code` names it (bundle_invalid_manifest, bundle_missing_fn,
+bundle_fn_syntax, bundle_fn_undefined, bundle_unsafe_path) and whose message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from aube.shared.errors import InvalidBundle
+from aube.shared.schemas import Manifest
+
+MANIFEST_FILE = "aube.toml"
+FN_FILE = "fn.py"
+
+# Docker refuses a memory limit under 6 MiB; saying so at upload beats an engine error at the first start.
+MIN_MEMORY_BYTES = 6 * 1024 * 1024
+
+_MEMORY = re.compile(r"(\d+)\s*([bkmgt]?)b?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _invalid(message: str) -> InvalidBundle:
+    return InvalidBundle(f"{MANIFEST_FILE}: {message}", code="bundle_invalid_manifest")
+
+
+def memory_bytes(text: str) -> int:
+    """`"256m"` -> 268435456. Units b, k, m, g, t (binary multiples, an optional trailing "b"), or plain bytes.
+
+    Raises ValueError for anything else, so callers choose their own error.
+    """
+    match = _MEMORY.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"memory {text!r} is not a size like '256m', '1g' or a number of bytes")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_manifest(data: bytes | str) -> Manifest:
+    """The text of an `aube.toml` -> a checked Manifest; bundle_invalid_manifest on any problem."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _invalid(f"not UTF-8 text ({e.reason} at byte {e.start})") from e
+    try:
+        raw = tomllib.loads(data)
+    except tomllib.TOMLDecodeError as e:
+        raise _invalid(f"not valid TOML: {e}") from e
+    # A plain number of bytes is a natural way to write a size; the schema keeps the string form.
+    limits = raw.get("limits")
+    if isinstance(limits, dict) and type(limits.get("memory")) is int:
+        limits["memory"] = str(limits["memory"])
+    try:
+        manifest = msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as e:
+        raise _invalid(str(e)) from e
+    check_manifest(manifest)
+    return manifest
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise _invalid(f"{key} must be a finite number, got {value}")
+
+
+def check_manifest(manifest: Manifest) -> None:
+    """The semantic rules the schema's types cannot express."""
+    fn, scaling, limits = manifest.function, manifest.scaling, manifest.limits
+    if scaling.max_instances < 1:
+        raise _invalid(f"scaling.max_instances must be at least 1, got {scaling.max_instances}")
+    if not 0 <= scaling.min_free <= scaling.max_instances:
+        raise _invalid(
+            f"scaling.min_free must be between 0 and scaling.max_instances ({scaling.max_instances}),"
+            f" got {scaling.min_free}"
+        )
+    _finite(scaling.idle_timeout, "scaling.idle_timeout")
+    if scaling.idle_timeout <= 0:
+        raise _invalid(f"scaling.idle_timeout must be more than 0 seconds, got {scaling.idle_timeout:g}")
+    _finite(limits.cpus, "limits.cpus")
+    if limits.cpus <= 0:
+        raise _invalid(f"limits.cpus must be more than 0, got {limits.cpus:g}")
+    if limits.pids < 1:
+        raise _invalid(f"limits.pids must be at least 1, got {limits.pids}")
+    try:
+        memory = memory_bytes(limits.memory)
+    except ValueError as e:
+        raise _invalid(f"limits.{e}") from e
+    if memory < MIN_MEMORY_BYTES:
+        raise _invalid(f"limits.memory {limits.memory!r} is below the minimum of 6m")
+    for key in ("stream_idle_timeout", "stream_max_duration"):
+        value: float = getattr(limits, key)
+        _finite(value, f"limits.{key}")
+        if value < 0:
+            raise _invalid(f"limits.{key} must be 0 (off) or more, got {value:g}")
+    if fn.runtime == "command":
+        if not fn.command:
+            raise _invalid('runtime "command" needs function.command, e.g. command = ["./prog"]')
+        if not fn.command[0]:
+            raise _invalid("function.command[0] is empty")
+    elif fn.command:
+        raise _invalid('function.command is only used with runtime = "command"')
+    for index, arg in enumerate(fn.command):
+        if "\x00" in arg:
+            raise _invalid(f"function.command[{index}] contains a NUL character")
+    for name, text in manifest.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise _invalid(f"env key {name!r} is not a valid environment variable name")
+        if "\x00" in text:
+            raise _invalid(f"env value of {name} contains a NUL character")
+
+
+def load_manifest(root: Path) -> Manifest:
+    """The folder's `aube.toml`, or the defaults when it has none (AubeFaaS folders have none)."""
+    path = root / MANIFEST_FILE
+    if not path.exists() and not path.is_symlink():
+        return Manifest()
+    if not path.is_file():
+        raise _invalid("is not a regular file")
+    return parse_manifest(path.read_bytes())
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _binds_fn(statements: list[ast.stmt]) -> bool:
+    """Whether module-level code binds the name `fn` (also inside top-level if/try/with blocks)."""
+    for node in statements:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "fn":
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if isinstance(node, ast.AnnAssign) and node.value is None:
+                continue
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Name) and sub.id == "fn":
+                        return True
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                if bound == "fn":
+                    return True
+        blocks: list[list[ast.stmt]] = []
+        if isinstance(node, ast.If | ast.With | ast.AsyncWith):
+            blocks = [node.body, getattr(node, "orelse", [])]
+        elif isinstance(node, ast.Try | ast.TryStar):
+            blocks = [node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)]
+        if any(_binds_fn(block) for block in blocks):
+            return True
+    return False
+
+
+def _check_python(root: Path) -> None:
+    path = root / FN_FILE
+    if not path.is_file():
+        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else []
+        raise InvalidBundle(
+            f"{FN_FILE} is missing: runtime python needs {FN_FILE} defining fn"
+            f" (the bundle's top level holds: {', '.join(found) or 'nothing'})",
+            code="bundle_missing_fn",
+        )
+    if not _inside(root, path):
+        raise InvalidBundle(f"{FN_FILE} is a link leading outside the bundle", code="bundle_link")
+    source = path.read_bytes()
+    try:
+        # A full compile also catches what the parser lets through ('return' outside a function, ...).
+        compile(source, FN_FILE, "exec", dont_inherit=True)
+        tree = ast.parse(source, filename=FN_FILE)
+    except SyntaxError as e:
+        where = f"line {e.lineno}" if e.lineno else "unknown line"
+        raise InvalidBundle(f"{FN_FILE} {where}: {e.msg}", code="bundle_fn_syntax") from e
+    except ValueError as e:  # NUL bytes in the source
+        raise InvalidBundle(f"{FN_FILE}: {e}", code="bundle_fn_syntax") from e
+    if not _binds_fn(tree.body):
+        raise InvalidBundle(
+            f"{FN_FILE} defines no top-level fn: write `def fn(websocket)`, `async def fn(websocket)`"
+            " or `async def fn(messages)` yielding replies",
+            code="bundle_fn_undefined",
+        )
+
+
+def _check_command(root: Path, command: list[str]) -> None:
+    if not command or not command[0]:
+        raise _invalid('runtime "command" needs function.command, e.g. command = ["./prog"]')
+    program = command[0]
+    if os.path.isabs(program):
+        return  # a program of the instance's system, e.g. /usr/bin/python3
+    path = root / program
+    if "/" not in program and not path.exists():
+        return  # a bare name that is not in the folder: looked up on PATH
+    if not _inside(root, path):
+        raise InvalidBundle(
+            f"function.command[0] {program!r} leads outside the function folder", code="bundle_unsafe_path"
+        )
+    if not path.is_file():
+        raise _invalid(f"function.command[0] {program!r} is not a file in the function folder")
+
+
+def check_function(root: Path, manifest: Manifest) -> None:
+    """The folder can run under its manifest: fn.py for runtime python, the program for runtime command."""
+    if manifest.function.runtime == "python":
+        _check_python(root)
+    else:
+        _check_command(root, manifest.function.command)
