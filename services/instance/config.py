@@ -1,0 +1,87 @@
+"""The in-instance server's settings, read from the environment the runtime sets (see
+`aube.controlplane.runtimes.base.instance_environment`).
+
+Only the standard library here: this module ships into every function image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8080
+# How long a command gets between SIGTERM and SIGKILL once its stream is over.
+DEFAULT_COMMAND_GRACE = 2.0
+
+
+class ConfigError(ValueError):
+    """The environment does not describe a runnable instance."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceConfig:
+    fn_dir: Path
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    runtime: Literal["python", "command"] = "python"
+    command: list[str] = field(default_factory=list)
+    mode: Literal["lines", "binary"] = "lines"
+    instance_id: str = ""
+    function: str = ""
+    version: str = ""
+    command_grace: float = DEFAULT_COMMAND_GRACE
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> InstanceConfig:
+        env = os.environ if environ is None else environ
+        fn_dir = Path(env.get("AUBE_FN_DIR") or os.getcwd()).resolve()
+
+        port_text = env.get("AUBE_INSTANCE_PORT") or str(DEFAULT_PORT)
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"AUBE_INSTANCE_PORT must be an integer, not {port_text!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"AUBE_INSTANCE_PORT out of range: {port}")
+
+        runtime = env.get("AUBE_FN_RUNTIME") or "python"
+        if runtime not in ("python", "command"):
+            raise ConfigError(f"AUBE_FN_RUNTIME must be 'python' or 'command', not {runtime!r}")
+
+        mode = env.get("AUBE_FN_MODE") or "lines"
+        if mode not in ("lines", "binary"):
+            raise ConfigError(f"AUBE_FN_MODE must be 'lines' or 'binary', not {mode!r}")
+
+        command_text = env.get("AUBE_FN_COMMAND") or "[]"
+        try:
+            command = json.loads(command_text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"AUBE_FN_COMMAND is not JSON: {command_text!r}") from None
+        if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+            raise ConfigError(f"AUBE_FN_COMMAND must be a JSON list of strings: {command_text!r}")
+        if runtime == "command" and not command:
+            raise ConfigError("runtime 'command' needs a non-empty AUBE_FN_COMMAND")
+
+        grace_text = env.get("AUBE_COMMAND_GRACE") or str(DEFAULT_COMMAND_GRACE)
+        try:
+            grace = float(grace_text)
+        except ValueError:
+            raise ConfigError(f"AUBE_COMMAND_GRACE must be a number, not {grace_text!r}") from None
+
+        return cls(
+            fn_dir=fn_dir,
+            host=env.get("AUBE_INSTANCE_HOST") or DEFAULT_HOST,
+            port=port,
+            runtime="command" if runtime == "command" else "python",
+            command=command,
+            mode="binary" if mode == "binary" else "lines",
+            instance_id=env.get("AUBE_INSTANCE_ID", ""),
+            function=env.get("AUBE_FUNCTION", ""),
+            version=env.get("AUBE_VERSION", ""),
+            command_grace=max(0.0, grace),
+        )

@@ -1,0 +1,360 @@
+"""Serving one function: the HTTP side (health, 503 when busy, subprotocols), the stream slot, the per-stream
+log line, and the two servers: threads (`websockets.sync`) for `def fn(websocket)`, asyncio for the rest.
+
+Only the standard library and websockets here: this module ships into every function image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol
+
+import websockets.asyncio.server as aserver
+import websockets.sync.server as sserver
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol as WsProtocol
+from websockets.typing import Subprotocol
+
+from aube.instance.config import InstanceConfig
+from aube.instance.handlers import exception_reason
+from aube.instance.slot import StreamSlot
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/_aube/health"
+RETRY_AFTER_SECONDS = 1
+# After SIGTERM: how long open streams get to close before the process exits regardless.
+SHUTDOWN_GRACE = 5.0
+CLOSE_BUSY = 1013  # "try again later": a stream that lost the slot after its handshake (should not happen)
+
+
+class _Respond(Protocol):
+    def respond(self, status: int, text: str) -> Response: ...
+
+
+class SyncStreamConnection(sserver.ServerConnection):
+    """The `websockets.sync` server connection, counting messages for the stream's log line."""
+
+    messages_in = 0
+    messages_out = 0
+
+    def recv(self, *args: Any, **kwargs: Any) -> Any:
+        message = super().recv(*args, **kwargs)
+        self.messages_in += 1
+        return message
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        super().send(*args, **kwargs)
+        self.messages_out += 1
+
+
+class AsyncStreamConnection(aserver.ServerConnection):
+    """The `websockets.asyncio` server connection, counting messages for the stream's log line."""
+
+    messages_in = 0
+    messages_out = 0
+
+    async def recv(self, *args: Any, **kwargs: Any) -> Any:
+        message = await super().recv(*args, **kwargs)
+        self.messages_in += 1
+        return message
+
+    async def send(self, *args: Any, **kwargs: Any) -> None:
+        await super().send(*args, **kwargs)
+        self.messages_out += 1
+
+
+@dataclass(frozen=True)
+class Negotiation:
+    """Keyword arguments for either `serve`: the function's subprotocols, or the client's first choice."""
+
+    subprotocols: list[str] | None
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.subprotocols is not None:
+            # websockets' own rule: the server's first that the client offers; none in common is a 400.
+            return {"subprotocols": [Subprotocol(s) for s in self.subprotocols]}
+        return {"select_subprotocol": first_offered}
+
+
+def first_offered(connection: object, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    return offered[0] if offered else None
+
+
+class HttpSide:
+    """`process_request` / `process_response` for both servers: health, and the slot claim at handshake."""
+
+    def __init__(self, config: InstanceConfig, slot: StreamSlot) -> None:
+        self.config = config
+        self.slot = slot
+
+    def _busy(self, connection: _Respond) -> Response:
+        response = connection.respond(503, "instance busy: it serves one stream at a time\n")
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+    def process_request(self, connection: _Respond, request: Request) -> Response | None:
+        if request.path.partition("?")[0] == HEALTH_PATH:
+            body = json.dumps(self.slot.health(self.config.instance_id)) + "\n"
+            response = connection.respond(200, body)
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        # Any other path is the function's: the proxy forwards the client's own request line.
+        if "Upgrade" in request.headers and self.slot.busy:
+            return self._busy(connection)
+        return None
+
+    def process_response(self, connection: _Respond, request: Request, response: Response) -> Response | None:
+        # Claim only once the handshake is known to succeed, atomically: two racing upgrades cannot both pass.
+        if response.status_code == 101 and not self.slot.try_claim(connection):
+            return self._busy(connection)
+        return None
+
+
+def close_code_of(protocol: WsProtocol) -> tuple[int, str]:
+    """The close code and reason of whoever closed first (1006 when no close frame was seen)."""
+    rcvd, sent = protocol.close_rcvd, protocol.close_sent
+    first = rcvd if protocol.close_rcvd_then_sent or sent is None else sent
+    if first is None:
+        return 1006, ""
+    return int(first.code), first.reason
+
+
+def log_stream_end(
+    config: InstanceConfig,
+    path: str,
+    started: float,
+    messages_in: int,
+    messages_out: int,
+    protocol: WsProtocol,
+    by: str,
+) -> None:
+    code, reason = close_code_of(protocol)
+    logger.info(
+        "stream ended function=%s version=%s instance=%s path=%s duration=%.3fs in=%d out=%d code=%d by=%s%s",
+        config.function or "-",
+        config.version or "-",
+        config.instance_id or "-",
+        path,
+        time.monotonic() - started,
+        messages_in,
+        messages_out,
+        code,
+        by,
+        f" reason={reason!r}" if reason else "",
+    )
+
+
+def _path(request: Request | None) -> str:
+    # Without the query string: it may carry the client's tokens.
+    return request.path.partition("?")[0] if request is not None else "?"
+
+
+def _closed_by(protocol: WsProtocol) -> str:
+    if protocol.close_rcvd is None and protocol.close_sent is None:
+        return "network"
+    return "client" if protocol.close_rcvd_then_sent or protocol.close_sent is None else "server"
+
+
+class Stopper:
+    """SIGTERM/SIGINT: ask the server to stop, and exit regardless once `grace` has passed.
+
+    The signal handler only sets a flag, runs the registered wake-up and writes one byte to a pipe: it takes
+    no lock, since it interrupts whatever the main thread holds. A watchdog thread blocked on that pipe ends
+    the process if the server does not come down in time (a function stuck in a loop or in a blocking call).
+    """
+
+    def __init__(self, grace: float = SHUTDOWN_GRACE) -> None:
+        self.grace = grace
+        self.requested = False
+        self.wake: Callable[[], object] | None = None
+        self._r, self._w = os.pipe()
+        threading.Thread(target=self._watchdog, name="aube-watchdog", daemon=True).start()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            self._exit_now()
+        self.requested = True
+        os.write(self._w, b"x")
+        if self.wake is not None:
+            self.wake()
+
+    def _watchdog(self) -> None:
+        os.read(self._r, 1)
+        time.sleep(self.grace)
+        self._exit_now()
+
+    @staticmethod
+    def _exit_now() -> None:
+        from aube.instance.command import kill_all
+
+        kill_all()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+    def wait(self) -> None:
+        # A plain sleep loop: the handler runs between two sleeps; an Event would need a lock it may hold.
+        while not self.requested:
+            time.sleep(0.1)
+
+
+def serve_sync(
+    config: InstanceConfig,
+    fn: Callable[[sserver.ServerConnection], Any],
+    negotiation: Negotiation,
+    stopper: Stopper,
+) -> None:
+    """`def fn(websocket)`: the websockets.sync server, one thread per connection, as AubeFaaS ran it."""
+    slot = StreamSlot()
+    http_side = HttpSide(config, slot)
+    open_streams: set[SyncStreamConnection] = set()
+    lock = threading.Lock()
+
+    def handler(connection: sserver.ServerConnection) -> None:
+        assert isinstance(connection, SyncStreamConnection)
+        if not slot.start(connection):
+            connection.close(CLOSE_BUSY, "instance busy")
+            return
+        with lock:
+            open_streams.add(connection)
+        started = time.monotonic()
+        code, reason = 1000, ""
+        try:
+            fn(connection)
+        except ConnectionClosed:
+            pass  # the client left while the function was talking to it: a normal end
+        except Exception as e:
+            code, reason = 1011, exception_reason(e)
+            logger.warning("function raised: %s", reason, exc_info=True)
+        finally:
+            try:
+                connection.close(code, reason)
+            finally:
+                with lock:
+                    open_streams.discard(connection)
+                slot.release(connection)
+                log_stream_end(
+                    config,
+                    _path(connection.request),
+                    started,
+                    connection.messages_in,
+                    connection.messages_out,
+                    connection.protocol,
+                    _closed_by(connection.protocol),
+                )
+
+    server = sserver.serve(
+        handler,
+        config.host,
+        config.port,
+        process_request=http_side.process_request,
+        process_response=http_side.process_response,
+        create_connection=SyncStreamConnection,
+        **negotiation.kwargs(),
+    )
+    logger.info("serving %s (sync) on %s:%d", config.fn_dir, config.host, server.socket.getsockname()[1])
+    thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
+    thread.start()
+    stopper.wait()
+    logger.info("stopping: closing open streams with 1001")
+    with lock:
+        streams = list(open_streams)
+    for connection in streams:
+        connection.close(1001, "instance stopping")
+    server.shutdown()
+    thread.join(timeout=SHUTDOWN_GRACE)
+
+
+StreamRunner = Callable[[aserver.ServerConnection], Awaitable[tuple[int, str] | None]]
+
+
+async def serve_async(
+    config: InstanceConfig,
+    run: StreamRunner,
+    negotiation: Negotiation,
+    stopper: Stopper,
+    after_stream: Callable[[], object] | None = None,
+) -> None:
+    """`async def fn`, async generators and commands: the websockets.asyncio server.
+
+    `run` carries one stream and returns the close code and reason it wants, or None for a normal close.
+    """
+    slot = StreamSlot()
+    http_side = HttpSide(config, slot)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stopper.wake = lambda: loop.call_soon_threadsafe(stop.set)
+    if stopper.requested:
+        stop.set()
+
+    async def handler(connection: aserver.ServerConnection) -> None:
+        assert isinstance(connection, AsyncStreamConnection)
+        if not slot.start(connection):
+            await connection.close(CLOSE_BUSY, "instance busy")
+            return
+        started = time.monotonic()
+        code, reason = 1000, ""
+        try:
+            outcome = await run(connection)
+            if outcome is not None:
+                code, reason = outcome
+        except ConnectionClosed:
+            pass  # the client left while the function was talking to it: a normal end
+        except Exception as e:
+            code, reason = 1011, exception_reason(e)
+            logger.warning("function raised: %s", reason, exc_info=True)
+        finally:
+            try:
+                await connection.close(code, reason)
+            finally:
+                slot.release(connection)
+                log_stream_end(
+                    config,
+                    _path(connection.request),
+                    started,
+                    connection.messages_in,
+                    connection.messages_out,
+                    connection.protocol,
+                    _closed_by(connection.protocol),
+                )
+                if after_stream is not None:
+                    after_stream()
+
+    server = await aserver.serve(
+        handler,
+        config.host,
+        config.port,
+        process_request=http_side.process_request,
+        process_response=http_side.process_response,
+        create_connection=AsyncStreamConnection,
+        **negotiation.kwargs(),
+    )
+    port = next(iter(server.sockets)).getsockname()[1] if server.sockets else config.port
+    logger.info("serving %s (asyncio) on %s:%d", config.fn_dir, config.host, port)
+    await stop.wait()
+    logger.info("stopping: closing open streams with 1001")
+    server.close()  # closes open connections with 1001 (going away)
+    try:
+        await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
+    except TimeoutError:
+        logger.warning("streams still open after %.0fs; exiting anyway", SHUTDOWN_GRACE)
