@@ -4,6 +4,7 @@
     aube delete <name>             delete a function
     aube ls                        list functions and their instances
     aube events <name>             follow a function's events
+    aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
 
 Exit status 0 on success; on failure a one-line `error: <code>: <message>` on stderr and status 1 (2 for usage).
 """
@@ -120,11 +121,23 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")
     sub.add_parser("events", help="follow a function's events").add_argument("name")
+    st = sub.add_parser("start", help="run NATS, control plane, reaper and proxies in the foreground")
+    st.add_argument("--proxies", type=int, default=int(os.environ.get("AUBE_PROXIES", "1")), help="proxy replicas")
+    st.add_argument("--nats-conf", default="deploy/nats.conf")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "start":
+        from aube.cli.platform import start_platform
+
+        if args.proxies < 1:
+            print("error: invalid_request: --proxies must be at least 1", file=sys.stderr)
+            return 2
+        return start_platform(
+            proxies=args.proxies, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd(), env=dict(os.environ)
+        )
     try:
         return anyio.run(run, args)
     except AubeError as e:

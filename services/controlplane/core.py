@@ -448,6 +448,14 @@ class ControlPlane:
             )
         return ListReply(functions=summaries)
 
+    async def stop_everything(self) -> None:
+        """Stop every instance this control plane owns and drop their entries (a clean platform shutdown)."""
+        for entry in await self.registry.instances():
+            if entry.record.owner == self.owner:
+                await self._stop_entry(entry, reason="platform shutdown")
+        for running in await self.runtime.instances(self.owner):
+            await self.runtime.stop(running.handle)
+
     # -- housekeeping ------------------------------------------------------------------------------------------
 
     async def retire_pass(self) -> None:

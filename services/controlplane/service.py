@@ -67,6 +67,7 @@ async def serve(
 ) -> None:
     runtime = runtime if runtime is not None else await select_runtime(settings)
     nc = await nats.connect(settings.nats_url, name=f"aube-controlplane-{settings.owner}", max_reconnect_attempts=-1)
+    cp: ControlPlane | None = None
     try:
         js = nc.jetstream()
         registry = await Registry.open(js)
@@ -90,6 +91,9 @@ async def serve(
             log.info("control plane %s serving on %s with the %s runtime", settings.owner, settings.nats_url, runtime.kind)
             task_status.started(cp)
     finally:
+        with anyio.move_on_after(60, shield=True):
+            if settings.stop_instances_on_exit and cp is not None:
+                await cp.stop_everything()
         with anyio.move_on_after(5, shield=True):
             await nc.drain()
             await runtime.close()

@@ -1,0 +1,81 @@
+"""`aube start`: the whole platform in the foreground — nats-server, control plane, reaper, proxy replicas.
+
+Each service is its own process, as in production; they meet only over NATS. Ctrl-C (or SIGTERM) stops them in
+order: proxies first (they release their claims), then the reaper, the control plane (which stops its instances),
+and NATS last. If a service dies on its own, the platform stops with its exit status rather than limp along.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from aube.shared.natsserver import find_nats_server
+
+
+def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"nats-server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("nats-server did not become healthy")
+
+
+def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:
+    py = sys.executable
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(label: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
+        proc = subprocess.Popen(argv, cwd=workdir, env={**env, **(extra or {})})
+        procs.append((label, proc))
+        print(f"[aube] started {label} (pid {proc.pid})", flush=True)
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    status = 0
+    try:
+        spawn("nats-server", [find_nats_server(), "-c", str(nats_conf)])
+        _wait_nats(env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222"), procs[0][1])
+        spawn("controlplane", [py, "-m", "aube.controlplane"], {"AUBE_STOP_INSTANCES_ON_EXIT": "true"})
+        spawn("reaper", [py, "-m", "aube.reaper"])
+        for i in range(proxies):
+            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"})
+        print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
+        while not stopping:
+            for label, proc in procs:
+                if proc.poll() is not None:
+                    print(f"[aube] {label} exited with status {proc.returncode}: stopping the platform", flush=True)
+                    status = proc.returncode or 1
+                    stopping = True
+                    break
+            time.sleep(0.2)
+    finally:
+        # Reverse start order: proxies, reaper, control plane, NATS.
+        for label, proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(90 if label == "controlplane" else 15)
+                except subprocess.TimeoutExpired:
+                    print(f"[aube] {label} did not stop in time: killing it", flush=True)
+                    proc.kill()
+                    proc.wait()
+        print("[aube] stopped", flush=True)
+    return status
