@@ -1,0 +1,536 @@
+"""The embedded runtime for machines without Docker: one child process per instance, in bubblewrap if it works.
+
+An instance is `python -m aube.instance` (the same server as in a container) on a free loopback port, with
+the function's requirements on its PYTHONPATH, in a session of its own so that it outlives a crash of the
+control plane. Its session leader carries environment markers (owner, function, version, slot, instance id),
+which is how `instances()` finds it again in /proc after a restart. A handle is "<pid>:<starttime>": the start
+time from /proc/<pid>/stat tells a recycled pid from ours.
+
+Isolation (`settings.sandbox`): "auto" uses bubblewrap when `bwrap` is on PATH and a probe sandbox starts,
+"bwrap" insists on it, "none" runs plain processes. In the sandbox every namespace but the network is new, the
+host is visible read-only and only where Python needs it, and /tmp is a private tmpfs. Limits: RLIMIT_AS from
+the manifest's `memory` and no core dumps; `cpus` and `pids` are not enforced (they need cgroups, which a
+process runtime without a service manager does not have), see `sandbox.rlimits`.
+
+Layout under `data_dir`:
+    functions/<owner>/<name>/v<version>/fn      the function folder (the artifact is the version folder)
+    functions/<owner>/<name>/v<version>/deps    its requirements, installed from wheels
+    cache/                                      pip's cache and installed requirement sets (see deps.py)
+    logs/<owner>/<function>-<instance id>.log   an instance's stdout and stderr; removed when it is stopped
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from aube.controlplane.runtimes import deps, sandbox
+from aube.controlplane.runtimes.base import (
+    Artifact,
+    BuildLog,
+    InstanceSpec,
+    RunningInstance,
+    StartedInstance,
+    instance_environment,
+)
+from aube.shared import names
+from aube.shared.errors import BuildFailed, RuntimeFailure
+from aube.shared.schemas import Manifest, RuntimeKind
+from aube.shared.settings import ControlPlaneSettings
+
+logger = logging.getLogger(__name__)
+
+INSTANCE_HOST = "127.0.0.1"
+# Seconds a stopped instance gets between SIGTERM and SIGKILL, and then to go after SIGKILL.
+STOP_GRACE = 3.0
+KILL_WAIT = 2.0
+# Packages the in-instance server imports from Aube's own sources (bound read-only into the sandbox).
+INSTANCE_PACKAGES = ("aube.instance", "aube.shared")
+_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PORT_ATTEMPTS = 3
+
+# Our children, by pid. They belong to this OS process rather than to one ProcessRuntime: a runtime that is
+# closed and made anew (as after a reconnect) must still reap the instances the first one started, and a
+# Popen dropped while its child runs would warn.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ProcessRuntime:
+    kind: RuntimeKind = "process"
+
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self._settings = settings
+        self._data = Path(settings.data_dir).absolute()
+        self._functions = self._data / "functions"
+        self._bwrap: str | None = None
+        self._sandbox_decided = False
+
+    # -----------------------------------------------------------------------------------------------------
+    # Artifacts
+
+    async def prepare(
+        self, name: str, version: int, bundle_dir: Path, manifest: Manifest, owner: str, log: BuildLog
+    ) -> str:
+        names.validate_name(name)
+        _check_owner(owner)
+        try:
+            sandbox.parse_memory(manifest.limits.memory)
+        except ValueError as e:
+            raise BuildFailed(f"limits.memory: {e}") from e
+        final = self._functions / owner / name / f"v{version}"
+        # Built aside and renamed into place: a failed or cancelled prepare leaves no half version behind.
+        staging = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            try:
+                await anyio.to_thread.run_sync(_copy_function, bundle_dir, staging / "fn")
+            except OSError as e:
+                raise BuildFailed(f"could not copy the function folder: {e}") from e
+            await deps.install_requirements(
+                staging / "fn" / "requirements.txt",
+                staging / "deps",
+                self._data / "cache",
+                log,
+                self._settings.build_timeout,
+            )
+            try:
+                await anyio.to_thread.run_sync(_publish, staging, final)
+            except OSError as e:
+                raise BuildFailed(f"could not store the prepared version: {e}") from e
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log(f"prepared {name} v{version} in {final}")
+        return str(final)
+
+    async def artifacts(self, owner: str) -> list[Artifact]:
+        _check_owner(owner)
+        return await anyio.to_thread.run_sync(_list_artifacts, self._functions / owner)
+
+    async def remove_artifact(self, ref: str) -> None:
+        await anyio.to_thread.run_sync(_remove_version, self._functions, ref)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Instances
+
+    async def start(self, spec: InstanceSpec) -> StartedInstance:
+        _check_owner(spec.owner)
+        version_dir = Path(spec.artifact)
+        fn_dir, deps_dir = version_dir / "fn", version_dir / "deps"
+        if not fn_dir.is_dir():
+            raise RuntimeFailure(f"artifact {spec.artifact!r} has no function folder (was it removed?)")
+        try:
+            limits = sandbox.rlimits(spec.manifest.limits.memory)
+        except ValueError as e:
+            raise RuntimeFailure(f"limits.memory: {e}") from e
+        bwrap = await self._sandbox()
+        log_path = self._log_path(spec.owner, spec.function, spec.instance_id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(_PORT_ATTEMPTS):
+            port = _free_port()
+            argv, env = _command(spec, port, bwrap, fn_dir, deps_dir)
+            log_path.write_bytes(b"")
+            handle = self._spawn(argv, env, fn_dir, log_path, limits)
+            try:
+                await self._wait_listening(handle, port, log_path)
+            except _PortTaken:
+                # Another process took the port between our probe and the instance's bind: a new port.
+                logger.debug("port %d taken before instance %s bound it (attempt %d)", port, spec.instance_id, attempt)
+                continue
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.stop(handle)
+                raise
+            logger.info(
+                "started %s v%d slot %d instance %s as %s on port %d (sandbox %s)",
+                spec.function, spec.version, spec.slot, spec.instance_id, handle, port, "bwrap" if bwrap else "none",
+            )  # fmt: skip
+            return StartedInstance(instance_id=spec.instance_id, handle=handle, address=f"{INSTANCE_HOST}:{port}")
+        _remove_quietly(log_path)
+        raise RuntimeFailure(f"instance {spec.instance_id} found no free port in {_PORT_ATTEMPTS} attempts")
+
+    async def stop(self, handle: str) -> None:
+        try:
+            pid, starttime = sandbox.parse_handle(handle)
+        except ValueError as e:
+            raise RuntimeFailure(f"not a process handle: {handle!r}") from e
+        info = await anyio.to_thread.run_sync(_read_info, pid)
+        if info is None or sandbox.is_gone(info.stat, starttime):
+            _reap(pid, starttime)
+            return
+        sandboxed = info.environ.get(sandbox.ENV_SANDBOX) == "bwrap"
+        await anyio.to_thread.run_sync(_signal_instance, pid, starttime, signal.SIGTERM, sandboxed)
+        if not await self._wait_gone(pid, starttime, STOP_GRACE):
+            logger.info("instance %s did not end within %gs of SIGTERM: SIGKILL", handle, STOP_GRACE)
+            await anyio.to_thread.run_sync(_signal_instance, pid, starttime, signal.SIGKILL, sandboxed)
+            if not await self._wait_gone(pid, starttime, KILL_WAIT):
+                # Only bubblewrap's outer process can be left: its sandbox is gone, so it has nothing to wait for.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                await self._wait_gone(pid, starttime, KILL_WAIT)
+        if not sandboxed:
+            # Whatever the function started and left in the instance's process group goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        _reap(pid, starttime)
+        owner = info.environ.get(sandbox.ENV_MANAGED_OWNER, "")
+        function = info.environ.get(names.ENV_FUNCTION, "")
+        instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
+        if owner and function and instance_id and _OWNER.match(owner):
+            _remove_quietly(self._log_path(owner, function, instance_id))
+        logger.info("stopped instance %s", handle)
+
+    async def is_alive(self, handle: str) -> bool:
+        try:
+            pid, starttime = sandbox.parse_handle(handle)
+        except ValueError:
+            return False
+        info = await anyio.to_thread.run_sync(_read_info, pid)
+        gone = info is None or sandbox.is_gone(info.stat, starttime)
+        if gone:
+            _reap(pid, starttime)
+        return not gone
+
+    async def instances(self, owner: str) -> list[RunningInstance]:
+        _reap_all()
+        procs = await anyio.to_thread.run_sync(_scan_leaders)
+        found: list[RunningInstance] = []
+        for leader in sandbox.find_leaders(procs, owner):
+            env = leader.environ
+            try:
+                found.append(
+                    RunningInstance(
+                        handle=leader.handle,
+                        instance_id=env[names.ENV_INSTANCE_ID],
+                        function=env[names.ENV_FUNCTION],
+                        version=int(env[names.ENV_VERSION]),
+                        slot=int(env[sandbox.ENV_SLOT]),
+                        alive=leader.alive,
+                    )
+                )
+            except (KeyError, ValueError):
+                # Marked as ours but not by this runtime's start(): report nothing rather than guess.
+                logger.warning("process %s carries owner %r but incomplete markers", leader.handle, owner)
+        return found
+
+    async def close(self) -> None:
+        # Instances outlive the runtime object (the control plane stops them); only reap what has ended.
+        _reap_all()
+
+    # -----------------------------------------------------------------------------------------------------
+
+    async def _sandbox(self) -> str | None:
+        """bwrap's path when instances run in bubblewrap, else None; decided once, on the first start."""
+        if self._sandbox_decided:
+            return self._bwrap
+        mode = self._settings.sandbox
+        bwrap = shutil.which("bwrap") if mode != "none" else None
+        if mode == "bwrap" and bwrap is None:
+            raise RuntimeFailure("sandbox 'bwrap' is configured but bwrap is not on PATH")
+        if bwrap is not None:
+            problem = await _probe_bwrap(bwrap)
+            if problem is not None:
+                if mode == "bwrap":
+                    raise RuntimeFailure(f"sandbox 'bwrap' is configured but bubblewrap fails here: {problem}")
+                logger.warning("bubblewrap fails here, instances run without a sandbox: %s", problem)
+                bwrap = None
+        logger.info("process runtime: instances run %s", f"in bubblewrap ({bwrap})" if bwrap else "unsandboxed")
+        self._bwrap, self._sandbox_decided = bwrap, True
+        return bwrap
+
+    def _spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, limits: dict[str, int]) -> str:
+        rlimits = [(getattr(resource, key), value) for key, value in limits.items()]
+        try:
+            with log_path.open("ab") as out:
+                # preexec_fn: the limits must hold from the first instruction of the (sandboxed) server on;
+                # _apply_limits only makes system calls, which is what is safe in a child forked from threads.
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    preexec_fn=functools.partial(_apply_limits, rlimits),
+                )
+        except OSError as e:
+            _remove_quietly(log_path)
+            raise RuntimeFailure(f"could not start {argv[0]}: {e}") from e
+        _CHILDREN[proc.pid] = proc
+        stat = _read_stat(proc.pid)
+        # A child that already exited is still our zombie, so its stat is there until we reap it.
+        assert stat is not None
+        return sandbox.format_handle(proc.pid, stat.starttime)
+
+    async def _wait_listening(self, handle: str, port: int, log_path: Path) -> None:
+        """Return once the instance listens on `port`; RuntimeFailure with its output if it exits first."""
+        pid, _ = sandbox.parse_handle(handle)
+        proc = _CHILDREN[pid]
+        delay = 0.02
+        with anyio.move_on_after(self._settings.health_timeout):
+            while True:
+                if proc.poll() is not None:
+                    _CHILDREN.pop(pid, None)
+                    tail = _tail(log_path)
+                    _remove_quietly(log_path)
+                    if "Address already in use" in tail:
+                        raise _PortTaken
+                    raise RuntimeFailure(f"instance exited at start (status {proc.returncode}):\n{tail}")
+                if port in await anyio.to_thread.run_sync(_listening_ports):
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        tail = _tail(log_path)
+        raise RuntimeFailure(
+            f"instance did not listen on port {port} within {self._settings.health_timeout:g}s:\n{tail}"
+        )
+
+    async def _wait_gone(self, pid: int, starttime: int, timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            while True:
+                _reap(pid, starttime)
+                if sandbox.is_gone(_read_stat(pid), starttime):
+                    return True
+                await anyio.sleep(0.05)
+        return False
+
+    def _log_path(self, owner: str, function: str, instance_id: str) -> Path:
+        return self._data / "logs" / owner / f"{function}-{instance_id}.log"
+
+
+class _PortTaken(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers (blocking; the runtime calls the slow ones in worker threads)
+
+
+def _check_owner(owner: str) -> None:
+    # The owner is a folder name under data_dir: nothing that could climb out of it.
+    if not _OWNER.match(owner):
+        raise RuntimeFailure(f"owner {owner[:80]!r} is not usable as a folder name")
+
+
+def _copy_function(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Links are copied as links, never followed: a bundle must not pull host files into the artifact.
+    shutil.copytree(source, target, symlinks=True)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    if final.exists():  # an earlier attempt at the same version: this one replaces it
+        shutil.rmtree(final)
+    staging.rename(final)
+
+
+def _list_artifacts(owner_dir: Path) -> list[Artifact]:
+    found: list[Artifact] = []
+    if not owner_dir.is_dir():
+        return found
+    for fn_dir in sorted(owner_dir.iterdir()):
+        for version_dir in sorted(fn_dir.glob("v*")):
+            number = version_dir.name[1:]
+            if version_dir.is_dir() and number.isdigit():
+                found.append(Artifact(ref=str(version_dir), function=fn_dir.name, version=int(number)))
+    return found
+
+
+def _remove_version(functions: Path, ref: str) -> None:
+    path = Path(ref).absolute()
+    if functions not in path.parents or not path.name.startswith("v"):
+        raise RuntimeFailure(f"not an artifact of this runtime: {ref!r}")
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the function folder goes with its last version
+        path.parent.rmdir()
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((INSTANCE_HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _apply_limits(limits: list[tuple[int, int]]) -> None:
+    for key, value in limits:
+        resource.setrlimit(key, (value, value))
+
+
+def _python_paths() -> list[str]:
+    """What the sandboxed interpreter needs of the host: its prefixes and Aube's (editable) sources."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.add(str(Path(sys.executable).resolve().parent.parent))
+    for package in INSTANCE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            paths.add(str(Path(location).resolve()))
+    return sorted(paths)
+
+
+def _command(
+    spec: InstanceSpec, port: int, bwrap: str | None, fn_dir: Path, deps_dir: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and the environment of an instance's session leader."""
+    server = [sys.executable, "-m", "aube.instance"]
+    inner = instance_environment(spec, port)
+    inner.setdefault("MALLOC_ARENA_MAX", "2")  # glibc reserves 64 MiB of address space per thread arena
+    inner.update(
+        {
+            "AUBE_INSTANCE_HOST": INSTANCE_HOST,
+            sandbox.ENV_SLOT: str(spec.slot),
+            "PATH": sandbox.SANDBOX_PATH,
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+        }
+    )
+    markers = {
+        sandbox.ENV_MANAGED_OWNER: spec.owner,
+        sandbox.ENV_SANDBOX: "bwrap" if bwrap else "none",
+        names.ENV_INSTANCE_ID: spec.instance_id,
+        names.ENV_FUNCTION: spec.function,
+        names.ENV_VERSION: str(spec.version),
+        sandbox.ENV_SLOT: str(spec.slot),
+    }
+    if bwrap is None:
+        inner.update({"AUBE_FN_DIR": str(fn_dir), "PYTHONPATH": str(deps_dir)})
+        return server, {**inner, **markers}
+    inner.update({"AUBE_FN_DIR": sandbox.SANDBOX_FN_DIR, "PYTHONPATH": sandbox.SANDBOX_DEPS_DIR})
+    argv = sandbox.bwrap_argv(
+        bwrap,
+        ro_paths=_python_paths(),
+        fn_dir=str(fn_dir),
+        deps_dir=str(deps_dir),
+        env=inner,
+        command=server,
+    )
+    # The owner marker stays outside the sandbox: inside, only the outer bwrap carries it (see sandbox.py).
+    return argv, {**markers, "PATH": sandbox.SANDBOX_PATH}
+
+
+async def _probe_bwrap(bwrap: str) -> str | None:
+    """None when a sandbox like an instance's starts here, else what went wrong."""
+    try:
+        with anyio.fail_after(10):
+            result = await anyio.run_process(sandbox.probe_argv(bwrap), check=False, stderr=subprocess.STDOUT)
+    except TimeoutError:
+        return "the probe did not finish within 10s"
+    except OSError as e:
+        return str(e)
+    if result.returncode != 0:
+        return result.stdout.decode(errors="replace").strip() or f"exit status {result.returncode}"
+    return None
+
+
+def _read_stat(pid: int) -> sandbox.ProcStat | None:
+    try:
+        return sandbox.parse_stat(Path(f"/proc/{pid}/stat").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_info(pid: int) -> sandbox.ProcInfo | None:
+    stat = _read_stat(pid)
+    if stat is None:
+        return None
+    try:
+        environ = sandbox.parse_environ(Path(f"/proc/{pid}/environ").read_bytes())
+    except OSError:
+        environ = {}
+    return sandbox.ProcInfo(stat=stat, environ=environ)
+
+
+def _all_stats() -> list[sandbox.ProcStat]:
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _read_stat(int(entry))) is not None:
+            stats.append(stat)
+    return stats
+
+
+def _scan_leaders() -> list[sandbox.ProcInfo]:
+    """Session leaders with their environment (everyone else cannot be an instance, so is not read)."""
+    found = []
+    for stat in _all_stats():
+        if stat.session != stat.pid:
+            continue
+        try:
+            environ = sandbox.parse_environ(Path(f"/proc/{stat.pid}/environ").read_bytes())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        found.append(sandbox.ProcInfo(stat=stat, environ=environ))
+    return found
+
+
+def _listening_ports() -> set[int]:
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            ports |= sandbox.listening_ports(Path(table).read_text())
+    return ports
+
+
+def _signal_instance(pid: int, starttime: int, signum: int, sandboxed: bool) -> None:
+    stats = _all_stats()
+    leader = next((s for s in stats if s.pid == pid), None)
+    if sandbox.is_gone(leader, starttime):  # checked on the same snapshot: never signal a recycled pid
+        return
+    for target in sandbox.signal_targets(stats, pid, sandboxed=sandboxed):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(target, signum)
+    if not sandboxed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signum)
+
+
+def _reap(pid: int, starttime: int) -> None:
+    """Collect the exit status of the instance if it is our child (no zombie is left); others reap their own."""
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        if proc.poll() is not None:
+            del _CHILDREN[pid]
+        return
+    # Not started by this process, but it may still be our child: adopted when this process is a child
+    # subreaper (prctl PR_SET_CHILD_SUBREAPER) and the control plane that started it died. Only that process,
+    # named by its start time: never the recycled pid of another child of ours.
+    stat = _read_stat(pid)
+    if stat is not None and stat.starttime == starttime and stat.state == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _reap_all() -> None:
+    for pid, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            del _CHILDREN[pid]

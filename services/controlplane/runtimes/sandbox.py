@@ -1,0 +1,269 @@
+"""The process runtime's decisions without I/O: the bubblewrap argv, rlimit values, and reading /proc.
+
+Everything here takes text or values and returns values, so it is unit-tested without processes; the
+process runtime (`process.py`) does the spawning, signalling and /proc reading around it.
+
+How an instance looks from /proc (what `find_leaders` and `signal_targets` rely on):
+
+    plain:   python -m aube.instance     session leader, environment carries the markers
+    bwrap:   bwrap (outer)               session leader, environment carries the markers (AUBE_SANDBOX=bwrap)
+             └── bwrap (pid 1 inside)    a clone of the outer one: same environment, its own session
+                 └── python -m aube.instance   --clearenv: no owner marker
+
+So an instance is a marked session leader whose parent is not marked itself; the inner bwrap is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import msgspec
+
+# Environment markers on an instance's session leader. Only the process runtime reads them back (after a
+# restart of the control plane, to find its instances again); the in-instance server ignores them.
+ENV_MANAGED_OWNER = "AUBE_MANAGED_OWNER"
+ENV_SLOT = "AUBE_SLOT"
+ENV_SANDBOX = "AUBE_SANDBOX"  # "bwrap" or "none": how stop() must signal the tree
+
+# Where the function and its requirements appear inside the sandbox: fixed paths, so a function learns
+# nothing about the host's layout (the data dir, the owner).
+SANDBOX_FN_DIR = "/aube/fn"
+SANDBOX_DEPS_DIR = "/aube/deps"
+
+# What Python and TLS need from the host, read-only. The `-try` variant skips what a distribution lacks
+# (/lib32, /etc/ca-certificates...), so the argv needs no existence checks.
+SYSTEM_RO_PATHS = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/resolv.conf",
+    "/etc/passwd",
+    "/etc/group",
+)
+
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a Docker-style size: "256m", "1g", "512Mi", "1.5G", "1048576" (no unit = bytes)."""
+    match = _MEMORY.match(text)
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. '256m' or '1g')")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"memory size must be positive: {text!r}")
+    return value
+
+
+def rlimits(memory: str) -> dict[str, int]:
+    """The `resource.RLIMIT_*` names and values applied to an instance (soft = hard).
+
+    RLIMIT_AS bounds address space, not resident memory, so it is a loose stand-in for the manifest's
+    `memory` (the runtime also sets MALLOC_ARENA_MAX to keep glibc's per-thread arenas from eating it).
+    Not enforced here, for want of cgroups: `cpus` (no per-process CPU share in rlimits) and `pids`
+    (RLIMIT_NPROC counts every process of the user, so it would count the host's processes as well).
+    """
+    return {"RLIMIT_AS": parse_memory(memory), "RLIMIT_CORE": 0}
+
+
+def minimal_roots(paths: Iterable[str]) -> list[str]:
+    """The paths without duplicates and without those inside another one (a bind of the parent covers them)."""
+    ordered = sorted({p.rstrip("/") or "/" for p in paths})
+    roots: list[str] = []
+    for path in ordered:
+        if not any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
+            roots.append(path)
+    return roots
+
+
+def bwrap_argv(
+    bwrap: str,
+    *,
+    ro_paths: Sequence[str],
+    fn_dir: str,
+    deps_dir: str,
+    env: Mapping[str, str],
+    command: Sequence[str],
+) -> list[str]:
+    """The bubblewrap command line for one instance.
+
+    `ro_paths` (Python's prefixes and Aube's sources) are bound read-only at the same paths, next to the
+    system paths; the function and its requirements at SANDBOX_FN_DIR / SANDBOX_DEPS_DIR. Every namespace is
+    new except the network: the instance listens on a loopback port of the host. No --die-with-parent: an
+    instance outlives a crash of the control plane, whose reconcile finds it again.
+    """
+    argv = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",  # explicit: --unshare-all only tries, and root outside must not be root inside
+        "--share-net",
+        "--new-session",  # no TIOCSTI into a terminal the control plane may have
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+    ]
+    for key, value in sorted(env.items()):
+        argv += ["--setenv", key, value]
+    for path in SYSTEM_RO_PATHS:
+        argv += ["--ro-bind-try", path, path]
+    for path in minimal_roots(ro_paths):
+        argv += ["--ro-bind", path, path]
+    argv += [
+        "--ro-bind",
+        fn_dir,
+        SANDBOX_FN_DIR,
+        "--ro-bind",
+        deps_dir,
+        SANDBOX_DEPS_DIR,
+        "--tmpfs",
+        "/tmp",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--chdir",
+        SANDBOX_FN_DIR,
+    ]
+    return [*argv, *command]
+
+
+def probe_argv(bwrap: str) -> list[str]:
+    """A sandbox with the same namespaces as an instance's, running `true`: does bubblewrap work here?"""
+    return [
+        bwrap, "--unshare-all", "--unshare-user", "--share-net", "--new-session", "--cap-drop", "ALL",
+        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# /proc
+
+
+class ProcStat(msgspec.Struct, frozen=True, kw_only=True):
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    starttime: int  # clock ticks after boot: with the pid, it names one process for its whole life
+
+
+class ProcInfo(msgspec.Struct, frozen=True, kw_only=True):
+    stat: ProcStat
+    environ: dict[str, str]
+
+
+class Leader(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance's session leader, as found in /proc."""
+
+    handle: str
+    environ: dict[str, str]
+    alive: bool
+
+
+def parse_stat(text: str) -> ProcStat:
+    """Parse /proc/<pid>/stat. The command name is in parentheses and may itself hold spaces or ')'."""
+    head, _, rest = text.rpartition(")")
+    pid = int(head.split("(", 1)[0])
+    fields = rest.split()
+    # fields[0] is field 3 of proc(5) (state); starttime is field 22.
+    return ProcStat(
+        pid=pid,
+        state=fields[0],
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        session=int(fields[3]),
+        starttime=int(fields[19]),
+    )
+
+
+def parse_environ(data: bytes) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def format_handle(pid: int, starttime: int) -> str:
+    return f"{pid}:{starttime}"
+
+
+def parse_handle(handle: str) -> tuple[int, int]:
+    """(pid, starttime) of a handle from `format_handle`; ValueError for anything else."""
+    pid, starttime = handle.split(":")
+    return int(pid), int(starttime)
+
+
+def is_gone(stat: ProcStat | None, starttime: int) -> bool:
+    """True when the process a handle names no longer runs: no such pid, a newer process, or a zombie."""
+    return stat is None or stat.starttime != starttime or stat.state in ("Z", "X", "x")
+
+
+def find_leaders(procs: Iterable[ProcInfo], owner: str) -> list[Leader]:
+    """The instances of `owner`: marked session leaders whose parent is not a marked leader (see module doc)."""
+    marked = {
+        p.stat.pid: p for p in procs if p.stat.session == p.stat.pid and p.environ.get(ENV_MANAGED_OWNER) == owner
+    }
+    return [
+        Leader(
+            handle=format_handle(p.stat.pid, p.stat.starttime),
+            environ=p.environ,
+            alive=not is_gone(p.stat, p.stat.starttime),
+        )
+        for pid, p in sorted(marked.items())
+        if p.stat.ppid not in marked
+    ]
+
+
+def descendants(stats: Iterable[ProcStat], root: int) -> list[ProcStat]:
+    """Every process below `root`, by parent pid, parents before children."""
+    children: dict[int, list[ProcStat]] = {}
+    for s in stats:
+        children.setdefault(s.ppid, []).append(s)
+    found: list[ProcStat] = []
+    queue = [root]
+    while queue:
+        for child in sorted(children.get(queue.pop(0), []), key=lambda s: s.pid):
+            found.append(child)
+            queue.append(child.pid)
+    return found
+
+
+def signal_targets(stats: Iterable[ProcStat], leader: int, *, sandboxed: bool) -> list[int]:
+    """Whom a stop signals: the leader and everything below it, but in a sandbox not the bubblewrap processes.
+
+    Bubblewrap's outer process dies at once on SIGTERM, which would orphan the sandbox; its inner process is
+    pid 1 of the namespace and ignores SIGTERM. Signalling the workload instead lets the chain unwind by
+    itself (the function exits, then both bwrap processes, each reaping its child). With SIGKILL the inner
+    bwrap is a target too (killing the pid namespace), only the outer one, our child, is left to exit.
+    """
+    below = descendants(stats, leader)
+    if not sandboxed:
+        return [leader, *(s.pid for s in below)]
+    return [s.pid for s in below]
+
+
+def listening_ports(proc_net_tcp: str) -> set[int]:
+    """Ports in LISTEN state in the text of /proc/net/tcp (or tcp6)."""
+    ports: set[int] = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
