@@ -1,0 +1,184 @@
+"""Sans-I/O handling of a client's HTTP request head: where it ends, what it asks for, and the plain answers.
+
+The proxy reads bytes until `head_end` finds the blank line, then `parse_head` and `route` decide, without any
+I/O, whether the request is one of the proxy's own endpoints, a WebSocket upgrade for a function, or something
+to refuse with a plain HTTP response before any upgrade. The raw head is forwarded to the instance unchanged
+(`forward_head` only adds X-Forwarded-For), so the handshake is negotiated end to end.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import msgspec
+
+from aube.shared import names
+from aube.shared.errors import InvalidName
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(rb"^HTTP/1\.[01]$")
+# Header values: visible ASCII, spaces, tabs and obs-text; no control characters (CR/LF smuggling).
+_VALUE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+class RequestHead(msgspec.Struct, frozen=True, kw_only=True):
+    method: str
+    target: str
+    path: str
+    headers: dict[str, list[str]]  # lower-case name -> values in order
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name)
+        return None if not values else ", ".join(values)
+
+
+class HeadError(msgspec.Struct, frozen=True, kw_only=True):
+    """A request head that gets a plain HTTP error; `reason` is the metrics label."""
+
+    status: int
+    reason: str
+    message: str
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    which: Literal["health", "metrics"]
+
+
+class FunctionTarget(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+
+
+Route = Endpoint | FunctionTarget | HeadError
+
+
+def head_end(buf: bytes | bytearray, max_bytes: int) -> int | HeadError | None:
+    """Index just past the head's blank line; None while more bytes are needed; an error when it cannot be one.
+
+    The request line is judged as soon as it is complete, so garbage is refused without waiting for a
+    timeout or for the size limit.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        if end + 4 > max_bytes:
+            return HeadError(status=431, reason="head_too_large", message="request head too large")
+        return end + 4
+    first = buf.find(b"\r\n")
+    line = bytes(buf[:first]) if first >= 0 else bytes(buf[:64])
+    if first >= 0 and _request_line(line) is None:
+        return HeadError(status=400, reason="bad_request", message="malformed request line")
+    if first < 0 and not _plausible_prefix(line):
+        return HeadError(status=400, reason="bad_request", message="not an HTTP request")
+    if len(buf) >= max_bytes:
+        return HeadError(status=431, reason="head_too_large", message="request head too large")
+    return None
+
+
+def _plausible_prefix(prefix: bytes) -> bool:
+    """An incomplete request line may still become valid: its method part must be a token so far."""
+    method = prefix.split(b" ", 1)[0]
+    return not method or _TOKEN.match(method) is not None
+
+
+def _request_line(line: bytes) -> tuple[str, str] | None:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if not _TOKEN.match(method) or not _VERSION.match(version):
+        return None
+    if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
+        return None
+    return method.decode("ascii"), target.decode("latin-1")
+
+
+def parse_head(head: bytes) -> RequestHead | HeadError:
+    """Parse a complete head (ending with the blank line)."""
+    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.split(b"\r\n")
+    parsed = _request_line(lines[0])
+    if parsed is None:
+        return HeadError(status=400, reason="bad_request", message="malformed request line")
+    method, target = parsed
+    headers: dict[str, list[str]] = {}
+    for raw in lines[1:]:
+        name, sep, value = raw.partition(b":")
+        # No obs-fold and no whitespace before the colon: both are request smuggling vectors (RFC 9112 5.1-5.2).
+        if not sep or not _TOKEN.match(name) or not _VALUE.match(value):
+            return HeadError(status=400, reason="bad_request", message="malformed header line")
+        headers.setdefault(name.decode("ascii").lower(), []).append(value.strip(b" \t").decode("latin-1"))
+    path = target.split("?", 1)[0]
+    return RequestHead(method=method, target=target, path=path, headers=headers)
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in value.split(",")} if value else set()
+
+
+def route(head: RequestHead) -> Route:
+    """What the request asks for; refusals that need no registry lookup are decided here."""
+    if head.path == names.PATH_HEALTH:
+        return Endpoint(which="health") if head.method in ("GET", "HEAD") else _not_allowed()
+    if head.path == names.PATH_METRICS:
+        return Endpoint(which="metrics") if head.method in ("GET", "HEAD") else _not_allowed()
+    # The first path segment names the function; the full path and query pass through to the instance.
+    name = head.path[1:].split("/", 1)[0]
+    try:
+        names.validate_name(name)
+    except InvalidName as e:
+        return HeadError(status=400, reason="invalid_name", message=e.message)
+    if head.method != "GET" or "websocket" not in _tokens(head.header("upgrade")):
+        return HeadError(status=426, reason="not_upgrade", message=f"{name}: connect with a WebSocket client")
+    if "upgrade" not in _tokens(head.header("connection")):
+        return HeadError(status=426, reason="not_upgrade", message=f"{name}: connect with a WebSocket client")
+    return FunctionTarget(name=name)
+
+
+def _not_allowed() -> HeadError:
+    return HeadError(status=405, reason="bad_method", message="method not allowed")
+
+
+def forward_head(head: bytes, client_ip: str) -> bytes:
+    """The client's head unchanged, plus one X-Forwarded-For line (a repeated header appends to the list)."""
+    return head[:-2] + b"X-Forwarded-For: " + client_ip.encode("ascii", "replace") + b"\r\n\r\n"
+
+
+def response(
+    status: int,
+    body: str = "",
+    *,
+    headers: dict[str, str] | None = None,
+    content_type: str = "text/plain; charset=utf-8",
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response that ends the connection."""
+    payload = body.encode("utf-8")
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(payload)}",
+        "Connection: close",
+    ]
+    lines.extend(f"{k}: {v}" for k, v in (headers or {}).items())
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + payload
+
+
+def error_response(error: HeadError, *, retry_after: float | None = None) -> bytes:
+    headers: dict[str, str] = {}
+    if error.status == 426:
+        headers = {"Upgrade": "websocket"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return response(error.status, error.message + "\n", headers=headers)

@@ -1,0 +1,83 @@
+"""The proxy's local view of the registry, kept current by watching the KV buckets (never by polling).
+
+Two watches run as children of the service's task group: instances and functions. Each change replaces the
+`changed` event after setting it, so a waiting client grabs the current event, looks at the view, and sleeps
+until the next change. The view may lag the KV by a moment; claims stay exact because they are
+compare-and-set writes on the revision, and a stale revision only loses its race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import anyio
+from anyio.abc import TaskStatus
+
+from aube.proxy.claims import Slot
+from aube.shared.registry import Registry
+from aube.shared.schemas import FunctionRecord, decode_record
+
+log = logging.getLogger(__name__)
+
+
+class Pool:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.slots: dict[str, Slot] = {}
+        self.functions: dict[str, FunctionRecord] = {}
+        self.changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def function(self, name: str) -> FunctionRecord | None:
+        fn = self.functions.get(name)
+        return None if fn is None or fn.deleting else fn
+
+    def slots_of(self, name: str) -> list[Slot]:
+        prefix = name + "."
+        return [s for k, s in self.slots.items() if k.startswith(prefix)]
+
+    async def watch_instances(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        ready = False
+        async for change in self.registry.watch_instances():
+            if change is None:
+                if not ready:
+                    ready = True
+                    task_status.started()
+                continue
+            if change.record is None:
+                self.slots.pop(change.key, None)
+            else:
+                old = self.slots.get(change.key)
+                # The watch delivers in revision order, but a key deleted and re-created restarts nothing:
+                # revisions are stream sequences, so they only grow.
+                if old is None or old.revision < change.revision:
+                    self.slots[change.key] = Slot(change.key, change.revision, change.record)
+            if ready:
+                self._notify()
+
+    async def watch_functions(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        watcher = await self.registry.functions_kv.watch(">")
+        ready = False
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    if not ready:
+                        ready = True
+                        task_status.started()
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self.functions.pop(entry.key, None)
+                else:
+                    try:
+                        self.functions[entry.key] = decode_record(entry.value, FunctionRecord)
+                    except Exception:  # a record from a newer or broken writer must not stop routing
+                        log.exception("unreadable function record %s", entry.key)
+                        continue
+                if ready:
+                    self._notify()
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]

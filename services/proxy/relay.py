@@ -1,0 +1,166 @@
+"""The byte pump: asyncio Protocols that move bytes transport to transport.
+
+A client connection starts in head mode (bytes are buffered for the handshake code to read); once the
+instance is connected, `attach` switches both sides to relay mode, where `data_received` writes each chunk
+straight to the other transport. Flow control is the transports' own: when one side's write buffer passes
+its high-water mark, `pause_writing` pauses reading on the other side, and `resume_writing` resumes it.
+Per chunk the only Python work is one write and two integer adds (the stream's and the metrics' counters).
+
+Events are asyncio's, not anyio's: protocols are built in loop callbacks, outside any task, where anyio cannot
+tell which backend runs. The service only runs on asyncio (or uvloop), whose transports these are.
+
+Closing: EOF or loss on either side closes the other one (`close` flushes what is buffered first); the
+service waits for both sides with a bounded grace and aborts what will not close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aube.proxy.metrics import Metrics
+
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class ClientSide(asyncio.Protocol):
+    def __init__(self, metrics: Metrics, max_buffer: int) -> None:
+        self.metrics = metrics
+        self.max_buffer = max_buffer
+        self.transport: asyncio.Transport | None = None
+        self.peer: UpstreamSide | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = asyncio.Event()
+        self.ended = asyncio.Event()  # either side's connection is gone
+        self.bytes_in = 0  # client -> instance, relayed
+        self._data = asyncio.Event()
+
+    # -- head mode ---------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    async def wait_data(self) -> None:
+        """Return when bytes arrived, the client sent EOF or the connection was lost since the last call."""
+        if self.eof or self.lost.is_set():
+            return
+        self._data = asyncio.Event()
+        await self._data.wait()
+
+    def take_buffer(self) -> bytes:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    @property
+    def client_ip(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else "unknown"
+
+    def answer(self, data: bytes) -> None:
+        """Send a plain HTTP response and end the connection."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self.transport.close()
+
+    # -- relay mode --------------------------------------------------------------------------------------
+
+    def attach(self, peer: UpstreamSide) -> None:
+        self.peer = peer
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()  # it may have been paused at the head buffer limit
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            n = len(data)
+            self.bytes_in += n
+            self.metrics.bytes_client_to_instance += n
+            peer.transport.write(data)
+            return
+        self.buffer += data
+        self._data.set()
+        if len(self.buffer) > self.max_buffer and self.transport is not None:
+            self.transport.pause_reading()  # the head code answers 431; stop taking more meanwhile
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._data.set()
+        if self.peer is not None:
+            self.peer.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._data.set()
+        self.lost.set()
+        self.ended.set()
+        if self.peer is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The proxy's connection to an instance; every byte it receives goes to the client."""
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.metrics = client.metrics
+        self.bytes_out = 0  # instance -> client
+        self.lost = asyncio.Event()
+        self.eof_from_instance = False
+        self._transport: asyncio.Transport | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        assert self._transport is not None
+        return self._transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        n = len(data)
+        self.bytes_out += n
+        self.metrics.bytes_instance_to_client += n
+        ct = self.client.transport
+        if ct is not None:
+            ct.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof_from_instance = True
+        ct = self.client.transport
+        if ct is not None:
+            ct.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        self.client.ended.set()
+        ct = self.client.transport
+        if ct is not None:
+            ct.close()
+
+    def pause_writing(self) -> None:
+        ct = self.client.transport
+        if ct is not None:
+            ct.pause_reading()
+
+    def resume_writing(self) -> None:
+        ct = self.client.transport
+        if ct is not None and not ct.is_closing():
+            ct.resume_reading()

@@ -1,0 +1,445 @@
+"""The WebSocket gateway: one `serve()` per replica; any number of replicas share one registry (and one port).
+
+Per client: read the request head (bounded in size and time), answer the proxy's own endpoints and every
+refusal with plain HTTP before any upgrade, claim a free instance by compare-and-set, connect to it, send it the
+client's head unchanged (plus X-Forwarded-For) and then relay bytes both ways until either side ends. The
+instance's own 101 answer reaches the client, so subprotocols and extensions are negotiated end to end.
+
+Task tree (all children of `serve`'s task group): the lease renewal, the two registry watches, the accept
+loop, one task per client connection, and short-lived scale and stop requests. Cancelling `serve` ends every
+stream; each stream's `finally` releases its instance under a shielded, bounded scope, and only after all
+of them is the lease deleted, so the reaper never sees a live claim without a lease.
+
+Log levels: ERROR a bug, WARNING a dependency misbehaving (control plane silent, instance unreachable),
+INFO lifecycle and the one canonical line per stream, DEBUG transitions and lost races.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from collections import defaultdict
+
+import anyio
+import nats
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NATS
+
+from aube.proxy import claims, handshake
+from aube.proxy.claims import Slot
+from aube.proxy.leases import keep_lease, take_scale_intent
+from aube.proxy.metrics import Metrics, render
+from aube.proxy.pool import Pool
+from aube.proxy.relay import ClientSide, UpstreamSide
+from aube.shared import bus, names
+from aube.shared.errors import AubeError, CapacityExhausted
+from aube.shared.registry import Registry
+from aube.shared.schemas import (
+    FunctionRecord,
+    InstanceRecord,
+    ScaleReply,
+    ScaleRequest,
+    StopInstanceReply,
+    StopInstanceRequest,
+)
+from aube.shared.settings import ProxySettings
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 5.0  # scale and stop requests: the control plane replies once the work is done or refused
+CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is aborted
+
+
+async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run one proxy replica until cancelled; `task_status.started(port)` once listening and watching."""
+    nc = await nats.connect(settings.nats_url, name=f"aube-proxy-{settings.proxy_id}", connect_timeout=5)
+    try:
+        registry = await Registry.open(nc.jetstream())
+        sock = _listen_socket(settings.proxy_host, settings.proxy_port, settings.reuse_port)
+        with sock:
+            port = int(sock.getsockname()[1])
+            proxy = Proxy(settings, nc, registry)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(keep_lease, registry, settings.proxy_id, settings.lease_ttl, f":{port}")
+                    await tg.start(proxy.pool.watch_instances)
+                    await tg.start(proxy.pool.watch_functions)
+                    tg.start_soon(proxy.accept_loop, sock, tg)
+                    log.info("proxy %s listening on %s:%d", settings.proxy_id, settings.proxy_host, port)
+                    task_status.started(port)
+            finally:
+                log.info("proxy %s stopped", settings.proxy_id)
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await nc.close()
+
+
+def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Several replicas on one port: the kernel spreads new connections across their listeners.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _wait_any(*events: asyncio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def one(event: asyncio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(one, event)
+
+
+class _Rejected(Exception):
+    """Internal: the client was answered before any upgrade."""
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings, nc: NATS, registry: Registry) -> None:
+        self.settings = settings
+        self.proxy_id = settings.proxy_id
+        self.nc = nc
+        self.registry = registry
+        self.pool = Pool(registry)
+        self.metrics = Metrics()
+        self.held: dict[str, Slot] = {}  # instances this replica has claimed, by key
+        self.waiting: defaultdict[str, int] = defaultdict(int)  # clients waiting for an instance, by function
+        self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
+        self._tg: TaskGroup | None = None
+
+    # -- connections ---------------------------------------------------------------------------------------
+
+    async def accept_loop(self, sock: socket.socket, tg: TaskGroup) -> None:
+        self._tg = tg
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and friends: keep the listener, let connections drain
+                log.warning("accept failed: %s", e)
+                await anyio.sleep(0.1)
+                continue
+            tg.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        max_buffer = self.settings.max_head_bytes
+        try:
+            _, client = await loop.connect_accepted_socket(lambda: ClientSide(self.metrics, max_buffer), conn)
+        except OSError:
+            conn.close()
+            return
+        try:
+            await self._client(client)
+        except _Rejected:
+            pass
+        except Exception:  # a bug in one connection must not end the others
+            log.exception("connection from %s failed", client.client_ip)
+        finally:
+            if client.transport is not None:
+                client.transport.close()
+                if not client.lost.is_set():
+                    with anyio.move_on_after(CLOSE_GRACE, shield=True):
+                        await client.lost.wait()
+                if not client.lost.is_set():
+                    client.abort()
+
+    def _reject(self, client: ClientSide, error: handshake.HeadError, *, retry_after: float | None = None) -> None:
+        self.metrics.handshakes_rejected_total[error.reason] += 1
+        client.answer(handshake.error_response(error, retry_after=retry_after))
+        raise _Rejected
+
+    async def _read_head(self, client: ClientSide) -> int | None:
+        """Wait for the complete head; the index where it ends, or None when the client went away."""
+        with anyio.move_on_after(self.settings.head_timeout):
+            while True:
+                end = handshake.head_end(client.buffer, self.settings.max_head_bytes)
+                if isinstance(end, handshake.HeadError):
+                    self._reject(client, end)
+                if isinstance(end, int):
+                    return end
+                if client.eof or client.lost.is_set():
+                    return None
+                await client.wait_data()
+        self._reject(client, handshake.HeadError(status=408, reason="head_timeout", message="request head too slow"))
+        return None  # pragma: no cover - _reject raises
+
+    async def _client(self, client: ClientSide) -> None:
+        end = await self._read_head(client)
+        if end is None:
+            return
+        raw_head = bytes(client.buffer[:end])
+        head = handshake.parse_head(raw_head)
+        if isinstance(head, handshake.HeadError):
+            self._reject(client, head)
+        assert isinstance(head, handshake.RequestHead)
+        target = handshake.route(head)
+        if isinstance(target, handshake.HeadError):
+            self._reject(client, target)
+        if isinstance(target, handshake.Endpoint):
+            body = "ok\n" if target.which == "health" else render(self.metrics)
+            ctype = "text/plain; charset=utf-8" if target.which == "health" else "text/plain; version=0.0.4"
+            client.answer(handshake.response(200, body, content_type=ctype, head_only=head.method == "HEAD"))
+            return
+        assert isinstance(target, handshake.FunctionTarget)
+        if self.pool.function(target.name) is None:
+            msg = f"unknown function {target.name!r}"
+            self._reject(client, handshake.HeadError(status=404, reason="unknown_function", message=msg))
+        await self._stream(client, target.name, raw_head, end)
+
+    # -- one stream ----------------------------------------------------------------------------------------
+
+    async def _stream(self, client: ClientSide, name: str, raw_head: bytes, head_len: int) -> None:
+        started = anyio.current_time()
+        got = await self._claim_and_connect(client, name)
+        if got is None:
+            return
+        slot, upstream = got
+        self.metrics.observe_claim_latency(anyio.current_time() - started)
+        rec = slot.record
+        fn = self.pool.functions.get(name)
+        limits = fn.manifest.limits if fn is not None else None
+        reason = "shutdown"
+        relay_started = anyio.current_time()
+        self.metrics.streams_open[name] += 1
+        try:
+            # No await between these lines: bytes that arrived after the head must follow it, in order.
+            upstream.transport.write(
+                handshake.forward_head(raw_head, client.client_ip) + bytes(client.buffer[head_len:])
+            )
+            client.buffer.clear()
+            client.attach(upstream)
+            if client.lost.is_set():
+                upstream.transport.close()
+            idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
+            longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
+            reason = await self._relay(client, upstream, idle, longest)
+        finally:
+            self.metrics.streams_open[name] -= 1
+            with anyio.move_on_after(CLOSE_GRACE + REQUEST_TIMEOUT + 1, shield=True):
+                if not upstream.lost.is_set():
+                    upstream.transport.close()
+                    with anyio.move_on_after(CLOSE_GRACE):
+                        await upstream.lost.wait()
+                    if not upstream.lost.is_set():
+                        upstream.transport.abort()
+                if client.transport is not None:
+                    client.transport.close()
+                await self._release(slot, used=True)
+            log.info(
+                "stream function=%s instance=%s slot=%d client=%s duration=%.3f bytes_in=%d bytes_out=%d close=%s",
+                name,
+                rec.instance_id,
+                rec.slot,
+                client.client_ip,
+                anyio.current_time() - relay_started,
+                client.bytes_in,
+                upstream.bytes_out,
+                reason,
+            )
+
+    async def _relay(
+        self, client: ClientSide, upstream: UpstreamSide, idle: float | None, longest: float | None
+    ) -> str:
+        """Wait for the stream to end; why it ended. Bytes move in the protocols, not here."""
+        with anyio.move_on_after(longest):
+            last_total = -1
+            last_change = anyio.current_time()
+            while True:
+                # Idle detection samples the byte counters a few times per window instead of taking the time
+                # per chunk: a stream is never closed before `idle` seconds without traffic.
+                with anyio.move_on_after(idle / 4 if idle else None):
+                    await client.ended.wait()
+                if upstream.lost.is_set() or upstream.eof_from_instance:
+                    return "instance_closed"
+                if client.lost.is_set() or client.eof:
+                    return "client_closed"
+                if idle:
+                    total = client.bytes_in + upstream.bytes_out
+                    now = anyio.current_time()
+                    if total != last_total:
+                        last_total, last_change = total, now
+                    elif now - last_change >= idle:
+                        return "idle_timeout"
+        return "max_duration"
+
+    async def _claim_and_connect(self, client: ClientSide, name: str) -> tuple[Slot, UpstreamSide] | None:
+        """Claim a free instance and connect to it, waiting (watch-driven) up to the claim timeout."""
+        failed: set[str] = set()
+        waiting = False
+        try:
+            with anyio.move_on_after(self.settings.claim_timeout):
+                while not client.lost.is_set():
+                    changed = self.pool.changed  # taken before looking, so no change slips between
+                    fn = self.pool.function(name)
+                    if fn is None:
+                        msg = f"unknown function {name!r}"
+                        self._reject(client, handshake.HeadError(status=404, reason="unknown_function", message=msg))
+                    assert fn is not None
+                    slot = await self._claim(fn, failed)
+                    if slot is not None:
+                        self._maybe_scale(fn)
+                        upstream = await self._connect(client, slot)
+                        if upstream is not None:
+                            return slot, upstream
+                        failed.add(slot.key)
+                        continue
+                    if not waiting:
+                        waiting = True
+                        self.waiting[name] += 1
+                    self._maybe_scale(fn)
+                    # Wake on any registry change, the client leaving, or the end of a scale cooldown (to ask
+                    # again if the last ask was lost); this is no polling: nothing is read until a wake-up.
+                    with anyio.move_on_after(max(self.settings.scale_cooldown, 0.1)):
+                        await _wait_any(changed, client.lost)
+        finally:
+            if waiting:
+                self.waiting[name] -= 1
+        if client.lost.is_set():
+            self.metrics.claims_total[(name, "client_gone")] += 1
+            return None
+        self.metrics.claims_total[(name, "timeout")] += 1
+        retry = max(1.0, self.settings.scale_cooldown)
+        message = f"no instance of {name!r} available within {self.settings.claim_timeout:g}s"
+        self._reject(client, handshake.HeadError(status=503, reason="no_instance", message=message), retry_after=retry)
+        return None  # pragma: no cover - _reject raises
+
+    async def _claim(self, fn: FunctionRecord, failed: set[str]) -> Slot | None:
+        skip = frozenset(failed | self.held.keys())
+        for cand in claims.candidates(fn, self.pool.slots_of(fn.name), salt=uuid.uuid4().hex, skip=skip):
+            rec = claims.claimed(cand.record, self.proxy_id, time.time())
+            # Shielded: a claim written but not recorded here (cancelled awaiting the reply) would stay busy.
+            with anyio.CancelScope(shield=True):
+                rev = await self.registry.update_instance(cand.revision, rec)
+            if rev is None:
+                self.metrics.claims_total[(fn.name, "lost_race")] += 1
+                continue
+            slot = Slot(cand.key, rev, rec)
+            self.held[cand.key] = slot
+            self.metrics.claims_total[(fn.name, "claimed")] += 1
+            log.debug("claimed %s (%s) at revision %d", cand.key, rec.instance_id, rev)
+            return slot
+        return None
+
+    async def _connect(self, client: ClientSide, slot: Slot) -> UpstreamSide | None:
+        rec = slot.record
+        host, _, port = rec.address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(self.settings.connect_timeout):
+                _, upstream = await loop.create_connection(lambda: UpstreamSide(client), host.strip("[]"), int(port))
+        except (OSError, ValueError, TimeoutError) as e:
+            log.warning("instance %s (%s) at %s unreachable: %s", slot.key, rec.instance_id, rec.address, e)
+            self.metrics.claims_total[(rec.function, "unreachable")] += 1
+            await self._mark_unhealthy(slot)
+            return None
+        except BaseException:
+            # Cancelled (claim timeout or shutdown) while connecting: the claim must not stay busy forever.
+            with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
+                await self._release(slot, used=False)
+            raise
+        return upstream
+
+    # -- registry transitions ------------------------------------------------------------------------------
+
+    async def _current(self, slot: Slot) -> Slot | None:
+        """The entry re-read, if this replica still holds its claim."""
+        got = await self.registry.get_instance(slot.key)
+        if got is None:
+            return None
+        rec = got.record
+        if rec.state != "busy" or rec.claimed_by != self.proxy_id or rec.instance_id != slot.record.instance_id:
+            return None
+        return Slot(got.key, got.revision, rec)
+
+    async def _release(self, slot: Slot, *, used: bool) -> None:
+        """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again."""
+        current: Slot | None = slot
+        try:
+            for _ in range(5):
+                if current is None:
+                    log.debug("%s no longer held by %s: nothing to release", slot.key, self.proxy_id)
+                    return
+                kind, rec = claims.release(
+                    current.record, self.pool.functions.get(current.record.function), time.time(), used=used
+                )
+                if await self.registry.update_instance(current.revision, rec) is not None:
+                    log.debug("released %s -> %s", slot.key, kind)
+                    if kind == "draining":
+                        await self._stop(rec, "fresh_per_stream" if not rec.retire else "retired")
+                    return
+                current = await self._current(slot)  # e.g. the control plane set `retire` meanwhile
+            log.warning("could not release %s after repeated lost races", slot.key)
+        finally:
+            self.held.pop(slot.key, None)
+
+    async def _mark_unhealthy(self, slot: Slot) -> None:
+        current: Slot | None = slot
+        try:
+            for _ in range(5):
+                if current is None:
+                    return
+                rec = claims.unhealthy(current.record)
+                if await self.registry.update_instance(current.revision, rec) is not None:
+                    break
+                current = await self._current(slot)
+            else:
+                return
+        finally:
+            self.held.pop(slot.key, None)
+        # The client goes on to another instance meanwhile; the stop request runs beside it.
+        if self._tg is not None:
+            self._tg.start_soon(self._stop, rec, "unreachable")
+
+    async def _stop(self, rec: InstanceRecord, reason: str) -> None:
+        body = StopInstanceRequest(name=rec.function, slot=rec.slot, instance_id=rec.instance_id, reason=reason)
+        try:
+            await bus.request(self.nc, names.SUBJECT_STOP_INSTANCE, body, StopInstanceReply, REQUEST_TIMEOUT)
+        except AubeError as e:
+            log.warning("stop request for %s.%d (%s) failed: %s", rec.function, rec.slot, rec.instance_id, e)
+
+    # -- warm pool -----------------------------------------------------------------------------------------
+
+    def _maybe_scale(self, fn: FunctionRecord) -> None:
+        # Our own fresh claims are not in the view yet (the watch lags): count them out by hand.
+        slots = [s for s in self.pool.slots_of(fn.name) if s.key not in self.held]
+        count = claims.scale_count(fn, claims.counts(fn, slots), self.waiting[fn.name])
+        if count <= 0 or self._tg is None:
+            return
+        now = anyio.current_time()
+        if self._scale_quiet_until.get(fn.name, 0.0) > now:
+            return
+        self._scale_quiet_until[fn.name] = now + self.settings.scale_cooldown
+        self._tg.start_soon(self._scale, fn.name, count)
+
+    async def _scale(self, name: str, count: int) -> None:
+        try:
+            if not await take_scale_intent(self.registry, name, self.proxy_id, self.settings.scale_cooldown):
+                log.debug("scale of %s already asked for by another replica", name)
+                return
+            self.metrics.scale_requests_total[name] += 1
+            body = ScaleRequest(name=name, count=count, requested_by=self.proxy_id)
+            reply = await bus.request(self.nc, names.SUBJECT_SCALE, body, ScaleReply, REQUEST_TIMEOUT)
+            log.info("scaled %s by %d: %d instances", name, len(reply.started), reply.total)
+        except CapacityExhausted as e:
+            log.debug("scale of %s refused: %s", name, e)  # waiting clients get a released instance or a 503
+        except AubeError as e:
+            log.warning("scale request for %s failed: %s", name, e)
+        except Exception:
+            log.exception("scale request for %s failed", name)
