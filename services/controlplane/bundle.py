@@ -95,7 +95,9 @@ class MemberInfo(msgspec.Struct, frozen=True, kw_only=True):
     link_target: str = ""  # symlink / hardlink target, as stored
 
 
-_Opener = Callable[[MemberInfo], IO[bytes]]
+# One member to write: its index in the archive's member list, its path below dest, its metadata.
+_Step = tuple[int, tuple[str, ...], MemberInfo]
+_Opener = Callable[[int, MemberInfo], IO[bytes]]
 
 
 def _error(code: str, message: str) -> InvalidBundle:
@@ -184,7 +186,7 @@ def _resolve_inside(start: tuple[str, ...], target: str, links: dict[tuple[str, 
     return True
 
 
-def _plan(members: Sequence[MemberInfo], limits: BundleLimits) -> list[tuple[tuple[str, ...], MemberInfo]]:
+def _plan(members: Sequence[MemberInfo], limits: BundleLimits) -> list[_Step]:
     """check_members, returning each member's normalized path for the writer."""
     if len(members) > limits.max_files:
         raise _error(
@@ -192,10 +194,10 @@ def _plan(members: Sequence[MemberInfo], limits: BundleLimits) -> list[tuple[tup
             f"bundle has {len(members)} entries, more than the limit of {limits.max_files}"
             f" (first one over: {members[limits.max_files].name!r})",
         )
-    planned: list[tuple[tuple[str, ...], MemberInfo]] = []
+    planned: list[_Step] = []
     total = 0
     kinds: dict[tuple[str, ...], MemberKind] = {}
-    for info in members:
+    for index, info in enumerate(members):
         if info.kind in ("device", "fifo", "socket", "other"):
             what = {"device": "a device file", "fifo": "a fifo", "socket": "a socket"}.get(info.kind, "a special file")
             raise _error("bundle_device_file", f"member {info.name!r} is {what}; only files, folders and links")
@@ -224,9 +226,9 @@ def _plan(members: Sequence[MemberInfo], limits: BundleLimits) -> list[tuple[tup
             raise _error("bundle_unsafe_path", f"member {info.name!r} appears more than once in the bundle")
         kinds[parts] = info.kind
         if parts:
-            planned.append((parts, info))
-    links = {parts: info.link_target for parts, info in planned if info.kind == "symlink"}
-    for parts, info in planned:
+            planned.append((index, parts, info))
+    links = {parts: info.link_target for _, parts, info in planned if info.kind == "symlink"}
+    for _, parts, info in planned:
         # Nothing may sit below a link or a file: writing it would follow the link (or fail half-way).
         for depth in range(1, len(parts)):
             above = kinds.get(parts[:depth])
@@ -384,7 +386,16 @@ def _list_tar(tar: tarfile.TarFile, limits: BundleLimits) -> list[tuple[MemberIn
     # Walk header by header so a huge or bomb-like archive is refused before tarfile skips through its data.
     found: list[tuple[MemberInfo, tarfile.TarInfo]] = []
     declared = 0
-    while (member := tar.next()) is not None:
+    while True:
+        try:
+            member = tar.next()
+        except InvalidBundle as e:
+            if not found:
+                raise
+            # The decompression cap: say which member's data it was reached in.
+            raise _error(e.code, f"{e.message} (in the data of member {found[-1][0].name!r})") from e
+        if member is None:
+            break
         info = _tar_member(member)
         found.append((info, member))
         if info.kind == "file":
@@ -477,8 +488,7 @@ def _extract_zip(data: bytes, root_real: str, limits: BundleLimits) -> None:
             check_members([MemberInfo(name=i.filename, kind="dir") for i in infos], limits)
         members = [_zip_member(archive, i) for i in infos]
         plan = _plan(members, limits)
-        by_info = {id(member): info for member, info in zip(members, infos, strict=True)}
-        _write_plan(plan, root_real, limits, lambda member: archive.open(by_info[id(member)]))
+        _write_plan(plan, root_real, limits, lambda index, _: archive.open(infos[index]))
 
 
 def _extract_tar(data: bytes, root_real: str, limits: BundleLimits) -> None:
@@ -487,10 +497,9 @@ def _extract_tar(data: bytes, root_real: str, limits: BundleLimits) -> None:
     with _open_tar(data, cap) as tar:
         listed = _list_tar(tar, limits)
         plan = _plan([info for info, _ in listed], limits)
-        by_info = {id(info): member for info, member in listed}
 
-        def opener(info: MemberInfo) -> IO[bytes]:
-            source = tar.extractfile(by_info[id(info)])
+        def opener(index: int, info: MemberInfo) -> IO[bytes]:
+            source = tar.extractfile(listed[index][1])
             if source is None:  # pragma: no cover - only for non-files, which the plan never opens
                 raise _error("bundle_corrupt", f"member {info.name!r} has no data")
             return source
@@ -499,27 +508,27 @@ def _extract_tar(data: bytes, root_real: str, limits: BundleLimits) -> None:
 
 
 def _write_plan(
-    plan: list[tuple[tuple[str, ...], MemberInfo]],
+    plan: list[_Step],
     root_real: str,
     limits: BundleLimits,
     opener: _Opener,
 ) -> None:
-    for parts, info in plan:
+    for _, parts, info in plan:
         if info.kind == "dir":
             os.makedirs(os.path.join(root_real, *parts), mode=0o755, exist_ok=True)
     budget = _Budget(limits.max_extracted_bytes)
-    for parts, info in plan:  # archive order: a compressed tar is then read front to back
+    for index, parts, info in plan:  # archive order: a compressed tar is then read front to back
         if info.kind == "file":
-            with opener(info) as source:
+            with opener(index, info) as source:
                 _write_file(root_real, parts, info, source, budget)
     # Links last, so no file or folder is ever written through one.
-    for parts, info in plan:
+    for _, parts, info in plan:
         if info.kind == "symlink":
             path = os.path.join(root_real, *parts)
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             _check_parent(root_real, path, info.name)
             os.symlink(info.link_target, path)
-    for parts, info in plan:
+    for _, parts, info in plan:
         if info.kind == "dir":  # archivers may store read-only folders; we must be able to clean up
             os.chmod(os.path.join(root_real, *parts), 0o755, follow_symlinks=False)
 
