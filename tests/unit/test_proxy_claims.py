@@ -1,0 +1,98 @@
+"""Pure claim, release and scale decisions."""
+
+from __future__ import annotations
+
+import msgspec
+
+from aube.proxy import claims
+from aube.proxy.claims import PoolCounts, Slot
+from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ScalingSection
+
+
+def _fn(version: int = 2, *, min_free: int = 1, max_instances: int = 10, fresh: bool = False) -> FunctionRecord:
+    scaling = ScalingSection(min_free=min_free, max_instances=max_instances, fresh_per_stream=fresh)
+    return FunctionRecord(
+        name="f",
+        version=version,
+        manifest=Manifest(scaling=scaling),
+        artifact="x",
+        runtime="process",
+        created_at=0,
+        updated_at=0,
+    )
+
+
+def _slot(slot: int, state: str = "free", version: int = 2, **kw: object) -> Slot:
+    rec = InstanceRecord(
+        function="f",
+        slot=slot,
+        instance_id=f"i{slot}",
+        version=version,
+        state=state,  # type: ignore[arg-type]
+        runtime="process",
+        owner="o",
+        address=f"127.0.0.1:{9000 + slot}",
+    )
+    return Slot(f"f.{slot}", 10 + slot, msgspec.structs.replace(rec, **kw))
+
+
+def test_only_free_current_unretired_instances_are_candidates() -> None:
+    slots = [
+        _slot(0),
+        _slot(1, state="busy"),
+        _slot(2, version=1),
+        _slot(3, retire=True),
+        _slot(4, address=""),
+        _slot(5, state="starting"),
+        _slot(6),
+    ]
+    got = claims.candidates(_fn(), slots, salt="s")
+    assert sorted(s.key for s in got) == ["f.0", "f.6"]
+    assert claims.candidates(_fn(), slots, salt="s", skip=frozenset({"f.0"})) == [slots[6]]
+    assert claims.candidates(msgspec.structs.replace(_fn(), deleting=True), slots, salt="s") == []
+
+
+def test_candidate_order_depends_on_the_salt() -> None:
+    slots = [_slot(i) for i in range(8)]
+    orders = {tuple(s.key for s in claims.candidates(_fn(), slots, salt=str(n))) for n in range(10)}
+    assert len(orders) > 1
+
+
+def test_claim_marks_busy_by_proxy() -> None:
+    rec = claims.claimed(_slot(0).record, "p1", 123.0)
+    assert (rec.state, rec.claimed_by, rec.claimed_at) == ("busy", "p1", 123.0)
+
+
+def test_release_returns_to_free_with_last_used() -> None:
+    busy = claims.claimed(_slot(0).record, "p1", 1.0)
+    kind, rec = claims.release(busy, _fn(), 50.0)
+    assert kind == "free"
+    assert (rec.state, rec.claimed_by, rec.last_used, rec.streams_served) == ("free", None, 50.0, 1)
+
+
+def test_release_drains_fresh_retired_outdated_or_deleted() -> None:
+    busy = claims.claimed(_slot(0).record, "p1", 1.0)
+    assert claims.release(busy, _fn(fresh=True), 5.0)[0] == "draining"
+    assert claims.release(msgspec.structs.replace(busy, retire=True), _fn(), 5.0)[0] == "draining"
+    assert claims.release(busy, _fn(version=3), 5.0)[0] == "draining"
+    assert claims.release(busy, None, 5.0)[0] == "draining"
+    assert claims.release(busy, msgspec.structs.replace(_fn(), deleting=True), 5.0)[0] == "draining"
+    # A claim whose stream never reached the instance leaves a fresh instance fresh.
+    assert claims.release(busy, _fn(fresh=True), 5.0, used=False)[0] == "free"
+
+
+def test_counts() -> None:
+    slots = [_slot(0), _slot(1, state="busy"), _slot(2, state="starting"), _slot(3, version=1), _slot(4, retire=True)]
+    assert claims.counts(_fn(), slots) == PoolCounts(free=1, starting=1, total=5)
+
+
+def test_scale_count() -> None:
+    fn = _fn(min_free=1, max_instances=4)
+    assert claims.scale_count(fn, PoolCounts(free=0, starting=0, total=1), waiting=0) == 1
+    assert claims.scale_count(fn, PoolCounts(free=1, starting=0, total=2), waiting=0) == 0
+    assert claims.scale_count(fn, PoolCounts(free=0, starting=1, total=2), waiting=0) == 0
+    assert claims.scale_count(fn, PoolCounts(free=0, starting=0, total=1), waiting=2) == 3
+    assert claims.scale_count(fn, PoolCounts(free=0, starting=0, total=4), waiting=2) == 0  # at max_instances
+    cold = _fn(min_free=0)
+    assert claims.scale_count(cold, PoolCounts(), waiting=0) == 0
+    assert claims.scale_count(cold, PoolCounts(), waiting=1) == 1  # min_free 0: a stream is a cold start
