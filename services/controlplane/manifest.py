@@ -60,6 +60,11 @@ def parse_manifest(data: bytes | str) -> Manifest:
     limits = raw.get("limits")
     if isinstance(limits, dict) and type(limits.get("memory")) is int:
         limits["memory"] = str(limits["memory"])
+    env = raw.get("env")
+    if isinstance(env, dict):  # msgspec's message would not name the key
+        for key, value in env.items():
+            if not isinstance(value, str):
+                raise _invalid(f"env value of {key} must be a string, got {type(value).__name__} {value!r}")
     try:
         manifest = msgspec.convert(raw, Manifest)
     except msgspec.ValidationError as e:

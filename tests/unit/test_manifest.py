@@ -1,0 +1,276 @@
+"""aube.toml parsing and the fn.py / command checks, on folders in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aube.controlplane.manifest import (
+    check_function,
+    check_manifest,
+    load_manifest,
+    memory_bytes,
+    parse_manifest,
+)
+from aube.shared.errors import InvalidBundle
+from aube.shared.schemas import FunctionSection, Manifest
+
+CONTRACT_EXAMPLE = """
+[function]
+runtime = "command"
+command = ["./prog", "arg"]
+[scaling]
+min_free = 1
+max_instances = 10
+idle_timeout = 900
+fresh_per_stream = false
+[limits]
+memory = "256m"
+cpus = 0.5
+pids = 128
+stream_idle_timeout = 0
+stream_max_duration = 0
+[env]
+GREETING = "hello"
+"""
+
+
+def _code(action: object) -> InvalidBundle:
+    assert callable(action)
+    with pytest.raises(InvalidBundle) as caught:
+        action()
+    return caught.value
+
+
+# --------------------------------------------------------------------------------------------------------
+# aube.toml
+
+
+def test_no_manifest_gives_defaults(tmp_path: Path) -> None:
+    assert load_manifest(tmp_path) == Manifest()
+
+
+def test_contract_example(tmp_path: Path) -> None:
+    (tmp_path / "aube.toml").write_text(CONTRACT_EXAMPLE)
+    manifest = load_manifest(tmp_path)
+    assert manifest.function.runtime == "command"
+    assert manifest.function.command == ["./prog", "arg"]
+    assert manifest.scaling.idle_timeout == 900.0
+    assert manifest.limits.memory == "256m"
+    assert manifest.env == {"GREETING": "hello"}
+
+
+def test_partial_manifest_keeps_defaults() -> None:
+    manifest = parse_manifest(b"[scaling]\nfresh_per_stream = true\n")
+    assert manifest.scaling.fresh_per_stream is True
+    assert manifest.scaling.max_instances == Manifest().scaling.max_instances
+    assert manifest.limits == Manifest().limits
+
+
+def test_memory_as_plain_bytes() -> None:
+    assert parse_manifest("[limits]\nmemory = 268435456\n").limits.memory == "268435456"
+    assert parse_manifest('[limits]\nmemory = "1g"\n').limits.memory == "1g"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("256m", 256 * 1024**2),
+        ("256M", 256 * 1024**2),
+        ("256mb", 256 * 1024**2),
+        ("1g", 1024**3),
+        ("512k", 512 * 1024),
+        ("1048576", 1048576),
+        ("100b", 100),
+    ],
+)
+def test_memory_bytes(text: str, expected: int) -> None:
+    assert memory_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1.5g", "-1m", "12q", "m"])
+def test_memory_bytes_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="memory"):
+        memory_bytes(text)
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[scaling\n", "not valid TOML"),
+        ("surprise = 1\n", "surprise"),
+        ("[scaling]\nmax_instancez = 3\n", "max_instancez"),
+        ("[scaling]\nmax_instances = 'ten'\n", "max_instances"),
+        ("[scaling]\nfresh_per_stream = 1\n", "fresh_per_stream"),
+        ("[function]\nruntime = 'java'\n", "runtime"),
+        ("[scaling]\nmax_instances = 0\n", "max_instances"),
+        ("[scaling]\nmin_free = -1\n", "min_free"),
+        ("[scaling]\nmin_free = 4\nmax_instances = 3\n", "min_free"),
+        ("[scaling]\nidle_timeout = 0\n", "idle_timeout"),
+        ("[scaling]\nidle_timeout = nan\n", "idle_timeout"),
+        ("[limits]\ncpus = 0\n", "cpus"),
+        ("[limits]\ncpus = -0.5\n", "cpus"),
+        ("[limits]\npids = 0\n", "pids"),
+        ("[limits]\nmemory = 'lots'\n", "memory"),
+        ("[limits]\nmemory = '1k'\n", "memory"),
+        ("[limits]\nstream_idle_timeout = -1\n", "stream_idle_timeout"),
+        ("[limits]\nstream_max_duration = -5\n", "stream_max_duration"),
+        ("[function]\nruntime = 'command'\n", "command"),
+        ("[function]\nruntime = 'command'\ncommand = []\n", "command"),
+        ("[function]\nruntime = 'command'\ncommand = ['']\n", "command"),
+        ("[function]\ncommand = ['./prog']\n", "command"),
+        ("[env]\n'1BAD' = 'x'\n", "1BAD"),
+        ("[env]\n'A-B' = 'x'\n", "A-B"),
+        ("[env]\nPORT = 8080\n", "PORT"),
+        ("[env]\nFLAG = true\n", "FLAG"),
+    ],
+)
+def test_invalid_manifest(toml: str, needle: str) -> None:
+    err = _code(lambda: parse_manifest(toml))
+    assert err.code == "bundle_invalid_manifest"
+    assert needle in err.message
+    assert err.message.startswith("aube.toml")
+
+
+def test_manifest_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "aube.toml").write_bytes(b"[env]\nA = '\xff'\n")
+    assert _code(lambda: load_manifest(tmp_path)).code == "bundle_invalid_manifest"
+
+
+def test_manifest_that_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "aube.toml").mkdir()
+    assert _code(lambda: load_manifest(tmp_path)).code == "bundle_invalid_manifest"
+
+
+def test_check_manifest_on_constructed_values() -> None:
+    check_manifest(Manifest())
+    bad = Manifest(function=FunctionSection(runtime="command"))
+    assert _code(lambda: check_manifest(bad)).code == "bundle_invalid_manifest"
+
+
+# --------------------------------------------------------------------------------------------------------
+# fn.py
+
+
+def _fn(tmp_path: Path, source: str) -> Path:
+    (tmp_path / "fn.py").write_text(source)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def fn(websocket):\n    for m in websocket:\n        websocket.send(m)\n",
+        "async def fn(websocket):\n    async for m in websocket:\n        await websocket.send(m)\n",
+        "async def fn(messages):\n    async for m in messages:\n        yield m.upper()\n",
+        "def _impl(ws):\n    pass\n\nfn = _impl\n",
+        "from os import getcwd as fn\n",
+        "import functools as fn\n",
+        "from mylib import fn\n",
+        "try:\n    from fast import fn\nexcept ImportError:\n    def fn(ws):\n        pass\n",
+        "import sys\nif sys.version_info >= (3, 11):\n    def fn(ws):\n        pass\n",
+        "fn: object = print\n",
+    ],
+    ids=["sync", "async", "async-generator", "assign", "import-as", "module-as", "from-import", "try", "if", "ann"],
+)
+def test_fn_styles_accepted(tmp_path: Path, source: str) -> None:
+    check_function(_fn(tmp_path, source), Manifest())
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "",
+        "def handler(ws):\n    pass\n",
+        "def outer():\n    def fn(ws):\n        pass\n",
+        "class Fn:\n    def fn(self, ws):\n        pass\n",
+        "fn: object\n",
+        "from fn import handler\n",
+        "FN = 1\n",
+    ],
+    ids=["empty", "other-name", "nested", "method", "annotation-only", "import-from-fn", "case"],
+)
+def test_fn_undefined(tmp_path: Path, source: str) -> None:
+    err = _code(lambda: check_function(_fn(tmp_path, source), Manifest()))
+    assert err.code == "bundle_fn_undefined"
+    assert "fn.py" in err.message
+
+
+@pytest.mark.parametrize(
+    ("source", "line"),
+    [
+        ("import os\n\ndef fn(ws)\n    pass\n", 3),
+        ("def fn(ws):\n    pass\n\n\nreturn 1\n", 5),  # passes the parser, fails compile
+        ("def fn(ws):\n\tif ws:\n        pass\n  pass\n", 3),
+    ],
+)
+def test_fn_syntax(tmp_path: Path, source: str, line: int) -> None:
+    err = _code(lambda: check_function(_fn(tmp_path, source), Manifest()))
+    assert err.code == "bundle_fn_syntax"
+    assert f"line {line}" in err.message
+
+
+def test_fn_with_nul_byte(tmp_path: Path) -> None:
+    (tmp_path / "fn.py").write_bytes(b"def fn(ws):\n    pass\x00\n")
+    assert _code(lambda: check_function(tmp_path, Manifest())).code == "bundle_fn_syntax"
+
+
+def test_fn_missing(tmp_path: Path) -> None:
+    (tmp_path / "main.py").write_text("def fn(ws): pass\n")
+    err = _code(lambda: check_function(tmp_path, Manifest()))
+    assert err.code == "bundle_missing_fn"
+    assert "main.py" in err.message  # says what the folder holds instead
+
+
+def test_fn_folder_is_not_fn(tmp_path: Path) -> None:
+    (tmp_path / "fn.py").mkdir()
+    assert _code(lambda: check_function(tmp_path, Manifest())).code == "bundle_missing_fn"
+
+
+# --------------------------------------------------------------------------------------------------------
+# runtime "command"
+
+
+def _command(*argv: str) -> Manifest:
+    return Manifest(function=FunctionSection(runtime="command", command=list(argv)))
+
+
+def test_command_in_folder(tmp_path: Path) -> None:
+    prog = tmp_path / "prog"
+    prog.write_text("#!/bin/sh\ncat\n")
+    prog.chmod(0o755)
+    check_function(tmp_path, _command("./prog", "--flag"))  # no fn.py needed
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "run.sh").write_text("#!/bin/sh\n")
+    check_function(tmp_path, _command("bin/run.sh"))
+    (tmp_path / "prog.sh").write_text("#!/bin/sh\n")
+    check_function(tmp_path, _command("prog.sh"))
+
+
+def test_command_on_path_or_absolute(tmp_path: Path) -> None:
+    check_function(tmp_path, _command("python3", "-u", "main.py"))
+    check_function(tmp_path, _command("/usr/bin/env", "cat"))
+
+
+def test_command_missing_in_folder(tmp_path: Path) -> None:
+    err = _code(lambda: check_function(tmp_path, _command("./prog")))
+    assert err.code == "bundle_invalid_manifest"
+    assert "./prog" in err.message
+
+
+def test_command_leaving_folder(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "outside").write_text("#!/bin/sh\n")
+    err = _code(lambda: check_function(root, _command("../outside")))
+    assert err.code == "bundle_unsafe_path"
+    os.symlink("../outside", root / "prog")
+    err = _code(lambda: check_function(root, _command("./prog")))
+    assert err.code == "bundle_unsafe_path"
+    assert "./prog" in err.message
+
+
+def test_command_empty(tmp_path: Path) -> None:
+    assert _code(lambda: check_function(tmp_path, _command())).code == "bundle_invalid_manifest"
