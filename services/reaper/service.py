@@ -87,12 +87,15 @@ class Reaper:
         snapshot = await self.snapshot()
         plan = make_plan(snapshot, self.seen, time.time(), self.policy)
         self.seen = plan.seen
-        if plan.actions:
-            # Each action handles its own failures, so one lost request never cancels its siblings.
-            async with anyio.create_task_group() as tg:
-                for action in plan.actions:
-                    tg.start_soon(self._act, action)
+        await self.act(plan.actions)
         return plan
+
+    async def act(self, actions: list[Action]) -> None:
+        """Carry out actions side by side; each one handles its own failure, so none cancels its siblings."""
+        if actions:
+            async with anyio.create_task_group() as tg:
+                for action in actions:
+                    tg.start_soon(self._act, action)
 
     async def snapshot(self) -> Snapshot:
         # Instances before leases: a claim seen here was made after its proxy's lease was written, so that
