@@ -25,6 +25,7 @@ import websockets.sync.server as sserver
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol as WsProtocol
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from aube.instance.config import InstanceConfig
@@ -37,6 +38,7 @@ HEALTH_PATH = "/_aube/health"
 RETRY_AFTER_SECONDS = 1
 # After SIGTERM: how long open streams get to close before the process exits regardless.
 SHUTDOWN_GRACE = 5.0
+CLEANUP_POLL = 0.01
 CLOSE_BUSY = 1013  # "try again later": a stream that lost the slot after its handshake (should not happen)
 
 
@@ -99,11 +101,18 @@ class HttpSide:
     def __init__(self, config: InstanceConfig, slot: StreamSlot) -> None:
         self.config = config
         self.slot = slot
+        self.cleanup_wait = config.command_grace + 1.0
 
     def _busy(self, connection: _Respond) -> Response:
         response = connection.respond(503, "instance busy: it serves one stream at a time\n")
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
+
+    def _finishing(self) -> bool:
+        """The stream holding the slot is over and only its cleanup runs (a command being stopped)."""
+        owner = self.slot.owner
+        protocol = getattr(owner, "protocol", None)
+        return protocol is not None and protocol.state in (State.CLOSING, State.CLOSED)
 
     def process_request(self, connection: _Respond, request: Request) -> Response | None:
         if request.path.partition("?")[0] == HEALTH_PATH:
@@ -114,14 +123,35 @@ class HttpSide:
             response.headers["Cache-Control"] = "no-store"
             return response
         # Any other path is the function's: the proxy forwards the client's own request line.
-        if "Upgrade" in request.headers and self.slot.busy:
+        if "Upgrade" in request.headers and self.slot.busy and not self._finishing():
             return self._busy(connection)
         return None
 
+    # Claim only once the handshake is known to succeed, atomically: two racing upgrades cannot both pass.
+    # The proxy hands an instance to the next client as soon as the last stream's connection is closed, maybe
+    # before that stream's cleanup is done here: such an upgrade waits for the cleanup rather than get a 503.
+
     def process_response(self, connection: _Respond, request: Request, response: Response) -> Response | None:
-        # Claim only once the handshake is known to succeed, atomically: two racing upgrades cannot both pass.
-        if response.status_code == 101 and not self.slot.try_claim(connection):
-            return self._busy(connection)
+        """For the sync server: runs in the connection's own thread, so it may block."""
+        if response.status_code != 101:
+            return None
+        deadline = time.monotonic() + self.cleanup_wait
+        while not self.slot.try_claim(connection):
+            if not self._finishing() or time.monotonic() > deadline:
+                return self._busy(connection)
+            time.sleep(CLEANUP_POLL)
+        return None
+
+    async def process_response_async(
+        self, connection: _Respond, request: Request, response: Response
+    ) -> Response | None:
+        if response.status_code != 101:
+            return None
+        deadline = time.monotonic() + self.cleanup_wait
+        while not self.slot.try_claim(connection):
+            if not self._finishing() or time.monotonic() > deadline:
+                return self._busy(connection)
+            await asyncio.sleep(CLEANUP_POLL)
         return None
 
 
@@ -345,7 +375,7 @@ async def serve_async(
         config.host,
         config.port,
         process_request=http_side.process_request,
-        process_response=http_side.process_response,
+        process_response=http_side.process_response_async,
         create_connection=AsyncStreamConnection,
         **negotiation.kwargs(),
     )

@@ -40,6 +40,12 @@ class StreamSlot:
             return not self._free_locked()
 
     @property
+    def owner(self) -> object | None:
+        """Who holds the slot (a connection), or None."""
+        with self._lock:
+            return None if self._free_locked() else self._owner
+
+    @property
     def streams_served(self) -> int:
         """Streams whose handler started (the one running now included)."""
         with self._lock:
