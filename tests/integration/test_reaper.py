@@ -7,16 +7,21 @@ an instance is gone, and replies. It stands in for the control plane, which is t
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -24,11 +29,13 @@ import nats
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
+from websockets.asyncio.client import connect
 
+from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.reaper.decisions import Drain, Policy
 from aube.reaper.decisions import plan as make_plan
 from aube.reaper.service import STALE_INTERVALS, Reaper, serve
-from aube.shared import names
+from aube.shared import bus, names
 from aube.shared.errors import RuntimeFailure
 from aube.shared.natsserver import LocalNatsServer
 from aube.shared.registry import Registry
@@ -37,18 +44,23 @@ from aube.shared.schemas import (
     InstanceRecord,
     Manifest,
     ProxyLease,
+    ScaleReply,
+    ScaleRequest,
     ScalingSection,
     StopInstanceReply,
     StopInstanceRequest,
+    UploadReply,
+    UploadRequest,
     decode,
     encode,
     error_reply,
 )
-from aube.shared.settings import ReaperSettings
+from aube.shared.settings import ControlPlaneSettings, ReaperSettings
 
 pytestmark = pytest.mark.anyio
 
 INTERVAL = 0.2
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @dataclass
@@ -93,12 +105,12 @@ class ControlPlaneStandIn:
 
 
 @dataclass
-class Platform:
+class World:
     server: LocalNatsServer
     nc: NATS
     registry: Registry
     tg: TaskGroup
-    control_plane: ControlPlaneStandIn
+    stand_in: ControlPlaneStandIn  # the test observer answering stop requests
 
     def settings(self, reaper_id: str = "r1") -> ReaperSettings:
         return ReaperSettings(nats_url=self.server.url, reaper_id=reaper_id, reap_interval=INTERVAL, lease_ttl=2.0)
@@ -108,22 +120,22 @@ class Platform:
 
 
 @asynccontextmanager
-async def _platform(server: LocalNatsServer, *, fail_first: int = 0) -> AsyncIterator[Platform]:
+async def _world(server: LocalNatsServer, *, fail_first: int = 0) -> AsyncIterator[World]:
     nc = await nats.connect(server.url)
     try:
         registry = await Registry.open(nc.jetstream())
         async with anyio.create_task_group() as tg:
             cp = ControlPlaneStandIn(nc, registry, fail_first=fail_first)
             await tg.start(cp.serve)
-            yield Platform(server, nc, registry, tg, cp)
+            yield World(server, nc, registry, tg, cp)
             tg.cancel_scope.cancel()
     finally:
         await nc.close()
 
 
 @pytest.fixture
-async def platform(nats_server: LocalNatsServer) -> AsyncIterator[Platform]:
-    async with _platform(nats_server) as p:
+async def world(nats_server: LocalNatsServer) -> AsyncIterator[World]:
+    async with _world(nats_server) as p:
         yield p
 
 
@@ -175,9 +187,9 @@ async def states(registry: Registry) -> dict[str, str]:
     return {e.key: e.record.state for e in await registry.instances()}
 
 
-async def test_idle_free_instances_are_drained_then_stopped_keeping_the_most_recent(platform: Platform) -> None:
+async def test_idle_free_instances_are_drained_then_stopped_keeping_the_most_recent(world: World) -> None:
     now = time.time()
-    reg = platform.registry
+    reg = world.registry
     await put(
         reg,
         function("echo", min_free=1, idle_timeout=1.0),
@@ -187,54 +199,52 @@ async def test_idle_free_instances_are_drained_then_stopped_keeping_the_most_rec
         function("warm", min_free=0, idle_timeout=3600.0),
         instance("warm", 1, last_used=now - 10),  # idle, but not for this function's idle_timeout
     )
-    await platform.start_reaper()
+    await world.start_reaper()
 
-    await until(lambda: _n(platform, 2))
+    await until(lambda: _n(world, 2))
     # The CAS came first: each stop request found its entry already draining.
-    assert [
-        (s.request.instance_id, s.state, s.request.reason) for s in sorted(platform.control_plane.stops, key=_id)
-    ] == [
+    assert [(s.request.instance_id, s.state, s.request.reason) for s in sorted(world.stand_in.stops, key=_id)] == [
         ("echo-1", "draining", "idle"),
         ("echo-3", "draining", "idle"),
     ]
     await anyio.sleep(5 * INTERVAL)
-    assert platform.control_plane.count() == {"echo-1": 1, "echo-3": 1}
+    assert world.stand_in.count() == {"echo-1": 1, "echo-3": 1}
     assert await states(reg) == {"echo.2": "free", "warm.1": "free"}
 
 
-async def test_old_version_and_retired_free_instances_are_reaped_at_once(platform: Platform) -> None:
+async def test_old_version_and_retired_free_instances_are_reaped_at_once(world: World) -> None:
     now = time.time()
     await put(
-        platform.registry,
+        world.registry,
         function("up", version=2, min_free=2, idle_timeout=3600.0),
         instance("up", 1, version=1, last_used=now),
         instance("up", 2, version=2, retire=True, last_used=now),
         instance("up", 3, version=2, last_used=now),
     )
-    await platform.start_reaper()
-    await until(lambda: _n(platform, 2))
-    assert sorted((s.request.instance_id, s.request.reason) for s in platform.control_plane.stops) == [
+    await world.start_reaper()
+    await until(lambda: _n(world, 2))
+    assert sorted((s.request.instance_id, s.request.reason) for s in world.stand_in.stops) == [
         ("up-1", "old_version"),
         ("up-2", "retired"),
     ]
-    assert await states(platform.registry) == {"up.3": "free"}
+    assert await states(world.registry) == {"up.3": "free"}
 
 
-async def test_min_free_zero_scales_to_zero(platform: Platform) -> None:
+async def test_min_free_zero_scales_to_zero(world: World) -> None:
     now = time.time()
     await put(
-        platform.registry,
+        world.registry,
         function("zero", min_free=0, idle_timeout=1.0),
         *(instance("zero", s, last_used=now - 5) for s in range(1, 4)),
     )
-    await platform.start_reaper()
-    await until(lambda: _empty(platform.registry))
-    assert platform.control_plane.count() == {"zero-1": 1, "zero-2": 1, "zero-3": 1}
+    await world.start_reaper()
+    await until(lambda: _empty(world.registry))
+    assert world.stand_in.count() == {"zero-1": 1, "zero-2": 1, "zero-3": 1}
 
 
-async def test_busy_instances_of_live_proxies_never_change(platform: Platform) -> None:
+async def test_busy_instances_of_live_proxies_never_change(world: World) -> None:
     now = time.time()
-    reg = platform.registry
+    reg = world.registry
     # Everything about these busy entries says "reap", except that a live proxy holds them.
     await put(
         reg,
@@ -246,19 +256,19 @@ async def test_busy_instances_of_live_proxies_never_change(platform: Platform) -
         instance("canary", 1, last_used=now - 5),
     )
     before = {e.key: e.revision for e in await reg.instances("busy")}
-    await platform.start_reaper()
+    await world.start_reaper()
 
-    await until(lambda: _n(platform, 1))  # the canary shows that passes run
+    await until(lambda: _n(world, 1))  # the canary shows that passes run
     await anyio.sleep(5 * INTERVAL)
     assert {e.key: e.revision for e in await reg.instances("busy")} == before
-    assert platform.control_plane.count() == {"canary-1": 1}
+    assert world.stand_in.count() == {"canary-1": 1}
 
 
-async def test_a_claim_made_after_the_decision_wins_and_the_reaper_does_nothing(platform: Platform) -> None:
+async def test_a_claim_made_after_the_decision_wins_and_the_reaper_does_nothing(world: World) -> None:
     now = time.time()
-    reg = platform.registry
+    reg = world.registry
     await put(reg, function("race", min_free=0, idle_timeout=1.0), instance("race", 1, last_used=now - 10))
-    reaper = Reaper(platform.nc, reg, Policy(lease_grace=2.0, stale_after=60.0))
+    reaper = Reaper(world.nc, reg, Policy(lease_grace=2.0, stale_after=60.0))
 
     decided = make_plan(await reaper.snapshot(), {}, time.time(), reaper.policy)
     assert [a.key for a in decided.actions if isinstance(a, Drain)] == ["race.1"]
@@ -273,30 +283,30 @@ async def test_a_claim_made_after_the_decision_wins_and_the_reaper_does_nothing(
     assert after is not None
     assert after.record == claimed
     await anyio.sleep(3 * INTERVAL)  # a stop request would have arrived by now
-    assert platform.control_plane.stops == []
+    assert world.stand_in.stops == []
 
 
-async def test_two_reapers_send_exactly_one_stop_request_per_instance(platform: Platform) -> None:
+async def test_two_reapers_send_exactly_one_stop_request_per_instance(world: World) -> None:
     now = time.time()
     count = 12
     await put(
-        platform.registry,
+        world.registry,
         function("twin", min_free=0, idle_timeout=1.0),
         *(instance("twin", s, last_used=now - 10) for s in range(count)),
     )
     async with anyio.create_task_group() as tg:
         # Both start before either has acted, so they decide on the same snapshot and race every CAS.
-        tg.start_soon(platform.start_reaper, "r1")
-        tg.start_soon(platform.start_reaper, "r2")
-    await until(lambda: _empty(platform.registry))
+        tg.start_soon(world.start_reaper, "r1")
+        tg.start_soon(world.start_reaper, "r2")
+    await until(lambda: _empty(world.registry))
     await anyio.sleep(5 * INTERVAL)
-    assert platform.control_plane.count() == {f"twin-{s}": 1 for s in range(count)}
-    assert {s.state for s in platform.control_plane.stops} == {"draining"}
+    assert world.stand_in.count() == {f"twin-{s}": 1 for s in range(count)}
+    assert {s.state for s in world.stand_in.stops} == {"draining"}
 
 
-async def test_expired_lease_is_deleted_and_its_busy_instances_recycled(platform: Platform) -> None:
+async def test_expired_lease_is_deleted_and_its_busy_instances_recycled(world: World) -> None:
     now = time.time()
-    reg = platform.registry
+    reg = world.registry
     await put(
         reg,
         function("fn", min_free=5, idle_timeout=3600),
@@ -308,10 +318,10 @@ async def test_expired_lease_is_deleted_and_its_busy_instances_recycled(platform
         # Claimed by a proxy whose lease is not written yet: within the grace, not judged.
         instance("fn", 4, state="busy", claimed_by="p-new", claimed_at=now + 3600),
     )
-    await platform.start_reaper()
+    await world.start_reaper()
 
-    await until(lambda: _n(platform, 2))
-    assert sorted((s.request.instance_id, s.state, s.request.reason) for s in platform.control_plane.stops) == [
+    await until(lambda: _n(world, 2))
+    assert sorted((s.request.instance_id, s.state, s.request.reason) for s in world.stand_in.stops) == [
         ("fn-1", "draining", "dead_proxy"),
         ("fn-2", "draining", "dead_proxy"),
     ]
@@ -320,12 +330,12 @@ async def test_expired_lease_is_deleted_and_its_busy_instances_recycled(platform
     assert await states(reg) == {"fn.3": "busy", "fn.4": "busy"}
 
 
-async def test_a_renewed_lease_is_not_deleted(platform: Platform) -> None:
+async def test_a_renewed_lease_is_not_deleted(world: World) -> None:
     """Deleting a lease is a CAS on the revision it was judged at: a renewal in between keeps it."""
     now = time.time()
-    reg = platform.registry
+    reg = world.registry
     await reg.put_lease(ProxyLease(proxy_id="p-slow", started_at=now - 50, renewed_at=now - 100, ttl=6))
-    reaper = Reaper(platform.nc, reg, Policy(lease_grace=2.0, stale_after=60.0))
+    reaper = Reaper(world.nc, reg, Policy(lease_grace=2.0, stale_after=60.0))
     decided = make_plan(await reaper.snapshot(), {}, time.time(), reaper.policy)
     assert len(decided.actions) == 1
     await reg.put_lease(ProxyLease(proxy_id="p-slow", started_at=now - 50, renewed_at=time.time(), ttl=6))
@@ -334,28 +344,28 @@ async def test_a_renewed_lease_is_not_deleted(platform: Platform) -> None:
 
 
 async def test_a_failed_stop_request_is_sent_again_and_the_reaper_keeps_running(nats_server: LocalNatsServer) -> None:
-    async with _platform(nats_server, fail_first=1) as platform:
+    async with _world(nats_server, fail_first=1) as world:
         now = time.time()
-        await put(platform.registry, function("lost", min_free=0), instance("lost", 1, last_used=now - 10))
-        await platform.start_reaper()
+        await put(world.registry, function("lost", min_free=0), instance("lost", 1, last_used=now - 10))
+        await world.start_reaper()
 
-        await until(lambda: _empty(platform.registry), timeout=STALE_INTERVALS * INTERVAL + 15)
-        stops = platform.control_plane.stops
+        await until(lambda: _empty(world.registry), timeout=STALE_INTERVALS * INTERVAL + 15)
+        stops = world.stand_in.stops
         assert [(s.request.instance_id, s.state) for s in stops] == [("lost-1", "draining"), ("lost-1", "draining")]
         assert [s.request.reason for s in stops] == ["idle", "stale_draining"]
 
         # Still reaping after the failure.
-        await put(platform.registry, instance("lost", 2, last_used=time.time() - 10))
-        await until(lambda: _empty(platform.registry))
-        assert platform.control_plane.count()["lost-2"] == 1
+        await put(world.registry, instance("lost", 2, last_used=time.time() - 10))
+        await until(lambda: _empty(world.registry))
+        assert world.stand_in.count()["lost-2"] == 1
 
 
-async def test_python_m_aube_reaper_runs_from_the_environment(platform: Platform, tmp_path: Path) -> None:
+async def test_python_m_aube_reaper_runs_from_the_environment(world: World, tmp_path: Path) -> None:
     now = time.time()
-    await put(platform.registry, function("cli", min_free=0), instance("cli", 1, last_used=now - 10))
+    await put(world.registry, function("cli", min_free=0), instance("cli", 1, last_used=now - 10))
     env = {
         **os.environ,
-        "AUBE_NATS_URL": platform.server.url,
+        "AUBE_NATS_URL": world.server.url,
         "AUBE_REAP_INTERVAL": str(INTERVAL),
         "AUBE_REAPER_ID": "from-env",
     }
@@ -366,10 +376,10 @@ async def test_python_m_aube_reaper_runs_from_the_environment(platform: Platform
         )
         async with proc:
             try:
-                await until(lambda: _empty(platform.registry))
-                assert platform.control_plane.count() == {"cli-1": 1}
+                await until(lambda: _empty(world.registry))
+                assert world.stand_in.count() == {"cli-1": 1}
             finally:
-                proc.send_signal(signal.SIGINT)  # Ctrl-C: the normal way to stop it
+                proc.send_signal(signal.SIGTERM)  # how `aube start` stops it
                 with anyio.move_on_after(10):
                     await proc.wait()
                 if proc.returncode is None:
@@ -383,9 +393,72 @@ def _id(s: Stop) -> str:
     return s.request.instance_id
 
 
-async def _n(platform: Platform, n: int) -> bool:
-    return len(platform.control_plane.stops) >= n
+async def _n(world: World, n: int) -> bool:
+    return len(world.stand_in.stops) >= n
 
 
 async def _empty(registry: Registry) -> bool:
     return not await registry.instances()
+
+
+# -- with the real control plane -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runtime_kind() -> str:
+    """The reaper's behaviour does not depend on the runtime: the lean process runtime is enough here."""
+    return "process"
+
+
+async def test_real_control_plane_stops_reaped_instances_and_min_free_stays_warm(
+    platform: Any,
+    tmp_path: Path,  # tests/conftest.py's Platform: the services as real processes
+) -> None:
+    folder = tmp_path / "idle"
+    shutil.copytree(EXAMPLES / "reverse-async", folder)
+    (folder / "aube.toml").write_text("[scaling]\nmin_free = 1\nidle_timeout = 1\n")
+    await platform.start_controlplane()
+    async with _client(platform.nats_url) as (nc, registry):
+        body = UploadRequest(name="idle", zip=base64.b64encode(_zip(folder)).decode())
+        await bus.request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+        scaled = await bus.request(nc, names.SUBJECT_SCALE, ScaleRequest(name="idle", count=2), ScaleReply, 120)
+        assert scaled.total == 3
+        platform.start("aube.reaper", AUBE_REAP_INTERVAL=str(INTERVAL))
+
+        async def one_left() -> bool:
+            return len(await registry.instances("idle")) == 1
+
+        await until(one_left, timeout=60)
+        (kept,) = await registry.instances("idle")
+        assert kept.record.state == "free"
+        # The control plane really stopped the other two: only the kept instance still runs.
+        runtime = ProcessRuntime(ControlPlaneSettings(owner=platform.owner, data_dir=platform.data_dir))
+        try:
+            running = await runtime.instances(platform.owner)
+        finally:
+            await runtime.close()
+        assert [r.instance_id for r in running] == [kept.record.instance_id]
+        # ...and it still serves.
+        async with connect(f"ws://{kept.record.address}/x", proxy=None, open_timeout=30) as ws:
+            await ws.send("warm")
+            assert await ws.recv() == "mraw"
+    reaper_log = platform.services[-1].log_text()
+    assert reaper_log.count("reaping idle instance") == 2, reaper_log
+
+
+@asynccontextmanager
+async def _client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
+    nc = await nats.connect(url)
+    try:
+        yield nc, await Registry.open(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def _zip(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                z.write(path, str(path.relative_to(folder)))
+    return buf.getvalue()
