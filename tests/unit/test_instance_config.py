@@ -1,0 +1,59 @@
+"""The in-instance server's environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aube.instance.config import ConfigError, InstanceConfig
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = InstanceConfig.from_env({})
+    assert config.fn_dir == tmp_path.resolve()
+    assert (config.host, config.port) == ("0.0.0.0", 8080)
+    assert (config.runtime, config.command, config.mode) == ("python", [], "lines")
+    assert config.command_grace == 2.0
+
+
+def test_everything_set(tmp_path: Path) -> None:
+    config = InstanceConfig.from_env(
+        {
+            "AUBE_FN_DIR": str(tmp_path),
+            "AUBE_INSTANCE_HOST": "127.0.0.1",
+            "AUBE_INSTANCE_PORT": "9001",
+            "AUBE_FN_RUNTIME": "command",
+            "AUBE_FN_COMMAND": '["./prog", "--flag"]',
+            "AUBE_FN_MODE": "binary",
+            "AUBE_INSTANCE_ID": "abc",
+            "AUBE_FUNCTION": "echo",
+            "AUBE_VERSION": "3",
+            "AUBE_COMMAND_GRACE": "0.5",
+        }
+    )
+    assert config.fn_dir == tmp_path
+    assert (config.host, config.port) == ("127.0.0.1", 9001)
+    assert (config.runtime, config.command, config.mode) == ("command", ["./prog", "--flag"], "binary")
+    assert (config.instance_id, config.function, config.version) == ("abc", "echo", "3")
+    assert config.command_grace == 0.5
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AUBE_INSTANCE_PORT": "http"}, "AUBE_INSTANCE_PORT"),
+        ({"AUBE_INSTANCE_PORT": "70000"}, "out of range"),
+        ({"AUBE_FN_RUNTIME": "java"}, "AUBE_FN_RUNTIME"),
+        ({"AUBE_FN_MODE": "words"}, "AUBE_FN_MODE"),
+        ({"AUBE_FN_COMMAND": "./prog"}, "not JSON"),
+        ({"AUBE_FN_COMMAND": '"./prog"'}, "list of strings"),
+        ({"AUBE_FN_COMMAND": "[1]"}, "list of strings"),
+        ({"AUBE_FN_RUNTIME": "command"}, "non-empty"),
+        ({"AUBE_COMMAND_GRACE": "soon"}, "AUBE_COMMAND_GRACE"),
+    ],
+)
+def test_bad_environment(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        InstanceConfig.from_env({"AUBE_FN_DIR": str(tmp_path), **env})
