@@ -20,6 +20,7 @@ import anyio
 import nats
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 from aube.reaper.decisions import Action, AskStop, DeleteLease, Drain, Instance, Lease, Plan, Policy, Seen, Snapshot
 from aube.reaper.decisions import plan as make_plan
@@ -78,8 +79,10 @@ class Reaper:
         while True:
             try:
                 await self.reap_once()
-            except Exception as e:  # the registry is away (NATS reconnecting): try again next tick
-                log.warning("reap pass failed, retrying in %gs: %s", interval, e, exc_info=True)
+            except (NatsError, OSError) as e:  # the registry is away (NATS reconnecting): try again next tick
+                log.warning("reap pass failed, retrying in %gs: %s", interval, e)
+            except Exception:  # a bug; the next pass may still do useful work, so keep serving
+                log.exception("reap pass failed")
             await anyio.sleep(interval)
 
     async def reap_once(self) -> Plan:
@@ -115,8 +118,10 @@ class Reaper:
                     await self._drain(action)
                 elif isinstance(action, AskStop):
                     await self._ask_stop(action)
-            except Exception as e:
-                log.warning("reaper action %s failed, retrying later: %s", type(action).__name__, e, exc_info=True)
+            except (NatsError, OSError) as e:
+                log.warning("reaper action %s failed, retrying later: %s", type(action).__name__, e)
+            except Exception:
+                log.exception("reaper action %s failed", type(action).__name__)
 
     async def _delete_lease(self, action: DeleteLease) -> None:
         if await self.registry.delete_lease(action.proxy_id, action.revision):
