@@ -173,12 +173,21 @@ class ControlPlane:
                 log.debug("build %s v%d: %s", name, version, line)
                 await self.emit(name, "build", version=version, message=line)
 
+        # The build runs in this task, not in the group: its error must reach the caller as itself, not wrapped
+        # in an ExceptionGroup.
+        failure: BaseException | None = None
+        artifact = ""
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish_lines)
             try:
-                return await self.runtime.prepare(name, version, root, manifest, self.owner, build_log)
+                artifact = await self.runtime.prepare(name, version, root, manifest, self.owner, build_log)
+            except Exception as e:
+                failure = e
             finally:
-                loop.call_soon(lines.put_nowait, None)
+                lines.put_nowait(None)
+        if failure is not None:
+            raise failure
+        return artifact
 
     async def _deploy(self, name: str, root: Path, manifest: Manifest) -> UploadReply:
         existing = await self.registry.get_function(name)

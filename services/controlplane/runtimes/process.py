@@ -49,7 +49,7 @@ from aube.controlplane.runtimes.base import (
     instance_environment,
 )
 from aube.shared import names
-from aube.shared.errors import BuildFailed, RuntimeFailure
+from aube.shared.errors import BuildFailed, HealthCheckFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
 from aube.shared.settings import ControlPlaneSettings
 
@@ -297,7 +297,7 @@ class ProcessRuntime:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.25)
         tail = _tail(log_path)
-        raise RuntimeFailure(
+        raise HealthCheckFailed(
             f"instance did not listen on port {port} within {self._settings.health_timeout:g}s:\n{tail}"
         )
 
