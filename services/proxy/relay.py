@@ -16,6 +16,7 @@ service waits for both sides with a bounded grace and aborts what will not close
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from aube.proxy.metrics import Metrics
 
@@ -38,9 +39,9 @@ class ClientSide(asyncio.Protocol):
     # -- head mode ---------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     async def wait_data(self) -> None:
         """Return when bytes arrived, the client sent EOF or the connection was lost since the last call."""
@@ -129,9 +130,8 @@ class UpstreamSide(asyncio.Protocol):
         return self._transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         n = len(data)

@@ -417,8 +417,8 @@ class Proxy:
     # -- warm pool -----------------------------------------------------------------------------------------
 
     def _maybe_scale(self, fn: FunctionRecord) -> None:
-        # Our own fresh claims are not in the view yet (the watch lags): count them out by hand.
-        slots = [s for s in self.pool.slots_of(fn.name) if s.key not in self.held]
+        # Our own fresh claims may not be in the view yet (the watch lags): count them as the busy ones they are.
+        slots = [self.held.get(s.key, s) for s in self.pool.slots_of(fn.name)]
         count = claims.scale_count(fn, claims.counts(fn, slots), self.waiting[fn.name])
         if count <= 0 or self._tg is None:
             return
