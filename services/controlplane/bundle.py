@@ -20,6 +20,7 @@ import lzma
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -66,6 +67,7 @@ _CHUNK = 64 * 1024
 _MAX_LINK_TARGET = 4096  # PATH_MAX: a longer symlink target cannot be created anyway
 _MAX_NAME_BYTES = 255  # NAME_MAX of one path component
 _MAX_PATH_BYTES = 4096
+_SNIFF_CAP = 16 * 1024 * 1024  # decompressed bytes sniff_archive may read to see the first tar header
 _MAX_LINK_HOPS = 40  # the kernel's own limit when resolving nested symlinks
 # Folders that archivers add beside the real content; ignored when looking for a single wrapping folder.
 _JUNK = frozenset({"__MACOSX", ".DS_Store"})
@@ -256,16 +258,31 @@ def check_members(members: Sequence[MemberInfo], limits: BundleLimits) -> None:
 # Reading archives.
 
 
+# Errors the archive libraries raise on damaged input (BadGzipFile is an OSError, so it is named here).
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    gzip.BadGzipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    NotImplementedError,  # a zip compression method the stdlib lacks
+    struct.error,
+    ValueError,  # e.g. zipfile seeking to a negative offset read from a damaged header
+)
+
+
 def sniff_archive(data: bytes) -> Literal["zip", "tar"]:
     """ "zip" for a zip; "tar" for a plain tar or a gzip-compressed one; bundle_corrupt for anything else."""
-    if data[:2] == b"PK" and zipfile.is_zipfile(io.BytesIO(data)):
-        return "zip"
     try:
-        with _open_tar(data, cap=None) as tar:
-            tar.next()  # a gzip stream that is not a tar fails here, on its first header
-    except InvalidBundle:
-        raise
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        if data[:2] == b"PK" and zipfile.is_zipfile(io.BytesIO(data)):
+            return "zip"
+        # Opening reads the first header only (a gzip stream that is not a tar fails here); the cap is for
+        # a first header that declares an enormous pax or long-name record.
+        with _open_tar(data, cap=_SNIFF_CAP):
+            pass
+    except (*_READ_ERRORS, OSError) as e:
         raise _error("bundle_corrupt", f"bundle is not a zip, tar or tar.gz archive ({e})") from e
     return "tar"
 
@@ -319,12 +336,10 @@ class _CappedReader(io.RawIOBase):
 
 
 @contextmanager
-def _open_tar(data: bytes, cap: int | None) -> Iterator[tarfile.TarFile]:
+def _open_tar(data: bytes, cap: int) -> Iterator[tarfile.TarFile]:
     raw: io.BufferedIOBase | _CappedReader = io.BytesIO(data)
     if data[:2] == b"\x1f\x8b":
-        raw = gzip.GzipFile(fileobj=raw, mode="rb")
-        if cap is not None:
-            raw = _CappedReader(raw, cap)
+        raw = _CappedReader(gzip.GzipFile(fileobj=raw, mode="rb"), cap)
     with raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         yield tar
 
@@ -335,6 +350,8 @@ def _zip_mode(info: zipfile.ZipInfo) -> int:
 
 
 def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> MemberInfo:
+    if info.flag_bits & 0x1:
+        raise _error("bundle_corrupt", f"member {info.filename!r} is encrypted")
     mode = _zip_mode(info)
     kind: MemberKind = "file"
     target = ""
@@ -358,8 +375,6 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> MemberInfo:
         kind = "socket"
     elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):
         kind = "other"
-    if kind == "file" and info.flag_bits & 0x1:
-        raise _error("bundle_corrupt", f"member {info.filename!r} is encrypted")
     return MemberInfo(name=info.filename, kind=kind, size=info.file_size, mode=mode & 0o7777, link_target=target)
 
 
@@ -465,20 +480,6 @@ def _clear(dest: Path) -> None:
 
 def _read_error(e: BaseException) -> InvalidBundle:
     return _error("bundle_corrupt", f"bundle could not be read: {type(e).__name__}: {e}")
-
-
-# Errors the archive libraries raise on damaged input (BadGzipFile is an OSError, so it is named here).
-_READ_ERRORS = (
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    tarfile.TarError,
-    gzip.BadGzipFile,
-    zlib.error,
-    lzma.LZMAError,
-    EOFError,
-    NotImplementedError,  # a zip compression method the stdlib lacks
-    UnicodeDecodeError,
-)
 
 
 def _extract_zip(data: bytes, root_real: str, limits: BundleLimits) -> None:

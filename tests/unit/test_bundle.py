@@ -144,6 +144,19 @@ def test_aubefaas_zip(dest: Path) -> None:
     assert (dest / "requirements.txt").read_text() == "numpy\n"
 
 
+@pytest.mark.parametrize("create_system", [0, 3])  # made on Windows (no Unix mode) or on Unix
+def test_plain_zipfile_writestr(create_system: int, dest: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in [("fn.py", FN), ("requirements.txt", b"")]:
+            info = zipfile.ZipInfo(name)
+            info.create_system = create_system
+            info.external_attr = 0x20 if create_system == 0 else 0o100664 << 16
+            archive.writestr(info, data)
+    root, _ = validate_bundle(buffer.getvalue(), dest, LIMITS)
+    assert stat.S_IMODE((root / "fn.py").stat().st_mode) == 0o644
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_wrapped_folder(fmt: Fmt, dest: Path) -> None:
     data = make(fmt, [d("myfn"), f("myfn/fn.py", FN), f("myfn/requirements.txt"), f("__MACOSX/._fn.py")])
@@ -398,6 +411,26 @@ def test_zip_with_bad_crc(dest: Path) -> None:
     central = data.find(b"PK\x01\x02")
     struct.pack_into("<I", data, central + 16, 0xDEADBEEF)
     refused(bytes(data), dest, "bundle_corrupt")
+
+
+def test_encrypted_zip_member(dest: Path) -> None:
+    data = bytearray(make_zip([f("fn.py", FN)]))
+    central = data.find(b"PK\x01\x02")
+    struct.pack_into("<H", data, central + 8, struct.unpack_from("<H", data, central + 8)[0] | 0x1)
+    err = refused(bytes(data), dest, "bundle_corrupt")
+    assert "encrypted" in err.message
+
+
+def test_gzip_bomb_single_member(dest: Path) -> None:
+    # 16 MiB of zeros in one member: refused from its header, long before its data would be inflated.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as archive:
+        info = tarfile.TarInfo("bomb.bin")
+        info.size = 16 << 20
+        archive.addfile(info, io.BytesIO(bytes(info.size)))
+    assert sniff_archive(buffer.getvalue()) == "tar"
+    err = refused(buffer.getvalue(), dest, "bundle_too_large")
+    assert "bomb.bin" in err.message
 
 
 def test_sniff() -> None:
