@@ -26,7 +26,8 @@ text message; AUBE_FN_MODE=binary passes raw bytes both ways. Exit status 0 clos
 with 1011; a client that leaves gets the process terminated (SIGTERM, then SIGKILL after AUBE_COMMAND_GRACE
 seconds, default 2).
 
-SIGTERM/SIGINT: stop accepting, close an open stream with 1001, exit 0 (within a few seconds at worst).
+SIGTERM/SIGINT: stop accepting, close an open stream with 1001, exit 0; a function that does not return
+by then gets AUBE_SHUTDOWN_GRACE seconds (default 5) before the process exits anyway (still with 0).
 Each stream logs one line on stdout when it ends: duration, messages in/out, close code.
 
 Only the standard library and websockets are imported: the function image carries nothing else, and runs
@@ -68,7 +69,7 @@ def main() -> int:
     except ConfigError as e:
         logger.error("bad configuration: %s", e)  # noqa: TRY400 - no traceback for bad input
         return 2
-    stopper = server.Stopper()
+    stopper = server.Stopper(config.shutdown_grace)
     if config.runtime == "command":
         stopper.install()
         after = command.reap_orphans if os.getpid() == 1 else None
@@ -79,7 +80,11 @@ def main() -> int:
             mode=config.mode,
             grace=config.command_grace,
         )
-        asyncio.run(server.serve_async(config, run_command, server.Negotiation(None), stopper, after))
+        try:
+            asyncio.run(server.serve_async(config, run_command, server.Negotiation(None), stopper, after))
+        finally:
+            # asyncio.run cancels what is left, a command's shielded stop included: nothing may outlive us.
+            command.kill_all()
         return 0
 
     try:

@@ -17,6 +17,8 @@ DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8080
 # How long a command gets between SIGTERM and SIGKILL once its stream is over.
 DEFAULT_COMMAND_GRACE = 2.0
+# After SIGTERM: how long open streams get to close before the process exits regardless.
+DEFAULT_SHUTDOWN_GRACE = 5.0
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,7 @@ class InstanceConfig:
     function: str = ""
     version: str = ""
     command_grace: float = DEFAULT_COMMAND_GRACE
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstanceConfig:
@@ -67,11 +70,8 @@ class InstanceConfig:
         if runtime == "command" and not command:
             raise ConfigError("runtime 'command' needs a non-empty AUBE_FN_COMMAND")
 
-        grace_text = env.get("AUBE_COMMAND_GRACE") or str(DEFAULT_COMMAND_GRACE)
-        try:
-            grace = float(grace_text)
-        except ValueError:
-            raise ConfigError(f"AUBE_COMMAND_GRACE must be a number, not {grace_text!r}") from None
+        grace = _seconds(env, "AUBE_COMMAND_GRACE", DEFAULT_COMMAND_GRACE)
+        shutdown_grace = _seconds(env, "AUBE_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE)
 
         return cls(
             fn_dir=fn_dir,
@@ -83,5 +83,17 @@ class InstanceConfig:
             instance_id=env.get("AUBE_INSTANCE_ID", ""),
             function=env.get("AUBE_FUNCTION", ""),
             version=env.get("AUBE_VERSION", ""),
-            command_grace=max(0.0, grace),
+            command_grace=grace,
+            shutdown_grace=shutdown_grace,
         )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name) or str(default)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {text!r}") from None
+    if not value >= 0:  # also refuses NaN
+        raise ConfigError(f"{name} must not be negative: {text!r}")
+    return value

@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/_aube/health"
 RETRY_AFTER_SECONDS = 1
-# After SIGTERM: how long open streams get to close before the process exits regardless.
-SHUTDOWN_GRACE = 5.0
 CLEANUP_POLL = 0.01
 CLOSE_BUSY = 1013  # "try again later": a stream that lost the slot after its handshake (should not happen)
 
@@ -208,7 +206,7 @@ class Stopper:
     the process if the server does not come down in time (a function stuck in a loop or in a blocking call).
     """
 
-    def __init__(self, grace: float = SHUTDOWN_GRACE) -> None:
+    def __init__(self, grace: float) -> None:
         self.grace = grace
         self.requested = False
         self.wake: Callable[[], object] | None = None
@@ -312,7 +310,7 @@ def serve_sync(
     for connection in streams:
         connection.close(1001, "instance stopping")
     server.shutdown()
-    thread.join(timeout=SHUTDOWN_GRACE)
+    thread.join(timeout=config.shutdown_grace)
 
 
 StreamRunner = Callable[[aserver.ServerConnection], Awaitable[tuple[int, str] | None]]
@@ -385,6 +383,6 @@ async def serve_async(
     logger.info("stopping: closing open streams with 1001")
     server.close()  # closes open connections with 1001 (going away)
     try:
-        await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
+        await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
     except TimeoutError:
-        logger.warning("streams still open after %.0fs; exiting anyway", SHUTDOWN_GRACE)
+        logger.warning("streams still open after %.1fs; exiting anyway", config.shutdown_grace)

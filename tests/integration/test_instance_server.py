@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -436,6 +437,29 @@ async def test_sigterm_kills_a_running_command(start_instance: Callable[..., Ins
     assert code == 1001
     assert instance.process.wait(timeout=10) == 0
     instance.wait_until(lambda: not _alive(pid), f"command pid {pid} to be gone")
+
+
+STUCK = {
+    "sync": "import time\ndef fn(websocket):\n    websocket.recv()\n    time.sleep(120)\n",
+    # Blocks the event loop itself: only the signal handler and the watchdog thread still run.
+    "async": "import time\nasync def fn(websocket):\n    await websocket.recv()\n    time.sleep(120)\n",
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("style", sorted(STUCK))
+async def test_sigterm_exits_0_even_when_the_function_never_returns(
+    start_instance: Callable[..., Instance], tmp_path: Path, style: str
+) -> None:
+    instance = start_instance(_function(tmp_path, STUCK[style]), {"AUBE_SHUTDOWN_GRACE": "0.5"})
+    async with connect(instance.url(), proxy=None) as ws:
+        await ws.send("go")
+        if style == "sync":
+            instance.wait_until(lambda: instance.health()["busy"] is True, "the stream to start")
+        else:
+            await anyio.sleep(0.3)  # a blocked loop answers no health check: give it time to get stuck
+        instance.process.send_signal(signal.SIGTERM)
+        assert instance.process.wait(timeout=15) == 0
 
 
 # --- the container's layout --------------------------------------------------------------------------------

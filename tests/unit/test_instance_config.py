@@ -16,6 +16,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.host, config.port) == ("0.0.0.0", 8080)
     assert (config.runtime, config.command, config.mode) == ("python", [], "lines")
     assert config.command_grace == 2.0
+    assert config.shutdown_grace == 5.0
 
 
 def test_everything_set(tmp_path: Path) -> None:
@@ -31,6 +32,7 @@ def test_everything_set(tmp_path: Path) -> None:
             "AUBE_FUNCTION": "echo",
             "AUBE_VERSION": "3",
             "AUBE_COMMAND_GRACE": "0.5",
+            "AUBE_SHUTDOWN_GRACE": "1.5",
         }
     )
     assert config.fn_dir == tmp_path
@@ -38,6 +40,7 @@ def test_everything_set(tmp_path: Path) -> None:
     assert (config.runtime, config.command, config.mode) == ("command", ["./prog", "--flag"], "binary")
     assert (config.instance_id, config.function, config.version) == ("abc", "echo", "3")
     assert config.command_grace == 0.5
+    assert config.shutdown_grace == 1.5
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,8 @@ def test_everything_set(tmp_path: Path) -> None:
         ({"AUBE_FN_COMMAND": "[1]"}, "list of strings"),
         ({"AUBE_FN_RUNTIME": "command"}, "non-empty"),
         ({"AUBE_COMMAND_GRACE": "soon"}, "AUBE_COMMAND_GRACE"),
+        ({"AUBE_SHUTDOWN_GRACE": "-1"}, "negative"),
+        ({"AUBE_SHUTDOWN_GRACE": "nan"}, "negative"),
     ],
 )
 def test_bad_environment(tmp_path: Path, env: dict[str, str], message: str) -> None:
