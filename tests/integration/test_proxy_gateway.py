@@ -22,9 +22,11 @@ from typing import Any
 import anyio
 import nats
 import pytest
+from anyio.abc import Process
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from aube.proxy.leases import scale_intent_key
 from aube.proxy.service import serve
@@ -338,10 +340,11 @@ async def test_subprotocol_and_extensions_negotiated_end_to_end(nats_server: Loc
             await env.add_instance("reverse", 0, inst)
             async with (
                 running_proxy(proxy_settings(nats_server)) as port,
-                connect(f"ws://127.0.0.1:{port}/reverse", proxy=None, subprotocols=["chat.v2"]) as ws,  # type: ignore[list-item]
+                connect(f"ws://127.0.0.1:{port}/reverse", proxy=None, subprotocols=[Subprotocol("chat.v2")]) as ws,
             ):
                 assert ws.subprotocol == "chat.v2"
                 # The instance's own answer arrives: permessage-deflate was agreed with the function itself.
+                assert ws.response is not None
                 assert "permessage-deflate" in ws.response.headers.get("Sec-WebSocket-Extensions", "")
                 await ws.send("abc" * 1000)
                 assert await ws.recv() == "cba" * 1000
@@ -510,41 +513,97 @@ async def test_lease_lives_while_serving_and_shutdown_releases(nats_server: Loca
             assert (rec.state, rec.claimed_by) == ("free", None)
 
 
+@asynccontextmanager
+async def proxy_process(server: LocalNatsServer, port: int, proxy_id: str) -> AsyncIterator[Process]:
+    """`python -m aube.proxy` configured by AUBE_* variables, once its health endpoint answers."""
+    env_vars = {
+        **os.environ,
+        "AUBE_NATS_URL": server.url,
+        "AUBE_PROXY_HOST": "127.0.0.1",
+        "AUBE_PROXY_PORT": str(port),
+        "AUBE_PROXY_ID": proxy_id,
+        "AUBE_LEASE_TTL": "1.5",
+    }
+    proc = await anyio.open_process([sys.executable, "-m", "aube.proxy"], env=env_vars, stdout=None, stderr=None)
+    try:
+        with anyio.fail_after(30):
+            while True:
+                assert proc.returncode is None
+                try:
+                    if status_of(await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n")) == 200:
+                        break
+                except OSError:
+                    await anyio.sleep(0.1)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await proc.aclose()
+
+
 @pytest.mark.slow
 async def test_python_dash_m_replica_serves_and_stops_cleanly(nats_server: LocalNatsServer) -> None:
     port = free_port()
     proxy_id = f"p-{uuid.uuid4().hex[:8]}"
-    env_vars = {
-        **os.environ,
-        "AUBE_NATS_URL": nats_server.url,
-        "AUBE_PROXY_HOST": "127.0.0.1",
-        "AUBE_PROXY_PORT": str(port),
-        "AUBE_PROXY_ID": proxy_id,
-    }
     with instance_servers(REVERSE, 1) as (inst,):
         async with environment(nats_server) as env:
             await env.add_function("reverse")
             await env.add_instance("reverse", 0, inst)
-            proc = await anyio.open_process(
-                [sys.executable, "-m", "aube.proxy"], env=env_vars, stdout=None, stderr=None
-            )
-            try:
-                with anyio.fail_after(30):
-                    while True:
-                        assert proc.returncode is None
-                        try:
-                            if status_of(await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n")) == 200:
-                                break
-                        except OSError:
-                            await anyio.sleep(0.1)
+            async with proxy_process(nats_server, port, proxy_id) as proc:
                 await reverse_roundtrip(port)
                 assert proxy_id in {e.key for e in await env.registry.leases()}
                 proc.send_signal(signal.SIGTERM)
                 with anyio.fail_after(20):
                     assert await proc.wait() == 0
                 assert proxy_id not in {e.key for e in await env.registry.leases()}
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-                await proc.aclose()
+
+
+@pytest.mark.slow
+async def test_kill_9_leaves_claim_and_stale_lease_for_the_reaper(nats_server: LocalNatsServer) -> None:
+    """A replica killed mid-stream: its client is disconnected, and its lease stops being renewed while the
+    claim stays on record, which is exactly what the reaper needs to recycle the instance."""
+    port = free_port()
+    proxy_id = f"p-{uuid.uuid4().hex[:8]}"
+    with instance_servers(REVERSE, 1) as (inst,):
+        async with environment(nats_server) as env:
+            await env.add_function("reverse")
+            key = await env.add_instance("reverse", 0, inst)
+            async with (
+                proxy_process(nats_server, port, proxy_id) as proc,
+                connect(f"ws://127.0.0.1:{port}/reverse", proxy=None) as ws,
+            ):
+                await ws.send("ab")
+                assert await ws.recv() == "ba"
+                proc.kill()
+                await proc.wait()
+                with anyio.fail_after(5), pytest.raises(ConnectionClosed):
+                    await ws.recv()
+            lease = {e.key: e.record for e in await env.registry.leases()}[proxy_id]
+            await anyio.sleep(lease.ttl)
+            again = {e.key: e.record for e in await env.registry.leases()}[proxy_id]
+            assert again.renewed_at == lease.renewed_at
+            assert again.renewed_at + again.ttl < time.time()  # expired: the reaper's cue
+            rec = await env.record(key)
+            assert (rec.state, rec.claimed_by) == ("busy", proxy_id)
+
+
+async def test_stream_max_duration_ends_even_a_busy_stream(nats_server: LocalNatsServer) -> None:
+    with instance_servers(REVERSE, 1) as (inst,):
+        async with environment(nats_server) as env:
+            await env.add_function("reverse", limits=LimitsSection(stream_max_duration=1.0))
+            key = await env.add_instance("reverse", 0, inst)
+            async with (
+                running_proxy(proxy_settings(nats_server)) as port,
+                connect(f"ws://127.0.0.1:{port}/reverse", proxy=None) as ws,
+            ):
+
+                async def chatter() -> None:
+                    while True:  # never idle: only the duration limit can end it
+                        await ws.send("ab")
+                        assert await ws.recv() == "ba"
+                        await anyio.sleep(0.05)
+
+                with anyio.fail_after(15), pytest.raises(ConnectionClosed):
+                    await chatter()
+            await env.wait_state(key, "free")
