@@ -1,0 +1,344 @@
+"""The production runtime: one hardened Docker container per instance, one image per function version.
+
+Owns everything Aube does with the Docker SDK. The SDK blocks, so each call runs in a worker thread under a
+CapacityLimiter (builds under their own, so a long build never holds up start/stop), bounded by the client's
+HTTP timeout (`docker_timeout`; builds use a second client with `build_timeout`). Docker's exceptions are
+translated here (RuntimeFailure, BuildFailed for builds) and results are returned as our Structs.
+
+A container runs the in-instance server as nobody (65534) on a read-only root with all capabilities dropped,
+no-new-privileges, memory/cpu/pids limits from the manifest, a small /tmp tmpfs, and its port published on
+`publish_host` only (127.0.0.1 by default) at a random host port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig
+
+from aube.controlplane.runtimes import deps, images
+from aube.controlplane.runtimes.base import (
+    INSTANCE_PORT,
+    Artifact,
+    BuildLog,
+    InstanceSpec,
+    RunningInstance,
+    StartedInstance,
+    instance_environment,
+    instance_labels,
+)
+from aube.shared import names
+from aube.shared.errors import AubeError, BuildFailed, RuntimeFailure
+from aube.shared.schemas import Manifest, RuntimeKind
+from aube.shared.settings import ControlPlaneSettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Seconds between SIGTERM and SIGKILL: enough for the server to close its stream with 1001 (going away).
+STOP_GRACE = 5
+_PORT_KEY = f"{INSTANCE_PORT}/tcp"
+_DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+class DockerRuntime:
+    kind: RuntimeKind = "docker"
+
+    def __init__(self, settings: ControlPlaneSettings, client: Any, build_client: Any) -> None:
+        self._settings = settings
+        self._client = client
+        self._build_client = build_client
+        # urllib3 keeps 10 connections per client; stay below so no call waits for a connection.
+        self._limiter = anyio.CapacityLimiter(8)
+        self._build_limiter = anyio.CapacityLimiter(2)
+        self._init_supported = True
+
+    @classmethod
+    async def connect(cls, settings: ControlPlaneSettings) -> DockerRuntime:
+        """Connect to the engine named by DOCKER_HOST (or the local socket); RuntimeFailure if none answers."""
+
+        def _connect() -> tuple[Any, Any]:
+            client = docker.from_env(timeout=max(1, round(settings.docker_timeout)))
+            try:
+                client.ping()
+                build_client = docker.from_env(timeout=max(1, round(settings.build_timeout)))
+            except BaseException:
+                client.close()
+                raise
+            return client, build_client
+
+        try:
+            client, build_client = await anyio.to_thread.run_sync(_connect)
+        except _DOCKER_ERRORS as e:
+            raise RuntimeFailure(f"no Docker engine answers: {e}") from e
+        return cls(settings, client, build_client)
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self._client.close, limiter=self._limiter)
+        await anyio.to_thread.run_sync(self._build_client.close, limiter=self._build_limiter)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Calling the SDK
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one SDK call in a worker thread; Docker errors become RuntimeFailure naming `what`."""
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+        except docker.errors.NotFound:
+            raise
+        except _DOCKER_ERRORS as e:
+            raise RuntimeFailure(f"docker: {what} failed: {_explain(e)}") from e
+
+    async def _build(self, fn: Callable[[BuildLog], T], log: BuildLog) -> T:
+        """Run a blocking build step in a worker thread; its log lines are handed back to the event loop."""
+
+        def thread_log(line: str) -> None:
+            anyio.from_thread.run_sync(log, line)
+
+        try:
+            return await anyio.to_thread.run_sync(fn, thread_log, limiter=self._build_limiter)
+        except AubeError:
+            raise
+        except _DOCKER_ERRORS as e:
+            raise BuildFailed(f"docker: image build failed: {_explain(e)}") from e
+
+    # -----------------------------------------------------------------------------------------------------
+    # Images
+
+    async def ensure_images(self, log: BuildLog) -> str:
+        """Make sure the base and runtime images exist (building them when missing); return the runtime tag.
+
+        `prepare` does this too; calling it at startup moves the first build out of the first upload.
+        """
+        return await self._build(
+            lambda tlog: images.ensure_runtime_image(self._build_client, self._settings, tlog), log
+        )
+
+    async def prepare(
+        self, name: str, version: int, bundle_dir: Path, manifest: Manifest, owner: str, log: BuildLog
+    ) -> str:
+        runtime_tag = await self.ensure_images(log)
+        tag = names.image_tag(owner, name, version)
+        labels = {
+            names.LABEL_MANAGED: "true",
+            names.LABEL_OWNER: owner,
+            names.LABEL_FUNCTION: name,
+            names.LABEL_VERSION: str(version),
+        }
+        with tempfile.TemporaryDirectory(prefix="aube-build-") as tmp:
+            context = Path(tmp)
+            await deps.install_requirements(
+                bundle_dir / "requirements.txt",
+                context / images.CONTEXT_DIR / "deps",
+                Path(self._settings.data_dir) / "cache",
+                log,
+                self._settings.build_timeout,
+            )
+
+            def fill_context() -> None:
+                shutil.copytree(bundle_dir, context / images.CONTEXT_DIR / "fn", symlinks=True)
+                images.normalize_modes(context)
+                # Labels come first, so even the intermediate images of a failed build carry the owner's
+                # labels and are found (and removed) by them.
+                label_line = " ".join(f"{k}={json.dumps(v)}" for k, v in labels.items())
+                (context / "Dockerfile").write_text(
+                    f"FROM {runtime_tag}\nLABEL {label_line}\nCOPY {images.CONTEXT_DIR}/ {images.AUBE_DIR}/\n"
+                )
+                (context / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
+
+            await anyio.to_thread.run_sync(fill_context)
+            filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+            log(f"building image {tag}")
+            await self._build(
+                lambda tlog: images.build_image(
+                    self._build_client,
+                    context,
+                    tag,
+                    tlog,
+                    self._settings.build_timeout,
+                    failure_filters=filters,
+                ),
+                log,
+            )
+        return tag
+
+    async def remove_artifact(self, ref: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            await self._call(f"removing image {ref}", self._client.api.remove_image, ref, force=True)
+
+    async def artifacts(self, owner: str) -> list[Artifact]:
+        found = await self._call(
+            "listing images",
+            self._client.api.images,
+            filters={"label": [f"{names.LABEL_MANAGED}=true", f"{names.LABEL_OWNER}={owner}"]},
+        )
+        result = []
+        for image in found:
+            labels = image.get("Labels") or {}
+            function = labels.get(names.LABEL_FUNCTION, "")
+            version = _int(labels.get(names.LABEL_VERSION))
+            tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+            # An untagged one is a leftover (an interrupted build); listing it by id lets it be removed.
+            for ref in tags or [image["Id"]]:
+                result.append(Artifact(ref=ref, function=function, version=version))
+        return result
+
+    # -----------------------------------------------------------------------------------------------------
+    # Instances
+
+    async def start(self, spec: InstanceSpec) -> StartedInstance:
+        limits = spec.manifest.limits
+        api = self._client.api
+        try:
+            host_config = api.create_host_config(
+                port_bindings={_PORT_KEY: (self._settings.publish_host, None)},
+                read_only=True,
+                tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                mem_limit=limits.memory,
+                memswap_limit=limits.memory,  # no swap on top of the memory limit
+                nano_cpus=int(limits.cpus * 1e9),
+                pids_limit=limits.pids,
+                init=True if self._init_supported else None,
+                log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
+            )
+        except docker.errors.DockerException as e:  # e.g. an unparseable memory limit
+            raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+
+        name = names.container_name(spec.owner, spec.function, spec.instance_id)
+        create = functools.partial(
+            api.create_container,
+            spec.artifact,
+            name=name,
+            user=images.NOBODY,
+            labels=instance_labels(spec),
+            environment=instance_environment(spec, INSTANCE_PORT),
+            ports=[INSTANCE_PORT],
+            host_config=host_config,
+            stop_timeout=STOP_GRACE,
+            use_config_proxy=False,
+        )
+        try:
+            created = await self._call(f"creating container {name}", create)
+        except docker.errors.NotFound as e:
+            raise RuntimeFailure(f"image {spec.artifact} does not exist: prepare it first") from e
+        handle = str(created["Id"])
+        try:
+            try:
+                await self._call(f"starting container {name}", api.start, handle)
+            except RuntimeFailure as e:
+                if not (self._init_supported and "docker-init" in str(e)):
+                    raise
+                # An engine without docker-init: start the next ones without it, and this one again.
+                logger.warning("the Docker engine cannot run --init; starting instances without it: %s", e)
+                self._init_supported = False
+                await self._remove(handle)
+                return await self.start(spec)
+            port = await self._published_port(name, handle)
+        except BaseException:
+            with anyio.move_on_after(self._settings.docker_timeout, shield=True):
+                await self._remove(handle)
+            raise
+        logger.info("started %s (%s) on port %s", name, handle[:12], port)
+        return StartedInstance(
+            instance_id=spec.instance_id, handle=handle, address=f"{self._settings.advertise_host}:{port}"
+        )
+
+    async def _published_port(self, name: str, handle: str) -> int:
+        """The host port Docker picked for the instance port; RuntimeFailure (with the logs) if there is none."""
+        info = await self._call(f"inspecting container {name}", self._client.api.inspect_container, handle)
+        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(_PORT_KEY) or []
+        for binding in bindings:
+            if binding.get("HostPort"):
+                return int(binding["HostPort"])
+        state = info.get("State") or {}
+        logs = await self._call(f"reading logs of {name}", self._client.api.logs, handle, tail=20)
+        text = logs.decode(errors="replace").strip() if isinstance(logs, bytes) else str(logs)
+        raise RuntimeFailure(
+            f"container {name} has no published port (state {state.get('Status')!r}, exit "
+            f"{state.get('ExitCode')}):\n{text[-2000:]}"
+        )
+
+    async def _remove(self, handle: str) -> None:
+        try:
+            await self._call(f"removing container {handle[:12]}", self._client.api.remove_container, handle, force=True)
+        except docker.errors.NotFound:
+            pass
+        except RuntimeFailure as e:
+            if "already in progress" not in str(e):
+                raise
+
+    async def stop(self, handle: str) -> None:
+        try:
+            # SIGTERM first: the in-instance server closes its stream with 1001 before SIGKILL.
+            await self._call(f"stopping container {handle[:12]}", self._client.api.stop, handle, timeout=STOP_GRACE)
+        except docker.errors.NotFound:
+            return
+        except RuntimeFailure as e:
+            logger.warning("stopping %s failed, removing it by force: %s", handle[:12], e)
+        await self._remove(handle)
+
+    async def is_alive(self, handle: str) -> bool:
+        try:
+            info = await self._call(f"inspecting container {handle[:12]}", self._client.api.inspect_container, handle)
+        except docker.errors.NotFound:
+            return False
+        state = info.get("State") or {}
+        return bool(state.get("Running")) and not state.get("Restarting") and not state.get("Dead")
+
+    async def instances(self, owner: str) -> list[RunningInstance]:
+        found = await self._call(
+            "listing containers",
+            self._client.api.containers,
+            all=True,
+            filters={"label": [f"{names.LABEL_MANAGED}=true", f"{names.LABEL_OWNER}={owner}"]},
+        )
+        result = []
+        for c in found:
+            labels = c.get("Labels") or {}
+            # Unreadable labels become -1 rather than hiding the container: reconcile then sees a container
+            # with no registry entry and removes it.
+            result.append(
+                RunningInstance(
+                    handle=str(c["Id"]),
+                    instance_id=labels.get(names.LABEL_INSTANCE, ""),
+                    function=labels.get(names.LABEL_FUNCTION, ""),
+                    version=_int(labels.get(names.LABEL_VERSION)),
+                    slot=_int(labels.get(names.LABEL_SLOT)),
+                    alive=c.get("State") == "running",
+                )
+            )
+        return result
+
+
+def _int(value: object) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return -1
+
+
+def _explain(e: BaseException) -> str:
+    if isinstance(e, docker.errors.APIError):
+        return str(e.explanation or e)
+    if isinstance(e, requests.exceptions.Timeout):
+        return f"the Docker engine did not answer in time ({e})"
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return f"cannot reach the Docker engine ({e})"
+    return str(e) or type(e).__name__
