@@ -355,15 +355,46 @@ async def test_unreachable_instance_is_marked_unhealthy_and_client_served(nats_s
         async with environment(nats_server) as env:
             await env.add_function("reverse")
             dead = await env.add_instance("reverse", 0, None, address=f"127.0.0.1:{free_port()}")
-            await env.add_instance("reverse", 1, inst)
-            async with running_proxy(proxy_settings(nats_server)) as port:
-                # Whichever instance the claim tries first, the client ends up on the live one.
-                for _ in range(2):
-                    await reverse_roundtrip(port)
-                rec = await env.record(dead)
-                if rec.state != "free":  # never tried (the live one was always first): nothing to check
-                    assert rec.state == "unhealthy"
+            stops = await env.nc.subscribe(names.SUBJECT_STOP_INSTANCE)  # sees the request; does not answer it
+            async with running_proxy(proxy_settings(nats_server, claim_timeout=20.0)) as port:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(reverse_roundtrip, port)  # claims the dead one (the only one), then waits
+                    rec = await env.wait_state(dead, "unhealthy")
                     assert rec.claimed_by is None
+                    body = json.loads((await stops.next_msg(timeout=10)).data)
+                    assert (body["name"], body["slot"], body["instance_id"]) == ("reverse", 0, rec.instance_id)
+                    await env.add_instance("reverse", 1, inst)  # the waiting client wakes on the watch
+                await reverse_roundtrip(port)
+            await stops.unsubscribe()
+
+
+async def test_instance_gets_the_original_head_plus_x_forwarded_for(nats_server: LocalNatsServer) -> None:
+    heads: list[bytes] = []
+    head = (
+        b"GET /raw/sub?q=1&r=%20 HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Custom: kept\r\n\r\n"
+    )
+
+    async def fake_instance(stream: anyio.abc.SocketStream) -> None:
+        # Not a function: a socket that records what the proxy sends it and answers with a fixed 101.
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            heads.append(data)
+            await stream.send(b"HTTP/1.1 101 Switching Protocols\r\nX-From: instance\r\n\r\nafter")
+
+    async with environment(nats_server) as env, await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        await env.add_function("raw")
+        address = f"127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+        await env.add_instance("raw", 0, None, address=address)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, fake_instance)
+            async with running_proxy(proxy_settings(nats_server)) as port:
+                answer = await raw_request(port, head)
+            tg.cancel_scope.cancel()
+    assert heads == [head[:-2] + b"X-Forwarded-For: 127.0.0.1\r\n\r\n"]
+    assert answer == b"HTTP/1.1 101 Switching Protocols\r\nX-From: instance\r\n\r\nafter"
 
 
 async def test_instance_death_ends_the_client_stream(nats_server: LocalNatsServer) -> None:
