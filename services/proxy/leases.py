@@ -41,7 +41,9 @@ async def keep_lease(
 ) -> None:
     """Put the lease, report started, renew every ttl/3 until cancelled, then delete it (shielded, bounded)."""
     started_at = time.time()
-    await registry.put_lease(ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=started_at, ttl=ttl))
+    await registry.put_lease(
+        ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=started_at, ttl=ttl, address=address)
+    )
     task_status.started()
     try:
         while True:

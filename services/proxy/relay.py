@@ -29,10 +29,11 @@ class ClientSide(asyncio.Protocol):
         self.max_buffer = max_buffer
         self.transport: asyncio.Transport | None = None
         self.peer: UpstreamSide | None = None
+        self._to_peer: asyncio.Transport | None = None  # the instance's transport, once attached
         self.buffer = bytearray()
         self.eof = False
         self.lost = asyncio.Event()
-        self.ended = asyncio.Event()  # either side's connection is gone
+        self.ended = asyncio.Event()  # the client sent EOF or either side's connection is gone
         self.bytes_in = 0  # client -> instance, relayed
         self._data = asyncio.Event()
 
@@ -70,16 +71,17 @@ class ClientSide(asyncio.Protocol):
 
     def attach(self, peer: UpstreamSide) -> None:
         self.peer = peer
+        self._to_peer = peer.transport
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()  # it may have been paused at the head buffer limit
 
     def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is not None:
+        to_peer = self._to_peer
+        if to_peer is not None:
             n = len(data)
             self.bytes_in += n
             self.metrics.bytes_client_to_instance += n
-            peer.transport.write(data)
+            to_peer.write(data)
             return
         self.buffer += data
         self._data.set()
@@ -89,9 +91,12 @@ class ClientSide(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._data.set()
+        self.ended.set()
         if self.peer is not None:
             self.peer.transport.close()
-        return False
+            return False
+        # Before the upgrade, a client that half-closes after its request still gets the answer.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._data.set()
@@ -120,6 +125,7 @@ class UpstreamSide(asyncio.Protocol):
         self.client = client
         self.metrics = client.metrics
         self.bytes_out = 0  # instance -> client
+        self._to_client = client.transport
         self.lost = asyncio.Event()
         self.eof_from_instance = False
         self._transport: asyncio.Transport | None = None
@@ -137,9 +143,8 @@ class UpstreamSide(asyncio.Protocol):
         n = len(data)
         self.bytes_out += n
         self.metrics.bytes_instance_to_client += n
-        ct = self.client.transport
-        if ct is not None:
-            ct.write(data)
+        if self._to_client is not None:
+            self._to_client.write(data)
 
     def eof_received(self) -> bool:
         self.eof_from_instance = True

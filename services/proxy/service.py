@@ -225,7 +225,7 @@ class Proxy:
             )
             client.buffer.clear()
             client.attach(upstream)
-            if client.lost.is_set():
+            if client.ended.is_set():
                 upstream.transport.close()
             idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
             longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
@@ -285,7 +285,7 @@ class Proxy:
         waiting = False
         try:
             with anyio.move_on_after(self.settings.claim_timeout):
-                while not client.lost.is_set():
+                while not client.ended.is_set():
                     changed = self.pool.changed  # taken before looking, so no change slips between
                     fn = self.pool.function(name)
                     if fn is None:
@@ -307,11 +307,11 @@ class Proxy:
                     # Wake on any registry change, the client leaving, or the end of a scale cooldown (to ask
                     # again if the last ask was lost); this is no polling: nothing is read until a wake-up.
                     with anyio.move_on_after(max(self.settings.scale_cooldown, 0.1)):
-                        await _wait_any(changed, client.lost)
+                        await _wait_any(changed, client.ended)
         finally:
             if waiting:
                 self.waiting[name] -= 1
-        if client.lost.is_set():
+        if client.ended.is_set():
             self.metrics.claims_total[(name, "client_gone")] += 1
             return None
         self.metrics.claims_total[(name, "timeout")] += 1

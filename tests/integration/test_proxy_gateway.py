@@ -208,10 +208,12 @@ async def running_proxy(settings: ProxySettings) -> AsyncIterator[int]:
         tg.cancel_scope.cancel()
 
 
-async def raw_request(port: int, data: bytes, *, pause: float = 0.0) -> bytes:
-    """Send `data` (optionally then wait), read the answer until the proxy closes."""
+async def raw_request(port: int, data: bytes, *, pause: float = 0.0, half_close: bool = False) -> bytes:
+    """Send `data` (optionally then wait, or half-close), read the answer until the proxy closes."""
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
         await stream.send(data)
+        if half_close:
+            await stream.send_eof()
         if pause:
             await anyio.sleep(pause)
         chunks = []
@@ -294,7 +296,7 @@ async def test_refusals_before_upgrade_and_service_goes_on(nats_server: LocalNat
                 assert status_of(answer) == 503
                 assert b"\r\nRetry-After: " in answer
                 assert status_of(await raw_request(port, b"GET /reverse HTTP/1.1\r\nHost: x\r\n\r\n")) == 426
-                health = await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n")
+                health = await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n", half_close=True)
                 assert status_of(health) == 200
                 metrics = await raw_request(port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")
                 assert status_of(metrics) == 200
