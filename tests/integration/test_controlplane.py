@@ -348,7 +348,7 @@ async def test_kill_9_and_restart_leaves_registry_and_runtime_in_agreement(platf
         finally:
             await runtime.close()
         assert {e.record.function for e in entries} == {"steady", "slow"}
-        assert await echo(steady, "after restart") == "trats retfa"
+        assert await echo(steady, "after restart") == "tratser retfa"
         assert restarted.proc is not None and restarted.proc.poll() is None
 
 
