@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from aube.controlplane.runtimes import images
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
@@ -197,6 +198,7 @@ async def test_prepare_start_stream_stop(
         assert host["NanoCpus"] == 250_000_000
         assert host["PidsLimit"] == 64
         assert "/tmp" in host["Tmpfs"]
+        assert host["Init"] is True
         bindings = info["NetworkSettings"]["Ports"]["8080/tcp"]
         assert bindings
         assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
@@ -219,6 +221,16 @@ async def test_prepare_start_stream_stop(
         )
         artifacts = await runtime.artifacts(owner)
         assert [(a.ref, a.function, a.version) for a in artifacts] == [(tag, "echo", 1)]
+
+        # Stopping sends SIGTERM first, so a stream still open is closed with 1001 (going away), not cut.
+        async with connect(f"ws://{started.address}/", proxy=None, open_timeout=10) as ws:
+            await ws.send("last")
+            assert await ws.recv() == "echo:last"
+            await runtime.stop(started.handle)
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1001
     finally:
         await runtime.stop(started.handle)
 
