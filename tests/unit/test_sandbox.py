@@ -59,7 +59,7 @@ def _pairs(argv: list[str], option: str) -> list[tuple[str, str]]:
 def test_bwrap_argv_isolation_flags() -> None:
     argv = _argv()
     assert argv[0] == "/usr/bin/bwrap"
-    for flag in ("--unshare-all", "--unshare-user", "--share-net", "--new-session", "--clearenv"):
+    for flag in ("--unshare-all", "--unshare-user", "--share-net", "--new-session", "--as-pid-1", "--clearenv"):
         assert flag in argv
     assert "--die-with-parent" not in argv  # instances outlive a crash of the control plane
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
@@ -96,7 +96,7 @@ def test_bwrap_argv_environment_only_via_setenv() -> None:
 def test_probe_uses_the_same_namespaces() -> None:
     probe = sandbox.probe_argv("bwrap")
     assert probe[-1] == "true"
-    for flag in ("--unshare-all", "--unshare-user", "--share-net", "--new-session"):
+    for flag in ("--unshare-all", "--unshare-user", "--share-net", "--new-session", "--as-pid-1"):
         assert flag in probe
 
 
@@ -155,17 +155,20 @@ def test_find_leaders_plain_and_bwrap() -> None:
         # plain instance: python as session leader, a child of the function (same session, marked env).
         ProcInfo(stat=_stat(100, 1), environ=_marked("me", AUBE_INSTANCE_ID="a")),
         ProcInfo(stat=_stat(101, 100, session=100, pgrp=100), environ=_marked("me")),
-        # bwrap instance: outer bwrap leader, inner bwrap (own session, same env), python (no marker).
+        # bwrap instance without --as-pid-1: outer bwrap leader, inner bwrap (own session, same env), python.
         ProcInfo(stat=_stat(200, 1), environ=_marked("me", AUBE_INSTANCE_ID="b")),
         ProcInfo(stat=_stat(201, 200), environ=_marked("me", AUBE_INSTANCE_ID="b")),
         ProcInfo(stat=_stat(202, 201, session=201, pgrp=201), environ={"AUBE_INSTANCE_ID": "b"}),
+        # bwrap instance with --as-pid-1: outer bwrap leader, python in its own session without the marker.
+        ProcInfo(stat=_stat(250, 1), environ=_marked("me", AUBE_INSTANCE_ID="d")),
+        ProcInfo(stat=_stat(251, 250), environ={"AUBE_INSTANCE_ID": "d"}),
         # someone else's instance and an unmarked process.
         ProcInfo(stat=_stat(300, 1), environ=_marked("other", AUBE_INSTANCE_ID="c")),
         ProcInfo(stat=_stat(400, 1), environ={}),
     ]
     leaders = sandbox.find_leaders(procs, "me")
-    assert [leader.handle for leader in leaders] == ["100:1000", "200:2000"]
-    assert [leader.environ["AUBE_INSTANCE_ID"] for leader in leaders] == ["a", "b"]
+    assert [leader.handle for leader in leaders] == ["100:1000", "200:2000", "250:2500"]
+    assert [leader.environ["AUBE_INSTANCE_ID"] for leader in leaders] == ["a", "b", "d"]
     assert all(leader.alive for leader in leaders)
 
 
@@ -188,7 +191,7 @@ def test_signal_targets_plain_includes_leader() -> None:
 
 def test_signal_targets_sandbox_spares_outer_bwrap() -> None:
     # Killing the outer bwrap first would orphan the sandbox; the workload is signalled instead.
-    stats = [_stat(200, 1), _stat(201, 200), _stat(202, 201, session=201, pgrp=201)]
+    stats = [_stat(200, 1), _stat(201, 200), _stat(202, 201, pgrp=201, session=201)]
     assert sandbox.signal_targets(stats, 200, sandboxed=True) == [201, 202]
 
 

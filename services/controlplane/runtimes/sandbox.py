@@ -6,11 +6,17 @@ process runtime (`process.py`) does the spawning, signalling and /proc reading a
 How an instance looks from /proc (what `find_leaders` and `signal_targets` rely on):
 
     plain:   python -m aube.instance     session leader, environment carries the markers
-    bwrap:   bwrap (outer)               session leader, environment carries the markers (AUBE_SANDBOX=bwrap)
-             └── bwrap (pid 1 inside)    a clone of the outer one: same environment, its own session
-                 └── python -m aube.instance   --clearenv: no owner marker
+    bwrap:   bwrap                       session leader, environment carries the markers (AUBE_SANDBOX=bwrap)
+             └── python -m aube.instance pid 1 of the sandbox (--as-pid-1), own session, --clearenv: no marker
 
-So an instance is a marked session leader whose parent is not marked itself; the inner bwrap is skipped.
+So an instance is a marked session leader whose parent is not marked itself. (That parent rule also covers
+bubblewrap without --as-pid-1, where a clone of the outer bwrap with the same environment and a session of
+its own sits between the two.)
+
+Why --as-pid-1: without it bubblewrap's outer process exits as soon as its in-sandbox init reports the exit
+status, before reaping that init, which is left to the host's init; where pid 1 reaps nobody (some
+containers), every stopped instance would leave a zombie. With it the outer process waits for its one child.
+A pid 1 only gets the signals it handles: the in-instance server handles SIGTERM, and SIGKILL always works.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ def bwrap_argv(
         "--unshare-user",  # explicit: --unshare-all only tries, and root outside must not be root inside
         "--share-net",
         "--new-session",  # no TIOCSTI into a terminal the control plane may have
+        "--as-pid-1",  # see the module docstring: no orphaned bwrap init
         "--cap-drop",
         "ALL",
         "--clearenv",
@@ -144,7 +151,7 @@ def bwrap_argv(
 def probe_argv(bwrap: str) -> list[str]:
     """A sandbox with the same namespaces as an instance's, running `true`: does bubblewrap work here?"""
     return [
-        bwrap, "--unshare-all", "--unshare-user", "--share-net", "--new-session", "--cap-drop", "ALL",
+        bwrap, "--unshare-all", "--unshare-user", "--share-net", "--new-session", "--as-pid-1", "--cap-drop", "ALL",
         "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true",
     ]  # fmt: skip
 
@@ -248,10 +255,9 @@ def descendants(stats: Iterable[ProcStat], root: int) -> list[ProcStat]:
 def signal_targets(stats: Iterable[ProcStat], leader: int, *, sandboxed: bool) -> list[int]:
     """Whom a stop signals: the leader and everything below it, but in a sandbox not the bubblewrap processes.
 
-    Bubblewrap's outer process dies at once on SIGTERM, which would orphan the sandbox; its inner process is
-    pid 1 of the namespace and ignores SIGTERM. Signalling the workload instead lets the chain unwind by
-    itself (the function exits, then both bwrap processes, each reaping its child). With SIGKILL the inner
-    bwrap is a target too (killing the pid namespace), only the outer one, our child, is left to exit.
+    Bubblewrap's outer process dies at once on SIGTERM, which would orphan the sandbox. Signalling the
+    workload instead lets the chain unwind by itself: the server exits, then bwrap, having reaped it. With
+    SIGKILL the sandbox's pid 1 dies and the kernel kills the rest of its pid namespace.
     """
     below = descendants(stats, leader)
     if not sandboxed:
