@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -344,3 +345,18 @@ async def test_instance_survives_kill_9_of_control_plane(
     pid, _ = sandbox.parse_handle(found.handle)
     assert not _process_exists(pid)
     assert await bwrap_runtime.instances(test_owner) == []
+    # Nothing of the instance (nor of the crashed control plane's bwrap probe) was orphaned to this adopter.
+    assert _adopted_zombies() == []
+
+
+def _adopted_zombies() -> list[str]:
+    zombies = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = sandbox.parse_stat(Path(f"/proc/{entry}/stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue
+            if stat.ppid == os.getpid() and stat.state == "Z":
+                zombies.append(Path(f"/proc/{entry}/stat").read_text()[:40])
+    return zombies

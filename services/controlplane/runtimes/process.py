@@ -273,9 +273,10 @@ class ProcessRuntime:
             _remove_quietly(log_path)
             raise RuntimeFailure(f"could not start {argv[0]}: {e}") from e
         _CHILDREN[proc.pid] = proc
-        stat = _read_stat(proc.pid)
         # A child that already exited is still our zombie, so its stat is there until we reap it.
-        assert stat is not None
+        stat = _read_stat(proc.pid)
+        if stat is None:
+            raise RuntimeFailure(f"/proc/{proc.pid}/stat is unreadable: is /proc mounted?")
         return sandbox.format_handle(proc.pid, stat.starttime)
 
     async def _wait_listening(self, handle: str, port: int, log_path: Path) -> None:
