@@ -360,3 +360,15 @@ def _adopted_zombies() -> list[str]:
             if stat.ppid == os.getpid() and stat.state == "Z":
                 zombies.append(Path(f"/proc/{entry}/stat").read_text()[:40])
     return zombies
+
+
+async def test_required_sandbox_missing_is_a_clear_failure(
+    tmp_path: Path, test_owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = ProcessRuntime(_settings(tmp_path, "bwrap"))
+    ref = await runtime.prepare("echo", 1, _function(tmp_path, ECHO), Manifest(), test_owner, lambda _: None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    with pytest.raises(RuntimeFailure, match="bwrap is not on PATH"):
+        await runtime.start(_spec(ref, test_owner))
+    assert await runtime.instances(test_owner) == []
+    await runtime.close()
