@@ -213,7 +213,9 @@ class ControlPlane:
                 updated_at=now,
             )
             if await self.registry.put_function(record, existing.revision if existing else None) is None:
-                raise AubeError(f"{name} was changed by another upload at the same moment; upload again", code="conflict")
+                raise AubeError(
+                    f"{name} was changed by another upload at the same moment; upload again", code="conflict"
+                )
         except BaseException:
             with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
                 for entry in started:

@@ -88,7 +88,9 @@ async def serve(
             tg.start_soon(_every, settings.reconcile_interval, cp.reconcile, "reconcile")
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             await nc.flush()
-            log.info("control plane %s serving on %s with the %s runtime", settings.owner, settings.nats_url, runtime.kind)
+            log.info(
+                "control plane %s serving on %s with the %s runtime", settings.owner, settings.nats_url, runtime.kind
+            )
             task_status.started(cp)
     finally:
         with anyio.move_on_after(60, shield=True):

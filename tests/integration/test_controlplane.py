@@ -173,26 +173,58 @@ def _device(name: str) -> tarfile.TarInfo:
 
 
 BAD_UPLOADS: dict[str, tuple[dict[str, object], type[AubeError], str]] = {
-    "invalid name": ({"name": "Bad_Name", "zip": zip_files({"fn.py": "def fn(ws): pass"})}, InvalidName, "invalid_name"),
-    "corrupt archive": ({"name": "f", "zip": base64.b64encode(b"PK\x03\x04garbage").decode()}, InvalidBundle, "bundle_corrupt"),
+    "invalid name": (
+        {"name": "Bad_Name", "zip": zip_files({"fn.py": "def fn(ws): pass"})},
+        InvalidName,
+        "invalid_name",
+    ),
+    "corrupt archive": (
+        {"name": "f", "zip": base64.b64encode(b"PK\x03\x04garbage").decode()},
+        InvalidBundle,
+        "bundle_corrupt",
+    ),
     "not base64": ({"name": "f", "zip": "***"}, InvalidBundle, "bundle_corrupt"),
-    "absolute path": ({"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "/etc/evil": "x"})}, InvalidBundle, "bundle_unsafe_path"),
-    "dot-dot": ({"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "../evil": "x"})}, InvalidBundle, "bundle_unsafe_path"),
+    "absolute path": (
+        {"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "/etc/evil": "x"})},
+        InvalidBundle,
+        "bundle_unsafe_path",
+    ),
+    "dot-dot": (
+        {"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "../evil": "x"})},
+        InvalidBundle,
+        "bundle_unsafe_path",
+    ),
     "escaping link": (
         {"name": "f", "tar": tar_with(lambda t: t.addfile(_link("out", "../../etc/passwd")))},
         InvalidBundle,
         "bundle_link",
     ),
-    "device file": ({"name": "f", "tar": tar_with(lambda t: t.addfile(_device("dev")))}, InvalidBundle, "bundle_device_file"),
+    "device file": (
+        {"name": "f", "tar": tar_with(lambda t: t.addfile(_device("dev")))},
+        InvalidBundle,
+        "bundle_device_file",
+    ),
     "too many files": (
         {"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", **{f"f{i}.txt": "" for i in range(40)}})},
         InvalidBundle,
         "bundle_too_many_files",
     ),
-    "too large": ({"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "big": "x" * 300_000})}, InvalidBundle, "bundle_too_large"),
+    "too large": (
+        {"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "big": "x" * 300_000})},
+        InvalidBundle,
+        "bundle_too_large",
+    ),
     "no fn.py": ({"name": "f", "zip": zip_files({"main.py": "print(1)"})}, InvalidBundle, "bundle_missing_fn"),
-    "fn.py does not compile": ({"name": "f", "zip": zip_files({"fn.py": "def fn(:\n"})}, InvalidBundle, "bundle_fn_syntax"),
-    "no fn defined": ({"name": "f", "zip": zip_files({"fn.py": "def handler(ws): pass\n"})}, InvalidBundle, "bundle_fn_undefined"),
+    "fn.py does not compile": (
+        {"name": "f", "zip": zip_files({"fn.py": "def fn(:\n"})},
+        InvalidBundle,
+        "bundle_fn_syntax",
+    ),
+    "no fn defined": (
+        {"name": "f", "zip": zip_files({"fn.py": "def handler(ws): pass\n"})},
+        InvalidBundle,
+        "bundle_fn_undefined",
+    ),
     "invalid aube.toml": (
         {"name": "f", "zip": zip_files({"fn.py": "def fn(ws): pass", "aube.toml": "[scaling]\nmax_instances = 0\n"})},
         InvalidBundle,
@@ -293,7 +325,9 @@ async def test_concurrent_scale_requests_never_exceed_max_instances(platform, tm
 
         async def scale() -> None:
             try:
-                outcomes.append(await request(nc, names.SUBJECT_SCALE, ScaleRequest(name="capped", count=1), ScaleReply, 120))
+                outcomes.append(
+                    await request(nc, names.SUBJECT_SCALE, ScaleRequest(name="capped", count=1), ScaleReply, 120)
+                )
             except CapacityExhausted as e:
                 outcomes.append(e)
 
@@ -317,7 +351,9 @@ async def test_kill_9_and_restart_leaves_registry_and_runtime_in_agreement(platf
     slow = tmp_path / "slow"
     slow.mkdir()
     # Slow to become healthy, so a kill -9 can land while an instance is still "starting".
-    (slow / "fn.py").write_text("import time\ntime.sleep(4)\nasync def fn(websocket):\n    await websocket.send('up')\n")
+    (slow / "fn.py").write_text(
+        "import time\ntime.sleep(4)\nasync def fn(websocket):\n    await websocket.send('up')\n"
+    )
     (slow / "aube.toml").write_text("[scaling]\nmin_free = 1\nmax_instances = 4\n")
     cp = await platform.start_controlplane()
     async with nats_client(platform.nats_url) as (nc, registry):

@@ -11,7 +11,9 @@ OWNER = "cp1"
 NOW = 1000.0
 
 
-def entry(slot: int, state: str = "free", *, fn: str = "f", version: int = 1, owner: str = OWNER, **kw: object) -> InstanceEntry:
+def entry(
+    slot: int, state: str = "free", *, fn: str = "f", version: int = 1, owner: str = OWNER, **kw: object
+) -> InstanceEntry:
     record = InstanceRecord(
         function=fn,
         slot=slot,
@@ -27,7 +29,9 @@ def entry(slot: int, state: str = "free", *, fn: str = "f", version: int = 1, ow
 
 
 def running(instance_id: str, *, alive: bool = True) -> RunningInstance:
-    return RunningInstance(handle=f"h-{instance_id}", instance_id=instance_id, function="f", version=1, slot=0, alive=alive)
+    return RunningInstance(
+        handle=f"h-{instance_id}", instance_id=instance_id, function="f", version=1, slot=0, alive=alive
+    )
 
 
 def function(name: str = "f", version: int = 1, *, deleting: bool = False) -> FunctionEntry:
@@ -142,5 +146,7 @@ def test_draining_is_stopped_only_when_stale() -> None:
 
 
 def test_starting_and_in_flight_are_never_retired() -> None:
-    plan = retire([entry(0, "starting", version=1), entry(1, "free", version=1)], [function(version=2)], in_flight={"f-i1"})
+    plan = retire(
+        [entry(0, "starting", version=1), entry(1, "free", version=1)], [function(version=2)], in_flight={"f-i1"}
+    )
     assert plan.stop == []

@@ -34,8 +34,9 @@ async def install_requirements(
 
     Installed sets are cached by the digest of the requirement lines, so an unchanged requirements.txt is a copy.
     """
-    target.mkdir(parents=True, exist_ok=True)
-    if not requirements.exists() or not requirements.read_text().strip():
+    await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+    wanted = await anyio.Path(requirements).read_text() if await anyio.Path(requirements).exists() else ""
+    if not wanted.strip():
         return
     cached = cache_dir / "sites" / requirements_digest(requirements)
     if not cached.exists():
@@ -46,7 +47,7 @@ async def install_requirements(
             "--only-binary=:all:", "--target", str(staging),
             "--cache-dir", str(cache_dir / "pip"), "-r", str(requirements),
         ]  # fmt: skip
-        log(f"installing requirements: {' '.join(requirements.read_text().split())}")
+        log(f"installing requirements: {' '.join(wanted.split())}")
         with anyio.move_on_after(timeout) as scope:
             result = await anyio.run_process(cmd, check=False, stderr=subprocess.STDOUT)
         if scope.cancelled_caught:
