@@ -612,11 +612,10 @@ async def test_kill_9_leaves_claim_and_stale_lease_for_the_reaper(nats_server: L
                 await proc.wait()
                 with anyio.fail_after(5), pytest.raises(ConnectionClosed):
                     await ws.recv()
+            # A renewal already on the wire when the process died may still land; after one ttl none can.
+            await anyio.sleep(1.5)
             lease = {e.key: e.record for e in await env.registry.leases()}[proxy_id]
-            await anyio.sleep(lease.ttl)
-            again = {e.key: e.record for e in await env.registry.leases()}[proxy_id]
-            assert again.renewed_at == lease.renewed_at
-            assert again.renewed_at + again.ttl < time.time()  # expired: the reaper's cue
+            assert lease.renewed_at + lease.ttl < time.time()  # left behind, expired: the reaper's cue
             rec = await env.record(key)
             assert (rec.state, rec.claimed_by) == ("busy", proxy_id)
 
