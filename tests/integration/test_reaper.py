@@ -179,7 +179,7 @@ async def put(registry: Registry, *records: FunctionRecord | InstanceRecord | Pr
 
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     with anyio.fail_after(timeout):
-        while not await cond():  # noqa: ASYNC110 - the condition is remote state (the registry), polled
+        while not await cond():
             await anyio.sleep(0.05)
 
 
