@@ -348,26 +348,33 @@ class ControlPlane:
         return True
 
     async def _retire_old_versions(self, name: str, *, current: int | None, deadline: float | None) -> tuple[int, int]:
-        """Stop the free instances of older versions now; let busy ones finish (until `deadline`, if any).
-        Returns (stopped, still streaming)."""
+        """Retire every instance of `name` older than `current` (all of them when None): free ones stop now, busy
+        ones finish their stream (until `deadline`, if any). Returns (stopped, still streaming)."""
         stopped = streaming = 0
         for entry in await self.registry.instances(name):
-            r = entry.record
-            if current is not None and r.version >= current:
-                continue
-            if r.state == "busy" or not await self._drain_and_stop(entry, reason="retired"):
-                fresh = await self.registry.get_instance(entry.key)
-                if fresh is None or fresh.record.instance_id != r.instance_id:
-                    continue
-                if fresh.record.state != "busy":
-                    stopped += await self._drain_and_stop(fresh, reason="retired")
-                    continue
-                marked = msgspec.structs.replace(fresh.record, retire=True, retire_deadline=deadline)
-                if await self.registry.update_instance(fresh.revision, marked) is not None:
-                    streaming += 1
-            else:
-                stopped += 1
+            if current is None or entry.record.version < current:
+                outcome = await self._retire(entry, deadline)
+                stopped += outcome == "stopped"
+                streaming += outcome == "streaming"
         return stopped, streaming
+
+    async def _retire(self, entry: InstanceEntry | None, deadline: float | None) -> str:
+        """Stop the instance, or mark it to stop once its stream ends. A proxy may claim or release it between
+        our read and our write; each lost compare-and-set re-reads and decides again."""
+        instance_id = entry.record.instance_id if entry else ""
+        for _ in range(5):
+            if entry is None or entry.record.instance_id != instance_id:
+                return "gone"
+            if entry.record.state != "busy":
+                if await self._drain_and_stop(entry, reason="retired"):
+                    return "stopped"
+            else:
+                marked = msgspec.structs.replace(entry.record, retire=True, retire_deadline=deadline)
+                if await self.registry.update_instance(entry.revision, marked) is not None:
+                    return "streaming"
+            entry = await self.registry.get_instance(entry.key)
+        # Still changing under us: retirement (retire_pass) finishes the job on its next round.
+        return "streaming"
 
     # -- requests from proxies and reapers ---------------------------------------------------------------------
 

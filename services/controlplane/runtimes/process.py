@@ -186,7 +186,7 @@ class ProcessRuntime:
             # Whatever the function started and left in the instance's process group goes with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-        _reap(pid, starttime)
+        await anyio.to_thread.run_sync(_reap, pid, starttime, KILL_WAIT)
         owner = info.environ.get(sandbox.ENV_MANAGED_OWNER, "")
         function = info.environ.get(names.ENV_FUNCTION, "")
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
@@ -515,11 +515,17 @@ def _signal_instance(pid: int, starttime: int, signum: int, sandboxed: bool) -> 
             os.killpg(pid, signum)
 
 
-def _reap(pid: int, starttime: int) -> None:
-    """Collect the exit status of the instance if it is our child (no zombie is left); others reap their own."""
+def _reap(pid: int, starttime: int, wait: float = 0.0) -> None:
+    """Collect the exit status of the instance if it is our child (no zombie is left); others reap their own.
+
+    `wait` blocks (in a worker thread) for a child that was just signalled: `poll()` alone can miss a child that
+    is still dying, or one whose status another thread is collecting at that moment, and leave a zombie behind.
+    """
     proc = _CHILDREN.get(pid)
     if proc is not None:
-        if proc.poll() is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait) if wait > 0 else proc.poll()
+        if proc.returncode is not None:
             del _CHILDREN[pid]
         return
     # Not started by this process, but it may still be our child: adopted when this process is a child
