@@ -27,7 +27,9 @@ QUEUE_CONTROLPLANE = "aube-controlplane"
 # JetStream buckets.
 BUCKET_INSTANCES = "aube-instances"  # key "<function>.<slot>" -> InstanceRecord
 BUCKET_FUNCTIONS = "aube-functions"  # key "<function>" -> FunctionRecord
-BUCKET_LEASES = "aube-leases"  # key "<proxy id>" -> ProxyLease, expires by TTL
+BUCKET_LEASES = "aube-leases"  # key "<proxy id>" -> ProxyLease, renewed by its proxy
+# In BUCKET_LEASES too: "scale-intent.<function>" lets one proxy replica per cooldown window ask for a scale-out.
+SCALE_INTENT_PREFIX = "scale-intent."
 BUCKET_BUNDLES = "aube-bundles"  # object store for uploads above the NATS max payload
 
 # Docker labels and process-runtime markers. Everything Aube creates carries LABEL_MANAGED.

@@ -19,16 +19,16 @@ import anyio
 from anyio.abc import TaskStatus
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
+from aube.shared import names
 from aube.shared.registry import Registry
 from aube.shared.schemas import ProxyLease, decode_record, encode
 
 log = logging.getLogger(__name__)
 
-SCALE_INTENT_PREFIX = "scale-intent."
 
 
 def scale_intent_key(function: str) -> str:
-    return SCALE_INTENT_PREFIX + function
+    return names.SCALE_INTENT_PREFIX + function
 
 
 async def keep_lease(
