@@ -1,7 +1,7 @@
 # Aube: `make start` runs the whole platform in the foreground (Ctrl-C stops it); `make test` runs the tests.
 PROXIES ?= 1
 
-.PHONY: start test test-fast lint setup bench clean
+.PHONY: start test test-fast lint setup bench bench-smoke clean
 
 setup:
 	@scripts/setup.sh
@@ -22,3 +22,14 @@ lint: setup
 
 clean:
 	rm -rf .data .typecheck .mypy_cache .pytest_cache
+
+# Benchmarks (bench/README.md): the full run writes bench/RESULTS.md and bench/results.png (several minutes);
+# the smoke run is the same code with tiny counts (seconds) and asserts nothing about timings.
+bench: setup
+	.venv/bin/pip install -q -r bench/requirements.txt
+	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q nginx-light; } || echo "no nginx: its configurations are skipped"
+	.venv/bin/python bench/run.py
+
+bench-smoke: setup
+	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q nginx-light; } || echo "no nginx: its configurations are skipped"
+	.venv/bin/python bench/run.py --smoke
