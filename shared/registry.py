@@ -12,13 +12,21 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from aube.shared import names
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, decode_record, encode
 
 log = logging.getLogger(__name__)
+
+# JetStream's "wrong last sequence": nats-py raises it as KeyWrongLastSequenceError for create/update, but as a
+# plain BadRequestError for a delete with `last`.
+WRONG_LAST_SEQUENCE = 10071
+
+
+def _lost_race(e: APIError) -> bool:
+    return isinstance(e, KeyWrongLastSequenceError) or e.err_code == WRONG_LAST_SEQUENCE
 
 
 class InstanceEntry(msgspec.Struct, frozen=True):
@@ -96,7 +104,9 @@ class Registry:
         """Delete (at `revision` if given); False if the entry changed meanwhile."""
         try:
             await self.instances_kv.delete(key, last=revision)
-        except KeyWrongLastSequenceError:
+        except APIError as e:
+            if not _lost_race(e):
+                raise
             log.debug("lost race deleting %s at revision %s", key, revision)
             return False
         return True
@@ -156,7 +166,9 @@ class Registry:
     async def delete_lease(self, proxy_id: str, revision: int | None = None) -> bool:
         try:
             await self.leases_kv.delete(proxy_id, last=revision)
-        except KeyWrongLastSequenceError:
+        except APIError as e:
+            if not _lost_race(e):
+                raise
             return False
         return True
 

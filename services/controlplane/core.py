@@ -81,6 +81,8 @@ class ControlPlane:
             max_files=settings.max_files,
         )
         self.in_flight: set[str] = set()  # instance ids this process is starting right now
+        # Every id that was in flight at any moment of the current reconcile pass (see `reconcile`).
+        self._in_flight_during_pass: set[str] = set()
         self.uploading: set[str] = set()  # function names with an upload under way here
         self._function_locks: dict[str, anyio.Lock] = {}
         self._first_seen: dict[tuple[str, int], float] = {}
@@ -239,18 +241,19 @@ class ControlPlane:
     # -- instances ---------------------------------------------------------------------------------------------
 
     async def _start_instances(
-        self, name: str, version: int, artifact: str, manifest: Manifest, count: int
+        self, name: str, version: int, artifact: str, manifest: Manifest, count: int, *, claimable: bool = False
     ) -> list[InstanceEntry]:
         """Start up to `count` instances concurrently, each in a slot it won by compare-and-set, and health-check
-        them. They stay "starting" (unclaimable) until the caller marks them free. Fewer than `count` come back
-        when slots run out; if every start fails, the first failure is raised."""
+        them. With `claimable`, each becomes "free" the moment it is healthy (a scale-out: waiting clients should
+        not wait for the slowest sibling); otherwise they stay "starting" until the caller marks them free. Fewer
+        than `count` come back when slots run out; if every start fails, the first failure is raised."""
         taken = {e.record.slot for e in await self.registry.instances(name)}
         results: list[InstanceEntry] = []
         errors: list[AubeError] = []
 
         async def start_one() -> None:
             try:
-                entry = await self._start_instance(name, version, artifact, manifest, taken)
+                entry = await self._start_instance(name, version, artifact, manifest, taken, claimable)
             except AubeError as e:
                 errors.append(e)
                 return
@@ -265,7 +268,7 @@ class ControlPlane:
         return sorted(results, key=lambda e: e.record.slot)
 
     async def _start_instance(
-        self, name: str, version: int, artifact: str, manifest: Manifest, taken: set[int]
+        self, name: str, version: int, artifact: str, manifest: Manifest, taken: set[int], claimable: bool
     ) -> InstanceEntry | None:
         now = time.time()
         instance_id = uuid.uuid4().hex[:12]
@@ -299,12 +302,19 @@ class ControlPlane:
         )
         key = names.instance_key(name, record.slot)
         self.in_flight.add(instance_id)
+        self._in_flight_during_pass.add(instance_id)
         started: StartedInstance | None = None
         try:
             started = await self.runtime.start(spec)
             handle = started.handle
             await wait_healthy(started.address, self.settings.health_timeout, lambda: self.runtime.is_alive(handle))
-            record = msgspec.structs.replace(record, address=started.address, handle=started.handle)
+            record = msgspec.structs.replace(
+                record,
+                address=started.address,
+                handle=started.handle,
+                state="free" if claimable else "starting",
+                last_used=time.time(),
+            )
             new_revision = await self.registry.update_instance(revision, record)
             if new_revision is None:
                 raise AubeError(f"instance slot {key} was taken over while starting", code="conflict")
@@ -385,10 +395,9 @@ class ControlPlane:
             raise UnknownFunction(f"no function named {name!r}")
         f = function.record
         count = max(1, min(req.count, f.manifest.scaling.max_instances))
-        started = await self._start_instances(name, f.version, f.artifact, f.manifest, count)
-        if not started:
+        ready = await self._start_instances(name, f.version, f.artifact, f.manifest, count, claimable=True)
+        if not ready:
             raise CapacityExhausted(f"{name} already runs its maximum of {f.manifest.scaling.max_instances} instances")
-        ready = [e for e in started if await self._mark_free(e)]
         total = len(await self.registry.instances(name))
         await self.emit(name, "scaled", version=f.version, instances=total)
         return ScaleReply(
@@ -507,7 +516,13 @@ class ControlPlane:
                 await self._finish_delete(name)
 
     async def reconcile(self, *, startup: bool = False) -> decisions.ReconcilePlan:
-        """Make the runtime and the registry agree; see decisions.plan_reconcile for the rules and the order."""
+        """Make the runtime and the registry agree; see decisions.plan_reconcile for the rules and the order.
+
+        The runtime listing is older than the plan: an instance listed while still being created (not yet running)
+        may have finished starting by the time the plan is made. So every instance that was in flight at any
+        moment of this pass counts as in flight, not just those still starting at the end.
+        """
+        self._in_flight_during_pass = set(self.in_flight)
         running = await self.runtime.instances(self.owner)
         artifacts = await self.runtime.artifacts(self.owner)
         entries = await self.registry.instances()
@@ -518,7 +533,7 @@ class ControlPlane:
             entries=entries,
             functions=functions,
             artifacts=artifacts,
-            in_flight=set(self.in_flight),
+            in_flight=self._in_flight_during_pass | self.in_flight,
             busy_uploads=set(self.uploading),
             now=time.time(),
             start_timeout=self.settings.start_timeout,
