@@ -49,7 +49,11 @@ from aube.shared.settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = 5.0  # scale and stop requests: the control plane replies once the work is done or refused
+REQUEST_TIMEOUT = 5.0  # stop requests: the control plane replies once the instance is gone
+# A scale reply comes once every new instance is healthy, which for dozens of instances on a small machine takes
+# many seconds. The request runs beside the waiting clients (they claim each instance as it turns free), so a
+# slow reply is not a failure; only a silent control plane is.
+SCALE_TIMEOUT = 120.0
 CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is aborted
 
 
@@ -435,7 +439,7 @@ class Proxy:
                 return
             self.metrics.scale_requests_total[name] += 1
             body = ScaleRequest(name=name, count=count, requested_by=self.proxy_id)
-            reply = await bus.request(self.nc, names.SUBJECT_SCALE, body, ScaleReply, REQUEST_TIMEOUT)
+            reply = await bus.request(self.nc, names.SUBJECT_SCALE, body, ScaleReply, SCALE_TIMEOUT)
             log.info("scaled %s by %d: %d instances", name, len(reply.started), reply.total)
         except CapacityExhausted as e:
             log.debug("scale of %s refused: %s", name, e)  # waiting clients get a released instance or a 503
