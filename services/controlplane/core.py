@@ -201,6 +201,7 @@ class ControlPlane:
             # At least one instance is health-checked even for a scale-to-zero function: a broken version must fail
             # its upload, not its first stream.
             wanted = max(manifest.scaling.min_free, 1)
+            await self._make_room(name, version, manifest.scaling.max_instances, wanted)
             started = await self._start_instances(name, version, artifact, manifest, wanted)
             if not started:
                 raise CapacityExhausted(f"{name}: all {manifest.scaling.max_instances} instance slots are in use")
@@ -234,6 +235,17 @@ class ControlPlane:
         await self.emit(name, "ready", version=version, instances=len(ready))
         log.info("function %s version %d ready with %d warm instance(s)", name, version, len(ready))
         return UploadReply(name=name, version=version, url=self._url(name), instances=len(ready))
+
+    async def _make_room(self, name: str, version: int, max_instances: int, wanted: int) -> None:
+        """Free slots for a new version by stopping free instances of older ones, when the old version would
+        otherwise hold every slot (e.g. max_instances = 1). Busy ones keep streaming; nothing is cut."""
+        entries = await self.registry.instances(name)
+        shortfall = wanted - (max_instances - len(entries))
+        for entry in sorted(entries, key=lambda e: e.record.last_used):
+            if shortfall <= 0:
+                return
+            if entry.record.version < version and entry.record.state == "free":
+                shortfall -= await self._drain_and_stop(entry, reason="making room for a new version")
 
     def _url(self, name: str) -> str:
         return f"{self.settings.public_url.rstrip('/')}/{name}"
@@ -307,7 +319,9 @@ class ControlPlane:
         try:
             started = await self.runtime.start(spec)
             handle = started.handle
-            await wait_healthy(started.address, self.settings.health_timeout, lambda: self.runtime.is_alive(handle))
+            await wait_healthy(
+                started.address, instance_id, self.settings.health_timeout, lambda: self.runtime.is_alive(handle)
+            )
             record = msgspec.structs.replace(
                 record,
                 address=started.address,

@@ -6,6 +6,8 @@ container listens. So the check reads the HTTP status line.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -14,19 +16,32 @@ from aube.shared import names
 from aube.shared.errors import HealthCheckFailed
 
 
-async def probe(address: str, timeout: float = 2.0) -> bool:
-    """One health request; True only for an HTTP 200 answer."""
+async def probe(address: str, instance_id: str | None = None, timeout: float = 2.0) -> bool:
+    """One health request; True only for an HTTP 200 answer from the instance named `instance_id` (if given).
+
+    Checking the identity guards the registry against an address that leads to another instance than the one
+    being registered (a port reused, a stale mapping): an entry must never send streams to someone else's instance.
+    """
     host, _, port = address.rpartition(":")
     with anyio.move_on_after(timeout):
         try:
             async with await anyio.connect_tcp(host, int(port)) as stream:
                 request = f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
                 await stream.send(request.encode())
-                head = b""
-                while b"\r\n" not in head and len(head) < 1024:
-                    head += await stream.receive()
-                return head.split(b" ", 2)[1:2] == [b"200"]
-        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, IndexError):
+                answer = b""
+                with contextlib.suppress(anyio.EndOfStream):
+                    while len(answer) < 65536:
+                        answer += await stream.receive()
+        except (OSError, anyio.BrokenResourceError):
+            return False
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if head.split(b" ", 2)[1:2] != [b"200"]:
+            return False
+        if instance_id is None:
+            return True
+        try:
+            return bool(json.loads(body).get("instance") == instance_id)
+        except (ValueError, AttributeError):
             return False
     return False
 
@@ -38,16 +53,16 @@ PROBE_INTERVAL = 0.02
 ALIVE_INTERVAL = 0.25
 
 
-async def wait_healthy(address: str, timeout: float, alive: Callable[[], Awaitable[bool]]) -> None:
+async def wait_healthy(address: str, instance_id: str, timeout: float, alive: Callable[[], Awaitable[bool]]) -> None:
     """Return once `address` is healthy; HealthCheckFailed when the deadline passes or the instance dies first."""
     with anyio.move_on_after(timeout):
         next_alive_check = anyio.current_time() + ALIVE_INTERVAL
         while True:
-            if await probe(address):
+            if await probe(address, instance_id):
                 return
             if anyio.current_time() >= next_alive_check:
                 if not await alive():
                     raise HealthCheckFailed(f"instance at {address} exited before it became healthy")
                 next_alive_check = anyio.current_time() + ALIVE_INTERVAL
             await anyio.sleep(PROBE_INTERVAL)
-    raise HealthCheckFailed(f"instance at {address} did not pass its health check within {timeout:g}s")
+    raise HealthCheckFailed(f"instance {instance_id} at {address} did not pass its health check within {timeout:g}s")

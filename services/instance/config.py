@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+# The line a runtime reads to learn the port when it asked for any free one (AUBE_INSTANCE_PORT=0): the kernel
+# picks the port at bind time, so two instances starting at once can never be handed the same one.
+LISTENING_MARKER = "aube-instance listening on"
+
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8080
 # How long a command gets between SIGTERM and SIGKILL once its stream is over.

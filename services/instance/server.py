@@ -28,11 +28,16 @@ from websockets.protocol import Protocol as WsProtocol
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from aube.instance.config import InstanceConfig
+from aube.instance.config import LISTENING_MARKER, InstanceConfig
 from aube.instance.handlers import exception_reason
 from aube.instance.slot import StreamSlot
 
 logger = logging.getLogger(__name__)
+
+
+def announce(config: InstanceConfig, flavour: str, port: int) -> None:
+    logger.info("serving %s (%s) on %s:%d", config.fn_dir, flavour, config.host, port)
+    print(f"{LISTENING_MARKER} {config.host}:{port}", flush=True)
 
 HEALTH_PATH = "/_aube/health"
 RETRY_AFTER_SECONDS = 1
@@ -300,7 +305,7 @@ def serve_sync(
         create_connection=SyncStreamConnection,
         **negotiation.kwargs(),
     )
-    logger.info("serving %s (sync) on %s:%d", config.fn_dir, config.host, server.socket.getsockname()[1])
+    announce(config, "sync", server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
     thread.start()
     stopper.wait()
@@ -377,8 +382,7 @@ async def serve_async(
         create_connection=AsyncStreamConnection,
         **negotiation.kwargs(),
     )
-    port = next(iter(server.sockets)).getsockname()[1] if server.sockets else config.port
-    logger.info("serving %s (asyncio) on %s:%d", config.fn_dir, config.host, port)
+    announce(config, "asyncio", next(iter(server.sockets)).getsockname()[1] if server.sockets else config.port)
     await stop.wait()
     logger.info("stopping: closing open streams with 1001")
     server.close()  # closes open connections with 1001 (going away)

@@ -455,3 +455,19 @@ async def test_delete_lets_a_busy_stream_finish_within_the_grace(platform) -> No
             while await registry.instances() or await registry.functions():
                 await anyio.sleep(0.1)
         await assert_nothing_left(platform, registry)
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_reupload_of_a_single_instance_function_takes_the_free_slot(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fn = tmp_path / "single"
+    fn.mkdir()
+    (fn / "fn.py").write_text((EXAMPLES / "reverse-async" / "fn.py").read_text())
+    (fn / "aube.toml").write_text("[scaling]\nmax_instances = 1\n")
+    await platform.start_controlplane()
+    async with nats_client(platform.nats_url) as (nc, registry):
+        first = await upload(nc, "single", fn)
+        second = await upload(nc, "single", fn)
+        assert second.version == first.version + 1
+        (entry,) = await registry.instances("single")
+        assert (entry.record.version, entry.record.state) == (second.version, "free")
+        assert await echo(entry.record.address, "one slot") == "tols eno"

@@ -372,3 +372,27 @@ async def test_required_sandbox_missing_is_a_clear_failure(
         await runtime.start(_spec(ref, test_owner))
     assert await runtime.instances(test_owner) == []
     await runtime.close()
+
+
+async def test_instances_started_at_once_each_answer_as_themselves(
+    runtime: ProcessRuntime, tmp_path: Path, test_owner: str
+) -> None:
+    """Each instance binds its own port (the kernel picks it), so no registry entry can lead to another instance;
+    the control plane's health check also asks every instance who it is."""
+    from aube.controlplane.health import probe
+
+    ref = await runtime.prepare("echo", 1, _function(tmp_path, ECHO), Manifest(), test_owner, lambda _: None)
+    specs = [_spec(ref, test_owner, slot=slot) for slot in range(8)]
+    started: list[StartedInstance] = []
+
+    async def start(spec: InstanceSpec) -> None:
+        started.append(await runtime.start(spec))
+
+    async with anyio.create_task_group() as tg:
+        for spec in specs:
+            tg.start_soon(start, spec)
+    assert len({s.address for s in started}) == 8
+    for s in started:
+        assert await probe(s.address, s.instance_id)
+        assert not await probe(s.address, "someone-else")
+        assert await _ask(s, "hello") == "hello"

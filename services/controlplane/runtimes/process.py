@@ -30,7 +30,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -48,6 +47,7 @@ from aube.controlplane.runtimes.base import (
     StartedInstance,
     instance_environment,
 )
+from aube.instance.config import LISTENING_MARKER
 from aube.shared import names
 from aube.shared.errors import BuildFailed, HealthCheckFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
@@ -62,7 +62,6 @@ KILL_WAIT = 2.0
 # Packages the in-instance server imports from Aube's own sources (bound read-only into the sandbox).
 INSTANCE_PACKAGES = ("aube.instance", "aube.shared")
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_PORT_ATTEMPTS = 3
 
 # Our children, by pid. They belong to this OS process rather than to one ProcessRuntime: a runtime that is
 # closed and made anew (as after a reconnect) must still reap the instances the first one started, and a
@@ -140,28 +139,23 @@ class ProcessRuntime:
         bwrap = await self._sandbox()
         log_path = self._log_path(spec.owner, spec.function, spec.instance_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(_PORT_ATTEMPTS):
-            port = _free_port()
-            argv, env = _command(spec, port, bwrap, fn_dir, deps_dir)
-            log_path.write_bytes(b"")
-            handle = self._spawn(argv, env, fn_dir, log_path, limits)
-            try:
-                await self._wait_listening(handle, port, log_path)
-            except _PortTaken:
-                # Another process took the port between our probe and the instance's bind: a new port.
-                logger.debug("port %d taken before instance %s bound it (attempt %d)", port, spec.instance_id, attempt)
-                continue
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self.stop(handle)
-                raise
-            logger.info(
-                "started %s v%d slot %d instance %s as %s on port %d (sandbox %s)",
-                spec.function, spec.version, spec.slot, spec.instance_id, handle, port, "bwrap" if bwrap else "none",
-            )  # fmt: skip
-            return StartedInstance(instance_id=spec.instance_id, handle=handle, address=f"{INSTANCE_HOST}:{port}")
-        _remove_quietly(log_path)
-        raise RuntimeFailure(f"instance {spec.instance_id} found no free port in {_PORT_ATTEMPTS} attempts")
+        # Port 0: the instance binds any free port and announces it; a port chosen here could be handed to two
+        # instances starting at once (or taken by anyone before the bind), and then one instance would answer for
+        # both registry entries.
+        argv, env = _command(spec, 0, bwrap, fn_dir, deps_dir)
+        log_path.write_bytes(b"")
+        handle = self._spawn(argv, env, fn_dir, log_path, limits)
+        try:
+            port = await self._wait_listening(handle, log_path)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop(handle)
+            raise
+        logger.info(
+            "started %s v%d slot %d instance %s as %s on port %d (sandbox %s)",
+            spec.function, spec.version, spec.slot, spec.instance_id, handle, port, "bwrap" if bwrap else "none",
+        )  # fmt: skip
+        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=f"{INSTANCE_HOST}:{port}")
 
     async def stop(self, handle: str) -> None:
         try:
@@ -279,27 +273,24 @@ class ProcessRuntime:
             raise RuntimeFailure(f"/proc/{proc.pid}/stat is unreadable: is /proc mounted?")
         return sandbox.format_handle(proc.pid, stat.starttime)
 
-    async def _wait_listening(self, handle: str, port: int, log_path: Path) -> None:
-        """Return once the instance listens on `port`; RuntimeFailure with its output if it exits first."""
+    async def _wait_listening(self, handle: str, log_path: Path) -> int:
+        """The port the instance announced once listening; RuntimeFailure with its output if it exits first."""
         pid, _ = sandbox.parse_handle(handle)
         proc = _CHILDREN[pid]
         with anyio.move_on_after(self._settings.health_timeout):
             while True:
+                port = await anyio.to_thread.run_sync(_announced_port, log_path)
+                if port is not None:
+                    return port
                 if proc.poll() is not None:
                     _CHILDREN.pop(pid, None)
                     tail = _tail(log_path)
                     _remove_quietly(log_path)
-                    if "Address already in use" in tail:
-                        raise _PortTaken
                     raise RuntimeFailure(f"instance exited at start (status {proc.returncode}):\n{tail}")
-                if port in await anyio.to_thread.run_sync(_listening_ports):
-                    return
                 # Every 20 ms: this wait is the floor of a process cold start.
                 await anyio.sleep(0.02)
         tail = _tail(log_path)
-        raise HealthCheckFailed(
-            f"instance did not listen on port {port} within {self._settings.health_timeout:g}s:\n{tail}"
-        )
+        raise HealthCheckFailed(f"instance did not listen within {self._settings.health_timeout:g}s:\n{tail}")
 
     async def _wait_gone(self, pid: int, starttime: int, timeout: float) -> bool:
         with anyio.move_on_after(timeout):
@@ -313,9 +304,6 @@ class ProcessRuntime:
     def _log_path(self, owner: str, function: str, instance_id: str) -> Path:
         return self._data / "logs" / owner / f"{function}-{instance_id}.log"
 
-
-class _PortTaken(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,6 +354,19 @@ def _remove_quietly(path: Path) -> None:
         path.unlink()
 
 
+def _announced_port(log_path: Path) -> int | None:
+    """The port from the instance's LISTENING_MARKER line, once it has printed it."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(LISTENING_MARKER):
+            with contextlib.suppress(ValueError):
+                return int(line.rsplit(":", 1)[1])
+    return None
+
+
 def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
     try:
         with path.open("rb") as f:
@@ -376,11 +377,6 @@ def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((INSTANCE_HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _apply_limits(limits: list[tuple[int, int]]) -> None:
@@ -493,12 +489,6 @@ def _scan_leaders() -> list[sandbox.ProcInfo]:
     return found
 
 
-def _listening_ports() -> set[int]:
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            ports |= sandbox.listening_ports(Path(table).read_text())
-    return ports
 
 
 def _signal_instance(pid: int, starttime: int, signum: int, sandboxed: bool) -> None:
