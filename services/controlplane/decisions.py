@@ -65,8 +65,10 @@ def plan_reconcile(
         for e in mine
         if e.record.instance_id not in in_flight
         and (
-            (e.record.instance_id not in alive_ids
-            and (e.record.state != "starting" or startup or now - e.record.created_at > start_timeout))
+            (
+                e.record.instance_id not in alive_ids
+                and (e.record.state != "starting" or startup or now - e.record.created_at > start_timeout)
+            )
             or (startup and e.record.state == "starting")
         )
     ]
@@ -121,9 +123,10 @@ def plan_retirement(
         if r.state == "busy":
             if r.retire_deadline is not None and now >= r.retire_deadline:
                 stop.append(e)
-        elif (r.state == "free" and retired) or (r.state in ("draining", "unhealthy") and (
-            orphaned or now - first_seen.get((e.key, e.revision), now) > stale_after
-        )):
+        elif (r.state == "free" and retired) or (
+            r.state in ("draining", "unhealthy")
+            and (orphaned or now - first_seen.get((e.key, e.revision), now) > stale_after)
+        ):
             stop.append(e)
     with_instances = {e.record.function for e in entries}
     finished = sorted(name for name in deleting if name not in with_instances)

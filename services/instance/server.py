@@ -39,6 +39,7 @@ def announce(config: InstanceConfig, flavour: str, port: int) -> None:
     logger.info("serving %s (%s) on %s:%d", config.fn_dir, flavour, config.host, port)
     print(f"{LISTENING_MARKER} {config.host}:{port}", flush=True)
 
+
 HEALTH_PATH = "/_aube/health"
 RETRY_AFTER_SECONDS = 1
 CLEANUP_POLL = 0.01

@@ -26,7 +26,6 @@ from aube.shared.schemas import ProxyLease, decode_record, encode
 log = logging.getLogger(__name__)
 
 
-
 def scale_intent_key(function: str) -> str:
     return names.SCALE_INTENT_PREFIX + function
 

@@ -305,7 +305,6 @@ class ProcessRuntime:
         return self._data / "logs" / owner / f"{function}-{instance_id}.log"
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers (blocking; the runtime calls the slow ones in worker threads)
 
@@ -375,8 +374,6 @@ def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
-
-
 
 
 def _apply_limits(limits: list[tuple[int, int]]) -> None:
@@ -487,8 +484,6 @@ def _scan_leaders() -> list[sandbox.ProcInfo]:
             continue
         found.append(sandbox.ProcInfo(stat=stat, environ=environ))
     return found
-
-
 
 
 def _signal_instance(pid: int, starttime: int, signum: int, sandboxed: bool) -> None:
