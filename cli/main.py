@@ -26,8 +26,9 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from aube.shared import names
+from aube.shared import credentials, names
 from aube.shared.bus import request
+from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, InvalidRequest
 from aube.shared.schemas import (
     DeleteReply,
@@ -71,7 +72,8 @@ async def deploy(nc: NATS, folder: Path, name: str, timeout: float) -> UploadRep
     body = UploadRequest(name=name, tar=base64.b64encode(bundle).decode())
     if len(msgspec.json.encode(body)) > nc.max_payload:
         # Too big for one message: hand the bundle over through the JetStream object store.
-        store = await nc.jetstream().create_object_store(names.BUCKET_BUNDLES)
+        # Bound, not created: the control plane creates the bucket, and a deployer may only use it.
+        store = await nc.jetstream().object_store(names.BUCKET_BUNDLES)
         key = f"{name}-{uuid.uuid4().hex}"
         await store.put(key, bundle)
         body = UploadRequest(name=name, object=key)
@@ -84,8 +86,17 @@ async def follow_events(nc: NATS, name: str) -> None:
         print(msg.data.decode(), flush=True)
 
 
+def deployer_url(url: str) -> str:
+    """`url` with the deployer's credentials from the platform's credentials file, when it names no user."""
+    path = Path(os.environ.get(credentials.ENV_CREDENTIALS_FILE) or credentials.DEFAULT_CREDENTIALS_FILE)
+    creds = credentials.load(path)
+    if creds is None:
+        return url
+    return credentials.with_user(url, credentials.DEPLOYER_USER, creds.deployer_password)
+
+
 async def run(args: argparse.Namespace) -> int:
-    nc = await nats.connect(args.nats, connect_timeout=5, max_reconnect_attempts=1, allow_reconnect=False)
+    nc = await nats.connect(deployer_url(args.nats), connect_timeout=5, max_reconnect_attempts=1, allow_reconnect=False)
     try:
         if args.command == "deploy":
             up = await deploy(nc, Path(args.folder), args.name, args.timeout)
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except AubeError as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
     except (OSError, nats.errors.Error) as e:
-        print(f"error: unavailable: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
+        print(f"error: unavailable: cannot reach NATS at {redact(args.nats)}: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 1

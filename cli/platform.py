@@ -15,7 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from aube.shared import credentials
 from aube.shared.natsserver import find_nats_server
+from aube.shared.settings import DEFAULT_NATS_URL
 
 
 def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -41,6 +43,11 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
         procs.append((label, proc))
         print(f"[aube] started {label} (pid {proc.pid})", flush=True)
 
+    # The platform's NATS passwords: created on the first start, kept in the data folder (mode 0600).
+    creds_path = workdir / credentials.DEFAULT_CREDENTIALS_FILE
+    creds = credentials.load_or_create(creds_path)
+    nats_url = env.get("AUBE_NATS_URL", DEFAULT_NATS_URL)
+    service_env = {"AUBE_NATS_URL": credentials.with_user(nats_url, credentials.SERVICE_USER, creds.service_password)}
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -51,13 +58,19 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
     signal.signal(signal.SIGTERM, on_signal)
     status = 0
     try:
-        spawn("nats-server", [find_nats_server(), "-c", str(nats_conf)])
+        spawn("nats-server", [find_nats_server(), "-c", str(nats_conf)], creds.environment())
         _wait_nats(env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222"), procs[0][1])
-        spawn("controlplane", [py, "-m", "aube.controlplane"], {"AUBE_STOP_INSTANCES_ON_EXIT": "true"})
-        spawn("reaper", [py, "-m", "aube.reaper"])
+        spawn("controlplane", [py, "-m", "aube.controlplane"], {**service_env, "AUBE_STOP_INSTANCES_ON_EXIT": "true"})
+        spawn("reaper", [py, "-m", "aube.reaper"], service_env)
         for i in range(proxies):
-            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"})
+            proxy_id = {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"}
+            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {**service_env, **proxy_id})
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
+        print(
+            f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "
+            f"{credentials.DEPLOYER_USER} --password from {creds_path}",
+            flush=True,
+        )
         while not stopping:
             for label, proc in procs:
                 if proc.poll() is not None:

@@ -41,12 +41,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalNatsServer:
     """A `nats-server -js` on free loopback ports with its own store; stopped (and the store removed) on exit."""
 
-    def __init__(self, store_dir: str | None = None, *, max_payload: str = "8MB") -> None:
+    def __init__(
+        self,
+        store_dir: str | None = None,
+        *,
+        max_payload: str = "8MB",
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`config`: run that configuration file (e.g. deploy/nats.conf) instead of a minimal one, on free ports,
+        from the store folder (so a relative `store_dir` in it lands there); `env` adds environment variables."""
         self.port = free_port()
         self.monitor_port = free_port()
         self._own_store = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="aube-nats-")
         self.max_payload = max_payload
+        self.config = config
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,17 +65,25 @@ class LocalNatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> LocalNatsServer:
-        conf = Path(self.store_dir) / "nats.conf"
-        conf.write_text(
-            f"listen: 127.0.0.1:{self.port}\nhttp: 127.0.0.1:{self.monitor_port}\n"
-            f"max_payload: {self.max_payload}\n"
-            f'jetstream {{ store_dir: "{self.store_dir}/js" }}\n'
-        )
+        if self.config is not None:
+            # Flags override the file's listen and monitoring ports.
+            argv = [find_nats_server(), "-c", str(self.config.resolve())]
+            argv += ["-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
+        else:
+            conf = Path(self.store_dir) / "nats.conf"
+            conf.write_text(
+                f"listen: 127.0.0.1:{self.port}\nhttp: 127.0.0.1:{self.monitor_port}\n"
+                f"max_payload: {self.max_payload}\n"
+                f'jetstream {{ store_dir: "{self.store_dir}/js" }}\n'
+            )
+            argv = [find_nats_server(), "-c", str(conf)]
         self.process = subprocess.Popen(
-            [find_nats_server(), "-c", str(conf)],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            cwd=self.store_dir,
+            env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -130,7 +130,16 @@ def _stop_process_instances(owner: str, data_dir: str) -> int:
         await runtime.close()
         return len(leftovers)
 
-    return anyio.run(sweep)
+    # Teardown may run inside a test's event loop (a test stopping its platform early): sweep from a thread then.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(sweep)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, sweep).result()
 
 
 @pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
@@ -150,6 +159,7 @@ class Platform:
         self.tmp = tmp
         self.data_dir = str(tmp / "data")
         self.services: list[ServiceProcess] = []
+        self.leaked = 0
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in _os.environ.items() if not k.startswith("AUBE_") or k == "AUBE_REQUIRE_DOCKER"}
@@ -206,12 +216,12 @@ class Platform:
             await nc.close()
 
     def stop_all(self) -> int:
-        """Stop the services; return how many instances outlived them (each one a leak)."""
+        """Stop the services; return how many instances outlived them so far (each one a leak). Idempotent."""
         for service in reversed(self.services):
             service.stop()
         if self.runtime == "process":
-            return _stop_process_instances(self.owner, self.data_dir)
-        return 0
+            self.leaked += _stop_process_instances(self.owner, self.data_dir)
+        return self.leaked
 
 
 @pytest.fixture
@@ -232,4 +242,18 @@ def platform(nats_server: LocalNatsServer, test_owner: str, runtime_kind: str, t
             for image in client.images.list(filters={"label": label}):
                 client.images.remove(image.id, force=True)
             client.close()
+    assert leaked == 0, f"{leaked} instance(s) outlived the control plane's shutdown"
+
+
+@pytest.fixture
+def platform_on(test_owner: str, runtime_kind: str, tmp_path: Path) -> Iterator[Callable[[str], Platform]]:
+    """Like `platform`, on a NATS server the test starts itself (e.g. with deploy/nats.conf's authorization)."""
+    made: list[Platform] = []
+
+    def make(nats_url: str) -> Platform:
+        made.append(Platform(nats_url, test_owner, runtime_kind, tmp_path))
+        return made[-1]
+
+    yield make
+    leaked = sum(p.stop_all() for p in made)
     assert leaked == 0, f"{leaked} instance(s) outlived the control plane's shutdown"

@@ -272,11 +272,13 @@ async def test_hostile_clients_do_not_stop_the_proxy(platform) -> None:  # type:
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     nats_port, monitor_port, proxy_port = free_port(), free_port(), free_port()
+    # The real deploy/nats.conf (authorization included), on free ports; its store lands in tmp_path.
     conf = tmp_path / "nats.conf"
-    conf.write_text(
-        f"listen: 127.0.0.1:{nats_port}\nhttp: 127.0.0.1:{monitor_port}\nmax_payload: 8MB\n"
-        f'jetstream {{ store_dir: "{tmp_path}/js" }}\n'
-    )
+    text = (REPO / "deploy" / "nats.conf").read_text()
+    text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{nats_port}")
+    text = text.replace("http: 127.0.0.1:8222", f"http: 127.0.0.1:{monitor_port}")
+    assert str(nats_port) in text and str(monitor_port) in text
+    conf.write_text(text)
     env = platform.env(
         AUBE_NATS_URL=f"nats://127.0.0.1:{nats_port}",
         AUBE_NATS_MONITOR=f"http://127.0.0.1:{monitor_port}",
@@ -290,9 +292,11 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
     )  # fmt: skip
     try:
         await wait_http(proxy_port, timeout=60)
+        # upload.sh finds the deployer's password where `aube start` created it.
+        upload_env = {**env, "AUBE_PYTHON": sys.executable, "AUBE_CREDENTIALS": str(tmp_path / ".data/credentials.env")}
         deployed = subprocess.run(
             [str(REPO / "scripts" / "upload.sh"), str(EXAMPLES / "reverse"), "rev"],
-            env={**env, "AUBE_PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+            env=upload_env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert deployed.returncode == 0, deployed.stderr
         for _ in range(4):  # both replicas (SO_REUSEPORT spreads connections) serve the function
