@@ -77,7 +77,6 @@ def client_frame(payload: bytes, opcode: int = OP_BINARY) -> bytes:
     return head + mask + masked
 
 
-PONG = client_frame(b"", OP_PONG)
 CLOSE = client_frame(struct.pack("!H", 1000), OP_CLOSE)
 
 
@@ -154,7 +153,9 @@ class Stream:
         while (found := next_frame(self.buf)) is not None:
             opcode, start, end = found
             if opcode == OP_PING:
-                self.sock.sendall(PONG)  # an empty pong: websockets accepts it for any ping
+                # The pong must echo the ping's payload: websockets' keepalive matches them and closes a stream
+                # whose pings go unanswered (after 20 s by default), which would end a long run.
+                self.sock.sendall(client_frame(bytes(self.buf[start:end]), OP_PONG))
             elif opcode == OP_CLOSE:
                 raise ConnectionError("server sent close")
             elif opcode == OP_BINARY:
