@@ -20,6 +20,7 @@ from nats.aio.subscription import Subscription
 from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
 from aube.shared import names
+from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, RuntimeFailure
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -89,7 +90,10 @@ async def serve(
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             await nc.flush()
             log.info(
-                "control plane %s serving on %s with the %s runtime", settings.owner, settings.nats_url, runtime.kind
+                "control plane %s serving on %s with the %s runtime",
+                settings.owner,
+                redact(settings.nats_url),
+                runtime.kind,
             )
             task_status.started(cp)
     finally:
