@@ -202,3 +202,19 @@ def test_listening_ports() -> None:
         "   1: 0100007F:D2A4 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n"
     )
     assert sandbox.listening_ports(text) == {8080}
+
+
+def test_paths_under_tmp_are_bound_after_the_private_tmp() -> None:
+    # A checkout or virtualenv under /tmp (a CI clone) must stay visible: bwrap applies mounts in order, so the
+    # private /tmp has to come before the read-only binds, or it hides them.
+    argv = sandbox.bwrap_argv(
+        "/usr/bin/bwrap",
+        ro_paths=["/tmp/clone/.venv", "/tmp/clone/services/instance"],
+        fn_dir="/tmp/data/fn",
+        deps_dir="/tmp/data/deps",
+        env={},
+        command=["/tmp/clone/.venv/bin/python", "-m", "aube.instance"],
+    )
+    tmpfs = argv.index("--tmpfs")
+    binds = [i for i, a in enumerate(argv) if a in ("--ro-bind", "--ro-bind-try")]
+    assert all(tmpfs < i for i in binds)

@@ -125,6 +125,9 @@ def bwrap_argv(
     ]
     for key, value in sorted(env.items()):
         argv += ["--setenv", key, value]
+    # Mounts apply in order: the private /tmp, /proc and /dev come first, so that a Python or an Aube checkout
+    # living under /tmp (a CI clone, say) is bound on top of the private /tmp rather than hidden by it.
+    argv += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     for path in SYSTEM_RO_PATHS:
         argv += ["--ro-bind-try", path, path]
     for path in minimal_roots(ro_paths):
@@ -136,12 +139,6 @@ def bwrap_argv(
         "--ro-bind",
         deps_dir,
         SANDBOX_DEPS_DIR,
-        "--tmpfs",
-        "/tmp",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
         "--chdir",
         SANDBOX_FN_DIR,
     ]
