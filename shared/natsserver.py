@@ -64,7 +64,19 @@ class LocalNatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> LocalNatsServer:
+    def start(self, timeout: float = 15.0, attempts: int = 3) -> LocalNatsServer:
+        """Start and wait until JetStream is ready. A port taken between choosing it and the server's bind (other
+        processes pick free ports too) makes the server exit at once: then again, on new ports."""
+        for attempt in range(attempts):
+            if attempt:
+                self.port, self.monitor_port = free_port(), free_port()
+            if self._launch(timeout):
+                return self
+        log_tail = (Path(self.store_dir) / "nats-server.log").read_text(errors="replace")[-2000:]
+        self.stop()
+        raise RuntimeFailure(f"nats-server did not start ({attempts} attempts):\n{log_tail}")
+
+    def _launch(self, timeout: float) -> bool:
         if self.config is not None:
             # Flags override the file's listen and monitoring ports.
             argv = [find_nats_server(), "-c", str(self.config.resolve())]
@@ -77,23 +89,25 @@ class LocalNatsServer:
                 f'jetstream {{ store_dir: "{self.store_dir}/js" }}\n'
             )
             argv = [find_nats_server(), "-c", str(conf)]
-        self.process = subprocess.Popen(
-            argv,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=self.store_dir,
-            env={**os.environ, **self.env},
-        )
+        with (Path(self.store_dir) / "nats-server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.store_dir,
+                env={**os.environ, **self.env},
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeFailure(f"nats-server exited with {self.process.returncode}")
+                self.process = None
+                return False
             try:
                 url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
-                        return self
+                        return True
             except OSError:
                 time.sleep(0.05)
         self.stop()

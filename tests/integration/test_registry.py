@@ -49,3 +49,18 @@ async def test_slots_updates_and_deletes_are_compare_and_set(nats_server: LocalN
         assert [entry.record.renewed_at for entry in await registry.leases()] == [1]
     finally:
         await nc.close()
+
+
+def test_local_nats_server_moves_to_new_ports_when_its_port_was_taken() -> None:
+    import socket
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    try:
+        server = LocalNatsServer()
+        server.port = squatter.getsockname()[1]  # taken between choosing it and the bind, as by a neighbour
+        with server:
+            assert server.port != squatter.getsockname()[1]
+    finally:
+        squatter.close()
