@@ -39,7 +39,10 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(label: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(argv, cwd=workdir, env={**env, **(extra or {})})
+        # Its own session: Ctrl-C in a terminal signals the whole foreground group, and nats-server would quit at
+        # once, before the control plane could stop its instances. Only this supervisor takes the signal and
+        # stops the services in order.
+        proc = subprocess.Popen(argv, cwd=workdir, env={**env, **(extra or {})}, start_new_session=True)
         procs.append((label, proc))
         print(f"[aube] started {label} (pid {proc.pid})", flush=True)
 

@@ -288,7 +288,7 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
     log = (tmp_path / "start.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "aube.cli", "start", "--proxies", "2", "--nats-conf", str(conf)],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         await wait_http(proxy_port, timeout=60)
@@ -303,7 +303,8 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
             async with ws(proxy_port, "rev") as conn:
                 await conn.send("abc")
                 assert await conn.recv() == "cba"
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-C in a terminal: SIGINT to the whole foreground process group, not just the supervisor.
+        os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:
