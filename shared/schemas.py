@@ -40,11 +40,18 @@ class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stream_max_duration: float = 0.0  # 0 = unlimited
 
 
+class AccessSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # SHA-256 (hex) of the bearer tokens that may open a stream; empty = a public function. Only hashes travel in
+    # the bundle and the registry, never the tokens.
+    tokens_sha256: list[str] = msgspec.field(default_factory=list)
+
+
 class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     function: FunctionSection = msgspec.field(default_factory=FunctionSection)
     scaling: ScalingSection = msgspec.field(default_factory=ScalingSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    access: AccessSection = msgspec.field(default_factory=AccessSection)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -78,9 +78,17 @@ def _finite(value: float, key: str) -> None:
         raise _invalid(f"{key} must be a finite number, got {value}")
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def check_manifest(manifest: Manifest) -> None:
     """The semantic rules the schema's types cannot express."""
     fn, scaling, limits = manifest.function, manifest.scaling, manifest.limits
+    for digest in manifest.access.tokens_sha256:
+        if not _SHA256_HEX.fullmatch(digest):
+            raise _invalid(
+                f"access.tokens_sha256 entries are 64 lower-case hex digits (sha256sum), got {digest[:80]!r}"
+            )
     if scaling.max_instances < 1:
         raise _invalid(f"scaling.max_instances must be at least 1, got {scaling.max_instances}")
     if not 0 <= scaling.min_free <= scaling.max_instances:

@@ -8,8 +8,12 @@ to refuse with a plain HTTP response before any upgrade. The raw head is forward
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+from collections.abc import Sequence
 from typing import Literal
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -24,6 +28,7 @@ _VALUE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -145,6 +150,32 @@ def route(head: RequestHead) -> Route:
     return FunctionTarget(name=name)
 
 
+ACCESS_TOKEN_PARAM = "access_token"
+
+
+def authorize(head: RequestHead, tokens_sha256: Sequence[str]) -> HeadError | None:
+    """None when the stream may open: a public function, or a bearer token whose SHA-256 is listed.
+
+    The token comes from `Authorization: Bearer <token>` or, for browsers (whose WebSocket API sets no headers),
+    the `access_token` query parameter (RFC 6750). The head still reaches the instance unchanged.
+    """
+    if not tokens_sha256:
+        return None
+    token = None
+    scheme, _, value = (head.header("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        token = value.strip()
+    else:
+        query = head.target.partition("?")[2]
+        token = next(iter(parse_qs(query).get(ACCESS_TOKEN_PARAM, [])), None)
+    if token is not None:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        # Compare against every entry, in constant time each: how far a guess matched leaks nothing.
+        if sum(hmac.compare_digest(digest, allowed) for allowed in tokens_sha256):
+            return None
+    return HeadError(status=401, reason="unauthorized", message="this function needs a valid bearer token")
+
+
 def _not_allowed() -> HeadError:
     return HeadError(status=405, reason="bad_method", message="method not allowed")
 
@@ -179,6 +210,8 @@ def error_response(error: HeadError, *, retry_after: float | None = None) -> byt
     headers: dict[str, str] = {}
     if error.status == 426:
         headers = {"Upgrade": "websocket"}
+    if error.status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="aube"'}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     return response(error.status, error.message + "\n", headers=headers)

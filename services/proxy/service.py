@@ -202,9 +202,14 @@ class Proxy:
             client.answer(handshake.response(200, body, content_type=ctype, head_only=head.method == "HEAD"))
             return
         assert isinstance(target, handshake.FunctionTarget)
-        if self.pool.function(target.name) is None:
+        fn = self.pool.function(target.name)
+        if fn is None:
             msg = f"unknown function {target.name!r}"
             self._reject(client, handshake.HeadError(status=404, reason="unknown_function", message=msg))
+        assert fn is not None
+        denied = handshake.authorize(head, fn.manifest.access.tokens_sha256)
+        if denied is not None:
+            self._reject(client, denied)
         await self._stream(client, target.name, raw_head, end)
 
     # -- one stream ----------------------------------------------------------------------------------------

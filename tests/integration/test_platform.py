@@ -314,3 +314,26 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
     output = (tmp_path / "start.log").read_text()
     assert "[aube] stopped" in output
     # Nothing outlives the platform: the Platform fixture's teardown fails on any instance of this owner.
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_function_with_tokens_opens_streams_only_for_their_bearers(platform) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    await platform.start_controlplane()
+    port, _ = start_proxy(platform)
+    await wait_http(port)
+    digest = hashlib.sha256(b"let-me-in").hexdigest()
+    async with nats_client(platform.nats_url) as (nc, _registry):
+        await upload(nc, "private", EXAMPLES / "reverse-async", f'[access]\ntokens_sha256 = ["{digest}"]\n')
+        for refused in ({}, {"additional_headers": {"Authorization": "Bearer wrong"}}):
+            with pytest.raises(InvalidStatus) as e:
+                async with ws(port, "private", **refused):
+                    pass
+            assert e.value.response.status_code == 401
+        async with ws(port, "private", additional_headers={"Authorization": "Bearer let-me-in"}) as conn:
+            await conn.send("header")
+            assert await conn.recv() == "redaeh"
+        async with ws(port, "private?access_token=let-me-in") as conn:  # browsers cannot set headers
+            await conn.send("query")
+            assert await conn.recv() == "yreuq"

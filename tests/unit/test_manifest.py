@@ -274,3 +274,13 @@ def test_command_leaving_folder(tmp_path: Path) -> None:
 
 def test_command_empty(tmp_path: Path) -> None:
     assert _code(lambda: check_function(tmp_path, _command())).code == "bundle_invalid_manifest"
+
+
+def test_access_tokens_are_sha256_hex_digests() -> None:
+    digest = "ab" * 32
+    assert parse_manifest(f'[access]\ntokens_sha256 = ["{digest}"]\n').access.tokens_sha256 == [digest]
+    assert parse_manifest("").access.tokens_sha256 == []  # public by default
+    for bad in ('"s3cret"', '"' + "AB" * 32 + '"', '"' + "ab" * 31 + '"'):
+        with pytest.raises(InvalidBundle) as e:
+            parse_manifest(f"[access]\ntokens_sha256 = [{bad}]\n")
+        assert e.value.code == "bundle_invalid_manifest"

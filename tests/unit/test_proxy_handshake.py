@@ -104,3 +104,31 @@ def test_error_response_carries_retry_after() -> None:
     assert out.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert b"\r\nRetry-After: 2\r\n" in out
     assert b"Connection: close" in out
+
+
+def _head_with(target: str, *extra: bytes) -> handshake.RequestHead:
+    raw = b"GET " + target.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    head = handshake.parse_head(raw + b"".join(extra) + b"\r\n")
+    assert isinstance(head, handshake.RequestHead)
+    return head
+
+
+def test_authorize_public_functions_and_bearer_tokens() -> None:
+    import hashlib
+
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    assert handshake.authorize(_head_with("/f"), []) is None  # a public function
+    assert handshake.authorize(_head_with("/f", b"Authorization: Bearer s3cret\r\n"), [digest]) is None
+    assert handshake.authorize(_head_with("/f?x=1&access_token=s3cret"), ["0" * 64, digest]) is None
+    for head in (
+        _head_with("/f"),
+        _head_with("/f", b"Authorization: Bearer wrong\r\n"),
+        _head_with("/f", b"Authorization: Basic czNjcmV0\r\n"),
+        _head_with("/f?access_token=wrong"),
+    ):
+        denied = handshake.authorize(head, [digest])
+        assert denied is not None
+        assert denied.status == 401
+    response = handshake.error_response(handshake.authorize(_head_with("/f"), [digest]))  # type: ignore[arg-type]
+    assert response.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b"WWW-Authenticate: Bearer" in response
