@@ -8,8 +8,6 @@ compare-and-set, so a concurrent proxy, reaper or second control plane wins over
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import shutil
 import time
@@ -24,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js.object_store import ObjectStore
 
 from aube.controlplane import decisions
-from aube.controlplane.bundle import BundleLimits, validate_bundle
+from aube.controlplane.bundle import BundleLimits, decode_base64, validate_bundle
 from aube.controlplane.health import wait_healthy
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
 from aube.shared import names
@@ -115,16 +113,7 @@ class ControlPlane:
             raise InvalidRequest('an upload carries exactly one of "zip", "tar" (base64) or "object" (a bundle key)')
         if req.object is not None:
             return await self._fetch_object(req.object)
-        text = sources[0]
-        # base64 grows data by 4/3: refuse oversized text before decoding it.
-        if len(text) > self.limits.max_compressed_bytes * 4 // 3 + 4:
-            raise InvalidBundle(
-                f"bundle is larger than the limit of {self.limits.max_compressed_bytes} bytes", code="bundle_too_large"
-            )
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise InvalidBundle(f"bundle is not valid base64: {e}", code="bundle_corrupt") from e
+        return decode_base64(sources[0], self.limits.max_compressed_bytes)
 
     async def _fetch_object(self, key: str) -> bytes:
         try:

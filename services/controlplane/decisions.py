@@ -14,9 +14,6 @@ import msgspec
 from aube.controlplane.runtimes.base import Artifact, RunningInstance
 from aube.shared.registry import FunctionEntry, InstanceEntry
 
-# States in which no stream can be running on the instance, so stopping it cuts nothing.
-STOPPABLE_STATES = frozenset({"free", "draining", "unhealthy"})
-
 
 def free_slots(taken: Collection[int], max_instances: int) -> list[int]:
     """Slot numbers a new instance may take, lowest first. Slots bound the instance count: a slot key is created
