@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from aube.shared import names
+from aube.shared import kvread, names
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, decode_record, encode
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class InstanceChange(msgspec.Struct, frozen=True):
 
 
 class Registry:
-    def __init__(self, instances: KeyValue, functions: KeyValue, leases: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, instances: KeyValue, functions: KeyValue, leases: KeyValue) -> None:
+        self.js = js
         self.instances_kv = instances
         self.functions_kv = functions
         self.leases_kv = leases
@@ -65,17 +66,21 @@ class Registry:
     async def open(cls, js: JetStreamContext) -> Registry:
         """Bind the buckets, creating them on first use (creation with the same config is idempotent)."""
         return cls(
+            js,
             await js.create_key_value(bucket=names.BUCKET_INSTANCES, history=1),
             await js.create_key_value(bucket=names.BUCKET_FUNCTIONS, history=1),
             await js.create_key_value(bucket=names.BUCKET_LEASES, history=1),
         )
+
+    async def _snapshot(self, bucket: str, key_filter: str = ">") -> list[tuple[str, int, bytes]]:
+        return [(e.key, e.revision, e.value) for e in await kvread.snapshot(self.js, bucket, key_filter) if e.value]
 
     # -- instances ---------------------------------------------------------------------------------------
 
     async def instances(self, function: str | None = None) -> list[InstanceEntry]:
         return [
             InstanceEntry(key, rev, decode_record(value, InstanceRecord))
-            async for key, rev, value in _snapshot(self.instances_kv, names.instance_key_filter(function))
+            for key, rev, value in await self._snapshot(names.BUCKET_INSTANCES, names.instance_key_filter(function))
         ]
 
     async def get_instance(self, key: str) -> InstanceEntry | None:
@@ -111,28 +116,26 @@ class Registry:
             return False
         return True
 
-    async def watch_instances(self, function: str | None = None) -> AsyncIterator[InstanceChange | None]:
+    async def watch_instances(self) -> AsyncIterator[InstanceChange | None]:
         """Current entries, then None (caught up), then every change, for as long as the caller iterates."""
-        watcher = await self.instances_kv.watch(names.instance_key_filter(function))
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    yield None
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    yield InstanceChange(entry.key, entry.revision or 0, None)
-                else:
-                    rec = decode_record(entry.value, InstanceRecord)
-                    yield InstanceChange(entry.key, entry.revision or 0, rec)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        async for entry in kvread.follow(self.js, self.instances_kv, names.BUCKET_INSTANCES):
+            if entry is None:
+                yield None
+            else:
+                record = None if entry.value is None else decode_record(entry.value, InstanceRecord)
+                yield InstanceChange(entry.key, entry.revision, record)
+
+    async def watch_functions(self) -> AsyncIterator[kvread.KvEntry | None]:
+        """Like `watch_instances`, with the raw value: the caller decides what an unreadable record means."""
+        async for entry in kvread.follow(self.js, self.functions_kv, names.BUCKET_FUNCTIONS):
+            yield entry
 
     # -- functions ---------------------------------------------------------------------------------------
 
     async def functions(self) -> list[FunctionEntry]:
         return [
             FunctionEntry(key, rev, decode_record(value, FunctionRecord))
-            async for key, rev, value in _snapshot(self.functions_kv, ">")
+            for key, rev, value in await self._snapshot(names.BUCKET_FUNCTIONS)
         ]
 
     async def get_function(self, name: str) -> FunctionEntry | None:
@@ -157,7 +160,7 @@ class Registry:
     async def leases(self) -> list[LeaseEntry]:
         return [
             LeaseEntry(key, rev, decode_record(value, ProxyLease))
-            async for key, rev, value in _snapshot(self.leases_kv, ">")
+            for key, rev, value in await self._snapshot(names.BUCKET_LEASES)
         ]
 
     async def put_lease(self, lease: ProxyLease) -> int:
@@ -181,16 +184,3 @@ async def _get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:
     if entry.value is None:
         return None
     return entry.revision or 0, entry.value
-
-
-async def _snapshot(kv: KeyValue, key_filter: str) -> AsyncIterator[tuple[str, int, bytes]]:
-    """Every live entry under `key_filter`, through one ordered consumer rather than a get per key."""
-    watcher = await kv.watch(key_filter, ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                return
-            if entry.value:
-                yield entry.key, entry.revision or 0, entry.value
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]

@@ -219,6 +219,9 @@ class Platform:
         """Stop the services; return how many instances outlived them so far (each one a leak). Idempotent."""
         for service in reversed(self.services):
             service.stop()
+        # pytest shows what teardown prints only for a failed test: the services' last words, for CI's report.
+        for service in self.services:
+            print(f"----- {service.log_path.name} (last lines) -----\n{service.log_text()[-6000:]}")
         if self.runtime == "process":
             self.leaked += _stop_process_instances(self.owner, self.data_dir)
         return self.leaked

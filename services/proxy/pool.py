@@ -60,24 +60,20 @@ class Pool:
                 self._notify()
 
     async def watch_functions(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        watcher = await self.registry.functions_kv.watch(">")
         ready = False
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    if not ready:
-                        ready = True
-                        task_status.started()
+        async for entry in self.registry.watch_functions():
+            if entry is None:
+                if not ready:
+                    ready = True
+                    task_status.started()
+                continue
+            if entry.value is None:
+                self.functions.pop(entry.key, None)
+            else:
+                try:
+                    self.functions[entry.key] = decode_record(entry.value, FunctionRecord)
+                except Exception:  # a record from a newer or broken writer must not stop routing
+                    log.exception("unreadable function record %s", entry.key)
                     continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self.functions.pop(entry.key, None)
-                else:
-                    try:
-                        self.functions[entry.key] = decode_record(entry.value, FunctionRecord)
-                    except Exception:  # a record from a newer or broken writer must not stop routing
-                        log.exception("unreadable function record %s", entry.key)
-                        continue
-                if ready:
-                    self._notify()
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            if ready:
+                self._notify()

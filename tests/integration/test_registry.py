@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import msgspec
 import nats
 import pytest
 
+from aube.shared import kvread, names
 from aube.shared.natsserver import LocalNatsServer
 from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord, ProxyLease
@@ -64,3 +67,66 @@ def test_local_nats_server_moves_to_new_ports_when_its_port_was_taken() -> None:
             assert server.port != squatter.getsockname()[1]
     finally:
         squatter.close()
+
+
+async def test_snapshots_are_complete_and_leave_no_consumer_behind(nats_server: LocalNatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        registry = await Registry.open(js)
+        revisions = [await registry.create_instance(record(function=f"f{i}", slot=0)) for i in range(40)]
+        assert all(revisions)
+        await registry.delete_instance("f7.0")
+
+        raw = await kvread.snapshot(js, names.BUCKET_INSTANCES)
+        assert len(raw) == 40 and [e.key for e in raw if e.value is None] == ["f7.0"]  # deletions are reported
+        for _ in range(30):
+            got = sorted(e.record.function for e in await registry.instances())
+            assert got == sorted(f"f{i}" for i in range(40) if i != 7)
+        assert [e.key for e in await registry.instances("f3")] == ["f3.0"]
+
+        # nats-py's kv.watch leaves its consumer for 5 minutes; snapshots every second would pile them up until
+        # the server refuses new consumers.
+        info = await js.stream_info(kvread.stream_name(names.BUCKET_INSTANCES))
+        assert info.state.consumer_count == 0
+    finally:
+        await nc.close()
+
+
+async def test_a_follow_is_caught_up_only_after_every_existing_entry(nats_server: LocalNatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        registry = await Registry.open(js)
+
+        async def until_caught_up() -> dict[str, InstanceRecord | None]:
+            seen: dict[str, InstanceRecord | None] = {}
+            async with aclosing(registry.watch_instances()) as changes:
+                async for change in changes:
+                    if change is None:
+                        return seen
+                    seen[change.key] = change.record
+            raise AssertionError("the follow ended")
+
+        assert await until_caught_up() == {}  # an empty bucket is caught up at once
+        for i in range(60):
+            await registry.create_instance(record(function=f"f{i}", slot=0))
+        # The stream's last message is a deletion: it must still count as seen.
+        await registry.delete_instance("f59.0")
+        for _ in range(20):
+            seen = await until_caught_up()
+            assert len(seen) == 60 and seen["f59.0"] is None and seen["f0.0"] is not None
+
+        # After the marker, changes keep coming.
+        keys: list[str] = []
+        async with aclosing(registry.watch_instances()) as changes:
+            async for change in changes:
+                if change is None:
+                    await registry.create_instance(record(function="late", slot=0))
+                else:
+                    keys.append(change.key)
+                    if change.key == "late.0":
+                        break
+        assert keys[-1] == "late.0" and len(keys) == 61
+    finally:
+        await nc.close()

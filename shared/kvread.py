@@ -1,0 +1,115 @@
+"""Reading a JetStream KV bucket whole: a consistent snapshot, or a follow that knows when it has caught up.
+
+Why not nats-py's `kv.watch()` and its initial `None` marker:
+- The marker can come before entries that existed when the watch started (nats-io/nats.py#842): the client
+  compares the server's pending count with the messages it has parsed so far, and messages already sent but
+  still in flight count as neither. A snapshot missing entries is dangerous here: a function missing from it
+  looks deleted (retirement stops its instances) and a lease missing from it looks expired (the reaper takes
+  over live streams). CI saw a warm instance stopped this way.
+- Every watch leaves an ephemeral consumer on the server for its 5-minute inactivity threshold, even after
+  `stop()`. Snapshots taken every second pile up hundreds of consumers per bucket until the server refuses new
+  ones ("maximum consumers limit reached").
+
+So a snapshot reads through a pull consumer: nothing is delivered before we ask, each message says how many
+remain, and the consumer is deleted when the snapshot is done. A follow keeps `kv.watch()` for its change feed
+(one long-lived consumer), but decides "caught up" itself: once it has seen the message at the stream's last
+sequence as of before the watch began, every entry that existed then has been delivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+
+# The server drops a snapshot consumer on its own after this long, should we die before deleting it.
+SNAPSHOT_CONSUMER_TTL = 30.0
+SNAPSHOT_BATCH = 256
+FETCH_TIMEOUT = 5.0
+
+
+class KvEntry(msgspec.Struct, frozen=True):
+    """One key's latest state. `value` is None when the key was deleted or purged."""
+
+    key: str
+    revision: int
+    value: bytes | None
+
+
+def stream_name(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def _entry(bucket: str, subject: str, revision: int, headers: dict[str, str] | None, data: bytes) -> KvEntry:
+    headers = headers or {}
+    # Server-placed markers (TTL expiry, nats-server 2.11+) carry a reason instead of an operation.
+    deleted = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+    key = subject[len(f"$KV.{bucket}.") :]
+    return KvEntry(key, revision, None if deleted or not data else data)
+
+
+async def snapshot(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[KvEntry]:
+    """The latest state of every key under `key_filter`, deletions included (value None), in stream order.
+
+    Complete: every write acknowledged before the call is in it (later ones may be too)."""
+    stream = stream_name(bucket)
+    info = await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            filter_subject=f"$KV.{bucket}.{key_filter}",
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            mem_storage=True,
+            inactive_threshold=SNAPSHOT_CONSUMER_TTL,
+        ),
+    )
+    assert info.name is not None  # the server names every consumer it creates
+    entries: list[KvEntry] = []
+    try:
+        pending = info.num_pending or 0
+        if pending:
+            sub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
+            try:
+                while pending > 0:
+                    for msg in await sub.fetch(min(pending, SNAPSHOT_BATCH), timeout=FETCH_TIMEOUT):
+                        meta = msg.metadata
+                        entries.append(_entry(bucket, msg.subject, meta.sequence.stream, msg.headers, msg.data))
+                        pending = meta.num_pending
+            finally:
+                await sub.unsubscribe()
+    finally:
+        with anyio.move_on_after(FETCH_TIMEOUT, shield=True), contextlib.suppress(Exception):
+            await js.delete_consumer(stream, info.name)
+    return entries
+
+
+async def follow(js: JetStreamContext, kv: KeyValue, bucket: str) -> AsyncIterator[KvEntry | None]:
+    """Every key's current state, then None once caught up, then every change, for as long as the caller
+    iterates. A change may repeat one already delivered (same revision); revisions only grow."""
+    state = (await js.stream_info(stream_name(bucket))).state
+    # A KV bucket keeps each key's last message, so the message at `last_seq` is there to be seen, unless the
+    # whole stream was purged.
+    last = state.last_seq if state.messages else 0
+    watcher = await kv.watch(">")
+    try:
+        caught_up = last == 0
+        if caught_up:
+            yield None
+        async for entry in watcher:
+            if entry is None:
+                continue  # nats-py's own marker may come early (see the module docstring); ours follows `last`
+            revision = entry.revision or 0
+            deleted = entry.operation in (KV_DEL, KV_PURGE)
+            yield KvEntry(entry.key, revision, None if deleted or not entry.value else entry.value)
+            if not caught_up and revision >= last:
+                caught_up = True
+                yield None
+    finally:
+        # Also runs when the generator is finalized late, after the connection closed: nothing left to stop then.
+        with anyio.move_on_after(FETCH_TIMEOUT, shield=True), contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
