@@ -121,8 +121,14 @@ class Registry:
         async for entry in kvread.follow(self.js, self.instances_kv, names.BUCKET_INSTANCES):
             if entry is None:
                 yield None
+            elif entry.value is None:
+                yield InstanceChange(entry.key, entry.revision, None)
             else:
-                record = None if entry.value is None else decode_record(entry.value, InstanceRecord)
+                try:
+                    record = decode_record(entry.value, InstanceRecord)
+                except msgspec.DecodeError:  # a newer or broken writer must not end the follower's watch
+                    log.exception("unreadable instance record %s: ignored", entry.key)
+                    continue
                 yield InstanceChange(entry.key, entry.revision, record)
 
     async def watch_functions(self) -> AsyncIterator[kvread.KvEntry | None]:

@@ -130,3 +130,24 @@ async def test_a_follow_is_caught_up_only_after_every_existing_entry(nats_server
         assert keys[-1] == "late.0" and len(keys) == 61
     finally:
         await nc.close()
+
+
+async def test_an_unreadable_instance_record_does_not_end_a_follow(nats_server: LocalNatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        registry = await Registry.open(nc.jetstream())
+        await registry.create_instance(record(function="good", slot=0))
+        await registry.instances_kv.put("broken.0", b'{"from": "a newer writer"}')
+        await registry.instances_kv.put("garbage.0", b"\xff not json")
+        seen: list[str] = []
+        async with aclosing(registry.watch_instances()) as changes:
+            async for change in changes:
+                if change is None:
+                    await registry.create_instance(record(function="after", slot=0))
+                    continue
+                seen.append(change.key)
+                if change.key == "after.0":
+                    break
+        assert seen == ["good.0", "after.0"]
+    finally:
+        await nc.close()
