@@ -7,8 +7,11 @@ AUBE_NATS_URL, and the aube CLI, upload.sh and delete.sh read the deployer's fro
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
+import string
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -21,6 +24,19 @@ ENV_DEPLOYER_PASSWORD = "AUBE_NATS_DEPLOYER_PASSWORD"
 ENV_CREDENTIALS_FILE = "AUBE_CREDENTIALS"  # where clients look for the file; default .data/credentials.env
 DEFAULT_CREDENTIALS_FILE = Path(".data") / "credentials.env"
 
+log = logging.getLogger(__name__)
+
+# nats-server parses an environment variable named in its config as a config value, not as a string: a password
+# like "-x…" or "12K" stops the server from starting ("variable reference … could not be parsed"). Passwords
+# therefore start with a letter and hold only letters and digits (32 characters: about 190 bits).
+PASSWORD_LENGTH = 32
+SAFE_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+
+
+def new_password() -> str:
+    alphabet = string.ascii_letters + string.digits
+    return secrets.choice(string.ascii_letters) + "".join(secrets.choice(alphabet) for _ in range(PASSWORD_LENGTH - 1))
+
 
 class NatsCredentials(msgspec.Struct, frozen=True, kw_only=True):
     service_password: str
@@ -31,15 +47,22 @@ class NatsCredentials(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def load_or_create(path: Path) -> NatsCredentials:
-    """Read the credentials file, or create it with fresh random passwords (readable by its owner only)."""
+    """Read the credentials file, or create it with fresh random passwords (readable by its owner only).
+
+    A file whose passwords nats-server cannot read from its environment (written by an earlier version) is
+    replaced: clients read the same file, so they follow."""
     existing = load(path)
     if existing is not None:
-        return existing
-    creds = NatsCredentials(service_password=secrets.token_urlsafe(24), deployer_password=secrets.token_urlsafe(24))
+        if all(SAFE_PASSWORD.fullmatch(p) for p in existing.environment().values()):
+            return existing
+        log.warning("%s holds a password nats-server cannot parse: replacing both passwords", path)
+    creds = NatsCredentials(service_password=new_password(), deployer_password=new_password())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("".join(f"{k}={v}\n" for k, v in creds.environment().items()))
+    os.replace(staging, path)  # whole or not at all: a reader never sees half a file
     return creds
 
 
