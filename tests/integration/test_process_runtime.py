@@ -24,7 +24,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from websockets.asyncio.client import connect
 
-from aube.controlplane.runtimes import sandbox
+from aube.controlplane.runtimes import cgroups, sandbox
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
 from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.shared import names
@@ -396,3 +396,71 @@ async def test_instances_started_at_once_each_answer_as_themselves(
         assert await probe(s.address, s.instance_id)
         assert not await probe(s.address, "someone-else")
         assert await _ask(s, "hello") == "hello"
+
+
+# Starts threads until the system refuses one (or 60), and burns CPU for 1.5 s of wall time: what the limits allow.
+GREEDY = """
+import json
+import threading
+import time
+
+
+def spin():
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:
+        pass
+
+
+async def fn(websocket):
+    async for message in websocket:
+        if message == "threads":
+            stop = threading.Event()
+            started = 0
+            try:
+                for _ in range(60):
+                    threading.Thread(target=stop.wait, daemon=True).start()
+                    started += 1
+            except RuntimeError:  # "can't start new thread": pids.max reached
+                pass
+            stop.set()
+            await websocket.send(str(started))
+        else:
+            wall, cpu = time.monotonic(), time.process_time()
+            spin()
+            await websocket.send(json.dumps((time.process_time() - cpu) / (time.monotonic() - wall)))
+"""
+
+
+def _cgroup_of(pid: int, controller: str) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    raise AssertionError(f"process {pid} has no {controller} cgroup")
+
+
+async def test_cpus_and_pids_limits_hold_through_cgroups(
+    runtime: ProcessRuntime, tmp_path: Path, test_owner: str
+) -> None:
+    if cgroups.CgroupLimits.detect()[0] is None:
+        pytest.skip(f"cgroups are not writable here: {cgroups.CgroupLimits.detect()[1]}")
+    manifest = Manifest(limits=LimitsSection(cpus=0.2, pids=24, memory="512m"))
+    ref = await runtime.prepare("greedy", 1, _function(tmp_path, GREEDY), manifest, test_owner, lambda _: None)
+    spec = _spec(ref, test_owner, "greedy")
+    spec = InstanceSpec(**{**{f: getattr(spec, f) for f in spec.__struct_fields__}, "manifest": manifest})
+    started = await runtime.start(spec)
+    pid, _ = sandbox.parse_handle(started.handle)
+    group = f"/{cgroups.GROUP}/{test_owner}/{spec.instance_id}"
+    for controller in cgroups.CONTROLLERS:
+        assert _cgroup_of(pid, controller) == group
+    root = cgroups.CGROUP_ROOT
+    assert (root / "pids" / group.lstrip("/") / "pids.max").read_text().strip() == "24"
+    assert (root / "memory" / group.lstrip("/") / "memory.limit_in_bytes").read_text().strip() == str(512 * 1024**2)
+
+    # The server's own threads count too, so the function gets fewer than 24 of its 60; unlimited, it gets 60.
+    assert int(await _ask(started, "threads")) < 24
+    # 0.2 of a core: the quota can only lower this ratio (a busy machine lowers it further), never raise it.
+    assert json.loads(await _ask(started, "spin")) < 0.35
+
+    await runtime.stop(started.handle)
+    assert not (root / "pids" / group.lstrip("/")).exists()  # the groups go with the instance

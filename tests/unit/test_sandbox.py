@@ -218,3 +218,17 @@ def test_paths_under_tmp_are_bound_after_the_private_tmp() -> None:
     tmpfs = argv.index("--tmpfs")
     binds = [i for i, a in enumerate(argv) if a in ("--ro-bind", "--ro-bind-try")]
     assert all(tmpfs < i for i in binds)
+
+
+def test_cgroup_settings_follow_the_manifest() -> None:
+    from aube.controlplane.runtimes import cgroups
+    from aube.shared.schemas import LimitsSection
+
+    values = cgroups.settings_for(LimitsSection(cpus=1.5, pids=64), 256 * 1024**2)
+    assert values == {
+        "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000"},
+        "pids": {"pids.max": "64"},
+        "memory": {"memory.limit_in_bytes": str(256 * 1024**2)},
+    }
+    # The kernel refuses a quota under 1 ms: a tiny share is clamped to it rather than failing every start.
+    assert cgroups.settings_for(LimitsSection(cpus=0.001), 1)["cpu"]["cpu.cfs_quota_us"] == "1000"

@@ -9,8 +9,9 @@ time from /proc/<pid>/stat tells a recycled pid from ours.
 Isolation (`settings.sandbox`): "auto" uses bubblewrap when `bwrap` is on PATH and a probe sandbox starts,
 "bwrap" insists on it, "none" runs plain processes. In the sandbox every namespace but the network is new, the
 host is visible read-only and only where Python needs it, and /tmp is a private tmpfs. Limits: RLIMIT_AS from
-the manifest's `memory` and no core dumps; `cpus` and `pids` are not enforced (they need cgroups, which a
-process runtime without a service manager does not have), see `sandbox.rlimits`.
+the manifest's `memory` and no core dumps, always (`sandbox.rlimits`); `cpus`, `pids` and resident `memory`
+through cgroups where the host lets this process write them (`cgroups.py`), which the log says at the first
+start.
 
 Layout under `data_dir`:
     functions/<owner>/<name>/v<version>/fn      the function folder (the artifact is the version folder)
@@ -38,7 +39,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from aube.controlplane.runtimes import deps, sandbox
+from aube.controlplane.runtimes import cgroups, deps, sandbox
 from aube.controlplane.runtimes.base import (
     Artifact,
     BuildLog,
@@ -78,6 +79,9 @@ class ProcessRuntime:
         self._functions = self._data / "functions"
         self._bwrap: str | None = None
         self._sandbox_decided = False
+        self._cgroups: cgroups.CgroupLimits | None = None
+        self._cgroups_decided = False
+        self._starting: set[str] = set()  # instance ids between their groups' creation and their spawn
 
     # -----------------------------------------------------------------------------------------------------
     # Artifacts
@@ -144,7 +148,16 @@ class ProcessRuntime:
         # both registry entries.
         argv, env = _command(spec, 0, bwrap, fn_dir, deps_dir)
         log_path.write_bytes(b"")
-        handle = self._spawn(argv, env, fn_dir, log_path, limits)
+        self._starting.add(spec.instance_id)
+        try:
+            procs = await self._create_groups(spec, limits["RLIMIT_AS"])
+            try:
+                handle = self._spawn(argv, env, fn_dir, log_path, limits, procs)
+            except BaseException:
+                await self._remove_groups(spec.owner, spec.instance_id)
+                raise
+        finally:
+            self._starting.discard(spec.instance_id)
         try:
             port = await self._wait_listening(handle, log_path)
         except BaseException:
@@ -186,6 +199,7 @@ class ProcessRuntime:
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
         if owner and function and instance_id and _OWNER.match(owner):
             _remove_quietly(self._log_path(owner, function, instance_id))
+            await self._remove_groups(owner, instance_id)
         logger.info("stopped instance %s", handle)
 
     async def is_alive(self, handle: str) -> bool:
@@ -219,6 +233,13 @@ class ProcessRuntime:
             except (KeyError, ValueError):
                 # Marked as ours but not by this runtime's start(): report nothing rather than guess.
                 logger.warning("process %s carries owner %r but incomplete markers", leader.handle, owner)
+        # Groups whose instance is gone (stopped while this control plane was down, or killed): remove them.
+        # `_starting` ones have no process yet; removing their (empty) groups would fail their start.
+        groups = await self._groups()
+        if groups is not None:
+            keep = {leader.environ.get(names.ENV_INSTANCE_ID, "") for leader in sandbox.find_leaders(procs, owner)}
+            for instance_id in groups.instance_ids(owner) - keep - self._starting:
+                await self._remove_groups(owner, instance_id, wait=0)
         return found
 
     async def close(self) -> None:
@@ -246,7 +267,40 @@ class ProcessRuntime:
         self._bwrap, self._sandbox_decided = bwrap, True
         return bwrap
 
-    def _spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, limits: dict[str, int]) -> str:
+    async def _create_groups(self, spec: InstanceSpec, memory_bytes: int) -> list[str]:
+        """The instance's cgroups, limits written; their `cgroup.procs` files ([] where cgroups are unusable)."""
+        groups = await self._groups()
+        if groups is None:
+            return []
+        values = cgroups.settings_for(spec.manifest.limits, memory_bytes)
+        try:
+            return await anyio.to_thread.run_sync(groups.create, spec.owner, spec.instance_id, values)
+        except OSError as e:
+            raise RuntimeFailure(f"could not set the cgroup limits of instance {spec.instance_id}: {e}") from e
+
+    async def _groups(self) -> cgroups.CgroupLimits | None:
+        """This host's usable cgroups, decided once (a runtime that only stops instances needs them too)."""
+        if not self._cgroups_decided:
+            self._cgroups, how = await anyio.to_thread.run_sync(cgroups.CgroupLimits.detect)
+            self._cgroups_decided = True
+            if self._cgroups is None:
+                logger.warning("process runtime: cpus and pids limits are not enforced: %s", how)
+            else:
+                logger.info("process runtime: cpus, pids and memory limits through %s", how)
+        return self._cgroups
+
+    async def _remove_groups(self, owner: str, instance_id: str, wait: float = 2.0) -> None:
+        groups = await self._groups()
+        if groups is not None and not await anyio.to_thread.run_sync(
+            functools.partial(groups.remove, owner, instance_id, wait=wait)
+        ):
+            # An unreaped zombie keeps a group busy; the next listing tries again, quietly (wait=0).
+            level = logging.WARNING if wait else logging.DEBUG
+            logger.log(level, "cgroups of instance %s still hold a process: left for a later pass", instance_id)
+
+    def _spawn(
+        self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, limits: dict[str, int], procs: list[str]
+    ) -> str:
         rlimits = [(getattr(resource, key), value) for key, value in limits.items()]
         try:
             with log_path.open("ab") as out:
@@ -261,9 +315,9 @@ class ProcessRuntime:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
-                    preexec_fn=functools.partial(_apply_limits, rlimits),
+                    preexec_fn=functools.partial(_apply_limits, rlimits, procs),
                 )
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:  # SubprocessError: the preexec_fn failed
             _remove_quietly(log_path)
             raise RuntimeFailure(f"could not start {argv[0]}: {e}") from e
         _CHILDREN[proc.pid] = proc
@@ -376,9 +430,10 @@ def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
 
 
-def _apply_limits(limits: list[tuple[int, int]]) -> None:
+def _apply_limits(limits: list[tuple[int, int]], procs_files: list[str]) -> None:
     for key, value in limits:
         resource.setrlimit(key, (value, value))
+    cgroups.join(procs_files)
 
 
 def _python_paths() -> list[str]:

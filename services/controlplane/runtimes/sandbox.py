@@ -80,8 +80,8 @@ def rlimits(memory: str) -> dict[str, int]:
 
     RLIMIT_AS bounds address space, not resident memory, so it is a loose stand-in for the manifest's
     `memory` (the runtime also sets MALLOC_ARENA_MAX to keep glibc's per-thread arenas from eating it).
-    Not enforced here, for want of cgroups: `cpus` (no per-process CPU share in rlimits) and `pids`
-    (RLIMIT_NPROC counts every process of the user, so it would count the host's processes as well).
+    Not here: `cpus` (no per-process CPU share in rlimits) and `pids` (RLIMIT_NPROC counts every process of the
+    user, so it would count the host's processes as well); cgroups.py enforces both where the host allows.
     """
     return {"RLIMIT_AS": parse_memory(memory), "RLIMIT_CORE": 0}
 
