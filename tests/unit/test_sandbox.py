@@ -232,3 +232,15 @@ def test_cgroup_settings_follow_the_manifest() -> None:
     }
     # The kernel refuses a quota under 1 ms: a tiny share is clamped to it rather than failing every start.
     assert cgroups.settings_for(LimitsSection(cpus=0.001), 1)["cpu"]["cpu.cfs_quota_us"] == "1000"
+
+
+def test_own_cgroups_are_read_per_controller() -> None:
+    from aube.controlplane.runtimes import cgroups
+
+    text = "12:pids:/svc\n4:cpu,cpuacct:/svc/cpu\n1:name=systemd:/init.scope\n0::/unified\n"
+    assert cgroups.own_groups(text) == {
+        "pids": "/svc",
+        "cpu": "/svc/cpu",
+        "cpuacct": "/svc/cpu",
+        "name=systemd": "/init.scope",
+    }

@@ -1,6 +1,7 @@
 """cpu, pids and memory limits for process-runtime instances, through cgroup v1 where the host lets us write it.
 
-Each instance gets a group `aube/<owner>/<instance id>` in the cpu, pids and memory hierarchies. The limits are
+Each instance gets a group `aube/<owner>/<instance id>` in the cpu, pids and memory hierarchies, below the control
+plane's own group in each (so a service manager's accounting and limits still cover its instances). The limits are
 written before the instance starts, and the child joins the groups between fork and exec (`join`), so nothing
 the function runs ever escapes them: a fork bomb meets `pids.max`, a busy loop gets `cpus` of a core, and
 resident memory is bounded (RLIMIT_AS bounds only address space). A group is removed once its instance is gone.
@@ -27,6 +28,18 @@ GROUP = "aube"
 CPU_PERIOD_US = 100_000
 
 
+def own_groups(proc_self_cgroup: str) -> dict[str, str]:
+    """Controller -> this process's group path, from the text of /proc/self/cgroup (pure)."""
+    groups: dict[str, str] = {}
+    for line in proc_self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                if controller:
+                    groups[controller] = parts[2]
+    return groups
+
+
 def settings_for(limits: LimitsSection, memory_bytes: int) -> dict[str, dict[str, str]]:
     """The files to write in each controller's group, and their values (pure: the unit tests read it)."""
     quota = max(1000, round(limits.cpus * CPU_PERIOD_US))  # the kernel refuses quotas under 1 ms
@@ -40,8 +53,8 @@ def settings_for(limits: LimitsSection, memory_bytes: int) -> dict[str, dict[str
 class CgroupLimits:
     """Creates, joins and removes instance groups under writable cgroup v1 hierarchies."""
 
-    def __init__(self, root: Path = CGROUP_ROOT) -> None:
-        self.root = root
+    def __init__(self, bases: Mapping[str, Path]) -> None:
+        self.bases = dict(bases)  # controller -> the folder holding the owners' groups
 
     @classmethod
     def detect(cls, root: Path = CGROUP_ROOT) -> tuple[CgroupLimits | None, str]:
@@ -49,18 +62,22 @@ class CgroupLimits:
         missing = [c for c in CONTROLLERS if not (root / c / "cgroup.procs").is_file()]
         if missing:
             return None, f"no cgroup v1 hierarchy for {', '.join(missing)} under {root}"
-        base = [root / c / GROUP for c in CONTROLLERS]
         try:
-            for path in base:
+            own = own_groups(Path("/proc/self/cgroup").read_text())
+        except OSError as e:
+            return None, f"cannot read /proc/self/cgroup: {e.strerror}"
+        bases = {c: root / c / own.get(c, "/").lstrip("/") / GROUP for c in CONTROLLERS}
+        try:
+            for path in bases.values():
                 path.mkdir(exist_ok=True)
         except OSError as e:
             return None, f"cannot create {GROUP} groups under {root}: {e.strerror}"
-        if not all(os.access(path, os.W_OK) for path in base):
+        if not all(os.access(path, os.W_OK) for path in bases.values()):
             return None, f"the {GROUP} groups under {root} are not writable"
-        return cls(root), f"cgroup v1 under {root}"
+        return cls(bases), f"cgroup v1 ({', '.join(str(p) for p in bases.values())})"
 
     def _dirs(self, owner: str, instance_id: str) -> list[Path]:
-        return [self.root / c / GROUP / owner / instance_id for c in CONTROLLERS]
+        return [self.bases[c] / owner / instance_id for c in CONTROLLERS]
 
     def create(self, owner: str, instance_id: str, settings: Mapping[str, Mapping[str, str]]) -> list[str]:
         """Make the instance's groups with their limits; the `cgroup.procs` files the child must join."""
@@ -101,7 +118,7 @@ class CgroupLimits:
         found: set[str] = set()
         for controller in CONTROLLERS:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                found.update(p.name for p in (self.root / controller / GROUP / owner).iterdir() if p.is_dir())
+                found.update(p.name for p in (self.bases[controller] / owner).iterdir() if p.is_dir())
         return found
 
 
