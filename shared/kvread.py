@@ -12,8 +12,9 @@ Why not nats-py's `kv.watch()` and its initial `None` marker:
 
 So a snapshot reads through a pull consumer: nothing is delivered before we ask, each message says how many
 remain, and the consumer is deleted when the snapshot is done. A follow keeps `kv.watch()` for its change feed
-(one long-lived consumer), but decides "caught up" itself: once it has seen the message at the stream's last
-sequence as of before the watch began, every entry that existed then has been delivered.
+(one long-lived consumer), but decides "caught up" itself: the watch delivers in stream order, so once it has
+seen a message at or past the stream's last sequence as of before the watch began, every entry that existed then
+has been delivered (or superseded by a later one it has seen).
 """
 
 from __future__ import annotations
