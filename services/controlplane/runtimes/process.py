@@ -216,8 +216,9 @@ class ProcessRuntime:
     async def instances(self, owner: str) -> list[RunningInstance]:
         _reap_all()
         procs = await anyio.to_thread.run_sync(_scan_leaders)
+        leaders = sandbox.find_leaders(procs, owner)
         found: list[RunningInstance] = []
-        for leader in sandbox.find_leaders(procs, owner):
+        for leader in leaders:
             env = leader.environ
             try:
                 found.append(
@@ -237,7 +238,7 @@ class ProcessRuntime:
         # `_starting` ones have no process yet; removing their (empty) groups would fail their start.
         groups = await self._groups()
         if groups is not None:
-            keep = {leader.environ.get(names.ENV_INSTANCE_ID, "") for leader in sandbox.find_leaders(procs, owner)}
+            keep = {leader.environ.get(names.ENV_INSTANCE_ID, "") for leader in leaders}
             for instance_id in groups.instance_ids(owner) - keep - self._starting:
                 await self._remove_groups(owner, instance_id, wait=0)
         return found
