@@ -15,12 +15,10 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect
@@ -39,22 +37,13 @@ from aube.shared.schemas import (
     UploadReply,
     UploadRequest,
 )
+from tests.support import nats_client, zip_base64
 
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 UPLOAD_TIMEOUT = 300.0
-
-
-def zip_folder(folder: Path) -> bytes:
-    """A zip as AubeFaaS's upload script made it: the folder's files at the archive root."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                z.write(path, str(path.relative_to(folder)))
-    return buf.getvalue()
 
 
 def zip_files(files: dict[str, str]) -> str:
@@ -76,17 +65,8 @@ def tar_with(add: Callable[[tarfile.TarFile], None]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-@asynccontextmanager
-async def nats_client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
-    nc = await nats.connect(url)
-    try:
-        yield nc, await Registry.open(nc.jetstream())
-    finally:
-        await nc.close()
-
-
 async def upload(nc: NATS, name: str, folder: Path) -> UploadReply:
-    body = UploadRequest(name=name, zip=base64.b64encode(zip_folder(folder)).decode())
+    body = UploadRequest(name=name, zip=zip_base64(folder))
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, UPLOAD_TIMEOUT)
 
 

@@ -7,21 +7,15 @@ end, hostile clients, and `aube start` brought up and down by signals.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import zipfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,8 +24,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.natsserver import free_port
-from aube.shared.registry import Registry
 from aube.shared.schemas import UploadReply, UploadRequest
+from tests.support import nats_client, zip_base64
 
 pytestmark = pytest.mark.anyio
 
@@ -39,29 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
 
-def zipped(folder: Path, extra: dict[str, str] | None = None) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.name not in (extra or {}):
-                z.write(path, str(path.relative_to(folder)))
-        for name, text in (extra or {}).items():
-            z.writestr(name, text)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-@asynccontextmanager
-async def nats_client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
-    nc = await nats.connect(url)
-    try:
-        yield nc, await Registry.open(nc.jetstream())
-    finally:
-        await nc.close()
-
-
 async def upload(nc: NATS, name: str, folder: Path, manifest: str | None = None) -> UploadReply:
     extra = {"aube.toml": manifest} if manifest is not None else None
-    body = UploadRequest(name=name, zip=zipped(folder, extra))
+    body = UploadRequest(name=name, zip=zip_base64(folder, extra))
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
 
 

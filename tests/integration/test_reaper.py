@@ -7,15 +7,12 @@ an instance is gone, and replies. It stands in for the control plane, which is t
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -56,6 +53,7 @@ from aube.shared.schemas import (
     error_reply,
 )
 from aube.shared.settings import ControlPlaneSettings, ReaperSettings
+from tests.support import nats_client, zip_base64
 
 pytestmark = pytest.mark.anyio
 
@@ -418,8 +416,8 @@ async def test_real_control_plane_stops_reaped_instances_and_min_free_stays_warm
     shutil.copytree(EXAMPLES / "reverse-async", folder)
     (folder / "aube.toml").write_text("[scaling]\nmin_free = 1\nidle_timeout = 1\n")
     await platform.start_controlplane()
-    async with _client(platform.nats_url) as (nc, registry):
-        body = UploadRequest(name="idle", zip=base64.b64encode(_zip(folder)).decode())
+    async with nats_client(platform.nats_url) as (nc, registry):
+        body = UploadRequest(name="idle", zip=zip_base64(folder))
         await bus.request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
         scaled = await bus.request(nc, names.SUBJECT_SCALE, ScaleRequest(name="idle", count=2), ScaleReply, 120)
         assert scaled.total == 3
@@ -444,21 +442,3 @@ async def test_real_control_plane_stops_reaped_instances_and_min_free_stays_warm
             assert await ws.recv() == "mraw"
     reaper_log = platform.services[-1].log_text()
     assert reaper_log.count("reaping idle instance") == 2, reaper_log
-
-
-@asynccontextmanager
-async def _client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
-    nc = await nats.connect(url)
-    try:
-        yield nc, await Registry.open(nc.jetstream())
-    finally:
-        await nc.close()
-
-
-def _zip(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                z.write(path, str(path.relative_to(folder)))
-    return buf.getvalue()

@@ -8,11 +8,8 @@ flight during the pass, so reconcile must leave it alone.
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 import uuid
-import zipfile
 from pathlib import Path
 
 import anyio
@@ -25,6 +22,7 @@ from aube.controlplane.service import serve
 from aube.shared.natsserver import LocalNatsServer
 from aube.shared.schemas import ScaleRequest, UploadRequest
 from aube.shared.settings import ControlPlaneSettings
+from tests.support import zip_base64
 
 pytestmark = pytest.mark.anyio
 
@@ -49,15 +47,6 @@ class ListingHeldBack(ProcessRuntime):
         return listing
 
 
-def reverse_zip() -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for path in REVERSE.iterdir():
-            z.write(path, path.name)
-        z.writestr("aube.toml", "[scaling]\nmin_free = 1\nmax_instances = 3\n")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 async def test_reconcile_keeps_an_instance_that_started_during_its_pass(
     nats_server: LocalNatsServer, tmp_path: Path
 ) -> None:
@@ -73,7 +62,8 @@ async def test_reconcile_keeps_an_instance_that_started_during_its_pass(
     runtime = ListingHeldBack(settings)
     async with anyio.create_task_group() as tg:
         cp: ControlPlane = await tg.start(functools.partial(serve, settings, runtime=runtime))
-        await cp.upload(UploadRequest(name="rev", zip=reverse_zip()))
+        manifest = "[scaling]\nmin_free = 1\nmax_instances = 3\n"
+        await cp.upload(UploadRequest(name="rev", zip=zip_base64(REVERSE, {"aube.toml": manifest})))
 
         runtime.armed = True
         plans = []
