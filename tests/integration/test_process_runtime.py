@@ -17,6 +17,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -127,28 +128,29 @@ async def _stop_all(runtime: ProcessRuntime, owner: str) -> None:
         await runtime.stop(instance.handle)
 
 
-@pytest.fixture(params=["none", pytest.param("bwrap", marks=needs_bwrap)])
-async def runtime(request: pytest.FixtureRequest, tmp_path: Path, test_owner: str) -> AsyncIterator[ProcessRuntime]:
-    rt = ProcessRuntime(_settings(tmp_path, request.param))
+@asynccontextmanager
+async def _runtime(tmp_path: Path, mode: str, owner: str) -> AsyncIterator[ProcessRuntime]:
+    rt = ProcessRuntime(_settings(tmp_path, mode))
     try:
         yield rt
     finally:
         with anyio.move_on_after(30, shield=True):
-            await _stop_all(rt, test_owner)
+            await _stop_all(rt, owner)
         await rt.close()
+
+
+@pytest.fixture(params=["none", pytest.param("bwrap", marks=needs_bwrap)])
+async def runtime(request: pytest.FixtureRequest, tmp_path: Path, test_owner: str) -> AsyncIterator[ProcessRuntime]:
+    async with _runtime(tmp_path, request.param, test_owner) as rt:
+        yield rt
 
 
 @pytest.fixture
 async def bwrap_runtime(tmp_path: Path, test_owner: str) -> AsyncIterator[ProcessRuntime]:
     if not BWRAP:
         pytest.skip("bubblewrap is missing or cannot create namespaces here")
-    rt = ProcessRuntime(_settings(tmp_path, "bwrap"))
-    try:
+    async with _runtime(tmp_path, "bwrap", test_owner) as rt:
         yield rt
-    finally:
-        with anyio.move_on_after(30, shield=True):
-            await _stop_all(rt, test_owner)
-        await rt.close()
 
 
 async def _health(address: str) -> bytes:
