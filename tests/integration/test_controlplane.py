@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
+from support import nats_client, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.shared import names
@@ -37,7 +38,6 @@ from aube.shared.schemas import (
     UploadReply,
     UploadRequest,
 )
-from tests.support import nats_client, zip_base64
 
 pytestmark = pytest.mark.anyio
 

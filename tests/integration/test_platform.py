@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
+from support import nats_client, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -25,7 +26,6 @@ from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.natsserver import free_port
 from aube.shared.schemas import UploadReply, UploadRequest
-from tests.support import nats_client, zip_base64
 
 pytestmark = pytest.mark.anyio
 

@@ -26,6 +26,7 @@ import nats
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
+from support import nats_client, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.controlplane.runtimes.process import ProcessRuntime
@@ -53,7 +54,6 @@ from aube.shared.schemas import (
     error_reply,
 )
 from aube.shared.settings import ControlPlaneSettings, ReaperSettings
-from tests.support import nats_client, zip_base64
 
 pytestmark = pytest.mark.anyio
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from support import zip_base64
 
 from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import RunningInstance
@@ -22,7 +23,6 @@ from aube.controlplane.service import serve
 from aube.shared.natsserver import LocalNatsServer
 from aube.shared.schemas import ScaleRequest, UploadRequest
 from aube.shared.settings import ControlPlaneSettings
-from tests.support import zip_base64
 
 pytestmark = pytest.mark.anyio
 
