@@ -5,6 +5,7 @@
     aube ls                        list functions and their instances
     aube events <name>             follow a function's events
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
+    aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
 
 Exit status 0 on success; on failure a one-line `error: <code>: <message>` on stderr and status 1 (2 for usage).
 """
@@ -25,8 +26,9 @@ import anyio
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.js.object_store import ObjectStore
 
-from aube.shared import credentials, names
+from aube.shared import credentials, names, natsconn
 from aube.shared.bus import request
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, InvalidRequest
@@ -71,13 +73,21 @@ async def deploy(nc: NATS, folder: Path, name: str, timeout: float) -> UploadRep
     bundle = pack_folder(folder)
     body = UploadRequest(name=name, tar=base64.b64encode(bundle).decode())
     if len(msgspec.json.encode(body)) > nc.max_payload:
-        # Too big for one message: hand the bundle over through the JetStream object store.
-        # Bound, not created: the control plane creates the bucket, and a deployer may only use it.
-        store = await nc.jetstream().object_store(names.BUCKET_BUNDLES)
+        # Too big for one message: hand the bundle over through the JetStream object store of the deployer's own
+        # account (the control plane reads it from there and deletes it).
+        store = await bundle_store(nc)
         key = f"{name}-{uuid.uuid4().hex}"
         await store.put(key, bundle)
         body = UploadRequest(name=name, object=key)
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, timeout)
+
+
+async def bundle_store(nc: NATS) -> ObjectStore:
+    js = nc.jetstream()
+    try:
+        return await js.object_store(names.BUCKET_BUNDLES)
+    except nats.js.errors.NotFoundError:
+        return await js.create_object_store(names.BUCKET_BUNDLES)
 
 
 async def follow_events(nc: NATS, name: str) -> None:
@@ -86,17 +96,28 @@ async def follow_events(nc: NATS, name: str) -> None:
         print(msg.data.decode(), flush=True)
 
 
-def deployer_url(url: str) -> str:
-    """`url` with the deployer's credentials from the platform's credentials file, when it names no user."""
-    path = Path(os.environ.get(credentials.ENV_CREDENTIALS_FILE) or credentials.DEFAULT_CREDENTIALS_FILE)
-    creds = credentials.load(path)
-    if creds is None:
-        return url
-    return credentials.with_user(url, credentials.DEPLOYER_USER, creds.deployer_password)
+def deployer_login() -> credentials.Login | None:
+    """The tenant's login from its credentials file ($AUBE_CREDENTIALS, default .data/credentials.env). A file named
+    explicitly must exist; without the default file the CLI connects without credentials (a development server)."""
+    named = os.environ.get(credentials.ENV_CREDENTIALS_FILE)
+    path = Path(named or credentials.DEFAULT_CREDENTIALS_FILE)
+    login = credentials.load_login(path)
+    if login is None and named:
+        raise InvalidRequest(f"no credentials found at {path} (AUBE_CREDENTIALS): it is missing or holds no password")
+    return login
 
 
 async def run(args: argparse.Namespace) -> int:
-    nc = await nats.connect(deployer_url(args.nats), connect_timeout=5, max_reconnect_attempts=1, allow_reconnect=False)
+    login = deployer_login()
+    nc = await natsconn.connect(
+        args.nats,
+        user=login.user if login else "",
+        password=login.password if login else "",
+        name="aube-cli",
+        connect_timeout=5,
+        max_reconnect_attempts=1,
+        allow_reconnect=False,
+    )
     try:
         if args.command == "deploy":
             up = await deploy(nc, Path(args.folder), args.name, args.timeout)
@@ -135,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("start", help="run NATS, control plane, reaper and proxies in the foreground")
     st.add_argument("--proxies", type=int, default=int(os.environ.get("AUBE_PROXIES", "1")), help="proxy replicas")
     st.add_argument("--nats-conf", default="deploy/nats.conf")
+    tn = sub.add_parser("tenant", help="operator: manage tenants (deployer identities) of the platform run from here")
+    tn_sub = tn.add_subparsers(dest="tenant_command", required=True)
+    add = tn_sub.add_parser("add", help="create a tenant; writes its credentials to .data/tenants/NAME.env")
+    add.add_argument("name")
+    add.add_argument("--nats-conf", default="deploy/nats.conf")
     return p
 
 
@@ -149,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         return start_platform(
             proxies=args.proxies, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd(), env=dict(os.environ)
         )
+    if args.command == "tenant":
+        from aube.cli.platform import add_tenant
+
+        try:
+            path, reloaded = add_tenant(args.name, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd())
+        except AubeError as e:
+            print(f"error: {e.code}: {e.message}", file=sys.stderr)
+            return 1
+        print(f"tenant {args.name} created; its credentials: {path}")
+        print("nats-server reloaded" if reloaded else "takes effect when the platform (re)starts")
+        return 0
     try:
         return anyio.run(run, args)
     except AubeError as e:

@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 from aube.shared import credentials
-from aube.shared.natsserver import find_nats_server
-from aube.shared.settings import DEFAULT_NATS_URL
+from aube.shared import tenants as tenancy
+from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
 
 
 def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -34,6 +34,29 @@ def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.
     raise SystemExit("nats-server did not become healthy")
 
 
+def write_tenant_config(nats_conf: Path, data_dir: Path) -> Path:
+    """deploy/nats.conf and its tenant includes, rendered into <data>/nats/conf from the tenant list."""
+    hashes = tenancy.TenantFile(data_dir / credentials.TENANT_LIST_FILE).load()
+    return write_run_config(nats_conf, data_dir / "nats" / "conf", hashes)
+
+
+def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
+    """`aube tenant add NAME`: the tenant's credentials file, and whether a running nats-server was reloaded."""
+    data_dir = workdir / ".data"
+    _, path = credentials.add_tenant(data_dir, name)
+    write_tenant_config(nats_conf, data_dir)
+    pid_file = data_dir / "nats" / "nats-server.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        # A stale pid file (a crashed server) may name another process by now: signal only a nats-server.
+        if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return path, False
+        signal_reload(pid)
+    except (OSError, ValueError):
+        return path, False
+    return path, True
+
+
 def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:
     py = sys.executable
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -46,11 +69,18 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
         procs.append((label, proc))
         print(f"[aube] started {label} (pid {proc.pid})", flush=True)
 
-    # The platform's NATS passwords: created on the first start, kept in the data folder (mode 0600).
+    # The platform's NATS passwords and the default tenant: created on the first start, kept in the data folder
+    # (mode 0600). Each service gets its own login only; nats-server gets them all from its environment.
+    data_dir = workdir / ".data"
     creds_path = workdir / credentials.DEFAULT_CREDENTIALS_FILE
-    creds = credentials.load_or_create(creds_path)
-    nats_url = env.get("AUBE_NATS_URL", DEFAULT_NATS_URL)
-    service_env = {"AUBE_NATS_URL": credentials.with_user(nats_url, credentials.SERVICE_USER, creds.service_password)}
+    secrets = credentials.platform_secrets(data_dir)
+    credentials.ensure_default_tenant(data_dir, creds_path)
+    run_config = write_tenant_config(nats_conf, data_dir)
+
+    def login_env(service: str) -> dict[str, str]:
+        login = secrets.service_login(service)
+        return {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password}
+
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -61,17 +91,22 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
     signal.signal(signal.SIGTERM, on_signal)
     status = 0
     try:
-        spawn("nats-server", [find_nats_server(), "-c", str(nats_conf)], creds.environment())
+        spawn("nats-server", [find_nats_server(), "-c", str(run_config)], secrets.environment())
         _wait_nats(env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222"), procs[0][1])
-        spawn("controlplane", [py, "-m", "aube.controlplane"], {**service_env, "AUBE_STOP_INSTANCES_ON_EXIT": "true"})
-        spawn("reaper", [py, "-m", "aube.reaper"], service_env)
+        controlplane_env = {
+            **login_env("controlplane"),
+            "AUBE_NATS_FETCH_PASSWORD": secrets.fetch_password,
+            "AUBE_STOP_INSTANCES_ON_EXIT": "true",
+        }
+        spawn("controlplane", [py, "-m", "aube.controlplane"], controlplane_env)
+        spawn("reaper", [py, "-m", "aube.reaper"], login_env("reaper"))
         for i in range(proxies):
             proxy_id = {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"}
-            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {**service_env, **proxy_id})
+            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {**login_env("proxy"), **proxy_id})
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
         print(
             f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "
-            f"{credentials.DEPLOYER_USER} --password from {creds_path}",
+            f"{credentials.DEPLOYER_USER} --password from {creds_path}; more tenants: aube tenant add NAME",
             flush=True,
         )
         while not stopping:

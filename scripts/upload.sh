@@ -9,5 +9,8 @@ if [ $# -ne 2 ]; then
 fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 # The deployer's NATS password, created by `make start` (aube start) in the repo's data folder.
-export AUBE_CREDENTIALS="${AUBE_CREDENTIALS:-$root/.data/credentials.env}"
+# (A file named in AUBE_CREDENTIALS must exist; without one, a server without accounts is used as it is.)
+if [ -z "${AUBE_CREDENTIALS:-}" ] && [ -f "$root/.data/credentials.env" ]; then
+  export AUBE_CREDENTIALS="$root/.data/credentials.env"
+fi
 exec "${AUBE_PYTHON:-$root/.venv/bin/python}" -m aube.cli deploy "$1" "$2"

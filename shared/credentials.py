@@ -1,8 +1,15 @@
-"""NATS credentials of a platform: one password for the services, one for deployers.
+"""NATS identities of a platform: one password per service, one per tenant, and where each is kept.
 
-`aube start` creates them once (random, in an env file of mode 0600 under the data folder) and passes them to
-nats-server, whose deploy/nats.conf reads them from the environment; the services get the service user in their
-AUBE_NATS_URL, and the aube CLI, upload.sh and delete.sh read the deployer's from the same file.
+    <data>/platform.env      the services' passwords (controlplane, proxy, reaper, fetch), mode 0600. nats-server
+                             reads them from its environment (deploy/nats.conf names them); each service gets only
+                             its own, as AUBE_NATS_USER / AUBE_NATS_PASSWORD.
+    <data>/credentials.env   the default tenant's credentials (user `deployer`), mode 0600: what scripts/upload.sh,
+                             the aube CLI and the nats CLI use. It holds no platform secret.
+    <data>/tenants/<t>.env   another tenant's credentials, written by `aube tenant add <t>` for the operator to hand
+                             over. Same form: AUBE_NATS_USER=<t>, AUBE_NATS_DEPLOYER_PASSWORD=<password>.
+    <data>/tenants.json      the tenant list: name -> bcrypt hash (the server's tenants.conf is rendered from it).
+
+Passwords travel as connect options, never inside a URL (a URL ends up in logs and error messages).
 """
 
 from __future__ import annotations
@@ -13,16 +20,31 @@ import re
 import secrets
 import string
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
+import bcrypt
 import msgspec
 
-SERVICE_USER = "aube"
-DEPLOYER_USER = "deployer"
-ENV_SERVICE_PASSWORD = "AUBE_NATS_SERVICE_PASSWORD"
+from aube.shared import tenants as tenancy
+
+DEPLOYER_USER = tenancy.DEFAULT_TENANT
+ENV_USER = "AUBE_NATS_USER"
+ENV_PASSWORD = "AUBE_NATS_PASSWORD"
 ENV_DEPLOYER_PASSWORD = "AUBE_NATS_DEPLOYER_PASSWORD"
 ENV_CREDENTIALS_FILE = "AUBE_CREDENTIALS"  # where clients look for the file; default .data/credentials.env
 DEFAULT_CREDENTIALS_FILE = Path(".data") / "credentials.env"
+PLATFORM_FILE = "platform.env"
+TENANT_LIST_FILE = "tenants.json"
+TENANT_CREDENTIALS_DIR = "tenants"
+# An earlier version kept the service password in credentials.env, which deployers read: it is dropped from there.
+_LEGACY_SERVICE_PASSWORD = "AUBE_NATS_SERVICE_PASSWORD"
+
+# The platform's users in deploy/nats.conf and the environment variable holding each one's password.
+SERVICE_USERS = {
+    "controlplane": ("aube-controlplane", "AUBE_NATS_CONTROLPLANE_PASSWORD"),
+    "proxy": ("aube-proxy", "AUBE_NATS_PROXY_PASSWORD"),
+    "reaper": ("aube-reaper", "AUBE_NATS_REAPER_PASSWORD"),
+}
+ENV_FETCH_PASSWORD = tenancy.ENV_FETCH_PASSWORD
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +53,7 @@ log = logging.getLogger(__name__)
 # therefore start with a letter and hold only letters and digits (32 characters: about 190 bits).
 PASSWORD_LENGTH = 32
 SAFE_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+BCRYPT_COST = 10  # nats-server checks it on every connect: about 50 ms here
 
 
 def new_password() -> str:
@@ -38,59 +61,115 @@ def new_password() -> str:
     return secrets.choice(string.ascii_letters) + "".join(secrets.choice(alphabet) for _ in range(PASSWORD_LENGTH - 1))
 
 
-class NatsCredentials(msgspec.Struct, frozen=True, kw_only=True):
-    service_password: str
-    deployer_password: str
+class Login(msgspec.Struct, frozen=True, kw_only=True):
+    user: str
+    password: str
+
+
+class PlatformSecrets(msgspec.Struct, frozen=True, kw_only=True):
+    """Every password nats-server must know from its environment."""
+
+    passwords: dict[str, str]  # environment variable -> password
 
     def environment(self) -> dict[str, str]:
-        return {ENV_SERVICE_PASSWORD: self.service_password, ENV_DEPLOYER_PASSWORD: self.deployer_password}
+        return dict(self.passwords)
+
+    def service_login(self, service: str) -> Login:
+        user, env = SERVICE_USERS[service]
+        return Login(user=user, password=self.passwords[env])
+
+    @property
+    def fetch_password(self) -> str:
+        return self.passwords[ENV_FETCH_PASSWORD]
 
 
-def load_or_create(path: Path) -> NatsCredentials:
-    """Read the credentials file, or create it with fresh random passwords (readable by its owner only).
-
-    A file whose passwords nats-server cannot read from its environment (written by an earlier version) is
-    replaced: clients read the same file, so they follow."""
-    existing = load(path)
-    if existing is not None:
-        if all(SAFE_PASSWORD.fullmatch(p) for p in existing.environment().values()):
-            return existing
-        log.warning("%s holds a password nats-server cannot parse: replacing both passwords", path)
-    creds = NatsCredentials(service_password=new_password(), deployer_password=new_password())
+def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{k}={v}\n" for k, v in creds.environment().items()))
+        f.write(text)
     os.replace(staging, path)  # whole or not at all: a reader never sees half a file
-    return creds
 
 
-def load(path: Path) -> NatsCredentials | None:
+def _read_env_file(path: Path) -> dict[str, str]:
     try:
         text = path.read_text()
     except OSError:
-        return None
-    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    service, deployer = values.get(ENV_SERVICE_PASSWORD), values.get(ENV_DEPLOYER_PASSWORD)
-    if not service or not deployer:
-        return None
-    return NatsCredentials(service_password=service.strip(), deployer_password=deployer.strip())
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split("=", 1) for line in text.splitlines() if "=" in line)}
 
 
-def with_user(url: str, user: str, password: str) -> str:
-    """`url` carrying `user:password`, unless it already names a user (an explicit choice wins)."""
-    parts = urlsplit(url)
-    if parts.username:
-        return url
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname or '127.0.0.1'}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+def platform_secrets(data_dir: Path) -> PlatformSecrets:
+    """Read <data>/platform.env, creating what is missing (or unparseable by nats-server) with fresh passwords."""
+    path = data_dir / PLATFORM_FILE
+    values = _read_env_file(path)
+    wanted = [env for _, env in SERVICE_USERS.values()] + [ENV_FETCH_PASSWORD]
+    passwords = {env: values[env] for env in wanted if SAFE_PASSWORD.fullmatch(values.get(env, ""))}
+    if len(passwords) != len(wanted):
+        passwords = {env: passwords.get(env) or new_password() for env in wanted}
+        _write_private(path, "".join(f"{k}={v}\n" for k, v in passwords.items()))
+    return PlatformSecrets(passwords=passwords)
+
+
+def write_login(path: Path, login: Login) -> None:
+    _write_private(path, f"{ENV_USER}={login.user}\n{ENV_DEPLOYER_PASSWORD}={login.password}\n")
+
+
+def load_login(path: Path) -> Login | None:
+    """A tenant's credentials file (user `deployer` when the file names none: the form of earlier versions)."""
+    values = _read_env_file(path)
+    password = values.get(ENV_DEPLOYER_PASSWORD)
+    if not password:
+        return None
+    return Login(user=values.get(ENV_USER) or DEPLOYER_USER, password=password)
+
+
+def hash_password(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode()
+
+
+def add_tenant(data_dir: Path, tenant: str, credentials_file: Path | None = None) -> tuple[Login, Path]:
+    """Create `tenant` with a fresh password: its hash goes to the tenant list, its login to a 0600 file.
+
+    Refuses a tenant that exists (its password would change under its users' feet)."""
+    tenant = tenancy.validate_tenant(tenant)
+    tenant_list = tenancy.TenantFile(data_dir / TENANT_LIST_FILE)
+    known = tenant_list.load()
+    if tenant in known:
+        from aube.shared.errors import InvalidRequest
+
+        raise InvalidRequest(f"tenant {tenant!r} exists already")
+    login = Login(user=tenant, password=new_password())
+    path = credentials_file or data_dir / TENANT_CREDENTIALS_DIR / f"{tenant}.env"
+    write_login(path, login)
+    tenant_list.save({**known, tenant: hash_password(login.password)})
+    return login, path
+
+
+def ensure_default_tenant(data_dir: Path, credentials_file: Path) -> Login:
+    """The default tenant `deployer` and its credentials file, created once; an earlier version's file (which also
+    held the service password) keeps its deployer password and loses the rest."""
+    tenant_list = tenancy.TenantFile(data_dir / TENANT_LIST_FILE)
+    known = tenant_list.load()
+    login = load_login(credentials_file)
+    if login is not None and login.user == DEPLOYER_USER and SAFE_PASSWORD.fullmatch(login.password):
+        if _LEGACY_SERVICE_PASSWORD in _read_env_file(credentials_file):
+            write_login(credentials_file, login)
+        stored = known.get(DEPLOYER_USER)
+        if stored is None or not bcrypt.checkpw(login.password.encode(), stored.encode()):
+            tenant_list.save({**known, DEPLOYER_USER: hash_password(login.password)})
+        return login
+    login = Login(user=DEPLOYER_USER, password=new_password())
+    write_login(credentials_file, login)
+    tenant_list.save({**known, DEPLOYER_USER: hash_password(login.password)})
+    return login
 
 
 def redact(url: str) -> str:
-    """The URL fit for a log line: the password replaced."""
+    """A URL fit for a log line: any password in it replaced."""
+    from urllib.parse import urlsplit, urlunsplit
+
     parts = urlsplit(url)
     if not parts.password:
         return url

@@ -50,6 +50,12 @@ class UnknownFunction(AubeError):
     code = "unknown_function"
 
 
+class NameTaken(AubeError):
+    """The function name belongs to another tenant."""
+
+    code = "name_taken"
+
+
 class UnknownInstance(AubeError):
     code = "unknown_instance"
 

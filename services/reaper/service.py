@@ -17,14 +17,13 @@ import logging
 import time
 
 import anyio
-import nats
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
 from aube.reaper.decisions import Action, AskStop, DeleteLease, Drain, Instance, Lease, Plan, Policy, Seen, Snapshot
 from aube.reaper.decisions import plan as make_plan
-from aube.shared import bus, names
+from aube.shared import bus, names, natsconn
 from aube.shared.errors import AubeError
 from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord, StopInstanceReply, StopInstanceRequest
@@ -46,8 +45,10 @@ def policy_for(settings: ReaperSettings) -> Policy:
 
 async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run the reaper until cancelled; `task_status.started()` once connected and the registry is open."""
-    nc = await nats.connect(
+    nc = await natsconn.connect(
         settings.nats_url,
+        user=settings.nats_user,
+        password=settings.nats_password,
         name=f"aube-reaper-{settings.reaper_id}",
         max_reconnect_attempts=-1,
         error_cb=_log_nats_error,

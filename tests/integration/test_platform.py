@@ -277,6 +277,26 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
             async with ws(proxy_port, "rev") as conn:
                 await conn.send("abc")
                 assert await conn.recv() == "cba"
+        # The operator adds a tenant to the running platform; it deploys under its own name, not over the deployer's.
+        added = subprocess.run(
+            [sys.executable, "-m", "aube.cli", "tenant", "add", "alice", "--nats-conf", str(conf)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert added.returncode == 0 and "nats-server reloaded" in added.stdout, added.stderr
+        alice_env = {**upload_env, "AUBE_CREDENTIALS": str(tmp_path / ".data/tenants/alice.env")}
+
+        def upload_as_alice(name: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(REPO / "scripts" / "upload.sh"), str(EXAMPLES / "reverse"), name],
+                env=alice_env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+
+        taken = upload_as_alice("rev")
+        assert taken.returncode == 1 and "name_taken" in taken.stderr, taken.stderr
+        assert upload_as_alice("alice-rev").returncode == 0
+        async with ws(proxy_port, "alice-rev") as conn:
+            await conn.send("xyz")
+            assert await conn.recv() == "zyx"
         # Ctrl-C in a terminal: SIGINT to the whole foreground process group, not just the supervisor.
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 0

@@ -1,40 +1,76 @@
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
-from aube.shared import credentials
+import bcrypt
+import pytest
+
+from aube.shared import credentials, tenants
+from aube.shared.errors import InvalidRequest
 
 
-def test_created_once_private_and_stable(tmp_path: Path) -> None:
-    path = tmp_path / ".data" / "credentials.env"
-    first = credentials.load_or_create(path)
+def test_platform_secrets_are_created_once_private_and_kept(tmp_path: Path) -> None:
+    first = credentials.platform_secrets(tmp_path)
+    assert credentials.platform_secrets(tmp_path) == first
+    path = tmp_path / credentials.PLATFORM_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert first.service_password != first.deployer_password
-    assert credentials.load_or_create(path) == first
+    assert len(set(first.passwords.values())) == 4  # one per service and the fetch user
+    assert first.service_login("proxy").user == "aube-proxy"
 
 
-def test_urls_carry_users_and_logs_do_not_show_passwords() -> None:
-    url = credentials.with_user("nats://127.0.0.1:4222", "deployer", "p@ss/word")
-    assert url == "nats://deployer:p%40ss%2Fword@127.0.0.1:4222"
-    assert credentials.with_user("nats://me:x@host:1", "deployer", "y") == "nats://me:x@host:1"
-    assert credentials.redact(url) == "nats://deployer:***@127.0.0.1:4222"
-    assert credentials.redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
-
-
-def test_passwords_are_ones_nats_server_reads_from_its_environment() -> None:
-    # nats-server parses the variable as a config value: a leading "-" (1 in 64 for token_urlsafe) or a bare
-    # number stops it from starting.
+def test_generated_passwords_are_letters_and_digits_starting_with_a_letter() -> None:
     passwords = {credentials.new_password() for _ in range(2000)}
     assert len(passwords) == 2000
     assert all(credentials.SAFE_PASSWORD.fullmatch(p) and len(p) == credentials.PASSWORD_LENGTH for p in passwords)
 
 
-def test_a_file_with_an_unparseable_password_is_replaced(tmp_path: Path) -> None:
-    path = tmp_path / "credentials.env"
-    path.write_text(f"{credentials.ENV_SERVICE_PASSWORD}=-VDuTz\n{credentials.ENV_DEPLOYER_PASSWORD}=fine\n")
-    creds = credentials.load_or_create(path)
-    assert credentials.SAFE_PASSWORD.fullmatch(creds.service_password)
-    assert creds.deployer_password != "fine"  # both change together
-    assert credentials.load(path) == creds and stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["credentials.env"]  # no staging file left behind
+def test_an_unparseable_platform_password_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / credentials.PLATFORM_FILE).write_text("AUBE_NATS_PROXY_PASSWORD=-VDuTz\n")
+    secrets = credentials.platform_secrets(tmp_path)
+    assert all(credentials.SAFE_PASSWORD.fullmatch(p) for p in secrets.passwords.values())
+    assert [p.name for p in tmp_path.iterdir()] == [credentials.PLATFORM_FILE]  # no staging file left behind
+
+
+def test_the_deployers_file_holds_no_platform_secret_and_an_old_one_is_cleaned(tmp_path: Path) -> None:
+    creds = tmp_path / "credentials.env"
+    # The form of earlier versions: the service password sat beside the deployer's, where deployers read it.
+    creds.write_text("AUBE_NATS_SERVICE_PASSWORD=Servicepw1\nAUBE_NATS_DEPLOYER_PASSWORD=Deployerpw1\n")
+    login = credentials.ensure_default_tenant(tmp_path, creds)
+    assert login == credentials.Login(user="deployer", password="Deployerpw1")
+    assert "Servicepw1" not in creds.read_text()
+    hashes = json.loads((tmp_path / credentials.TENANT_LIST_FILE).read_text())
+    assert bcrypt.checkpw(b"Deployerpw1", hashes["deployer"].encode())
+    assert credentials.ensure_default_tenant(tmp_path, creds) == login  # idempotent
+
+
+def test_adding_a_tenant_writes_its_login_and_refuses_duplicates_and_bad_names(tmp_path: Path) -> None:
+    login, path = credentials.add_tenant(tmp_path, "alice")
+    assert credentials.load_login(path) == login and login.user == "alice"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(InvalidRequest, match="exists already"):
+        credentials.add_tenant(tmp_path, "alice")
+    for bad in ("Alice", "aube-x", "aube", "a.b", "a b", "-a", "a-", "x" * 33, "", "a>", "*"):
+        with pytest.raises(InvalidRequest, match="invalid tenant name"):
+            credentials.add_tenant(tmp_path, bad)
+
+
+def test_tenant_subjects_name_their_tenant_and_plain_subjects_are_the_operators() -> None:
+    assert tenants.tenant_subject("alice", "aube.fn.upload") == "aube.t.alice.fn.upload"
+    assert tenants.tenant_of("aube.t.alice.fn.upload") == "alice"
+    assert tenants.tenant_of("aube.fn.upload") == tenants.OPERATOR
+    assert tenants.may_touch("alice", "alice") and tenants.may_touch(tenants.OPERATOR, "alice")
+    assert not tenants.may_touch("bob", "alice") and not tenants.may_touch("bob", tenants.OPERATOR)
+
+
+def test_rendered_accounts_export_each_tenants_subjects_to_that_tenant_only() -> None:
+    hashes = {"alice": "$2b$10$abc", "bob": "$2b$10$def"}
+    exports = tenants.render_exports(hashes, ["aube.fn.upload"], "aube.events.fn")
+    assert '{service: "aube.t.alice.fn.upload", accounts: [alice]' in exports
+    assert '{stream: "aube.t.bob.events.fn.>", accounts: [bob]}' in exports
+    accounts = tenants.render_accounts(hashes, ["aube.fn.upload"], "aube.events.fn", "aube-bundles", "1MB")
+    assert 'subject: "aube.t.alice.fn.upload"}, to: "aube.fn.upload"' in accounts
+    assert "aube.t.bob" not in accounts.split("bob: {")[0]  # alice's account imports nothing of bob's
+    with pytest.raises(InvalidRequest, match="malformed"):
+        tenants.render_accounts({"eve": 'x"}]}'}, ["aube.fn.upload"], "aube.events.fn", "aube-bundles", "1MB")

@@ -1,0 +1,166 @@
+"""Tenants: who may deploy, and the NATS configuration that keeps them apart.
+
+A tenant is a deployer identity created by the operator (`aube tenant add NAME`). Each tenant is a NATS account
+of its own (deploy/nats.conf explains the layout); this module names a tenant's subjects and renders the two files
+deploy/nats.conf includes, from the list of tenants and their bcrypt password hashes. Pure: no I/O here except
+`TenantFile`, the operator's list on disk.
+
+Why accounts and not users with permissions in one account: inside one account every user who may subscribe to
+`_INBOX.>` reads every other user's replies (the registry's KV replies included), and a request carries no proof of
+who sent it. Accounts give each tenant its own subject space, inboxes and JetStream; the platform account exports
+`aube.t.<tenant>.fn.*` to that one account, which imports it as the contract's `aube.fn.*`. The subject a request
+arrives on in the platform account therefore names its tenant, and nothing a tenant sends can change that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from aube.shared.errors import InvalidRequest
+
+# The default tenant of a single-tenant platform: `make start` creates it, its credentials are .data/credentials.env.
+DEFAULT_TENANT = "deployer"
+# Requests that arrive on the contract's plain subjects inside the platform account come from the platform itself
+# (an operator's tool, or a development server without accounts); they act for this pseudo-tenant, which may touch
+# every function.
+OPERATOR = ""
+
+# Lower-case, so it can never be the platform account `AUBE`, nor nats-server's `$G`/`$SYS`; `aube…` is reserved
+# for the platform's own users (`aube-fetch-<tenant>` lives in each tenant's account).
+TENANT_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+PLATFORM_ACCOUNT = "AUBE"
+TENANT_SUBJECT_PREFIX = "aube.t"
+# Each tenant's account also holds this platform user, which the control plane uses to read (and then delete) a
+# bundle the tenant put in its own object store. Its password is the platform's, from the server's environment.
+FETCH_USER_PREFIX = "aube-fetch-"
+ENV_FETCH_PASSWORD = "AUBE_NATS_FETCH_PASSWORD"
+# An upload's reply comes when the build and health checks are done: the service import must stay open that long.
+RESPONSE_THRESHOLD = "30m"
+DEFAULT_JETSTREAM_QUOTA = "512MB"  # a tenant's file storage: its bundles in flight
+
+
+def validate_tenant(name: object) -> str:
+    if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid tenant name {str(name)[:40]!r}: use 1-32 characters of a-z, 0-9 and '-', starting with a letter"
+        )
+    if name.startswith("aube"):
+        raise InvalidRequest(f"invalid tenant name {name!r}: names starting with 'aube' are the platform's")
+    return name
+
+
+def tenant_subject(tenant: str, subject: str) -> str:
+    """`aube.fn.upload` as it arrives in the platform account from `tenant`: `aube.t.<tenant>.fn.upload`."""
+    return f"{TENANT_SUBJECT_PREFIX}.{tenant}.{subject.removeprefix('aube.')}"
+
+
+def tenant_of(subject: str) -> str:
+    """The tenant a request subject names (`aube.t.<tenant>.…`), or OPERATOR for a plain subject."""
+    prefix = f"{TENANT_SUBJECT_PREFIX}."
+    if not subject.startswith(prefix):
+        return OPERATOR
+    return subject[len(prefix) :].split(".", 1)[0]
+
+
+def may_touch(requester: str, owner: str) -> bool:
+    """Whether `requester` may re-upload, delete, list or follow a function `owner` deployed."""
+    return requester in (OPERATOR, owner)
+
+
+def render_exports(tenants: Mapping[str, str], request_subjects: list[str], events_prefix: str) -> str:
+    """The platform account's `exports` (included in deploy/nats.conf's AUBE block)."""
+    lines = ["# Written by aube from the tenant list; do not edit.", "exports: ["]
+    for tenant in sorted(tenants):
+        for subject in request_subjects:
+            lines.append(
+                f'  {{service: "{tenant_subject(tenant, subject)}", accounts: [{tenant}], '
+                f'response_threshold: "{RESPONSE_THRESHOLD}"}}'
+            )
+        lines.append(f'  {{stream: "{tenant_subject(tenant, events_prefix)}.>", accounts: [{tenant}]}}')
+    lines.append("]")
+    return "\n".join(lines) + "\n"
+
+
+def render_accounts(
+    tenants: Mapping[str, str], request_subjects: list[str], events_prefix: str, bucket: str, quota: str
+) -> str:
+    """One account per tenant (included in deploy/nats.conf's `accounts` block); `tenants` maps name -> bcrypt."""
+    out = ["# Written by aube from the tenant list; do not edit."]
+    stream = f"OBJ_{bucket}"
+    for tenant in sorted(tenants):
+        password = tenants[tenant]
+        if '"' in password or "\\" in password or "\n" in password:
+            raise InvalidRequest(f"tenant {tenant}: the stored password hash is malformed")
+        imports = [
+            f'{{service: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, s)}"}}, to: "{s}"}}'
+            for s in request_subjects
+        ]
+        imports.append(
+            f'{{stream: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, events_prefix)}.>"}}, '
+            f'to: "{events_prefix}.>"}}'
+        )
+        # The fetch user reads and deletes bundles in this tenant's object store, nothing else.
+        fetch_allow = [
+            "$JS.API.INFO",
+            "$JS.API.STREAM.NAMES",
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.STREAM.PURGE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+            f"$JS.ACK.{stream}.>",
+            "$JS.FC.>",
+            f"$O.{bucket}.M.>",
+        ]
+        out += [
+            f"{tenant}: {{",
+            f"  jetstream: {{max_file: {quota}, max_mem: 0}}",
+            "  users: [",
+            f'    {{user: "{tenant}", password: "{password}"}}',
+            f'    {{user: "{FETCH_USER_PREFIX}{tenant}", password: ${ENV_FETCH_PASSWORD}, permissions: {{',
+            f"      publish: {{allow: {json.dumps(fetch_allow)}}}",
+            '      subscribe: {allow: ["_INBOX.>"]}',
+            "    }}",
+            "  ]",
+            "  imports: [",
+            *(f"    {line}" for line in imports),
+            "  ]",
+            "}",
+        ]
+    return "\n".join(out) + "\n"
+
+
+class TenantFile:
+    """The operator's tenant list (`<data>/tenants.json`: name -> bcrypt hash of the tenant's password)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise InvalidRequest(f"the tenant list {self.path} is unreadable: {e}") from e
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise InvalidRequest(f"the tenant list {self.path} is malformed")
+        return {validate_tenant(k): v for k, v in data.items()}
+
+    def save(self, tenants: Mapping[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(sorted(tenants.items())), f, indent=1)
+        os.replace(staging, self.path)
