@@ -15,8 +15,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from aube.shared import kvread, names
-from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, decode_record, encode
+from aube.shared import kvread, names, records
+from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, encode
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,18 @@ class Registry:
     # -- instances ---------------------------------------------------------------------------------------
 
     async def instances(self, function: str | None = None) -> list[InstanceEntry]:
+        """Every trustworthy instance entry (records.read: a malformed one is logged and skipped)."""
+        entries = await self._snapshot(names.BUCKET_INSTANCES, names.instance_key_filter(function))
         return [
-            InstanceEntry(key, rev, decode_record(value, InstanceRecord))
-            for key, rev, value in await self._snapshot(names.BUCKET_INSTANCES, names.instance_key_filter(function))
+            InstanceEntry(key, rev, record)
+            for key, rev, value in entries
+            if (record := records.read(key, value, InstanceRecord)) is not None
         ]
 
     async def get_instance(self, key: str) -> InstanceEntry | None:
         got = await _get(self.instances_kv, key)
-        return None if got is None else InstanceEntry(key, got[0], decode_record(got[1], InstanceRecord))
+        record = None if got is None else records.read(key, got[1], InstanceRecord)
+        return None if got is None or record is None else InstanceEntry(key, got[0], record)
 
     async def create_instance(self, record: InstanceRecord) -> int | None:
         """Take the record's slot if it is free; None if another writer holds it."""
@@ -124,12 +128,10 @@ class Registry:
             elif entry.value is None:
                 yield InstanceChange(entry.key, entry.revision, None)
             else:
-                try:
-                    record = decode_record(entry.value, InstanceRecord)
-                except msgspec.DecodeError:  # a newer or broken writer must not end the follower's watch
-                    log.exception("unreadable instance record %s: ignored", entry.key)
-                    continue
-                yield InstanceChange(entry.key, entry.revision, record)
+                # A newer or broken writer must not end the follower's watch: records.read logs and skips.
+                record = records.read(entry.key, entry.value, InstanceRecord)
+                if record is not None:
+                    yield InstanceChange(entry.key, entry.revision, record)
 
     async def watch_functions(self) -> AsyncIterator[kvread.KvEntry | None]:
         """Like `watch_instances`, with the raw value: the caller decides what an unreadable record means."""
@@ -140,13 +142,15 @@ class Registry:
 
     async def functions(self) -> list[FunctionEntry]:
         return [
-            FunctionEntry(key, rev, decode_record(value, FunctionRecord))
+            FunctionEntry(key, rev, record)
             for key, rev, value in await self._snapshot(names.BUCKET_FUNCTIONS)
+            if (record := records.read(key, value, FunctionRecord)) is not None
         ]
 
     async def get_function(self, name: str) -> FunctionEntry | None:
         got = await _get(self.functions_kv, name)
-        return None if got is None else FunctionEntry(name, got[0], decode_record(got[1], FunctionRecord))
+        record = None if got is None else records.read(name, got[1], FunctionRecord)
+        return None if got is None or record is None else FunctionEntry(name, got[0], record)
 
     async def put_function(self, record: FunctionRecord, revision: int | None) -> int | None:
         """Create (revision None) or replace at `revision`; None on a lost race."""
@@ -165,8 +169,9 @@ class Registry:
 
     async def leases(self) -> list[LeaseEntry]:
         return [
-            LeaseEntry(key, rev, decode_record(value, ProxyLease))
+            LeaseEntry(key, rev, record)
             for key, rev, value in await self._snapshot(names.BUCKET_LEASES)
+            if (record := records.read(key, value, ProxyLease)) is not None
         ]
 
     async def put_lease(self, lease: ProxyLease) -> int:

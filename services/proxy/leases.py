@@ -19,9 +19,9 @@ import anyio
 from anyio.abc import TaskStatus
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from aube.shared import names
+from aube.shared import names, records
 from aube.shared.registry import Registry
-from aube.shared.schemas import ProxyLease, decode_record, encode
+from aube.shared.schemas import ProxyLease, encode
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,9 @@ async def take_scale_intent(registry: Registry, function: str, proxy_id: str, co
         entry = await kv.get(key)
     except (KeyNotFoundError, NotFoundError):  # deleted meanwhile (the reaper): next time create wins
         return False
-    if entry.value:
-        held = decode_record(entry.value, ProxyLease)
-        if held.renewed_at + held.ttl > now:
-            return False
+    held = records.read(key, entry.value, ProxyLease) if entry.value else None
+    if held is not None and held.renewed_at + held.ttl > now:
+        return False
     try:
         await kv.update(key, value, last=entry.revision)
         return True

@@ -15,8 +15,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from aube.proxy.claims import Slot
+from aube.shared import records
 from aube.shared.registry import Registry
-from aube.shared.schemas import FunctionRecord, decode_record
+from aube.shared.schemas import FunctionRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ class Pool:
             if entry.value is None:
                 self.functions.pop(entry.key, None)
             else:
-                try:
-                    self.functions[entry.key] = decode_record(entry.value, FunctionRecord)
-                except Exception:  # a record from a newer or broken writer must not stop routing
-                    log.exception("unreadable function record %s", entry.key)
+                # A record from a newer or broken writer must not stop routing, nor route: skipped (and logged).
+                record = records.read(entry.key, entry.value, FunctionRecord)
+                if record is None:
+                    self.functions.pop(entry.key, None)
                     continue
+                self.functions[entry.key] = record
             if ready:
                 self._notify()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import aclosing
+from pathlib import Path
 
 import msgspec
 import nats
@@ -14,6 +15,8 @@ from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord, ProxyLease
 
 pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def record(**kw: object) -> InstanceRecord:
@@ -149,5 +152,41 @@ async def test_an_unreadable_instance_record_does_not_end_a_follow(nats_server: 
                 if change.key == "after.0":
                     break
         assert seen == ["good.0", "after.0"]
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_malformed_and_forged_entries_are_skipped_never_trusted_never_a_crash(platform) -> None:  # type: ignore[no-untyped-def]
+    """Finding 3: a malformed registry entry crashed the control plane at start. Entries that do not decode, sit under
+    a key their contents contradict, or name an impossible address are logged and skipped by every reader."""
+    from support import zip_base64
+
+    from aube.shared.bus import request
+    from aube.shared.schemas import FunctionRecord, ListReply, ListRequest, Manifest, UploadReply, UploadRequest
+
+    nc = await nats.connect(platform.nats_url)
+    try:
+        registry = await Registry.open(nc.jetstream())
+        manifest = Manifest()
+        good = FunctionRecord(
+            name="ok", version=1, manifest=manifest, artifact="x", runtime="process", created_at=0, updated_at=0
+        )
+        await registry.instances_kv.put("broken.0", b"{not json")
+        await registry.instances_kv.put("victim.0", msgspec.json.encode(record(function="other", slot=3)))
+        await registry.instances_kv.put("evil.0", msgspec.json.encode(record(function="evil", address="x:99999")))
+        await registry.functions_kv.put("garbage", b"\x00\xff")
+        await registry.functions_kv.put("victim", msgspec.json.encode(msgspec.structs.replace(good, name="attacker")))
+        await registry.leases_kv.put("p1", b"[]")
+        assert await registry.instances() == [] and await registry.functions() == [] and await registry.leases() == []
+        assert await registry.get_instance("victim.0") is None and await registry.get_function("victim") is None
+
+        cp = await platform.start_controlplane()  # before the fix: a crash at start, on the first record
+        body = UploadRequest(name="rev", zip=zip_base64(REPO / "examples" / "reverse-async"))
+        assert (await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)).version == 1
+        listed = await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 10)
+        assert [f.name for f in listed.functions] == ["rev"]
+        assert cp.proc is not None and cp.proc.poll() is None
+        assert "untrustworthy" in cp.log_text() or "unreadable" in cp.log_text()
     finally:
         await nc.close()
