@@ -22,6 +22,7 @@ from aube.controlplane.runtimes.base import Runtime
 from aube.shared import names
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, RuntimeFailure
+from aube.shared.redact import Redactor
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
     DeleteRequest,
@@ -85,7 +86,7 @@ async def serve(
         async with anyio.create_task_group() as tg:
             for subject, kind, handler in routes:
                 sub = await nc.subscribe(subject, queue=names.QUEUE_CONTROLPLANE)
-                tg.start_soon(_pump, sub, kind, handler, tg)
+                tg.start_soon(_pump, sub, kind, handler, tg, cp.redactor)
             tg.start_soon(_every, settings.reconcile_interval, cp.reconcile, "reconcile")
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             await nc.flush()
@@ -105,21 +106,25 @@ async def serve(
             await runtime.close()
 
 
-async def _pump(sub: Subscription, kind: type[msgspec.Struct], handler: Handler, tg: TaskGroup) -> None:
+async def _pump(
+    sub: Subscription, kind: type[msgspec.Struct], handler: Handler, tg: TaskGroup, redactor: Redactor
+) -> None:
     # Each request runs in its own task: an upload takes seconds to minutes and must not hold up a scale request.
     async for msg in sub.messages:
-        tg.start_soon(_answer, msg, kind, handler)
+        tg.start_soon(_answer, msg, kind, handler, redactor)
 
 
-async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: Handler) -> None:
+async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: Handler, redactor: Redactor) -> None:
+    # Every error reply goes to a deployer: no credential, no host path, bounded (a build's output, an OSError's
+    # file name and a cgroup path all end up in messages). The operator's log keeps the paths.
     try:
         reply = encode(await handler(decode(msg.data, kind)))
     except AubeError as e:
-        log.info("%s refused: %s (%s)", msg.subject, e.message, e.code)
-        reply = error_reply(e)
+        log.info("%s refused: %s (%s)", msg.subject, redactor.for_log(e.message), e.code)
+        reply = error_reply(AubeError(redactor.for_deployer(e.message), code=e.code))
     except Exception as e:
         log.exception("%s failed", msg.subject)
-        reply = error_reply(AubeError(f"internal error: {type(e).__name__}: {e}"))
+        reply = error_reply(AubeError(redactor.for_deployer(f"internal error: {type(e).__name__}: {e}")))
     if msg.reply:  # published without a reply subject (`nats pub`): the work is done all the same
         await msg.respond(reply)
 
