@@ -210,3 +210,19 @@ async def test_failed_and_successful_builds_show_no_host_path_and_no_password(pl
         assert str(tmp_path) not in text
         for secret in (creds.service_password, creds.deployer_password):
             assert secret not in text
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_start_failures_name_no_host_path(platform) -> None:  # type: ignore[no-untyped-def]
+    """Unsandboxed, a crashing function's traceback names its host folder (under the data dir); the reply, the
+    failed event and the build events show placeholders instead."""
+    await platform.start_controlplane(AUBE_SANDBOX="none", AUBE_HEALTH_TIMEOUT="8")
+    crashing = "import os, sys\nprint('running from', os.path.abspath(__file__), flush=True)\nsys.exit(3)\n"
+    async with await nats.connect(platform.nats_url) as nc:
+        sub = await nc.subscribe(names.events_subject("crashing"))
+        error = await refused(nc, "crashing", {"fn.py": crashing + "def fn(websocket):\n    pass\n"})
+        events = await drain_events(sub)
+    assert error.code in ("runtime_failure", "health_check_failed"), error.message
+    assert "running from <data>/" in error.message, error.message
+    text = json.dumps(events) + error.message
+    assert platform.data_dir not in text and str(REPO) not in text
