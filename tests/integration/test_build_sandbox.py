@@ -17,6 +17,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import anyio
 import pytest
 
 from aube.controlplane.runtimes import deps, pipsandbox
@@ -187,3 +188,68 @@ async def test_pip_installs_from_wheels_only_and_the_set_is_cached(
         assert PASSWORD not in caught.value.message and str(data) not in caught.value.message
     assert not marker.exists(), "pip built the sdist"
     assert not any((data / "cache" / "builds").iterdir())
+
+
+async def test_a_build_over_its_time_is_killed_with_everything_it_started(tmp_path: Path) -> None:
+    sandbox = needs_root_and_bwrap()
+    tag = f"aube-test-sleeper-{os.getpid()}"
+    work, host = deps._prepare_area(sandbox, tmp_path / "cache", "")
+    sleeper = f"import subprocess, time; subprocess.Popen(['sleep', '60', '{tag}']); time.sleep(60)"
+    try:
+        with anyio.fail_after(20):
+            output = deps.BuildOutput(lambda _: None, {})
+            status = await deps.run_sandboxed([sys.executable, "-I", "-c", sleeper], sandbox, host, output, 1.0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert status is None
+
+    def left() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if tag.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    with anyio.fail_after(5):
+        while left():
+            await anyio.sleep(0.1)
+
+
+async def test_without_bubblewrap_pip_still_runs_as_65534_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the drop to uid 65534 needs root")
+    which = shutil.which
+    monkeypatch.setattr(deps, "_SANDBOX", None)
+    monkeypatch.setattr(deps.shutil, "which", lambda name: None if name == "bwrap" else which(name))
+    secret_environment(monkeypatch, tmp_path / "data")
+    if deps._open_to_others(sys.executable):
+        assert deps.build_sandbox().bwrap is None
+    else:
+        # This host's interpreter lives where uid 65534 cannot go (a pyenv build under /root): a clear refusal.
+        with pytest.raises(BuildFailed, match="not possible on this host"):
+            deps.build_sandbox()
+
+    # The same sandbox run for real with an interpreter uid 65534 can reach (the system's).
+    python = which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3")
+    sandbox = deps.Sandbox(as_root=True, bwrap=None, setpriv=which("setpriv"))
+    work, host = deps._prepare_area(sandbox, tmp_path / "cache", "")
+    try:
+        code = (
+            "import json, os; print(json.dumps([os.getuid(), os.getgroups(), os.environ['HOME'], sorted(os.environ)]))"
+        )
+        seen: list[str] = []
+        output = deps.BuildOutput(seen.append, {str(work): "/build"})
+        status = await deps.run_sandboxed([python, "-I", "-c", code], sandbox, host, output, 60)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert status == 0, seen
+    uid, groups, home, keys = json.loads(seen[-1])
+    assert (uid, groups, home) == (65534, [], "/build/home")
+    assert not any(k.startswith("AUBE_") or k == "PYTHONPATH" for k in keys)
