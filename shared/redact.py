@@ -3,8 +3,8 @@
 Error replies and function events reach deployers, who are untrusted. Text bound for them goes through
 `Redactor.for_deployer`: credentials replaced (URL userinfo, `password=`/`token=`-style values, bearer tokens,
 and the platform's own secrets wherever they appear), host paths replaced by placeholders (`<data>`, `<aube>`,
-`<venv>`, `<home>`, `<cgroup>`), terminal control characters dropped, and the whole cut to a bounded number of
-lines and bytes. Operator logs keep paths (they are useful there) but never a password: `Redactor.for_log`.
+`<venv>`, `<home>`, `<cgroup>`, `<tmp>`), terminal control characters dropped, and the whole cut to a bounded
+number of lines and bytes. Operator logs keep paths (they are useful there) but never a password: `Redactor.for_log`.
 
 Pure string work; `platform_redactor` only reads where this process lives (its interpreter and sources).
 """
@@ -32,6 +32,8 @@ _KEY_VALUE = re.compile(
 _BEARER = re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 _CGROUP = re.compile(r"/sys/fs/cgroup(?:/[^\s'\",;:)\]]*)?")
 _ROOT_HOME = re.compile(r"(?<![\w.-])/root(?=/|\b)")
+# Aube's own temporary folders (Docker build contexts, pip's work area without bubblewrap): random names.
+_AUBE_TMP = re.compile(r"(?<![\w.-])/(?:var/)?tmp/aube-[\w.-]+")
 # ESC sequences and C0 controls other than tab and newline: a hostile package's output must not drive the
 # deployer's terminal.
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
@@ -64,6 +66,7 @@ class Redactor:
             text = text.replace(path, label)
         text = _CGROUP.sub("<cgroup>", text)
         text = _ROOT_HOME.sub("<home>", text)
+        text = _AUBE_TMP.sub("<tmp>", text)
         return clip(text, max_bytes=max_bytes, max_lines=max_lines)
 
 

@@ -48,7 +48,8 @@ def test_host_paths_become_placeholders_longest_first() -> None:
         "python /work/repo/.venv/bin/python\n"
         "reading /work/repo/.data/credentials.env and /work/repo/fn.py\n"
         "cannot write /sys/fs/cgroup/memory/process_api/abc/aube/x: Permission denied\n"
-        "home /root/.cache, not /rooted or /usr/lib"
+        "home /root/.cache, not /rooted or /usr/lib\n"
+        "context /tmp/aube-build-x1y2/Dockerfile, not /tmp/other"
     )
     assert out.splitlines() == [
         "Looking in links: <data>/wheels",
@@ -56,6 +57,7 @@ def test_host_paths_become_placeholders_longest_first() -> None:
         "reading <data>/credentials.env and <aube>/fn.py",
         "cannot write <cgroup>: Permission denied",
         "home <home>/.cache, not /rooted or /usr/lib",
+        "context <tmp>/Dockerfile, not /tmp/other",
     ]
     assert r.for_log("/work/repo/.data/x") == "/work/repo/.data/x"  # the operator's log keeps paths
 
