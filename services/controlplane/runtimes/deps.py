@@ -111,11 +111,15 @@ async def install_requirements(
         try:
             # A private name first: two uploads with the same requirements may install at the same moment.
             partial = cached.with_name(f"{cached.name}.partial-{uuid.uuid4().hex[:8]}")
-            await anyio.to_thread.run_sync(_copy_owned, staged / "target", partial)
             try:
+                await anyio.to_thread.run_sync(_copy_owned, staged / "target", partial)
                 partial.rename(cached)
-            except OSError:  # the other upload finished first; its copy is as good as ours
-                shutil.rmtree(partial, ignore_errors=True)
+            except OSError as e:  # the other upload finished first (its copy is as good as ours), or a disk error
+                if not cached.exists():
+                    logger.warning("could not store installed requirements in %s: %s", cached, e)
+                    raise BuildFailed("could not store the installed requirements (see the control plane's log)") from e
+            finally:
+                await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, partial, ignore_errors=True))
         finally:
             await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, staged, ignore_errors=True))
     await anyio.to_thread.run_sync(
