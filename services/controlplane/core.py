@@ -97,7 +97,7 @@ class ControlPlane:
         message = fields.get("message")
         if isinstance(message, str):
             if event == "build":
-                fields["message"] = self.redactor.for_deployer(message, max_bytes=MAX_LINE_BYTES, max_lines=1)
+                fields["message"] = self.redactor.for_deployer(message, max_bytes=MAX_LINE_BYTES, max_lines=8)
             else:
                 fields["message"] = self.redactor.for_deployer(message)
         body = msgspec.convert({"name": name, "event": event, "at": time.time(), **fields}, FunctionEvent)
