@@ -172,7 +172,9 @@ async def test_pip_installs_from_wheels_only_and_the_set_is_cached(
     assert any("installing requirements: aubetiny==1.0" in line for line in log)
     sites = list((data / "cache" / "sites").iterdir())
     assert len(sites) == 1 and all(p.stat().st_uid == 0 for p in sites[0].rglob("*"))
-    assert (data / "cache" / "pip-build").stat().st_uid == pipsandbox.NOBODY_UID
+    assert (data / "cache" / "pip-build" / "cache").stat().st_uid == pipsandbox.NOBODY_UID
+    for closed in ("pip-build", "builds"):  # no 65534 process outside a sandbox reaches a build or the cache
+        assert (data / "cache" / closed).stat().st_mode & 0o777 == 0o700
     assert not any((data / "cache" / "builds").iterdir())  # the build folder is gone
 
     log.clear()

@@ -10,7 +10,8 @@ already checked) and pip reads a file written here from the parsed requirements.
 describes: wheels only, an unprivileged user, bubblewrap where it works, an environment with no platform secret.
 
 Installed sets are cached under `<cache>/sites/<digest of the requirements>`, so a re-upload with unchanged
-requirements is a copy; pip's own cache is `<cache>/pip-build`, owned by the build user.
+requirements is a copy; pip's own cache is `<cache>/pip-build/cache`, owned by the build user (inside a folder
+only the control plane enters).
 """
 
 from __future__ import annotations
@@ -210,10 +211,14 @@ def _prepare_area(sandbox: Sandbox, cache_dir: Path, requirements: str) -> tuple
     bubblewrap the build user must reach them on the host itself, so they live in the system temp folder then
     (and pip's cache is per build)."""
     if sandbox.bwrap is not None:
-        base = cache_dir / "builds"
-        base.mkdir(parents=True, exist_ok=True)
+        # Inside folders only the control plane may enter (bubblewrap binds them as root): no process of the
+        # build user's uid outside a sandbox (an unsandboxed instance, say) can reach a build or pip's cache.
+        base, holder = cache_dir / "builds", cache_dir / "pip-build"
+        for closed in (base, holder):
+            closed.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(closed, 0o700)
         work = Path(tempfile.mkdtemp(prefix="pip-", dir=base))
-        pip_cache = cache_dir / "pip-build"
+        pip_cache = holder / "cache"
     else:
         work = Path(tempfile.mkdtemp(prefix="aube-pip-"))
         pip_cache = work / "cache"
