@@ -4,6 +4,7 @@
     ├── InvalidName                invalid_name
     ├── InvalidRequest             invalid_request      (a body that is not the schema)
     ├── InvalidBundle              invalid_bundle       (and a finer code per problem, see BundleProblem)
+    │                              bundle_invalid_requirements  (requirements.txt holds more than requirements)
     ├── UnknownFunction            unknown_function
     ├── UnknownInstance            unknown_instance
     ├── CapacityExhausted          capacity_exhausted   (max_instances reached)

@@ -7,7 +7,8 @@ writes (a zip's header may lie about sizes), never writes through a link (links 
 O_EXCL|O_NOFOLLOW), and keeps only the exec bit of a file's mode. On any error the destination is emptied.
 
 Error codes (InvalidBundle.code): bundle_corrupt, bundle_unsafe_path, bundle_link, bundle_device_file,
-bundle_too_many_files, bundle_too_large; `validate_bundle` adds those of `aube.controlplane.manifest`.
+bundle_too_many_files, bundle_too_large; `validate_bundle` adds those of `aube.controlplane.manifest` and
+`aube.controlplane.requirements` (bundle_invalid_requirements).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from aube.controlplane.manifest import (
     memory_bytes,
     parse_manifest,
 )
+from aube.controlplane.requirements import load_requirements
 from aube.shared.errors import InvalidBundle
 from aube.shared.schemas import Manifest
 from aube.shared.settings import ControlPlaneSettings
@@ -584,6 +586,7 @@ def validate_bundle(data: bytes, dest: Path, limits: BundleLimits) -> tuple[Path
         root = function_root(dest)
         manifest = load_manifest(root)
         check_function(root, manifest)
+        load_requirements(root)  # refuses anything but requirement specifiers, before any build
     except BaseException:
         _clear(dest)
         raise

@@ -35,6 +35,7 @@ from aube.shared.errors import (
     NameTaken,
     UnknownFunction,
 )
+from aube.shared.redact import MAX_LINE_BYTES, platform_redactor, url_passwords
 from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
 from aube.shared.schemas import (
     DeleteReply,
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 CLEANUP_SECONDS = 30.0
 # A draining/unhealthy entry nobody stopped for this long lost its stop request; retirement stops it.
 STALE_DRAINING_SECONDS = 10.0
+# Build output lines sent as `build` events per build; the rest are counted in one last event.
+MAX_BUILD_EVENTS = 500
 
 
 class ControlPlane:
@@ -93,11 +96,22 @@ class ControlPlane:
         self._function_locks: dict[str, anyio.Lock] = {}
         self._first_seen: dict[tuple[str, int], float] = {}
         self.work_dir = Path(settings.data_dir) / "uploads"
+        # Events and error replies reach deployers: everything they carry goes through this.
+        own = [settings.nats_password, settings.nats_fetch_password]
+        secrets = url_passwords(settings.nats_url) + [p for p in own if p]
+        self.redactor = platform_redactor(secrets=secrets, data_dir=settings.data_dir)
 
     # -- events ------------------------------------------------------------------------------------------------
 
     async def emit(self, name: str, event: EventKind, *, tenant: str, **fields: object) -> None:
-        """Publish an event where only `tenant` (the function's, or the requester's) can follow it."""
+        """Publish an event where only `tenant` (the function's, or the requester's) can follow it; its message is
+        redacted and bounded like a reply's."""
+        message = fields.get("message")
+        if isinstance(message, str):
+            if event == "build":
+                fields["message"] = self.redactor.for_deployer(message, max_bytes=MAX_LINE_BYTES, max_lines=8)
+            else:
+                fields["message"] = self.redactor.for_deployer(message)
         body = msgspec.convert({"name": name, "event": event, "at": time.time(), **fields}, FunctionEvent)
         subject = names.events_subject(name)
         if tenant != tenancy.OPERATOR:
@@ -216,9 +230,15 @@ class ControlPlane:
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
         async def publish_lines() -> None:
+            sent = 0
             while (line := await lines.get()) is not None:
-                log.debug("build %s v%d: %s", name, version, line)
-                await self.emit(name, "build", tenant=tenant, version=version, message=line)
+                log.debug("build %s v%d: %s", name, version, self.redactor.for_log(line))
+                sent += 1
+                if sent <= MAX_BUILD_EVENTS:
+                    await self.emit(name, "build", tenant=tenant, version=version, message=line)
+            if sent > MAX_BUILD_EVENTS:
+                more = f"[{sent - MAX_BUILD_EVENTS} more lines]"
+                await self.emit(name, "build", tenant=tenant, version=version, message=more)
 
         # The build runs in this task, not in the group: its error must reach the caller as itself, not wrapped
         # in an ExceptionGroup.

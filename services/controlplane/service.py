@@ -22,6 +22,7 @@ from aube.shared import names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, RuntimeFailure
+from aube.shared.redact import Redactor
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
     DeleteRequest,
@@ -105,10 +106,10 @@ async def serve(
             for subject, kind, tenant_handler in tenant_routes:
                 for pattern in (subject, tenancy.tenant_subject("*", subject)):
                     sub = await nc.subscribe(pattern, queue=names.QUEUE_CONTROLPLANE)
-                    tg.start_soon(_pump, sub, kind, tenant_handler, tg)
+                    tg.start_soon(_pump, sub, kind, tenant_handler, tg, cp.redactor)
             for subject, kind, handler in internal_routes:
                 sub = await nc.subscribe(subject, queue=names.QUEUE_CONTROLPLANE)
-                tg.start_soon(_pump, sub, kind, _ignoring_tenant(handler), tg)
+                tg.start_soon(_pump, sub, kind, _ignoring_tenant(handler), tg, cp.redactor)
             tg.start_soon(_every, settings.reconcile_interval, cp.reconcile, "reconcile")
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             await nc.flush()
@@ -128,21 +129,25 @@ async def serve(
             await runtime.close()
 
 
-async def _pump(sub: Subscription, kind: type[msgspec.Struct], handler: TenantHandler, tg: TaskGroup) -> None:
+async def _pump(
+    sub: Subscription, kind: type[msgspec.Struct], handler: TenantHandler, tg: TaskGroup, redactor: Redactor
+) -> None:
     # Each request runs in its own task: an upload takes seconds to minutes and must not hold up a scale request.
     async for msg in sub.messages:
-        tg.start_soon(_answer, msg, kind, handler)
+        tg.start_soon(_answer, msg, kind, handler, redactor)
 
 
-async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: TenantHandler) -> None:
+async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: TenantHandler, redactor: Redactor) -> None:
+    # Every error reply goes to a deployer: no credential, no host path, bounded (a build's output, an OSError's
+    # file name and a cgroup path all end up in messages). The operator's log keeps the paths.
     try:
         reply = encode(await handler(decode(msg.data, kind), tenancy.tenant_of(msg.subject)))
     except AubeError as e:
-        log.info("%s refused: %s (%s)", msg.subject, e.message, e.code)
-        reply = error_reply(e)
+        log.info("%s refused: %s (%s)", msg.subject, redactor.for_log(e.message), e.code)
+        reply = error_reply(AubeError(redactor.for_deployer(e.message), code=e.code))
     except Exception as e:
         log.exception("%s failed", msg.subject)
-        reply = error_reply(AubeError(f"internal error: {type(e).__name__}: {e}"))
+        reply = error_reply(AubeError(redactor.for_deployer(f"internal error: {type(e).__name__}: {e}")))
     if msg.reply:  # published without a reply subject (`nats pub`): the work is done all the same
         await msg.respond(reply)
 
