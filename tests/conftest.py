@@ -186,6 +186,8 @@ class Platform:
         return service
 
     async def start_controlplane(self, **overrides: str) -> ServiceProcess:
+        if "AUBE_NATS_USER" in overrides:  # a server with accounts: wait_ready asks as the control plane
+            self.login = {"user": overrides["AUBE_NATS_USER"], "password": overrides["AUBE_NATS_PASSWORD"]}
         service = self.start("aube.controlplane", **overrides)
         await self.wait_ready(service)
         return service

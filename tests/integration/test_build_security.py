@@ -21,11 +21,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
+from support import accounts_server
 
-from aube.shared import credentials, names
+from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.errors import AubeError
-from aube.shared.natsserver import LocalNatsServer
 from aube.shared.schemas import UploadReply, UploadRequest
 
 pytestmark = pytest.mark.anyio
@@ -150,21 +150,18 @@ def host_reading_lines(repo: Path) -> dict[str, str]:
 async def test_requirements_naming_host_files_or_variables_are_refused_without_host_content(
     platform_on, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    creds = credentials.load_or_create(tmp_path / "credentials.env")
-    with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=creds.environment()) as server:
-        service_url = credentials.with_user(server.url, credentials.SERVICE_USER, creds.service_password)
-        deployer_url = credentials.with_user(server.url, credentials.DEPLOYER_USER, creds.deployer_password)
-        platform = platform_on(service_url)
+    with accounts_server(tmp_path / "nats-data") as server:
+        platform = platform_on(server.url)
         try:
-            await platform.start_controlplane()
-            async with await nats.connect(deployer_url) as nc:
+            await platform.start_controlplane(**server.service_env("controlplane"))
+            async with await nats.connect(server.url, **server.options("deployer")) as nc:
                 sub = await nc.subscribe(names.events_subject("hostile"))
                 for why, line in host_reading_lines(REPO).items():
                     requirements = f"# first a comment\nwebsockets>=12\n{line}\n"
                     error = await refused(nc, "hostile", {"fn.py": FN, "requirements.txt": requirements})
                     assert error.code == "bundle_invalid_requirements", (why, error.code, error.message)
                     assert "line 3" in error.message, (why, error.message)
-                    for secret in (creds.service_password, creds.deployer_password, PASSWD, "hunter2secret"):
+                    for secret in (*server.all_passwords(), PASSWD, "hunter2secret"):
                         assert secret not in error.message, (why, error.message)
                     assert str(REPO) not in error.message and platform.data_dir not in error.message, error.message
                 events = await drain_events(sub)
@@ -173,7 +170,7 @@ async def test_requirements_naming_host_files_or_variables_are_refused_without_h
         failed = [e for e in events if e["event"] == "failed"]
         assert len(failed) == len(host_reading_lines(REPO))
         text = json.dumps(events)
-        for secret in (creds.service_password, creds.deployer_password, PASSWD, "hunter2secret"):
+        for secret in (*server.all_passwords(), PASSWD, "hunter2secret"):
             assert secret not in text
         assert str(REPO) not in text and platform.data_dir not in text
 
@@ -182,16 +179,14 @@ async def test_requirements_naming_host_files_or_variables_are_refused_without_h
 async def test_failed_and_successful_builds_show_no_host_path_and_no_password(platform_on, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """pip's own output names the operator's find-links folder (here inside the data dir) and the process runtime
     says where it prepared a version: neither path, nor the NATS password, reaches replies or events."""
-    creds = credentials.load_or_create(tmp_path / "credentials.env")
-    with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=creds.environment()) as server:
-        service_url = credentials.with_user(server.url, credentials.SERVICE_USER, creds.service_password)
-        deployer_url = credentials.with_user(server.url, credentials.DEPLOYER_USER, creds.deployer_password)
-        platform = platform_on(service_url)
+    with accounts_server(tmp_path / "nats-data") as server:
+        platform = platform_on(server.url)
         wheels = Path(platform.data_dir) / "wheels"
         wheels.mkdir(parents=True)
         try:
-            await platform.start_controlplane(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheels))
-            async with await nats.connect(deployer_url) as nc:
+            env = server.service_env("controlplane")
+            await platform.start_controlplane(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheels), **env)
+            async with await nats.connect(server.url, **server.options("deployer")) as nc:
                 sub = await nc.subscribe(names.events_subject("leaky"))
                 with anyio.fail_after(UPLOAD_TIMEOUT):
                     requirements = "aube-no-such-package==1.0\n"
@@ -208,7 +203,7 @@ async def test_failed_and_successful_builds_show_no_host_path_and_no_password(pl
         text = json.dumps(events) + error.message
         assert platform.data_dir not in text, [e for e in events if platform.data_dir in json.dumps(e)]
         assert str(tmp_path) not in text
-        for secret in (creds.service_password, creds.deployer_password):
+        for secret in server.all_passwords():
             assert secret not in text
 
 
