@@ -22,7 +22,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from support import zip_base64
+from support import AccountsServer, accounts_server, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.shared import credentials, names
@@ -39,28 +39,18 @@ SECRET_ENV_VALUE = "s3cr3t-in-alices-env"
 class Secured:
     """A platform on the real deploy/nats.conf with tenants `deployer` and `alice`."""
 
-    def __init__(self, server: LocalNatsServer, secrets: credentials.PlatformSecrets, data: Path, platform: Any):
-        self.server = server
-        self.secrets = secrets
-        self.data = data
+    def __init__(self, accounts: AccountsServer, platform: Any) -> None:
+        self.accounts = accounts
+        self.server = accounts.server
+        self.secrets = accounts.secrets
+        self.data = accounts.data
         self.platform = platform
-        self.logins = {
-            "deployer": credentials.load_login(data / "credentials.env"),
-            "alice": credentials.load_login(data / "tenants" / "alice.env"),
-        }
-
-    def service_env(self, service: str) -> dict[str, str]:
-        login = self.secrets.service_login(service)
-        env = {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password}
-        if service == "controlplane":
-            env["AUBE_NATS_FETCH_PASSWORD"] = self.secrets.fetch_password
-        return env
+        self.logins = {"deployer": accounts.login("deployer"), "alice": accounts.login("alice")}
+        self.service_env = accounts.service_env
 
     @asynccontextmanager
     async def tenant(self, name: str, **options: Any) -> AsyncIterator[NATS]:
-        login = self.logins[name]
-        assert login is not None
-        nc = await nats.connect(self.server.url, user=login.user, password=login.password, **options)
+        nc = await nats.connect(self.server.url, **self.accounts.options(name), **options)
         try:
             yield nc
         finally:
@@ -84,17 +74,10 @@ class Secured:
 
 @pytest.fixture
 def secured(platform_on, tmp_path: Path):  # type: ignore[no-untyped-def]
-    data = tmp_path / "data-nats"
-    secrets = credentials.platform_secrets(data)
-    credentials.ensure_default_tenant(data, data / "credentials.env")
-    credentials.add_tenant(data, "alice")
-    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
-    with LocalNatsServer(config=CONF, env=secrets.environment(), tenant_hashes=hashes) as server:
-        platform = platform_on(server.url)
-        login = secrets.service_login("controlplane")
-        platform.login = {"user": login.user, "password": login.password}
+    with accounts_server(tmp_path / "data-nats", tenants=["alice"]) as accounts:
+        platform = platform_on(accounts.url)
         try:
-            yield Secured(server, secrets, data, platform)
+            yield Secured(accounts, platform)
         finally:
             platform.stop_all()  # before the server goes; the fixture checks for leftovers
 
