@@ -2,19 +2,21 @@
 
 Each service is its own process, as in production; they meet only over NATS. Ctrl-C (or SIGTERM) stops them in
 order: proxies first (they release their claims), then the reaper, the control plane (which stops its instances),
-and NATS last. If a service dies on its own, the platform stops with its exit status rather than limp along.
+and NATS last. A service that dies on its own is restarted with backoff while the others keep running
+(`supervisor.py`).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+from aube.cli.supervisor import Service, Supervisor
 from aube.shared import credentials
 from aube.shared import tenants as tenancy
 from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
@@ -59,15 +61,7 @@ def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool
 
 def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:
     py = sys.executable
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def spawn(label: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
-        # Its own session: Ctrl-C in a terminal signals the whole foreground group, and nats-server would quit at
-        # once, before the control plane could stop its instances. Only this supervisor takes the signal and
-        # stops the services in order.
-        proc = subprocess.Popen(argv, cwd=workdir, env={**env, **(extra or {})}, start_new_session=True)
-        procs.append((label, proc))
-        print(f"[aube] started {label} (pid {proc.pid})", flush=True)
+    supervisor = Supervisor(workdir, env, lambda line: print(f"[aube] {line}", flush=True))
 
     # The platform's NATS passwords and the default tenant: created on the first start, kept in the data folder
     # (mode 0600). Each service gets its own login only; nats-server gets them all from its environment.
@@ -77,56 +71,47 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
     credentials.ensure_default_tenant(data_dir, creds_path)
     run_config = write_tenant_config(nats_conf, data_dir)
 
-    def login_env(service: str) -> dict[str, str]:
+    def login_env(service: str, **extra: str) -> Callable[[int], dict[str, str]]:
         login = secrets.service_login(service)
-        return {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password}
+        return lambda _generation: {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password, **extra}
 
-    stopping = False
+    def proxy_env(replica: int) -> Callable[[int], dict[str, str]]:
+        login = secrets.service_login("proxy")
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        # A restarted replica is a new proxy: its predecessor's claims are those of a dead proxy, recycled when that
+        # lease expires, not adopted by a process that knows nothing of their streams.
+        def env_for(generation: int) -> dict[str, str]:
+            proxy_id = f"proxy-{replica}-{os.getpid()}" + (f"-r{generation}" if generation else "")
+            return {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password, "AUBE_PROXY_ID": proxy_id}
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    status = 0
+        return env_for
+
+    monitor = env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222")
+    supervisor.install_signal_handlers()
     try:
-        spawn("nats-server", [find_nats_server(), "-c", str(run_config)], secrets.environment())
-        _wait_nats(env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222"), procs[0][1])
-        controlplane_env = {
-            **login_env("controlplane"),
-            "AUBE_NATS_FETCH_PASSWORD": secrets.fetch_password,
-            "AUBE_STOP_INSTANCES_ON_EXIT": "true",
-        }
-        spawn("controlplane", [py, "-m", "aube.controlplane"], controlplane_env)
-        spawn("reaper", [py, "-m", "aube.reaper"], login_env("reaper"))
+        supervisor.start(
+            Service(
+                "nats-server",
+                [find_nats_server(), "-c", str(run_config)],
+                lambda _generation: secrets.environment(),
+                ready=lambda proc: _wait_nats(monitor, proc),
+            )
+        )
+        fetch = {"AUBE_NATS_FETCH_PASSWORD": secrets.fetch_password, "AUBE_STOP_INSTANCES_ON_EXIT": "true"}
+        supervisor.start(
+            Service("controlplane", [py, "-m", "aube.controlplane"], login_env("controlplane", **fetch), 90.0)
+        )
+        supervisor.start(Service("reaper", [py, "-m", "aube.reaper"], login_env("reaper")))
         for i in range(proxies):
-            proxy_id = {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"}
-            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {**login_env("proxy"), **proxy_id})
+            supervisor.start(Service(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], proxy_env(i + 1)))
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
         print(
             f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "
             f"{credentials.DEPLOYER_USER} --password from {creds_path}; more tenants: aube tenant add NAME",
             flush=True,
         )
-        while not stopping:
-            for label, proc in procs:
-                if proc.poll() is not None:
-                    print(f"[aube] {label} exited with status {proc.returncode}: stopping the platform", flush=True)
-                    status = proc.returncode or 1
-                    stopping = True
-                    break
-            time.sleep(0.2)
+        supervisor.run()
     finally:
-        # Reverse start order: proxies, reaper, control plane, NATS.
-        for label, proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(90 if label == "controlplane" else 15)
-                except subprocess.TimeoutExpired:
-                    print(f"[aube] {label} did not stop in time: killing it", flush=True)
-                    proc.kill()
-                    proc.wait()
+        supervisor.stop_all()
         print("[aube] stopped", flush=True)
-    return status
+    return 0

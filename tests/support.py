@@ -5,6 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import zipfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -14,7 +19,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from aube.shared import credentials
-from aube.shared.natsserver import LocalNatsServer
+from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,3 +92,67 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
     with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
         yield AccountsServer(s, secrets, data)
+
+
+class AubeStart:
+    """`aube start` as a real process (its own session, as in a terminal) on the real deploy/nats.conf, on free
+    ports, from `workdir` (where it keeps `.data`). Stopped with SIGINT to its group, killed if it hangs."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], proxies: int) -> None:
+        self.workdir = workdir
+        self.nats_port, self.monitor_port, self.proxy_port = free_port(), free_port(), free_port()
+        self.conf = workdir / "nats.conf"
+        text = (REPO / "deploy" / "nats.conf").read_text()
+        text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{self.nats_port}")
+        text = text.replace("http: 127.0.0.1:8222", f"http: 127.0.0.1:{self.monitor_port}")
+        assert str(self.nats_port) in text and str(self.monitor_port) in text
+        self.conf.write_text(text)
+        self.env = {
+            **env,
+            "AUBE_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
+            "AUBE_NATS_MONITOR": f"http://127.0.0.1:{self.monitor_port}",
+            "AUBE_PROXY_PORT": str(self.proxy_port),
+            "AUBE_LOG_LEVEL": "INFO",
+        }
+        self.log_path = workdir / "start.log"
+        self._log = self.log_path.open("wb")
+        argv = [sys.executable, "-m", "aube.cli", "start", "--proxies", str(proxies), "--nats-conf", str(self.conf)]
+        self.proc = subprocess.Popen(
+            argv, env=self.env, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self, label: str) -> list[int]:
+        """Every pid `aube start` reported for `label` (e.g. proxy-1), oldest first."""
+        return [int(m) for m in re.findall(rf"\[aube\] started {re.escape(label)} \(pid (\d+)\)", self.output())]
+
+    def interrupt(self, timeout: float = 120) -> int:
+        os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def connection_owner(client_port: int, server_port: int, pids: Sequence[int]) -> int | None:
+    """Which of `pids` holds the server side of the loopback TCP connection from `client_port` to `server_port`."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)
+            if local == server_port and remote == client_port:
+                inode = fields[9]
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+        except OSError:
+            continue
+    return None

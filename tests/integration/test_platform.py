@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
-from support import nats_client, zip_base64
+from support import AubeStart, nats_client, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -245,25 +244,9 @@ async def test_hostile_clients_do_not_stop_the_proxy(platform) -> None:  # type:
 
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    nats_port, monitor_port, proxy_port = free_port(), free_port(), free_port()
-    # The real deploy/nats.conf (authorization included), on free ports; its store lands in tmp_path.
-    conf = tmp_path / "nats.conf"
-    text = (REPO / "deploy" / "nats.conf").read_text()
-    text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{nats_port}")
-    text = text.replace("http: 127.0.0.1:8222", f"http: 127.0.0.1:{monitor_port}")
-    assert str(nats_port) in text and str(monitor_port) in text
-    conf.write_text(text)
-    env = platform.env(
-        AUBE_NATS_URL=f"nats://127.0.0.1:{nats_port}",
-        AUBE_NATS_MONITOR=f"http://127.0.0.1:{monitor_port}",
-        AUBE_PROXY_PORT=str(proxy_port),
-        AUBE_LOG_LEVEL="INFO",
-    )
-    log = (tmp_path / "start.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aube.cli", "start", "--proxies", "2", "--nats-conf", str(conf)],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    # The real deploy/nats.conf (accounts included), on free ports; its store lands in tmp_path.
+    start = AubeStart(tmp_path, platform.env(), proxies=2)
+    env, conf, proxy_port = start.env, start.conf, start.proxy_port
     try:
         await wait_http(proxy_port, timeout=60)
         # upload.sh finds the deployer's password where `aube start` created it.
@@ -298,15 +281,10 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
             await conn.send("xyz")
             assert await conn.recv() == "zyx"
         # Ctrl-C in a terminal: SIGINT to the whole foreground process group, not just the supervisor.
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(120) == 0
+        assert start.interrupt() == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    output = (tmp_path / "start.log").read_text()
-    assert "[aube] stopped" in output
+        start.close()
+    assert "[aube] stopped" in start.output()
     # Nothing outlives the platform: the Platform fixture's teardown fails on any instance of this owner.
 
 
