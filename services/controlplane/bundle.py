@@ -6,8 +6,13 @@ runs that check before writing anything, then writes with its own guards: it cou
 writes (a zip's header may lie about sizes), never writes through a link (links are created last, files with
 O_EXCL|O_NOFOLLOW), and keeps only the exec bit of a file's mode. On any error the destination is emptied.
 
+The archive is read from bytes or from a file (an object-store upload is streamed to disk first, see
+`aube.controlplane.objects`), never assembled in memory. Folder depth is bounded (`max_depth` path components),
+which also keeps every recursive walk of the folder later (copies, removals) far from Python's recursion limit.
+
 Error codes (InvalidBundle.code): bundle_corrupt, bundle_unsafe_path, bundle_link, bundle_device_file,
-bundle_too_many_files, bundle_too_large; `validate_bundle` adds those of `aube.controlplane.manifest`.
+bundle_too_many_files, bundle_too_large, bundle_too_deep; `validate_bundle` adds those of
+`aube.controlplane.manifest`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import msgspec
 from aube.controlplane.manifest import (
     FN_FILE,
     MANIFEST_FILE,
+    ManifestBounds,
     check_function,
     check_manifest,
     load_manifest,
@@ -77,13 +83,18 @@ class BundleLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_compressed_bytes: int = 64 * 1024 * 1024
     max_extracted_bytes: int = 256 * 1024 * 1024
     max_files: int = 4096
+    max_depth: int = 32  # path components of a member, the wrapping folder included
+    manifest: ManifestBounds = msgspec.field(default_factory=ManifestBounds)
 
     @classmethod
     def from_settings(cls, settings: ControlPlaneSettings) -> BundleLimits:
+        """ValueError names a setting that is unusable."""
         return cls(
             max_compressed_bytes=settings.max_bundle_bytes,
             max_extracted_bytes=settings.max_extracted_bytes,
             max_files=settings.max_files,
+            max_depth=settings.max_bundle_depth,
+            manifest=ManifestBounds.from_settings(settings),
         )
 
 
@@ -209,6 +220,12 @@ def _plan(members: Sequence[MemberInfo], limits: BundleLimits) -> list[_Step]:
                 f"member {info.name!r} is a hardlink (to {info.link_target!r}); hardlinks are not supported",
             )
         parts = _normalize(info)
+        if len(parts) > limits.max_depth:
+            raise _error(
+                "bundle_too_deep",
+                f"member {'/'.join(parts[: limits.max_depth + 1])!r}/... lies {len(parts)} levels deep,"
+                f" more than the limit of {limits.max_depth}",
+            )
         if info.kind == "file":
             if info.size < 0:
                 raise _error("bundle_corrupt", f"member {info.name!r} declares a negative size")
@@ -273,18 +290,30 @@ _READ_ERRORS = (
 )
 
 
-def sniff_archive(data: bytes) -> Literal["zip", "tar"]:
-    """ "zip" for a zip; "tar" for a plain tar or a gzip-compressed one; bundle_corrupt for anything else."""
+def sniff_archive(data: bytes | IO[bytes]) -> Literal["zip", "tar"]:
+    """ "zip" for a zip; "tar" for a plain tar or a gzip-compressed one; bundle_corrupt for anything else.
+
+    `data` is the archive's bytes or a seekable binary file holding it."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        if data[:2] == b"PK" and zipfile.is_zipfile(io.BytesIO(data)):
+        if _magic(source) == b"PK" and zipfile.is_zipfile(source):
             return "zip"
         # Opening reads the first header only (a gzip stream that is not a tar fails here); the cap is for
         # a first header that declares an enormous pax or long-name record.
-        with _open_tar(data, cap=_SNIFF_CAP):
+        with _open_tar(source, cap=_SNIFF_CAP):
             pass
     except (*_READ_ERRORS, OSError) as e:
         raise _error("bundle_corrupt", f"bundle is not a zip, tar or tar.gz archive ({e})") from e
+    finally:
+        source.seek(0)
     return "tar"
+
+
+def _magic(source: IO[bytes]) -> bytes:
+    source.seek(0)
+    magic = source.read(2)
+    source.seek(0)
+    return magic
 
 
 class _CappedReader(io.RawIOBase):
@@ -336,12 +365,14 @@ class _CappedReader(io.RawIOBase):
 
 
 @contextmanager
-def _open_tar(data: bytes, cap: int) -> Iterator[tarfile.TarFile]:
-    raw: io.BufferedIOBase | _CappedReader = io.BytesIO(data)
-    if data[:2] == b"\x1f\x8b":
-        raw = _CappedReader(gzip.GzipFile(fileobj=raw, mode="rb"), cap)
-    with raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        yield tar
+def _open_tar(source: IO[bytes], cap: int) -> Iterator[tarfile.TarFile]:
+    if _magic(source) == b"\x1f\x8b":
+        raw = _CappedReader(gzip.GzipFile(fileobj=source, mode="rb"), cap)
+        with raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            yield tar
+    else:
+        with tarfile.open(fileobj=source, mode="r:") as tar:
+            yield tar
 
 
 def _zip_mode(info: zipfile.ZipInfo) -> int:
@@ -482,8 +513,8 @@ def _read_error(e: BaseException) -> InvalidBundle:
     return _error("bundle_corrupt", f"bundle could not be read: {type(e).__name__}: {e}")
 
 
-def _extract_zip(data: bytes, root_real: str, limits: BundleLimits) -> None:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+def _extract_zip(source: IO[bytes], root_real: str, limits: BundleLimits) -> None:
+    with zipfile.ZipFile(source) as archive:
         infos = archive.infolist()
         if len(infos) > limits.max_files:
             check_members([MemberInfo(name=i.filename, kind="dir") for i in infos], limits)
@@ -492,10 +523,10 @@ def _extract_zip(data: bytes, root_real: str, limits: BundleLimits) -> None:
         _write_plan(plan, root_real, limits, lambda index, _: archive.open(infos[index]))
 
 
-def _extract_tar(data: bytes, root_real: str, limits: BundleLimits) -> None:
+def _extract_tar(source: IO[bytes], root_real: str, limits: BundleLimits) -> None:
     # Headers and padding make a tar longer than its contents; allow for them when capping decompression.
     cap = limits.max_extracted_bytes + (limits.max_files + 16) * 2048 + (1 << 20)
-    with _open_tar(data, cap) as tar:
+    with _open_tar(source, cap) as tar:
         listed = _list_tar(tar, limits)
         plan = _plan([info for info, _ in listed], limits)
 
@@ -534,34 +565,36 @@ def _write_plan(
             os.chmod(os.path.join(root_real, *parts), 0o755, follow_symlinks=False)
 
 
-def extract_archive(data: bytes, dest: Path, limits: BundleLimits) -> None:
-    """Check, then extract, a zip / tar / tar.gz into `dest` (created if absent; must be empty).
+def extract_archive(data: bytes | Path, dest: Path, limits: BundleLimits) -> None:
+    """Check, then extract, a zip / tar / tar.gz (its bytes, or a file holding it) into `dest` (created if
+    absent; must be empty).
 
     On any error `dest` is left empty and the error raised; nothing outside `dest` is ever touched.
     """
-    if len(data) > limits.max_compressed_bytes:
-        raise _error(
-            "bundle_too_large", f"bundle is {len(data)} bytes, over the limit of {limits.max_compressed_bytes}"
-        )
-    dest.mkdir(parents=True, exist_ok=True)
-    if any(dest.iterdir()):
-        raise ValueError(f"extract_archive needs an empty destination, {dest} is not")
-    root_real = os.path.realpath(dest)
-    kind = sniff_archive(data)
-    try:
-        if kind == "zip":
-            _extract_zip(data, root_real, limits)
-        else:
-            _extract_tar(data, root_real, limits)
-    except InvalidBundle:
-        _clear(dest)
-        raise
-    except _READ_ERRORS as e:
-        _clear(dest)
-        raise _read_error(e) from e
-    except BaseException:
-        _clear(dest)
-        raise
+    with io.BytesIO(data) if isinstance(data, bytes) else data.open("rb") as source:
+        size = source.seek(0, io.SEEK_END)
+        source.seek(0)
+        if size > limits.max_compressed_bytes:
+            raise _error("bundle_too_large", f"bundle is {size} bytes, over the limit of {limits.max_compressed_bytes}")
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise ValueError(f"extract_archive needs an empty destination, {dest} is not")
+        root_real = os.path.realpath(dest)
+        kind = sniff_archive(source)
+        try:
+            if kind == "zip":
+                _extract_zip(source, root_real, limits)
+            else:
+                _extract_tar(source, root_real, limits)
+        except InvalidBundle:
+            _clear(dest)
+            raise
+        except _READ_ERRORS as e:
+            _clear(dest)
+            raise _read_error(e) from e
+        except BaseException:
+            _clear(dest)
+            raise
 
 
 def function_root(dest: Path) -> Path:
@@ -574,17 +607,30 @@ def function_root(dest: Path) -> Path:
     return dest
 
 
-def validate_bundle(data: bytes, dest: Path, limits: BundleLimits) -> tuple[Path, Manifest]:
-    """Extract and check a whole upload: the function folder inside `dest` and its manifest.
+def validate_bundle(data: bytes | Path, dest: Path, limits: BundleLimits) -> tuple[Path, Manifest]:
+    """Extract and check a whole upload (its bytes, or a file holding it): the function folder inside `dest` and
+    its manifest.
 
     On any error `dest` is left empty (the caller removes it).
     """
-    extract_archive(data, dest, limits)
     try:
-        root = function_root(dest)
-        manifest = load_manifest(root)
-        check_function(root, manifest)
-    except BaseException:
-        _clear(dest)
-        raise
+        extract_archive(data, dest, limits)
+        try:
+            root = function_root(dest)
+            manifest = load_manifest(root, limits.manifest)
+            check_function(root, manifest)
+        except BaseException:
+            _clear(dest)
+            raise
+    except RecursionError as e:
+        # Nothing here should recurse with the input's shape (depth is bounded before writing); if something
+        # still does, it is the bundle's doing and gets a bundle error, not an internal one with a traceback.
+        _clear_quietly(dest)
+        raise _error("bundle_too_deep", "bundle nests too deeply to be checked") from e
     return root, manifest
+
+
+def _clear_quietly(dest: Path) -> None:
+    if dest.is_dir():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()

@@ -24,9 +24,10 @@ from nats.js.object_store import ObjectStore
 from aube.controlplane import decisions
 from aube.controlplane.bundle import BundleLimits, decode_base64, validate_bundle
 from aube.controlplane.health import wait_healthy
+from aube.controlplane.objects import fetch_object
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
 from aube.shared import names
-from aube.shared.errors import AubeError, CapacityExhausted, InvalidBundle, InvalidRequest, UnknownFunction
+from aube.shared.errors import AubeError, CapacityExhausted, InvalidRequest, UnknownFunction
 from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
 from aube.shared.schemas import (
     DeleteReply,
@@ -73,11 +74,14 @@ class ControlPlane:
         self.runtime = runtime
         self.bundles = bundles
         self.owner = settings.owner
-        self.limits = BundleLimits(
-            max_compressed_bytes=settings.max_bundle_bytes,
-            max_extracted_bytes=settings.max_extracted_bytes,
-            max_files=settings.max_files,
-        )
+        try:
+            self.limits = BundleLimits.from_settings(settings)
+        except ValueError as e:
+            raise InvalidRequest(f"bad setting: {e}") from e
+        # Where object uploads are read from; the bucket's stream follows nats' naming (objects.STREAM_TEMPLATE).
+        self.bundle_bucket = names.BUCKET_BUNDLES
+        # Fetching and extracting bundles costs disk, memory and CPU per upload: a few at a time, others wait.
+        self._intake = anyio.CapacityLimiter(max(1, settings.max_parallel_uploads))
         self.in_flight: set[str] = set()  # instance ids this process is starting right now
         # Every id that was in flight at any moment of the current reconcile pass (see `reconcile`).
         self._in_flight_during_pass: set[str] = set()
@@ -107,41 +111,41 @@ class ControlPlane:
             finally:
                 self.uploading.discard(name)
 
-    async def _bundle_bytes(self, req: UploadRequest) -> bytes:
+    async def _bundle_source(self, req: UploadRequest, workdir: Path) -> bytes | Path:
+        """The upload's archive: bytes for a base64 body (bounded by the NATS payload), a file in `workdir` for
+        an object, streamed there in bounded memory (the object is removed from the store either way)."""
         sources = [s for s in (req.zip, req.tar, req.object) if s is not None]
         if len(sources) != 1:
             raise InvalidRequest('an upload carries exactly one of "zip", "tar" (base64) or "object" (a bundle key)')
-        if req.object is not None:
-            return await self._fetch_object(req.object)
-        return decode_base64(sources[0], self.limits.max_compressed_bytes)
-
-    async def _fetch_object(self, key: str) -> bytes:
-        try:
-            info = await self.bundles.get_info(key)
-        except Exception as e:
-            raise InvalidRequest(f"no bundle {key!r} in the {names.BUCKET_BUNDLES} object store") from e
-        if (info.size or 0) > self.limits.max_compressed_bytes:
-            raise InvalidBundle(
-                f"bundle is larger than the limit of {self.limits.max_compressed_bytes} bytes", code="bundle_too_large"
-            )
-        result = await self.bundles.get(key)
-        # The bundle was only the vehicle of this upload: the image or prepared folder now holds the function.
-        with anyio.move_on_after(5):
-            await self.bundles.delete(key)
-        return result.data or b""
+        if req.object is None:
+            return decode_base64(sources[0], self.limits.max_compressed_bytes)
+        await anyio.to_thread.run_sync(lambda: workdir.mkdir(parents=True, exist_ok=True))
+        path = workdir / "bundle.archive"
+        js = self.nc.jetstream()
+        await fetch_object(js, self.bundle_bucket, req.object, path, self.limits.max_compressed_bytes)
+        return path
 
     async def upload(self, req: UploadRequest) -> UploadReply:
         name = names.validate_name(req.name)
-        data = await self._bundle_bytes(req)
-        async with self._function_lock(name):
-            workdir = self.work_dir / uuid.uuid4().hex
-            try:
-                root, manifest = await anyio.to_thread.run_sync(validate_bundle, data, workdir / "bundle", self.limits)
-                return await self._deploy(name, root, manifest)
-            except AubeError as e:
-                await self.emit(name, "failed", message=e.message, code=e.code)
-                raise
-            finally:
+        workdir = self.work_dir / uuid.uuid4().hex
+        try:
+            async with self._intake:
+                source = await self._bundle_source(req, workdir)
+                try:
+                    root, manifest = await anyio.to_thread.run_sync(
+                        validate_bundle, source, workdir / "bundle", self.limits
+                    )
+                except AubeError as e:
+                    await self.emit(name, "failed", message=e.message, code=e.code)
+                    raise
+            async with self._function_lock(name):
+                try:
+                    return await self._deploy(name, root, manifest)
+                except AubeError as e:
+                    await self.emit(name, "failed", message=e.message, code=e.code)
+                    raise
+        finally:
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
 
     async def _next_version(self, name: str, existing: FunctionEntry | None) -> int:
