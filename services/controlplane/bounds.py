@@ -172,6 +172,35 @@ def check_bounds(scaling: ScalingSection, limits: LimitsSection, bounds: Manifes
     return None
 
 
+def defaults_within(bounds: ManifestBounds) -> dict[str, dict[str, object]]:
+    """The schema's defaults for the bounded keys, moved into the operator's ranges: a manifest that leaves a key
+    out (an AubeFaaS folder has no manifest at all) gets the nearest allowed value, never a refusal."""
+    limits, scaling = LimitsSection(), ScalingSection()
+
+    def clamp(key: str, value: float) -> float:
+        low: float = getattr(bounds, f"{key}_min")
+        high: float | None = getattr(bounds, f"{key}_max")
+        if key.startswith("stream_") and value == 0:  # "never": the longest allowed when there is a maximum
+            return high if high is not None else 0.0
+        return max(low, value) if high is None else min(max(low, value), high)
+
+    memory = memory_bytes(limits.memory)
+    return {
+        "limits": {
+            "memory": limits.memory if clamp("memory", memory) == memory else str(int(clamp("memory", memory))),
+            "cpus": clamp("cpus", limits.cpus),
+            "pids": int(clamp("pids", limits.pids)),
+            "stream_idle_timeout": clamp("stream_idle_timeout", limits.stream_idle_timeout),
+            "stream_max_duration": clamp("stream_max_duration", limits.stream_max_duration),
+        },
+        "scaling": {
+            "max_instances": int(clamp("max_instances", scaling.max_instances)),
+            "min_free": int(clamp("min_free", scaling.min_free)),
+            "idle_timeout": clamp("idle_timeout", scaling.idle_timeout),
+        },
+    }
+
+
 # Environment names a function's `[env]` may not set. The instance server's own configuration (AUBE_*), what
 # decides which code the interpreter and the dynamic loader run before the function does (PYTHON*, LD_*, PATH),
 # and the names glibc itself distrusts for setuid programs (its "unsecure" list: loader, locale, resolver and

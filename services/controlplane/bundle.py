@@ -513,7 +513,43 @@ def _read_error(e: BaseException) -> InvalidBundle:
     return _error("bundle_corrupt", f"bundle could not be read: {type(e).__name__}: {e}")
 
 
+_CENTRAL_SIGNATURE = b"PK\x01\x02"
+_CENTRAL_HEADER = struct.Struct("<4s24xHHH12x")  # signature, name / extra / comment lengths of a 46-byte record
+
+
+def _count_zip_entries(source: IO[bytes], limit: int) -> None:
+    """bundle_too_many_files before zipfile parses the central directory: it builds an object per entry, and a
+    bundle of empty entries holds ~12,000 of them per MiB (300,000 entries took 170 MiB and 1.3 s). The records
+    themselves are walked, since the end record's entry count can lie."""
+    end = zipfile._EndRecData(source)  # type: ignore[attr-defined]
+    if end is None:
+        return  # not a zip after all: zipfile says so next
+    size = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    position = end[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        position -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    stop, count = position + size, 0
+    while 0 <= position < stop:
+        source.seek(position)
+        raw = source.read(_CENTRAL_HEADER.size)
+        if len(raw) < _CENTRAL_HEADER.size:
+            break
+        signature, name_len, extra_len, comment_len = _CENTRAL_HEADER.unpack(raw)
+        if signature != _CENTRAL_SIGNATURE:
+            break
+        count += 1
+        if count > limit:
+            name = source.read(min(name_len, _MAX_NAME_BYTES)).decode("utf-8", "replace")
+            raise _error(
+                "bundle_too_many_files",
+                f"bundle has more than {limit} entries, the limit (first one over: {name!r})",
+            )
+        position += _CENTRAL_HEADER.size + name_len + extra_len + comment_len
+    source.seek(0)
+
+
 def _extract_zip(source: IO[bytes], root_real: str, limits: BundleLimits) -> None:
+    _count_zip_entries(source, limits.max_files)
     with zipfile.ZipFile(source) as archive:
         infos = archive.infolist()
         if len(infos) > limits.max_files:

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import msgspec
 
-from aube.controlplane.bounds import ManifestBounds, check_bounds, memory_bytes, reserved_env_reason
+from aube.controlplane.bounds import (
+    ManifestBounds,
+    check_bounds,
+    defaults_within,
+    memory_bytes,
+    reserved_env_reason,
+)
 from aube.shared.errors import InvalidBundle
 from aube.shared.schemas import Manifest
 
@@ -66,6 +72,11 @@ def parse_manifest(data: bytes | str, bounds: ManifestBounds | None = None) -> M
         raise _invalid(f"not valid TOML: {e}") from e
     except RecursionError as e:  # tomllib recurses per nested array or inline table
         raise _invalid("not valid TOML: arrays or tables nest too deeply") from e
+    for section, defaults in defaults_within(bounds or ManifestBounds()).items():
+        given = raw.setdefault(section, {})
+        if isinstance(given, dict):  # anything else is msgspec's to refuse, naming the section
+            for key, value in defaults.items():
+                given.setdefault(key, value)
     # A plain number of bytes is a natural way to write a size; the schema keeps the string form.
     limits = raw.get("limits")
     if isinstance(limits, dict) and type(limits.get("memory")) is int:
@@ -118,10 +129,10 @@ def check_manifest(manifest: Manifest, bounds: ManifestBounds | None = None) -> 
 
 
 def load_manifest(root: Path, bounds: ManifestBounds | None = None) -> Manifest:
-    """The folder's `aube.toml`, or the defaults when it has none (AubeFaaS folders have none)."""
+    """The folder's `aube.toml`, or the defaults (within `bounds`) when it has none (AubeFaaS folders have none)."""
     path = root / MANIFEST_FILE
     if not path.exists() and not path.is_symlink():
-        return Manifest()
+        return parse_manifest(b"", bounds)
     if not path.is_file():
         raise _invalid("is not a regular file")
     with path.open("rb") as f:

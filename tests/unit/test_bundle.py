@@ -529,3 +529,67 @@ CASES: list[tuple[str, Callable[[], Sequence[MemberInfo]], str | None]] = [
 @pytest.mark.parametrize(("case", "members", "code"), CASES, ids=[c[0] for c in CASES])
 def test_check_members(case: str, members: Callable[[], Sequence[MemberInfo]], code: str | None) -> None:
     assert _check(*members()) == code
+
+
+# --------------------------------------------------------------------------------------------------------
+# Depth (finding 9), central directories and bundles read from a file.
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_folder_900_deep_is_bundle_too_deep(fmt: Fmt, dest: Path) -> None:
+    deep = "/".join(["a"] * 900)
+    err = refused(make(fmt, [f("fn.py", FN), f(f"{deep}/x.txt")]), dest, "bundle_too_deep")
+    assert "901 levels deep" in err.message and "32" in err.message
+    assert len(err.message) < 300
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_depth_limit_is_inclusive(fmt: Fmt, dest: Path) -> None:
+    limits = msgspec.structs.replace(LIMITS, max_depth=4)
+    validate_bundle(make(fmt, [f("fn.py", FN), f("a/b/c/d.txt")]), dest, limits)
+    refused(make(fmt, [f("fn.py", FN), d("a/b/c/d/e")]), dest.with_name("other"), "bundle_too_deep", limits)
+
+
+def test_zip_entries_are_counted_before_the_central_directory_is_parsed(dest: Path) -> None:
+    # Empty entries: zipfile builds an object per entry (300,000 took 170 MiB) before we could count them.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(10_000):
+            archive.writestr(f"{i}", b"")
+    err = refused(buffer.getvalue(), dest, "bundle_too_many_files")
+    assert "'20'" in err.message
+
+
+def test_zip_whose_end_record_lies_about_the_entry_count(dest: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(100):
+            archive.writestr(f"{i}", b"")
+    data = bytearray(buffer.getvalue())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 8 : end + 12] = struct.pack("<HH", 1, 1)  # entries on this disk / in total: "1"
+    refused(bytes(data), dest, "bundle_too_many_files")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bundle_read_from_a_file(fmt: Fmt, tmp_path: Path) -> None:
+    archive = tmp_path / "bundle.archive"
+    archive.write_bytes(make(fmt, [f("fn.py", FN), f("lib/x.py", b"X = 1\n")]))
+    root, _ = validate_bundle(archive, tmp_path / "out", LIMITS)
+    assert (root / "lib" / "x.py").read_bytes() == b"X = 1\n"
+    big = tmp_path / "big.archive"
+    big.write_bytes(make(fmt, [f("fn.py", FN)]) + bytes(LIMITS.max_compressed_bytes))
+    with pytest.raises(InvalidBundle) as caught:
+        validate_bundle(big, tmp_path / "out2", LIMITS)
+    assert caught.value.code == "bundle_too_large"
+
+
+def test_a_recursion_error_in_bundle_checks_is_a_bundle_error(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aube.controlplane.bundle as bundle_module
+
+    def recurse(root: Path, bounds: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(bundle_module, "load_manifest", recurse)
+    err = refused(make("zip", [f("fn.py", FN)]), dest, "bundle_too_deep")
+    assert "Traceback" not in err.message
