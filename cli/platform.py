@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aube.shared import credentials
 from aube.shared.natsserver import find_nats_server
-from aube.shared.settings import DEFAULT_NATS_URL
+from aube.shared.settings import DEFAULT_NATS_URL, DEFAULT_OPERATOR_PORT
 
 
 def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -32,6 +32,18 @@ def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.
         except OSError:
             time.sleep(0.1)
     raise SystemExit("nats-server did not become healthy")
+
+
+def _operator_ports(setting: str | None, proxies: int) -> list[int] | None:
+    """Each replica's operator port (metrics): AUBE_OPERATOR_PORT (default 9093) plus the replica's index, since
+    each replica's metrics are its own; None when the setting turns the endpoint off."""
+    if setting is not None and setting.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        base = int(setting) if setting is not None else DEFAULT_OPERATOR_PORT
+    except ValueError as e:
+        raise SystemExit(f"AUBE_OPERATOR_PORT must be a port number or off, got {setting!r}") from e
+    return [base + i for i in range(proxies)]
 
 
 def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:
@@ -65,9 +77,15 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
         _wait_nats(env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222"), procs[0][1])
         spawn("controlplane", [py, "-m", "aube.controlplane"], {**service_env, "AUBE_STOP_INSTANCES_ON_EXIT": "true"})
         spawn("reaper", [py, "-m", "aube.reaper"], service_env)
+        operator_ports = _operator_ports(env.get("AUBE_OPERATOR_PORT"), proxies)
+        operator_host = env.get("AUBE_OPERATOR_HOST", "127.0.0.1")
         for i in range(proxies):
-            proxy_id = {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"}
-            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {**service_env, **proxy_id})
+            extra = {"AUBE_PROXY_ID": f"proxy-{i + 1}-{os.getpid()}"}
+            if operator_ports is not None:
+                extra["AUBE_OPERATOR_PORT"] = str(operator_ports[i])
+            spawn(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], {**service_env, **extra})
+            if operator_ports is not None:
+                print(f"[aube] proxy-{i + 1} metrics: http://{operator_host}:{operator_ports[i]}/_aube/metrics")
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
         print(
             f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "

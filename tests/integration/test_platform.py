@@ -50,9 +50,29 @@ async def whoami(conn: ClientConnection, text: str = "x") -> dict[str, object]:
     return json.loads(reply)  # type: ignore[no-any-return]
 
 
+def _two_free_ports() -> int:
+    """A port p with p + 1 free too (aube start gives replica i the operator port base + i)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no two consecutive free ports")
+
+
 def start_proxy(platform, **overrides: str) -> tuple[int, object]:  # type: ignore[no-untyped-def]
     port = free_port()
-    env = {"AUBE_PROXY_PORT": str(port), "AUBE_PROXY_HOST": "127.0.0.1", "AUBE_PROXY_ID": f"proxy-{port}"}
+    env = {
+        "AUBE_PROXY_PORT": str(port),
+        "AUBE_PROXY_HOST": "127.0.0.1",
+        "AUBE_PROXY_ID": f"proxy-{port}",
+        "AUBE_OPERATOR_PORT": str(free_port()),
+    }
     env.update(overrides)
     return port, platform.start("aube.proxy", **env)
 
@@ -246,6 +266,7 @@ async def test_hostile_clients_do_not_stop_the_proxy(platform) -> None:  # type:
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     nats_port, monitor_port, proxy_port = free_port(), free_port(), free_port()
+    operator_base = _two_free_ports()
     # The real deploy/nats.conf (authorization included), on free ports; its store lands in tmp_path.
     conf = tmp_path / "nats.conf"
     text = (REPO / "deploy" / "nats.conf").read_text()
@@ -257,6 +278,7 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
         AUBE_NATS_URL=f"nats://127.0.0.1:{nats_port}",
         AUBE_NATS_MONITOR=f"http://127.0.0.1:{monitor_port}",
         AUBE_PROXY_PORT=str(proxy_port),
+        AUBE_OPERATOR_PORT=str(operator_base),
         AUBE_LOG_LEVEL="INFO",
     )
     log = (tmp_path / "start.log").open("wb")
@@ -277,6 +299,21 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
             async with ws(proxy_port, "rev") as conn:
                 await conn.send("abc")
                 assert await conn.recv() == "cba"
+        # Each replica has its own operator port for its metrics; the public port has none.
+        scraped = 0
+        for port in (operator_base, operator_base + 1):
+            await wait_http(port)
+            async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                with anyio.fail_after(10):
+                    while b"aube_relayed_bytes_total" not in answer:
+                        answer += await s.receive()
+                scraped += answer.count(b'aube_claims_total{function="rev",result="claimed"}')
+        assert scraped >= 1
+        async with await anyio.connect_tcp("127.0.0.1", proxy_port) as s:
+            await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b" 404 " in await s.receive()
         # Ctrl-C in a terminal: SIGINT to the whole foreground process group, not just the supervisor.
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 0
@@ -287,6 +324,8 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
         log.close()
     output = (tmp_path / "start.log").read_text()
     assert "[aube] stopped" in output
+    for port in (operator_base, operator_base + 1):
+        assert f"http://127.0.0.1:{port}/_aube/metrics" in output
     # Nothing outlives the platform: the Platform fixture's teardown fails on any instance of this owner.
 
 
