@@ -76,6 +76,7 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     stream_max_duration_max: float | None = None
     max_bundle_depth: int = 32  # path components of any member of an upload bundle
     max_parallel_uploads: int = 2  # uploads fetched and extracted at once; more wait their turn
+    max_waiting_uploads: int = 8  # beyond this many waiting, an upload is refused at once (capacity_exhausted)
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -127,6 +127,13 @@ class ControlPlane:
 
     async def upload(self, req: UploadRequest) -> UploadReply:
         name = names.validate_name(req.name)
+        # Each waiting upload holds its request (up to the NATS max payload): a burst of them is answered at once
+        # instead of piling up in memory.
+        if self._intake.statistics().tasks_waiting >= self.settings.max_waiting_uploads:
+            raise CapacityExhausted(
+                f"the control plane is busy with {self.settings.max_parallel_uploads} uploads and"
+                f" {self.settings.max_waiting_uploads} waiting; retry later"
+            )
         workdir = self.work_dir / uuid.uuid4().hex
         try:
             async with self._intake:

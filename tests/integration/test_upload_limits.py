@@ -342,3 +342,29 @@ async def test_object_upload_deploys_and_removes_the_object(platform) -> None:  
         assert reply.ok and reply.instances == 1
         assert await store_messages(nc) == 0
         assert uploads_left(platform) == []
+
+
+async def test_a_burst_of_uploads_beyond_the_waiting_limit_is_refused_at_once(platform) -> None:  # type: ignore[no-untyped-def]
+    """Every waiting upload holds its request body (up to the 8 MiB NATS payload): past AUBE_MAX_WAITING_UPLOADS
+    waiting, an upload is refused at once with capacity_exhausted instead of piling up in memory."""
+    service = await platform.start_controlplane(AUBE_MAX_WAITING_UPLOADS="2", AUBE_MAX_PARALLEL_UPLOADS="2")
+    # Slow to extract (200 MiB of zeros written to disk), then refused by its manifest: nothing is deployed.
+    zeros = {"fn.py": FN, "aube.toml": "[limits]\npids = 1\n", "zeros": bytes(200 * MIB)}
+    body = {"zip": zip_b64(zeros, zipfile.ZIP_DEFLATED)}
+    async with nats_client(platform.nats_url) as (nc, registry):
+        codes: list[str] = []
+
+        async def send(i: int) -> None:
+            codes.append(error_of(await upload_reply(nc, {"name": f"burst-{i}", **body}, timeout=120))[0])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(send, i)
+        print(f"burst of 12 uploads: {sorted(codes)}")
+        assert len(codes) == 12  # every one answered
+        assert set(codes) == {"bundle_invalid_manifest", "capacity_exhausted"}
+        assert codes.count("bundle_invalid_manifest") >= 4  # two at work, two waiting, all served
+        assert await registry.functions() == []
+        assert uploads_left(platform) == []
+        await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 10)
+    assert "Traceback" not in service.log_text()
