@@ -40,6 +40,12 @@ def memory_bytes(text: str) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
+def nano_cpus(cpus: float) -> int:
+    """Docker's NanoCpus for `cpus`, never under the floor: 0 there means no limit at all, so a record written
+    before the floor existed (or any rounding) must not reach the engine as 0."""
+    return max(round(cpus * 1e9), round(HARD_MIN_CPUS * 1e9))
+
+
 def _host_cpus() -> float:
     return float(os.cpu_count() or 1)
 

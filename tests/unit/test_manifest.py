@@ -460,3 +460,11 @@ def test_keys_left_out_take_the_nearest_allowed_value() -> None:
     # A key the manifest sets is checked, never moved.
     assert "limits.pids 128" in _code(lambda: parse_manifest(b"[limits]\npids = 128\n", tight)).message
     assert parse_manifest(b"", ManifestBounds()) == Manifest()
+
+
+def test_docker_never_gets_zero_nano_cpus() -> None:
+    from aube.controlplane.bounds import nano_cpus
+
+    assert nano_cpus(1e-12) == 10_000_000  # a record from before the floor: still limited, to 0.01 of a core
+    assert nano_cpus(0.25) == 250_000_000
+    assert nano_cpus(2) == 2_000_000_000

@@ -30,7 +30,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig
 
-from aube.controlplane.bounds import memory_bytes
+from aube.controlplane.bounds import memory_bytes, nano_cpus
 from aube.controlplane.runtimes import deps, images
 from aube.controlplane.runtimes.base import (
     INSTANCE_PORT,
@@ -219,7 +219,7 @@ class DockerRuntime:
                 security_opt=["no-new-privileges"],
                 mem_limit=memory,
                 memswap_limit=memory,  # no swap on top of the memory limit
-                nano_cpus=int(limits.cpus * 1e9),
+                nano_cpus=nano_cpus(limits.cpus),
                 pids_limit=limits.pids,
                 init=True if self._init_supported else None,
                 log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
