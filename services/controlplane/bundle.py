@@ -75,6 +75,8 @@ _MAX_NAME_BYTES = 255  # NAME_MAX of one path component
 _MAX_PATH_BYTES = 4096
 _SNIFF_CAP = 16 * 1024 * 1024  # decompressed bytes sniff_archive may read to see the first tar header
 _MAX_LINK_HOPS = 40  # the kernel's own limit when resolving nested symlinks
+# What tarfile may read for one member's header records (pax, GNU long name, sparse map); real ones take < 1 KiB.
+_MAX_HEADER_BYTES = 256 * 1024
 # Folders that archivers add beside the real content; ignored when looking for a single wrapping folder.
 _JUNK = frozenset({"__MACOSX", ".DS_Store"})
 
@@ -317,13 +319,19 @@ def _magic(source: IO[bytes]) -> bytes:
 
 
 class _CappedReader(io.RawIOBase):
-    """A decompressed tar stream that refuses to go past `cap` bytes: a gzip bomb stops here while reading
-    headers, before any declared size is even summed."""
+    """A (decompressed) tar stream that refuses to go past `cap` bytes: a gzip bomb stops here while reading
+    headers, before any declared size is even summed.
 
-    def __init__(self, inner: io.BufferedIOBase, cap: int) -> None:
+    While `header_budget` is set (around each `TarFile.next()`), reads count against it: tarfile reads a
+    member's pax record, GNU long name or sparse map whole into memory, and a 199 KiB tar.gz holding a 200 MiB
+    pax record took 414 MiB and 5 s before this budget."""
+
+    def __init__(self, inner: IO[bytes] | io.BufferedIOBase, cap: int, *, owns_inner: bool = True) -> None:
         super().__init__()
         self._inner = inner
         self._cap = cap
+        self._owns_inner = owns_inner
+        self.header_budget: int | None = None
 
     def _over(self) -> InvalidBundle:
         return _error("bundle_too_large", f"bundle decompresses to more than {self._cap} bytes")
@@ -335,12 +343,19 @@ class _CappedReader(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
+        if self.header_budget is not None and (size < 0 or size > self.header_budget):
+            raise _error(
+                "bundle_corrupt",
+                f"a member's header records (pax, long name or sparse map) are over {_MAX_HEADER_BYTES} bytes",
+            )
         position = self._inner.tell()
         if size < 0 or position + size > self._cap:
             size = self._cap - position + 1
         data = self._inner.read(max(size, 0))
         if position + len(data) > self._cap:
             raise self._over()
+        if self.header_budget is not None:
+            self.header_budget -= len(data)
         return data
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
@@ -360,19 +375,22 @@ class _CappedReader(io.RawIOBase):
         return self._inner.tell()
 
     def close(self) -> None:
-        self._inner.close()
+        if self._owns_inner:
+            self._inner.close()
         super().close()
 
 
 @contextmanager
-def _open_tar(source: IO[bytes], cap: int) -> Iterator[tarfile.TarFile]:
+def _open_tar(source: IO[bytes], cap: int) -> Iterator[tuple[tarfile.TarFile, _CappedReader]]:
     if _magic(source) == b"\x1f\x8b":
         raw = _CappedReader(gzip.GzipFile(fileobj=source, mode="rb"), cap)
-        with raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            yield tar
     else:
-        with tarfile.open(fileobj=source, mode="r:") as tar:
-            yield tar
+        raw = _CappedReader(source, cap, owns_inner=False)
+    # The first header is read here: under the budget too.
+    raw.header_budget = _MAX_HEADER_BYTES
+    with raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        raw.header_budget = None
+        yield tar, raw
 
 
 def _zip_mode(info: zipfile.ZipInfo) -> int:
@@ -428,15 +446,19 @@ def _tar_member(info: tarfile.TarInfo) -> MemberInfo:
     return MemberInfo(name=info.name, kind=kind, size=info.size, mode=info.mode & 0o7777, link_target=info.linkname)
 
 
-def _list_tar(tar: tarfile.TarFile, limits: BundleLimits) -> list[tuple[MemberInfo, tarfile.TarInfo]]:
+def _list_tar(
+    tar: tarfile.TarFile, reader: _CappedReader, limits: BundleLimits
+) -> list[tuple[MemberInfo, tarfile.TarInfo]]:
     # Walk header by header so a huge or bomb-like archive is refused before tarfile skips through its data.
     found: list[tuple[MemberInfo, tarfile.TarInfo]] = []
     declared = 0
     while True:
         try:
+            reader.header_budget = _MAX_HEADER_BYTES
             member = tar.next()
+            reader.header_budget = None
         except InvalidBundle as e:
-            if not found:
+            if not found or e.code != "bundle_too_large":
                 raise
             # The decompression cap: say which member's data it was reached in.
             raise _error(e.code, f"{e.message} (in the data of member {found[-1][0].name!r})") from e
@@ -562,8 +584,8 @@ def _extract_zip(source: IO[bytes], root_real: str, limits: BundleLimits) -> Non
 def _extract_tar(source: IO[bytes], root_real: str, limits: BundleLimits) -> None:
     # Headers and padding make a tar longer than its contents; allow for them when capping decompression.
     cap = limits.max_extracted_bytes + (limits.max_files + 16) * 2048 + (1 << 20)
-    with _open_tar(source, cap) as tar:
-        listed = _list_tar(tar, limits)
+    with _open_tar(source, cap) as (tar, reader):
+        listed = _list_tar(tar, reader, limits)
         plan = _plan([info for info, _ in listed], limits)
 
         def opener(index: int, info: MemberInfo) -> IO[bytes]:

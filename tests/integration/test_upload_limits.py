@@ -11,6 +11,7 @@ plane keeps serving.
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import os
@@ -246,8 +247,25 @@ def _sparse_tar(tmp: Path) -> str:
     return base64.b64encode(out.read_bytes()).decode()
 
 
+def _huge_pax_record_tar() -> str:
+    """fn.py, then a pax record of 200 MiB in ~200 KiB: tarfile reads such a record whole while listing."""
+    body = b" comment=" + b"a" * (200 * MIB) + b"\n"
+    length = len(body) + len(str(len(body)))
+    record = str(len(body) + len(str(length))).encode() + body
+    out = b""
+    for info, payload in ((tarfile.TarInfo("fn.py"), FN.encode()), (tarfile.TarInfo("././@PaxHeader"), record)):
+        info.size = len(payload)
+        if info.name.endswith("PaxHeader"):
+            info.type = tarfile.XHDTYPE
+        out += info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+    x = tarfile.TarInfo("x.txt")
+    x.size = 1
+    out += x.tobuf(format=tarfile.USTAR_FORMAT) + b"x" + bytes(511) + bytes(1024)
+    return base64.b64encode(gzip.compress(out)).decode()
+
+
 async def test_next_attacks_on_archives_are_refused_in_bounded_memory(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    service = await platform.start_controlplane(AUBE_MAX_FILES="500", AUBE_MAX_EXTRACTED_BYTES=str(32 * MIB))
+    service = await platform.start_controlplane(AUBE_MAX_FILES="500", AUBE_MAX_EXTRACTED_BYTES=str(256 * MIB))
     many = {f"f{i}": b"" for i in range(5000)}
     cases: list[tuple[str, dict[str, Any], str]] = [
         ("many small files", {"zip": zip_b64({"fn.py": FN, **many})}, "bundle_too_many_files"),
@@ -259,6 +277,7 @@ async def test_next_attacks_on_archives_are_refused_in_bounded_memory(platform, 
         ("looping links", {"tar": _loop_links_tar()}, "bundle_link"),
         ("files through a link to the folder itself", {"tar": _through_link_tar()}, "bundle_link"),
         ("sparse 1 TiB file", {"tar": _sparse_tar(tmp_path)}, "bundle_too_large"),
+        ("200 MiB pax record", {"tar": _huge_pax_record_tar()}, "bundle_corrupt"),
         ("deeply nested aube.toml", {"zip": zip_b64({"fn.py": FN, "aube.toml": "a = " + "[" * 20000})}, ""),
         ("fn.py nesting past the compiler", {"zip": zip_b64({"fn.py": "x = " + "+".join(["1"] * 60_000)})}, ""),
         ("fn.py too big to compile", {"zip": zip_b64({"fn.py": FN + "x = 1\n" * 100_000})}, "bundle_too_large"),
