@@ -171,6 +171,8 @@ class Stack:
             AUBE_PROXY_PORT=str(self.proxy_port),
             AUBE_PROXY_HOST="127.0.0.1",
             AUBE_PROXY_ID=f"bench-{self.proxy_port}",
+            # Metrics are on the operator port only; a free one, so a running platform's 9093 is no obstacle.
+            AUBE_OPERATOR_PORT=str(free_port()),
         )
         wait_until(lambda: http_status("127.0.0.1", self.proxy_port, names.PATH_HEALTH) == 200, 60, "proxy health")
 

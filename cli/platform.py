@@ -20,6 +20,7 @@ from aube.cli.supervisor import Service, Supervisor
 from aube.shared import credentials
 from aube.shared import tenants as tenancy
 from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
+from aube.shared.settings import DEFAULT_OPERATOR_PORT
 
 
 def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -59,6 +60,18 @@ def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool
     return path, True
 
 
+def _operator_ports(setting: str | None, proxies: int) -> list[int] | None:
+    """Each replica's operator port (metrics): AUBE_OPERATOR_PORT (default 9093) plus the replica's index, since
+    each replica's metrics are its own; None when the setting turns the endpoint off."""
+    if setting is not None and setting.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        base = int(setting) if setting is not None else DEFAULT_OPERATOR_PORT
+    except ValueError as e:
+        raise SystemExit(f"AUBE_OPERATOR_PORT must be a port number or off, got {setting!r}") from e
+    return [base + i for i in range(proxies)]
+
+
 def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:
     py = sys.executable
     supervisor = Supervisor(workdir, env, lambda line: print(f"[aube] {line}", flush=True))
@@ -75,14 +88,21 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
         login = secrets.service_login(service)
         return lambda _generation: {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password, **extra}
 
-    def proxy_env(replica: int) -> Callable[[int], dict[str, str]]:
+    def proxy_env(replica: int, operator_port: int | None) -> Callable[[int], dict[str, str]]:
         login = secrets.service_login("proxy")
+        # Each replica's metrics are its own: its own operator port ("off" when the setting turns them off).
+        operator = {"AUBE_OPERATOR_PORT": "off" if operator_port is None else str(operator_port)}
 
         # A restarted replica is a new proxy: its predecessor's claims are those of a dead proxy, recycled when that
         # lease expires, not adopted by a process that knows nothing of their streams.
         def env_for(generation: int) -> dict[str, str]:
             proxy_id = f"proxy-{replica}-{os.getpid()}" + (f"-r{generation}" if generation else "")
-            return {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password, "AUBE_PROXY_ID": proxy_id}
+            return {
+                "AUBE_NATS_USER": login.user,
+                "AUBE_NATS_PASSWORD": login.password,
+                "AUBE_PROXY_ID": proxy_id,
+                **operator,
+            }
 
         return env_for
 
@@ -102,8 +122,13 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
             Service("controlplane", [py, "-m", "aube.controlplane"], login_env("controlplane", **fetch), 90.0)
         )
         supervisor.start(Service("reaper", [py, "-m", "aube.reaper"], login_env("reaper")))
+        operator_ports = _operator_ports(env.get("AUBE_OPERATOR_PORT"), proxies)
+        operator_host = env.get("AUBE_OPERATOR_HOST", "127.0.0.1")
         for i in range(proxies):
-            supervisor.start(Service(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], proxy_env(i + 1)))
+            port = None if operator_ports is None else operator_ports[i]
+            supervisor.start(Service(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], proxy_env(i + 1, port)))
+            if port is not None:
+                print(f"[aube] proxy-{i + 1} metrics: http://{operator_host}:{port}/_aube/metrics")
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
         print(
             f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "

@@ -19,6 +19,7 @@ from aube.shared.errors import InvalidRequest
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_PROXY_PORT = 8093
+DEFAULT_OPERATOR_PORT = 9093
 DEFAULT_BASE_IMAGE = "aube-base:bookworm"
 
 
@@ -59,6 +60,28 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # On a clean exit, stop this control plane's instances too (`make start` sets it: Ctrl-C leaves nothing running).
     # Off, instances outlive a restart of the control plane and are reconciled when it comes back.
     stop_instances_on_exit: bool = False
+    # The ranges a function's aube.toml must stay in (`aube.controlplane.bounds`): `<key>_min` / `<key>_max` for
+    # every limit and scaling value. `cpus_max` None = the host's cores; a stream timeout's max None = no maximum
+    # (and then its 0, "never", is allowed).
+    memory_min: str = "6m"
+    memory_max: str = "4g"
+    cpus_min: float = 0.01
+    cpus_max: float | None = None
+    pids_min: int = 8
+    pids_max: int = 4096
+    min_free_min: int = 0
+    min_free_max: int = 10
+    max_instances_min: int = 1
+    max_instances_max: int = 100
+    idle_timeout_min: float = 1.0
+    idle_timeout_max: float = 86400.0
+    stream_idle_timeout_min: float = 0.0
+    stream_idle_timeout_max: float | None = None
+    stream_max_duration_min: float = 0.0
+    stream_max_duration_max: float | None = None
+    max_bundle_depth: int = 32  # path components of any member of an upload bundle
+    max_parallel_uploads: int = 2  # uploads fetched and extracted at once; more wait their turn
+    max_waiting_uploads: int = 8  # beyond this many waiting, an upload is refused at once (capacity_exhausted)
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +98,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     head_timeout: float | None = 10.0
     connect_timeout: float = 3.0
     scale_cooldown: float = 2.0
+    # /_aube/metrics is served here only, never on the public port (it names every function). None = not served.
+    operator_host: str = "127.0.0.1"
+    operator_port: int | None = DEFAULT_OPERATOR_PORT
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -94,6 +94,22 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
         yield AccountsServer(s, secrets, data)
 
 
+def consecutive_free_ports(count: int) -> int:
+    """A port p with p + 1 ... p + count - 1 free too (aube start gives replica i the operator port base + i)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        try:
+            for offset in range(1, count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
 class AubeStart:
     """`aube start` as a real process (its own session, as in a terminal) on the real deploy/nats.conf, on free
     ports, from `workdir` (where it keeps `.data`). Stopped with SIGINT to its group, killed if it hangs."""
@@ -101,6 +117,7 @@ class AubeStart:
     def __init__(self, workdir: Path, env: dict[str, str], proxies: int) -> None:
         self.workdir = workdir
         self.nats_port, self.monitor_port, self.proxy_port = free_port(), free_port(), free_port()
+        self.operator_base = consecutive_free_ports(proxies)  # replica i's metrics on operator_base + i
         self.conf = workdir / "nats.conf"
         text = (REPO / "deploy" / "nats.conf").read_text()
         text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{self.nats_port}")
@@ -112,6 +129,7 @@ class AubeStart:
             "AUBE_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
             "AUBE_NATS_MONITOR": f"http://127.0.0.1:{self.monitor_port}",
             "AUBE_PROXY_PORT": str(self.proxy_port),
+            "AUBE_OPERATOR_PORT": str(self.operator_base),
             "AUBE_LOG_LEVEL": "INFO",
         }
         self.log_path = workdir / "start.log"

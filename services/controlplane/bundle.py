@@ -6,9 +6,13 @@ runs that check before writing anything, then writes with its own guards: it cou
 writes (a zip's header may lie about sizes), never writes through a link (links are created last, files with
 O_EXCL|O_NOFOLLOW), and keeps only the exec bit of a file's mode. On any error the destination is emptied.
 
+The archive is read from bytes or from a file (an object-store upload is streamed to disk first, see
+`aube.controlplane.objects`), never assembled in memory. Folder depth is bounded (`max_depth` path components),
+which also keeps every recursive walk of the folder later (copies, removals) far from Python's recursion limit.
+
 Error codes (InvalidBundle.code): bundle_corrupt, bundle_unsafe_path, bundle_link, bundle_device_file,
-bundle_too_many_files, bundle_too_large; `validate_bundle` adds those of `aube.controlplane.manifest` and
-`aube.controlplane.requirements` (bundle_invalid_requirements).
+bundle_too_many_files, bundle_too_large, bundle_too_deep; `validate_bundle` adds those of
+`aube.controlplane.manifest` and `aube.controlplane.requirements` (bundle_invalid_requirements).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import msgspec
 from aube.controlplane.manifest import (
     FN_FILE,
     MANIFEST_FILE,
+    ManifestBounds,
     check_function,
     check_manifest,
     load_manifest,
@@ -71,6 +76,8 @@ _MAX_NAME_BYTES = 255  # NAME_MAX of one path component
 _MAX_PATH_BYTES = 4096
 _SNIFF_CAP = 16 * 1024 * 1024  # decompressed bytes sniff_archive may read to see the first tar header
 _MAX_LINK_HOPS = 40  # the kernel's own limit when resolving nested symlinks
+# What tarfile may read for one member's header records (pax, GNU long name, sparse map); real ones take < 1 KiB.
+_MAX_HEADER_BYTES = 256 * 1024
 # Folders that archivers add beside the real content; ignored when looking for a single wrapping folder.
 _JUNK = frozenset({"__MACOSX", ".DS_Store"})
 
@@ -79,13 +86,18 @@ class BundleLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_compressed_bytes: int = 64 * 1024 * 1024
     max_extracted_bytes: int = 256 * 1024 * 1024
     max_files: int = 4096
+    max_depth: int = 32  # path components of a member, the wrapping folder included
+    manifest: ManifestBounds = msgspec.field(default_factory=ManifestBounds)
 
     @classmethod
     def from_settings(cls, settings: ControlPlaneSettings) -> BundleLimits:
+        """ValueError names a setting that is unusable."""
         return cls(
             max_compressed_bytes=settings.max_bundle_bytes,
             max_extracted_bytes=settings.max_extracted_bytes,
             max_files=settings.max_files,
+            max_depth=settings.max_bundle_depth,
+            manifest=ManifestBounds.from_settings(settings),
         )
 
 
@@ -211,6 +223,12 @@ def _plan(members: Sequence[MemberInfo], limits: BundleLimits) -> list[_Step]:
                 f"member {info.name!r} is a hardlink (to {info.link_target!r}); hardlinks are not supported",
             )
         parts = _normalize(info)
+        if len(parts) > limits.max_depth:
+            raise _error(
+                "bundle_too_deep",
+                f"member {'/'.join(parts[: limits.max_depth + 1])!r}/... lies {len(parts)} levels deep,"
+                f" more than the limit of {limits.max_depth}",
+            )
         if info.kind == "file":
             if info.size < 0:
                 raise _error("bundle_corrupt", f"member {info.name!r} declares a negative size")
@@ -275,28 +293,46 @@ _READ_ERRORS = (
 )
 
 
-def sniff_archive(data: bytes) -> Literal["zip", "tar"]:
-    """ "zip" for a zip; "tar" for a plain tar or a gzip-compressed one; bundle_corrupt for anything else."""
+def sniff_archive(data: bytes | IO[bytes]) -> Literal["zip", "tar"]:
+    """ "zip" for a zip; "tar" for a plain tar or a gzip-compressed one; bundle_corrupt for anything else.
+
+    `data` is the archive's bytes or a seekable binary file holding it."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        if data[:2] == b"PK" and zipfile.is_zipfile(io.BytesIO(data)):
+        if _magic(source) == b"PK" and zipfile.is_zipfile(source):
             return "zip"
         # Opening reads the first header only (a gzip stream that is not a tar fails here); the cap is for
         # a first header that declares an enormous pax or long-name record.
-        with _open_tar(data, cap=_SNIFF_CAP):
+        with _open_tar(source, cap=_SNIFF_CAP):
             pass
     except (*_READ_ERRORS, OSError) as e:
         raise _error("bundle_corrupt", f"bundle is not a zip, tar or tar.gz archive ({e})") from e
+    finally:
+        source.seek(0)
     return "tar"
 
 
-class _CappedReader(io.RawIOBase):
-    """A decompressed tar stream that refuses to go past `cap` bytes: a gzip bomb stops here while reading
-    headers, before any declared size is even summed."""
+def _magic(source: IO[bytes]) -> bytes:
+    source.seek(0)
+    magic = source.read(2)
+    source.seek(0)
+    return magic
 
-    def __init__(self, inner: io.BufferedIOBase, cap: int) -> None:
+
+class _CappedReader(io.RawIOBase):
+    """A (decompressed) tar stream that refuses to go past `cap` bytes: a gzip bomb stops here while reading
+    headers, before any declared size is even summed.
+
+    While `header_budget` is set (around each `TarFile.next()`), reads count against it: tarfile reads a
+    member's pax record, GNU long name or sparse map whole into memory, and a 199 KiB tar.gz holding a 200 MiB
+    pax record took 414 MiB and 5 s before this budget."""
+
+    def __init__(self, inner: IO[bytes] | io.BufferedIOBase, cap: int, *, owns_inner: bool = True) -> None:
         super().__init__()
         self._inner = inner
         self._cap = cap
+        self._owns_inner = owns_inner
+        self.header_budget: int | None = None
 
     def _over(self) -> InvalidBundle:
         return _error("bundle_too_large", f"bundle decompresses to more than {self._cap} bytes")
@@ -308,12 +344,19 @@ class _CappedReader(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
+        if self.header_budget is not None and (size < 0 or size > self.header_budget):
+            raise _error(
+                "bundle_corrupt",
+                f"a member's header records (pax, long name or sparse map) are over {_MAX_HEADER_BYTES} bytes",
+            )
         position = self._inner.tell()
         if size < 0 or position + size > self._cap:
             size = self._cap - position + 1
         data = self._inner.read(max(size, 0))
         if position + len(data) > self._cap:
             raise self._over()
+        if self.header_budget is not None:
+            self.header_budget -= len(data)
         return data
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
@@ -333,17 +376,22 @@ class _CappedReader(io.RawIOBase):
         return self._inner.tell()
 
     def close(self) -> None:
-        self._inner.close()
+        if self._owns_inner:
+            self._inner.close()
         super().close()
 
 
 @contextmanager
-def _open_tar(data: bytes, cap: int) -> Iterator[tarfile.TarFile]:
-    raw: io.BufferedIOBase | _CappedReader = io.BytesIO(data)
-    if data[:2] == b"\x1f\x8b":
-        raw = _CappedReader(gzip.GzipFile(fileobj=raw, mode="rb"), cap)
+def _open_tar(source: IO[bytes], cap: int) -> Iterator[tuple[tarfile.TarFile, _CappedReader]]:
+    if _magic(source) == b"\x1f\x8b":
+        raw = _CappedReader(gzip.GzipFile(fileobj=source, mode="rb"), cap)
+    else:
+        raw = _CappedReader(source, cap, owns_inner=False)
+    # The first header is read here: under the budget too.
+    raw.header_budget = _MAX_HEADER_BYTES
     with raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        yield tar
+        raw.header_budget = None
+        yield tar, raw
 
 
 def _zip_mode(info: zipfile.ZipInfo) -> int:
@@ -399,15 +447,19 @@ def _tar_member(info: tarfile.TarInfo) -> MemberInfo:
     return MemberInfo(name=info.name, kind=kind, size=info.size, mode=info.mode & 0o7777, link_target=info.linkname)
 
 
-def _list_tar(tar: tarfile.TarFile, limits: BundleLimits) -> list[tuple[MemberInfo, tarfile.TarInfo]]:
+def _list_tar(
+    tar: tarfile.TarFile, reader: _CappedReader, limits: BundleLimits
+) -> list[tuple[MemberInfo, tarfile.TarInfo]]:
     # Walk header by header so a huge or bomb-like archive is refused before tarfile skips through its data.
     found: list[tuple[MemberInfo, tarfile.TarInfo]] = []
     declared = 0
     while True:
         try:
+            reader.header_budget = _MAX_HEADER_BYTES
             member = tar.next()
+            reader.header_budget = None
         except InvalidBundle as e:
-            if not found:
+            if not found or e.code != "bundle_too_large":
                 raise
             # The decompression cap: say which member's data it was reached in.
             raise _error(e.code, f"{e.message} (in the data of member {found[-1][0].name!r})") from e
@@ -484,8 +536,44 @@ def _read_error(e: BaseException) -> InvalidBundle:
     return _error("bundle_corrupt", f"bundle could not be read: {type(e).__name__}: {e}")
 
 
-def _extract_zip(data: bytes, root_real: str, limits: BundleLimits) -> None:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+_CENTRAL_SIGNATURE = b"PK\x01\x02"
+_CENTRAL_HEADER = struct.Struct("<4s24xHHH12x")  # signature, name / extra / comment lengths of a 46-byte record
+
+
+def _count_zip_entries(source: IO[bytes], limit: int) -> None:
+    """bundle_too_many_files before zipfile parses the central directory: it builds an object per entry, and a
+    bundle of empty entries holds ~12,000 of them per MiB (300,000 entries took 170 MiB and 1.3 s). The records
+    themselves are walked, since the end record's entry count can lie."""
+    end = zipfile._EndRecData(source)  # type: ignore[attr-defined]
+    if end is None:
+        return  # not a zip after all: zipfile says so next
+    size = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    position = end[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        position -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    stop, count = position + size, 0
+    while 0 <= position < stop:
+        source.seek(position)
+        raw = source.read(_CENTRAL_HEADER.size)
+        if len(raw) < _CENTRAL_HEADER.size:
+            break
+        signature, name_len, extra_len, comment_len = _CENTRAL_HEADER.unpack(raw)
+        if signature != _CENTRAL_SIGNATURE:
+            break
+        count += 1
+        if count > limit:
+            name = source.read(min(name_len, _MAX_NAME_BYTES)).decode("utf-8", "replace")
+            raise _error(
+                "bundle_too_many_files",
+                f"bundle has more than {limit} entries, the limit (first one over: {name!r})",
+            )
+        position += _CENTRAL_HEADER.size + name_len + extra_len + comment_len
+    source.seek(0)
+
+
+def _extract_zip(source: IO[bytes], root_real: str, limits: BundleLimits) -> None:
+    _count_zip_entries(source, limits.max_files)
+    with zipfile.ZipFile(source) as archive:
         infos = archive.infolist()
         if len(infos) > limits.max_files:
             check_members([MemberInfo(name=i.filename, kind="dir") for i in infos], limits)
@@ -494,11 +582,11 @@ def _extract_zip(data: bytes, root_real: str, limits: BundleLimits) -> None:
         _write_plan(plan, root_real, limits, lambda index, _: archive.open(infos[index]))
 
 
-def _extract_tar(data: bytes, root_real: str, limits: BundleLimits) -> None:
+def _extract_tar(source: IO[bytes], root_real: str, limits: BundleLimits) -> None:
     # Headers and padding make a tar longer than its contents; allow for them when capping decompression.
     cap = limits.max_extracted_bytes + (limits.max_files + 16) * 2048 + (1 << 20)
-    with _open_tar(data, cap) as tar:
-        listed = _list_tar(tar, limits)
+    with _open_tar(source, cap) as (tar, reader):
+        listed = _list_tar(tar, reader, limits)
         plan = _plan([info for info, _ in listed], limits)
 
         def opener(index: int, info: MemberInfo) -> IO[bytes]:
@@ -536,34 +624,36 @@ def _write_plan(
             os.chmod(os.path.join(root_real, *parts), 0o755, follow_symlinks=False)
 
 
-def extract_archive(data: bytes, dest: Path, limits: BundleLimits) -> None:
-    """Check, then extract, a zip / tar / tar.gz into `dest` (created if absent; must be empty).
+def extract_archive(data: bytes | Path, dest: Path, limits: BundleLimits) -> None:
+    """Check, then extract, a zip / tar / tar.gz (its bytes, or a file holding it) into `dest` (created if
+    absent; must be empty).
 
     On any error `dest` is left empty and the error raised; nothing outside `dest` is ever touched.
     """
-    if len(data) > limits.max_compressed_bytes:
-        raise _error(
-            "bundle_too_large", f"bundle is {len(data)} bytes, over the limit of {limits.max_compressed_bytes}"
-        )
-    dest.mkdir(parents=True, exist_ok=True)
-    if any(dest.iterdir()):
-        raise ValueError(f"extract_archive needs an empty destination, {dest} is not")
-    root_real = os.path.realpath(dest)
-    kind = sniff_archive(data)
-    try:
-        if kind == "zip":
-            _extract_zip(data, root_real, limits)
-        else:
-            _extract_tar(data, root_real, limits)
-    except InvalidBundle:
-        _clear(dest)
-        raise
-    except _READ_ERRORS as e:
-        _clear(dest)
-        raise _read_error(e) from e
-    except BaseException:
-        _clear(dest)
-        raise
+    with io.BytesIO(data) if isinstance(data, bytes) else data.open("rb") as source:
+        size = source.seek(0, io.SEEK_END)
+        source.seek(0)
+        if size > limits.max_compressed_bytes:
+            raise _error("bundle_too_large", f"bundle is {size} bytes, over the limit of {limits.max_compressed_bytes}")
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise ValueError(f"extract_archive needs an empty destination, {dest} is not")
+        root_real = os.path.realpath(dest)
+        kind = sniff_archive(source)
+        try:
+            if kind == "zip":
+                _extract_zip(source, root_real, limits)
+            else:
+                _extract_tar(source, root_real, limits)
+        except InvalidBundle:
+            _clear(dest)
+            raise
+        except _READ_ERRORS as e:
+            _clear(dest)
+            raise _read_error(e) from e
+        except BaseException:
+            _clear(dest)
+            raise
 
 
 def function_root(dest: Path) -> Path:
@@ -576,18 +666,31 @@ def function_root(dest: Path) -> Path:
     return dest
 
 
-def validate_bundle(data: bytes, dest: Path, limits: BundleLimits) -> tuple[Path, Manifest]:
-    """Extract and check a whole upload: the function folder inside `dest` and its manifest.
+def validate_bundle(data: bytes | Path, dest: Path, limits: BundleLimits) -> tuple[Path, Manifest]:
+    """Extract and check a whole upload (its bytes, or a file holding it): the function folder inside `dest` and
+    its manifest.
 
     On any error `dest` is left empty (the caller removes it).
     """
-    extract_archive(data, dest, limits)
     try:
-        root = function_root(dest)
-        manifest = load_manifest(root)
-        check_function(root, manifest)
-        load_requirements(root)  # refuses anything but requirement specifiers, before any build
-    except BaseException:
-        _clear(dest)
-        raise
+        extract_archive(data, dest, limits)
+        try:
+            root = function_root(dest)
+            manifest = load_manifest(root, limits.manifest)
+            check_function(root, manifest)
+            load_requirements(root)  # refuses anything but requirement specifiers, before any build
+        except BaseException:
+            _clear(dest)
+            raise
+    except RecursionError as e:
+        # Nothing here should recurse with the input's shape (depth is bounded before writing); if something
+        # still does, it is the bundle's doing and gets a bundle error, not an internal one with a traceback.
+        _clear_quietly(dest)
+        raise _error("bundle_too_deep", "bundle nests too deeply to be checked") from e
     return root, manifest
+
+
+def _clear_quietly(dest: Path) -> None:
+    if dest.is_dir():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()

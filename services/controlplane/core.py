@@ -19,22 +19,17 @@ from pathlib import Path
 import anyio
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from aube.controlplane import decisions
 from aube.controlplane.bundle import BundleLimits, decode_base64, validate_bundle
 from aube.controlplane.health import wait_healthy
+from aube.controlplane.objects import fetch_object
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
 from aube.shared import names, natsconn
 from aube.shared import tenants as tenancy
-from aube.shared.errors import (
-    AubeError,
-    CapacityExhausted,
-    InvalidBundle,
-    InvalidRequest,
-    NameTaken,
-    UnknownFunction,
-)
+from aube.shared.errors import AubeError, CapacityExhausted, InvalidRequest, NameTaken, UnknownFunction
 from aube.shared.redact import MAX_LINE_BYTES, platform_redactor, url_passwords
 from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
 from aube.shared.schemas import (
@@ -84,11 +79,14 @@ class ControlPlane:
         self.runtime = runtime
         self.bundles = bundles
         self.owner = settings.owner
-        self.limits = BundleLimits(
-            max_compressed_bytes=settings.max_bundle_bytes,
-            max_extracted_bytes=settings.max_extracted_bytes,
-            max_files=settings.max_files,
-        )
+        try:
+            self.limits = BundleLimits.from_settings(settings)
+        except ValueError as e:
+            raise InvalidRequest(f"bad setting: {e}") from e
+        # Where object uploads are read from; the bucket's stream follows nats' naming (objects.STREAM_TEMPLATE).
+        self.bundle_bucket = names.BUCKET_BUNDLES
+        # Fetching and extracting bundles costs disk, memory and CPU per upload: a few at a time, others wait.
+        self._intake = anyio.CapacityLimiter(max(1, settings.max_parallel_uploads))
         self.in_flight: set[str] = set()  # instance ids this process is starting right now
         # Every id that was in flight at any moment of the current reconcile pass (see `reconcile`).
         self._in_flight_during_pass: set[str] = set()
@@ -133,54 +131,44 @@ class ControlPlane:
             finally:
                 self.uploading.discard(name)
 
-    async def _bundle_bytes(self, req: UploadRequest, tenant: str) -> bytes:
+    async def _bundle_source(self, req: UploadRequest, workdir: Path, tenant: str) -> bytes | Path:
+        """The upload's archive: bytes for a base64 body (bounded by the NATS payload), a file in `workdir` for
+        an object, streamed there in bounded memory (the object is removed from the store either way)."""
         sources = [s for s in (req.zip, req.tar, req.object) if s is not None]
         if len(sources) != 1:
             raise InvalidRequest('an upload carries exactly one of "zip", "tar" (base64) or "object" (a bundle key)')
-        if req.object is not None:
-            async with self._bundle_store(tenant) as store:
-                return await self._fetch_object(store, req.object)
-        return decode_base64(sources[0], self.limits.max_compressed_bytes)
+        if req.object is None:
+            return decode_base64(sources[0], self.limits.max_compressed_bytes)
+        await anyio.to_thread.run_sync(lambda: workdir.mkdir(parents=True, exist_ok=True))
+        path = workdir / "bundle.archive"
+        async with self._bundle_jetstream(tenant) as js:
+            await fetch_object(js, self.bundle_bucket, req.object, path, self.limits.max_compressed_bytes)
+        return path
 
     @asynccontextmanager
-    async def _bundle_store(self, tenant: str) -> AsyncIterator[ObjectStore]:
-        """The object store a requester's bundles are in: the tenant's own (its account's JetStream, read as that
-        account's `aube-fetch-<tenant>` user), or this account's for the operator and servers without accounts."""
+    async def _bundle_jetstream(self, tenant: str) -> AsyncIterator[JetStreamContext]:
+        """The JetStream holding a requester's bundles: the tenant's own account's (read as that account's
+        `aube-fetch-<tenant>` user), or this account's for the operator and servers without accounts."""
         if tenant == tenancy.OPERATOR or not self.settings.nats_fetch_password:
-            yield self.bundles
+            yield self.nc.jetstream()
             return
-        nc = await natsconn.connect(
-            self.settings.nats_url,
-            user=f"{tenancy.FETCH_USER_PREFIX}{tenant}",
-            password=self.settings.nats_fetch_password,
-            name=f"aube-controlplane-fetch-{tenant}",
-            connect_timeout=5,
-            max_reconnect_attempts=1,
-        )
         try:
-            try:
-                store = await nc.jetstream().object_store(names.BUCKET_BUNDLES)
-            except Exception as e:
-                raise InvalidRequest(f"there is no {names.BUCKET_BUNDLES} object store in your account") from e
-            yield store
+            nc = await natsconn.connect(
+                self.settings.nats_url,
+                user=f"{tenancy.FETCH_USER_PREFIX}{tenant}",
+                password=self.settings.nats_fetch_password,
+                name=f"aube-controlplane-fetch-{tenant}",
+                connect_timeout=5,
+                max_reconnect_attempts=1,
+            )
+        except Exception as e:
+            log.warning("cannot reach tenant %s's bundle store: %s", tenant, e)
+            raise InvalidRequest(f"the {names.BUCKET_BUNDLES} object store of your account is unreachable") from e
+        try:
+            yield nc.jetstream()
         finally:
             with anyio.move_on_after(5, shield=True):
                 await nc.close()
-
-    async def _fetch_object(self, store: ObjectStore, key: str) -> bytes:
-        try:
-            info = await store.get_info(key)
-        except Exception as e:
-            raise InvalidRequest(f"no bundle {key!r} in the {names.BUCKET_BUNDLES} object store") from e
-        if (info.size or 0) > self.limits.max_compressed_bytes:
-            raise InvalidBundle(
-                f"bundle is larger than the limit of {self.limits.max_compressed_bytes} bytes", code="bundle_too_large"
-            )
-        result = await store.get(key)
-        # The bundle was only the vehicle of this upload: the image or prepared folder now holds the function.
-        with anyio.move_on_after(5):
-            await store.delete(key)
-        return result.data or b""
 
     async def _owned(self, name: str, tenant: str) -> FunctionEntry | None:
         """The live function `name` if `tenant` may touch it; None if there is none. Another tenant's function is
@@ -201,17 +189,33 @@ class ControlPlane:
         name = names.validate_name(req.name)
         # Before anything is read or built: a name another tenant owns is refused at once.
         await self._check_name_free_for(name, tenant)
-        data = await self._bundle_bytes(req, tenant)
-        async with self._function_lock(name):
-            workdir = self.work_dir / uuid.uuid4().hex
-            try:
-                await self._check_name_free_for(name, tenant)
-                root, manifest = await anyio.to_thread.run_sync(validate_bundle, data, workdir / "bundle", self.limits)
-                return await self._deploy(name, root, manifest, tenant)
-            except AubeError as e:
-                await self.emit(name, "failed", tenant=tenant, message=e.message, code=e.code)
-                raise
-            finally:
+        # Each waiting upload holds its request (up to the NATS max payload): a burst of them is answered at once
+        # instead of piling up in memory.
+        if self._intake.statistics().tasks_waiting >= self.settings.max_waiting_uploads:
+            raise CapacityExhausted(
+                f"the control plane is busy with {self.settings.max_parallel_uploads} uploads and"
+                f" {self.settings.max_waiting_uploads} waiting; retry later"
+            )
+        workdir = self.work_dir / uuid.uuid4().hex
+        try:
+            async with self._intake:
+                source = await self._bundle_source(req, workdir, tenant)
+                try:
+                    root, manifest = await anyio.to_thread.run_sync(
+                        validate_bundle, source, workdir / "bundle", self.limits
+                    )
+                except AubeError as e:
+                    await self.emit(name, "failed", tenant=tenant, message=e.message, code=e.code)
+                    raise
+            async with self._function_lock(name):
+                try:
+                    await self._check_name_free_for(name, tenant)
+                    return await self._deploy(name, root, manifest, tenant)
+                except AubeError as e:
+                    await self.emit(name, "failed", tenant=tenant, message=e.message, code=e.code)
+                    raise
+        finally:
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
 
     async def _next_version(self, name: str, existing: FunctionEntry | None) -> int:

@@ -2,13 +2,14 @@
 
 Pure logic over a folder already on disk (extracted by `aube.controlplane.bundle`): no network, no engine.
 Every problem is an InvalidBundle whose `code` names it (bundle_invalid_manifest, bundle_missing_fn,
-bundle_fn_syntax, bundle_fn_undefined, bundle_unsafe_path) and whose message names the file and the key.
+bundle_fn_syntax, bundle_fn_undefined, bundle_unsafe_path, bundle_too_large) and whose message names the file and
+the key. The operator's ranges for limits and scaling values (`ManifestBounds`, from the control plane's settings)
+are checked here too, so a deployer cannot ask for more than the operator allows.
 """
 
 from __future__ import annotations
 
 import ast
-import math
 import os
 import re
 import tomllib
@@ -16,17 +17,39 @@ from pathlib import Path
 
 import msgspec
 
+from aube.controlplane.bounds import (
+    ManifestBounds,
+    check_bounds,
+    defaults_within,
+    memory_bytes,
+    reserved_env_reason,
+)
 from aube.shared.errors import InvalidBundle
 from aube.shared.schemas import Manifest
+
+__all__ = [
+    "FN_FILE",
+    "MANIFEST_FILE",
+    "MAX_FN_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "ManifestBounds",
+    "check_function",
+    "check_manifest",
+    "load_manifest",
+    "memory_bytes",
+    "parse_manifest",
+]
 
 MANIFEST_FILE = "aube.toml"
 FN_FILE = "fn.py"
 
-# Docker refuses a memory limit under 6 MiB; saying so at upload beats an engine error at the first start.
-MIN_MEMORY_BYTES = 6 * 1024 * 1024
+# Read whole and parsed by tomllib: a manifest is a few lines, and nothing past this size is parsed at all.
+MAX_MANIFEST_BYTES = 64 * 1024
+# fn.py is compiled here to catch syntax errors at upload; CPython's parser and compiler take 200-500 times the
+# source's size in memory (1 MiB of source: 270-500 MiB; 234 KiB of list literal: 112 MiB), so only a small fn.py
+# is compiled; larger code belongs in modules beside it.
+MAX_FN_BYTES = 128 * 1024
 
-_MEMORY = re.compile(r"(\d+)\s*([bkmgt]?)b?", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -34,19 +57,10 @@ def _invalid(message: str) -> InvalidBundle:
     return InvalidBundle(f"{MANIFEST_FILE}: {message}", code="bundle_invalid_manifest")
 
 
-def memory_bytes(text: str) -> int:
-    """`"256m"` -> 268435456. Units b, k, m, g, t (binary multiples, an optional trailing "b"), or plain bytes.
-
-    Raises ValueError for anything else, so callers choose their own error.
-    """
-    match = _MEMORY.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"memory {text!r} is not a size like '256m', '1g' or a number of bytes")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-def parse_manifest(data: bytes | str) -> Manifest:
+def parse_manifest(data: bytes | str, bounds: ManifestBounds | None = None) -> Manifest:
     """The text of an `aube.toml` -> a checked Manifest; bundle_invalid_manifest on any problem."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _invalid(f"is {len(data)} bytes, more than the limit of {MAX_MANIFEST_BYTES}")
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -56,6 +70,13 @@ def parse_manifest(data: bytes | str) -> Manifest:
         raw = tomllib.loads(data)
     except tomllib.TOMLDecodeError as e:
         raise _invalid(f"not valid TOML: {e}") from e
+    except RecursionError as e:  # tomllib recurses per nested array or inline table
+        raise _invalid("not valid TOML: arrays or tables nest too deeply") from e
+    for section, defaults in defaults_within(bounds or ManifestBounds()).items():
+        given = raw.setdefault(section, {})
+        if isinstance(given, dict):  # anything else is msgspec's to refuse, naming the section
+            for key, value in defaults.items():
+                given.setdefault(key, value)
     # A plain number of bytes is a natural way to write a size; the schema keeps the string form.
     limits = raw.get("limits")
     if isinstance(limits, dict) and type(limits.get("memory")) is int:
@@ -69,52 +90,24 @@ def parse_manifest(data: bytes | str) -> Manifest:
         manifest = msgspec.convert(raw, Manifest)
     except msgspec.ValidationError as e:
         raise _invalid(str(e)) from e
-    check_manifest(manifest)
+    check_manifest(manifest, bounds)
     return manifest
-
-
-def _finite(value: float, key: str) -> None:
-    if not math.isfinite(value):
-        raise _invalid(f"{key} must be a finite number, got {value}")
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def check_manifest(manifest: Manifest) -> None:
-    """The semantic rules the schema's types cannot express."""
-    fn, scaling, limits = manifest.function, manifest.scaling, manifest.limits
+def check_manifest(manifest: Manifest, bounds: ManifestBounds | None = None) -> None:
+    """The semantic rules the schema's types cannot express, and the operator's ranges (`bounds`)."""
+    fn = manifest.function
     for digest in manifest.access.tokens_sha256:
         if not _SHA256_HEX.fullmatch(digest):
             raise _invalid(
                 f"access.tokens_sha256 entries are 64 lower-case hex digits (sha256sum), got {digest[:80]!r}"
             )
-    if scaling.max_instances < 1:
-        raise _invalid(f"scaling.max_instances must be at least 1, got {scaling.max_instances}")
-    if not 0 <= scaling.min_free <= scaling.max_instances:
-        raise _invalid(
-            f"scaling.min_free must be between 0 and scaling.max_instances ({scaling.max_instances}),"
-            f" got {scaling.min_free}"
-        )
-    _finite(scaling.idle_timeout, "scaling.idle_timeout")
-    if scaling.idle_timeout <= 0:
-        raise _invalid(f"scaling.idle_timeout must be more than 0 seconds, got {scaling.idle_timeout:g}")
-    _finite(limits.cpus, "limits.cpus")
-    if limits.cpus <= 0:
-        raise _invalid(f"limits.cpus must be more than 0, got {limits.cpus:g}")
-    if limits.pids < 1:
-        raise _invalid(f"limits.pids must be at least 1, got {limits.pids}")
-    try:
-        memory = memory_bytes(limits.memory)
-    except ValueError as e:
-        raise _invalid(f"limits.{e}") from e
-    if memory < MIN_MEMORY_BYTES:
-        raise _invalid(f"limits.memory {limits.memory!r} is below the minimum of 6m")
-    for key in ("stream_idle_timeout", "stream_max_duration"):
-        value: float = getattr(limits, key)
-        _finite(value, f"limits.{key}")
-        if value < 0:
-            raise _invalid(f"limits.{key} must be 0 (off) or more, got {value:g}")
+    problem = check_bounds(manifest.scaling, manifest.limits, bounds or ManifestBounds())
+    if problem is not None:
+        raise _invalid(problem)
     if fn.runtime == "command":
         if not fn.command:
             raise _invalid('runtime "command" needs function.command, e.g. command = ["./prog"]')
@@ -127,19 +120,24 @@ def check_manifest(manifest: Manifest) -> None:
             raise _invalid(f"function.command[{index}] contains a NUL character")
     for name, text in manifest.env.items():
         if not _ENV_NAME.fullmatch(name):
-            raise _invalid(f"env key {name!r} is not a valid environment variable name")
+            raise _invalid(f"env key {name[:80]!r} is not a valid environment variable name")
+        reserved = reserved_env_reason(name)
+        if reserved is not None:
+            raise _invalid(f"env key {name} is reserved: {reserved}")
         if "\x00" in text:
             raise _invalid(f"env value of {name} contains a NUL character")
 
 
-def load_manifest(root: Path) -> Manifest:
-    """The folder's `aube.toml`, or the defaults when it has none (AubeFaaS folders have none)."""
+def load_manifest(root: Path, bounds: ManifestBounds | None = None) -> Manifest:
+    """The folder's `aube.toml`, or the defaults (within `bounds`) when it has none (AubeFaaS folders have none)."""
     path = root / MANIFEST_FILE
     if not path.exists() and not path.is_symlink():
-        return Manifest()
+        return parse_manifest(b"", bounds)
     if not path.is_file():
         raise _invalid("is not a regular file")
-    return parse_manifest(path.read_bytes())
+    with path.open("rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    return parse_manifest(data, bounds)
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -189,11 +187,23 @@ def _check_python(root: Path) -> None:
         )
     if not _inside(root, path):
         raise InvalidBundle(f"{FN_FILE} is a link leading outside the bundle", code="bundle_link")
+    size = path.stat().st_size
+    if size > MAX_FN_BYTES:
+        raise InvalidBundle(
+            f"{FN_FILE} is {size} bytes, more than the {MAX_FN_BYTES} bytes the platform compiles at upload;"
+            " put larger code in modules beside it",
+            code="bundle_too_large",
+        )
     source = path.read_bytes()
     try:
-        # A full compile also catches what the parser lets through ('return' outside a function, ...).
-        compile(source, FN_FILE, "exec", dont_inherit=True)
         tree = ast.parse(source, filename=FN_FILE)
+        # A full compile also catches what the parser lets through ('return' outside a function, ...).
+        compile(tree, FN_FILE, "exec", dont_inherit=True)
+    except (RecursionError, MemoryError) as e:
+        # CPython's answer to deeply nested source: the parser's stack overflowing (MemoryError) or the
+        # compiler's recursion limit. Both are the source's fault, not the platform's.
+        message = f"{FN_FILE}: expressions or blocks nest too deeply to compile"
+        raise InvalidBundle(message, code="bundle_fn_syntax") from e
     except SyntaxError as e:
         where = f"line {e.lineno}" if e.lineno else "unknown line"
         raise InvalidBundle(f"{FN_FILE} {where}: {e.msg}", code="bundle_fn_syntax") from e

@@ -16,12 +16,13 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from aube.controlplane.bundle import BundleLimits
 from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
 from aube.shared import names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
-from aube.shared.errors import AubeError, RuntimeFailure
+from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure
 from aube.shared.redact import Redactor
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -75,6 +76,10 @@ async def serve(
     runtime: Runtime | None = None,
     task_status: TaskStatus[ControlPlane] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    try:
+        BundleLimits.from_settings(settings)  # an unusable AUBE_*_MIN/_MAX stops the start before anything runs
+    except ValueError as e:
+        raise InvalidRequest(f"bad setting: {e}") from e
     runtime = runtime if runtime is not None else await select_runtime(settings)
     nc = await natsconn.connect(
         settings.nats_url,

@@ -1,9 +1,13 @@
 """The WebSocket gateway: one `serve()` per replica; any number of replicas share one registry (and one port).
 
-Per client: read the request head (bounded in size and time), answer the proxy's own endpoints and every
+Per client: read the request head (bounded in size and time), answer `/_aube/health` and every
 refusal with plain HTTP before any upgrade, claim a free instance by compare-and-set, connect to it, send it the
 client's head unchanged (plus X-Forwarded-For) and then relay bytes both ways until either side ends. The
 instance's own 101 answer reaches the client, so subprotocols and extensions are negotiated end to end.
+
+Operator endpoints apart: `/_aube/metrics` names every function (protected ones too), so it is served only on the
+operator listener (`operator_host:operator_port`, loopback by default, one port per replica), never on the public
+port, where it is a 404. The operator listener serves `/_aube/health` and `/_aube/metrics` and nothing else.
 
 Task tree (all children of `serve`'s task group): the lease renewal, the two registry watches, the accept
 loop, one task per client connection, and short-lived scale and stop requests. Cancelling `serve` ends every
@@ -17,6 +21,7 @@ INFO lifecycle and the one canonical line per stream, DEBUG transitions and lost
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -68,16 +73,32 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
     try:
         registry = await Registry.open(nc.jetstream())
         sock = _listen_socket(settings.proxy_host, settings.proxy_port, settings.reuse_port)
-        with sock:
+        with sock, contextlib.ExitStack() as stack:
             port = int(sock.getsockname()[1])
             proxy = Proxy(settings, nc, registry)
+            operator_sock: socket.socket | None = None
+            if settings.operator_port is not None:
+                # No SO_REUSEPORT: each replica's metrics are its own, so each replica has its own port.
+                operator_sock = stack.enter_context(
+                    _listen_socket(settings.operator_host, settings.operator_port, reuse_port=False)
+                )
+                proxy.operator_port = int(operator_sock.getsockname()[1])
             try:
                 async with anyio.create_task_group() as tg:
                     await tg.start(keep_lease, registry, settings.proxy_id, settings.lease_ttl, f":{port}")
                     await tg.start(proxy.pool.watch_instances)
                     await tg.start(proxy.pool.watch_functions)
                     tg.start_soon(proxy.accept_loop, sock, tg)
+                    if operator_sock is not None:
+                        tg.start_soon(proxy.accept_loop, operator_sock, tg, True)
                     log.info("proxy %s listening on %s:%d", settings.proxy_id, settings.proxy_host, port)
+                    if proxy.operator_port is not None:
+                        log.info(
+                            "proxy %s serves /_aube/metrics on %s:%d",
+                            settings.proxy_id,
+                            settings.operator_host,
+                            proxy.operator_port,
+                        )
                     task_status.started(port)
             finally:
                 log.info("proxy %s stopped", settings.proxy_id)
@@ -114,6 +135,9 @@ async def _wait_any(*events: asyncio.Event) -> None:
             tg.start_soon(one, event)
 
 
+_NOT_FOUND = handshake.HeadError(status=404, reason="not_found", message="not found")
+
+
 class _Rejected(Exception):
     """Internal: the client was answered before any upgrade."""
 
@@ -130,10 +154,12 @@ class Proxy:
         self.waiting: defaultdict[str, int] = defaultdict(int)  # clients waiting for an instance, by function
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
         self._tg: TaskGroup | None = None
+        self.operator_port: int | None = None  # the operator listener's port, once bound
 
     # -- connections ---------------------------------------------------------------------------------------
 
-    async def accept_loop(self, sock: socket.socket, tg: TaskGroup) -> None:
+    async def accept_loop(self, sock: socket.socket, tg: TaskGroup, operator: bool = False) -> None:
+        """Accept clients on `sock`; `operator` marks the operator listener (metrics and health only)."""
         self._tg = tg
         loop = asyncio.get_running_loop()
         while True:
@@ -143,9 +169,9 @@ class Proxy:
                 log.warning("accept failed: %s", e)
                 await anyio.sleep(0.1)
                 continue
-            tg.start_soon(self._connection, conn)
+            tg.start_soon(self._connection, conn, operator)
 
-    async def _connection(self, conn: socket.socket) -> None:
+    async def _connection(self, conn: socket.socket, operator: bool = False) -> None:
         loop = asyncio.get_running_loop()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         max_buffer = self.settings.max_head_bytes
@@ -155,7 +181,7 @@ class Proxy:
             conn.close()
             return
         try:
-            await self._client(client)
+            await self._client(client, operator)
         except _Rejected:
             pass
         except Exception:  # a bug in one connection must not end the others
@@ -189,7 +215,7 @@ class Proxy:
         self._reject(client, handshake.HeadError(status=408, reason="head_timeout", message="request head too slow"))
         return None  # pragma: no cover - _reject raises
 
-    async def _client(self, client: ClientSide) -> None:
+    async def _client(self, client: ClientSide, operator: bool = False) -> None:
         end = await self._read_head(client)
         if end is None:
             return
@@ -199,8 +225,12 @@ class Proxy:
             self._reject(client, head)
         assert isinstance(head, handshake.RequestHead)
         target = handshake.route(head)
+        if operator and not isinstance(target, handshake.Endpoint):
+            self._reject(client, _NOT_FOUND)
         if isinstance(target, handshake.HeadError):
             self._reject(client, target)
+        if isinstance(target, handshake.Endpoint) and target.which == "metrics" and not operator:
+            self._reject(client, _NOT_FOUND)
         if isinstance(target, handshake.Endpoint):
             body = "ok\n" if target.which == "health" else render(self.metrics)
             ctype = "text/plain; charset=utf-8" if target.which == "health" else "text/plain; version=0.0.4"

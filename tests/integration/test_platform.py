@@ -51,7 +51,12 @@ async def whoami(conn: ClientConnection, text: str = "x") -> dict[str, object]:
 
 def start_proxy(platform, **overrides: str) -> tuple[int, object]:  # type: ignore[no-untyped-def]
     port = free_port()
-    env = {"AUBE_PROXY_PORT": str(port), "AUBE_PROXY_HOST": "127.0.0.1", "AUBE_PROXY_ID": f"proxy-{port}"}
+    env = {
+        "AUBE_PROXY_PORT": str(port),
+        "AUBE_PROXY_HOST": "127.0.0.1",
+        "AUBE_PROXY_ID": f"proxy-{port}",
+        "AUBE_OPERATOR_PORT": str(free_port()),
+    }
     env.update(overrides)
     return port, platform.start("aube.proxy", **env)
 
@@ -246,7 +251,7 @@ async def test_hostile_clients_do_not_stop_the_proxy(platform) -> None:  # type:
 async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The real deploy/nats.conf (accounts included), on free ports; its store lands in tmp_path.
     start = AubeStart(tmp_path, platform.env(), proxies=2)
-    env, conf, proxy_port = start.env, start.conf, start.proxy_port
+    env, conf, proxy_port, operator_base = start.env, start.conf, start.proxy_port, start.operator_base
     try:
         await wait_http(proxy_port, timeout=60)
         # upload.sh finds the deployer's password where `aube start` created it.
@@ -260,6 +265,21 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
             async with ws(proxy_port, "rev") as conn:
                 await conn.send("abc")
                 assert await conn.recv() == "cba"
+        # Each replica has its own operator port for its metrics; the public port has none.
+        scraped = 0
+        for port in (operator_base, operator_base + 1):
+            await wait_http(port)
+            async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                with anyio.fail_after(10):
+                    while b"aube_relayed_bytes_total" not in answer:
+                        answer += await s.receive()
+                scraped += answer.count(b'aube_claims_total{function="rev",result="claimed"}')
+        assert scraped >= 1
+        async with await anyio.connect_tcp("127.0.0.1", proxy_port) as s:
+            await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b" 404 " in await s.receive()
         # The operator adds a tenant to the running platform; it deploys under its own name, not over the deployer's.
         added = subprocess.run(
             [sys.executable, "-m", "aube.cli", "tenant", "add", "alice", "--nats-conf", str(conf)],
@@ -285,6 +305,8 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
     finally:
         start.close()
     assert "[aube] stopped" in start.output()
+    for port in (operator_base, operator_base + 1):
+        assert f"http://127.0.0.1:{port}/_aube/metrics" in start.output()
     # Nothing outlives the platform: the Platform fixture's teardown fails on any instance of this owner.
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,7 @@ def proxy_settings(server: LocalNatsServer, **overrides: Any) -> ProxySettings:
         "connect_timeout": 2.0,
         "scale_cooldown": 0.5,
         "max_head_bytes": 4096,
+        "operator_port": free_port(),
     }
     base.update(overrides)
     return ProxySettings(**base)
@@ -256,7 +258,8 @@ async def test_reversed_echo_then_release_to_free(nats_server: LocalNatsServer) 
                 assert rec.claimed_by is None
                 assert rec.last_used >= before
                 assert rec.streams_served == 1
-                metrics = (await raw_request(port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")).decode()
+                assert settings.operator_port is not None
+                metrics = (await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")).decode()
                 assert 'aube_claims_total{function="reverse",result="claimed"} 1' in metrics
                 assert 'aube_relayed_bytes_total{direction="client_to_instance"}' in metrics
                 assert "aube_claim_latency_seconds_count 1" in metrics
@@ -289,7 +292,9 @@ async def test_refusals_before_upgrade_and_service_goes_on(nats_server: LocalNat
             await env.add_function("reverse")
             await env.add_function("empty")  # min_free 0, no instance, nobody answers scale requests
             await env.add_instance("reverse", 0, inst)
-            async with running_proxy(proxy_settings(nats_server, claim_timeout=1.0)) as port:
+            settings = proxy_settings(nats_server, claim_timeout=1.0)
+            assert settings.operator_port is not None
+            async with running_proxy(settings) as port:
                 assert status_of(await raw_request(port, upgrade.format("Bad_Name").encode())) == 400
                 assert status_of(await raw_request(port, upgrade.format("nosuchfn").encode())) == 404
                 answer = await raw_request(port, upgrade.format("empty").encode())
@@ -298,11 +303,54 @@ async def test_refusals_before_upgrade_and_service_goes_on(nats_server: LocalNat
                 assert status_of(await raw_request(port, b"GET /reverse HTTP/1.1\r\nHost: x\r\n\r\n")) == 426
                 health = await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n", half_close=True)
                 assert status_of(health) == 200
-                metrics = await raw_request(port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")
+                metrics = await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")
                 assert status_of(metrics) == 200
                 text = metrics.decode()
                 for reason in ("invalid_name", "unknown_function", "no_instance", "not_upgrade"):
                     assert f'aube_handshakes_rejected_total{{reason="{reason}"}} 1' in text
+                await reverse_roundtrip(port)
+
+
+async def test_metrics_are_served_on_the_operator_port_only(nats_server: LocalNatsServer) -> None:
+    """Finding 11: /_aube/metrics on the public port named every function, protected ones too. The public port
+    now answers 404 there (and serves streams and /_aube/health); the operator port, on loopback, serves the
+    metrics and health and nothing else."""
+    settings = proxy_settings(nats_server)
+    assert settings.operator_port is not None and settings.operator_host == "127.0.0.1"
+    with instance_servers(REVERSE, 1) as (inst,):
+        async with environment(nats_server) as env:
+            await env.add_function("reverse")
+            await env.add_instance("reverse", 0, inst)
+            async with running_proxy(settings) as port:
+                await reverse_roundtrip(port)
+                for method in (b"GET", b"HEAD"):
+                    public = await raw_request(port, method + b" /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert status_of(public) == 404, public
+                    assert b"reverse" not in public and b"aube_" not in public
+                assert status_of(await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n")) == 200
+                operator = await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")
+                assert status_of(operator) == 200
+                assert b'aube_claims_total{function="reverse",result="claimed"} 1' in operator
+                assert b'aube_handshakes_rejected_total{reason="not_found"} 2' in operator
+                health = await raw_request(settings.operator_port, b"GET /_aube/health HTTP/1.1\r\n\r\n")
+                assert status_of(health) == 200
+                # The operator port is no second way in: function paths (upgrade or not) are not served there.
+                upgrade = (
+                    b"GET /reverse HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
+                assert status_of(await raw_request(settings.operator_port, upgrade)) == 404
+                post = await raw_request(settings.operator_port, b"POST /_aube/metrics HTTP/1.1\r\n\r\n")
+                assert status_of(post) == 404
+                # Loopback only by default: not reachable on the host's other addresses.
+                with socket.create_connection(("127.0.0.1", settings.operator_port)):
+                    pass
+                listening = [
+                    line.split()[1]
+                    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                    if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == settings.operator_port
+                ]
+                assert listening == ["0100007F:" + f"{settings.operator_port:04X}"]
                 await reverse_roundtrip(port)
 
 
@@ -556,6 +604,7 @@ async def proxy_process(server: LocalNatsServer, port: int, proxy_id: str) -> As
         "AUBE_PROXY_PORT": str(port),
         "AUBE_PROXY_ID": proxy_id,
         "AUBE_LEASE_TTL": "1.5",
+        "AUBE_OPERATOR_PORT": str(free_port()),
     }
     proc = await anyio.open_process([sys.executable, "-m", "aube.proxy"], env=env_vars, stdout=None, stderr=None)
     try:

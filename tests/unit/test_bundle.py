@@ -529,3 +529,141 @@ CASES: list[tuple[str, Callable[[], Sequence[MemberInfo]], str | None]] = [
 @pytest.mark.parametrize(("case", "members", "code"), CASES, ids=[c[0] for c in CASES])
 def test_check_members(case: str, members: Callable[[], Sequence[MemberInfo]], code: str | None) -> None:
     assert _check(*members()) == code
+
+
+# --------------------------------------------------------------------------------------------------------
+# Depth (finding 9), central directories and bundles read from a file.
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_folder_900_deep_is_bundle_too_deep(fmt: Fmt, dest: Path) -> None:
+    deep = "/".join(["a"] * 900)
+    err = refused(make(fmt, [f("fn.py", FN), f(f"{deep}/x.txt")]), dest, "bundle_too_deep")
+    assert "901 levels deep" in err.message and "32" in err.message
+    assert len(err.message) < 300
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_depth_limit_is_inclusive(fmt: Fmt, dest: Path) -> None:
+    limits = msgspec.structs.replace(LIMITS, max_depth=4)
+    validate_bundle(make(fmt, [f("fn.py", FN), f("a/b/c/d.txt")]), dest, limits)
+    refused(make(fmt, [f("fn.py", FN), d("a/b/c/d/e")]), dest.with_name("other"), "bundle_too_deep", limits)
+
+
+def test_zip_entries_are_counted_before_the_central_directory_is_parsed(dest: Path) -> None:
+    # Empty entries: zipfile builds an object per entry (300,000 took 170 MiB) before we could count them.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(10_000):
+            archive.writestr(f"{i}", b"")
+    err = refused(buffer.getvalue(), dest, "bundle_too_many_files")
+    assert "'20'" in err.message
+
+
+def test_zip_whose_end_record_lies_about_the_entry_count(dest: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(100):
+            archive.writestr(f"{i}", b"")
+    data = bytearray(buffer.getvalue())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 8 : end + 12] = struct.pack("<HH", 1, 1)  # entries on this disk / in total: "1"
+    refused(bytes(data), dest, "bundle_too_many_files")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bundle_read_from_a_file(fmt: Fmt, tmp_path: Path) -> None:
+    archive = tmp_path / "bundle.archive"
+    archive.write_bytes(make(fmt, [f("fn.py", FN), f("lib/x.py", b"X = 1\n")]))
+    root, _ = validate_bundle(archive, tmp_path / "out", LIMITS)
+    assert (root / "lib" / "x.py").read_bytes() == b"X = 1\n"
+    big = tmp_path / "big.archive"
+    big.write_bytes(make(fmt, [f("fn.py", FN)]) + bytes(LIMITS.max_compressed_bytes))
+    with pytest.raises(InvalidBundle) as caught:
+        validate_bundle(big, tmp_path / "out2", LIMITS)
+    assert caught.value.code == "bundle_too_large"
+
+
+def test_a_recursion_error_in_bundle_checks_is_a_bundle_error(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aube.controlplane.bundle as bundle_module
+
+    def recurse(root: Path, bounds: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(bundle_module, "load_manifest", recurse)
+    err = refused(make("zip", [f("fn.py", FN)]), dest, "bundle_too_deep")
+    assert "Traceback" not in err.message
+
+
+def _header(info: tarfile.TarInfo, payload: bytes) -> bytes:
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode() + b"=" + value + b"\n"
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))
+    return str(length).encode() + body
+
+
+def _tar_gz_after_fn(extra: bytes) -> bytes:
+    fn = tarfile.TarInfo("fn.py")
+    fn.size = len(FN)
+    return gzip.compress(_header(fn, FN) + extra + bytes(1024))
+
+
+def test_a_huge_pax_record_is_refused_before_tarfile_reads_it(dest: Path) -> None:
+    # 100 MiB of pax record in ~100 KiB: tarfile read such a record whole (200 MiB took 414 MiB and 5 s).
+    record = _pax_record("comment", b"a" * (100 << 20))
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(record)
+    x = tarfile.TarInfo("x.txt")
+    x.size = 1
+    data = _tar_gz_after_fn(_header(pax, record) + _header(x, b"x"))
+    assert len(data) < 200 * 1024
+    limits = msgspec.structs.replace(LIMITS, max_extracted_bytes=256 << 20)
+    err = refused(data, dest, "bundle_corrupt", limits)
+    assert "header records" in err.message
+
+
+def test_a_huge_gnu_long_name_is_refused(dest: Path) -> None:
+    name = b"n" * (10 << 20)
+    longname = tarfile.TarInfo("././@LongLink")
+    longname.type, longname.size = tarfile.GNUTYPE_LONGNAME, len(name) + 1
+    x = tarfile.TarInfo("x")
+    x.size = 1
+    limits = msgspec.structs.replace(LIMITS, max_extracted_bytes=256 << 20)
+    refused(_tar_gz_after_fn(_header(longname, name + b"\0") + _header(x, b"x")), dest, "bundle_corrupt", limits)
+
+
+def test_a_gnu_sparse_map_of_millions_of_entries_is_refused(dest: Path) -> None:
+    # GNU sparse 1.0: the map sits at the start of the member's data and tarfile reads it all while listing.
+    pax_body = b"".join(
+        _pax_record(k, v)
+        for k, v in (
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", b"holes"),
+            ("GNU.sparse.realsize", b"10"),
+        )
+    )
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(pax_body)
+    sparse_map = b"5000000\n" + b"0\n" * 10_000_000
+    member = tarfile.TarInfo("holes")
+    member.size = len(sparse_map)
+    limits = msgspec.structs.replace(LIMITS, max_extracted_bytes=256 << 20)
+    data = _tar_gz_after_fn(_header(pax, pax_body) + _header(member, sparse_map))
+    err = refused(data, dest, "bundle_corrupt", limits)
+    assert "sparse map" in err.message
+
+
+def test_gnu_sparse_file_of_a_terabyte_is_refused_by_its_declared_size(dest: Path) -> None:
+    sparse = tarfile.TarInfo("huge")
+    sparse.type, sparse.size = tarfile.GNUTYPE_SPARSE, 0
+    block = bytearray(sparse.tobuf(format=tarfile.GNU_FORMAT))
+    # realsize (offset 483, 12 bytes octal) of a member that is all holes; the checksum is recomputed.
+    block[483:495] = b"%011o\0" % (1 << 40)
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\0 " % sum(block)
+    refused(_tar_gz_after_fn(bytes(block)), dest, "bundle_too_large")

@@ -16,7 +16,6 @@ from aube.controlplane.runtimes.sandbox import ProcInfo, ProcStat
         ("1G", 1024**3),
         ("512Mi", 512 * 1024**2),
         ("64MB", 64 * 1024**2),
-        ("1.5g", int(1.5 * 1024**3)),
         ("100k", 100 * 1024),
         ("1048576", 1048576),
         (" 2g ", 2 * 1024**3),
@@ -26,9 +25,10 @@ def test_parse_memory(text: str, expected: int) -> None:
     assert sandbox.parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "m", "-1g", "1x", "0", "lots", "1 g b"])
+# "1.5g" too: the upload's parser (the one both runtimes use) takes whole numbers only.
+@pytest.mark.parametrize("text", ["", "m", "-1g", "1x", "0", "lots", "1 g b", "1.5g"])
 def test_parse_memory_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="memory size"):
+    with pytest.raises(ValueError, match="memory"):
         sandbox.parse_memory(text)
 
 

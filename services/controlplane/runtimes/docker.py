@@ -30,6 +30,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig
 
+from aube.controlplane.bounds import memory_bytes, nano_cpus
 from aube.controlplane.runtimes import deps, images
 from aube.controlplane.runtimes.base import (
     INSTANCE_PORT,
@@ -205,15 +206,20 @@ class DockerRuntime:
         limits = spec.manifest.limits
         api = self._client.api
         try:
+            # In bytes, parsed the way the upload checked it (Docker's own parser reads "512Mi" or "1t" otherwise).
+            memory = memory_bytes(limits.memory)
+        except ValueError as e:
+            raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+        try:
             host_config = api.create_host_config(
                 port_bindings={_PORT_KEY: (self._settings.publish_host, None)},
                 read_only=True,
                 tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
-                mem_limit=limits.memory,
-                memswap_limit=limits.memory,  # no swap on top of the memory limit
-                nano_cpus=int(limits.cpus * 1e9),
+                mem_limit=memory,
+                memswap_limit=memory,  # no swap on top of the memory limit
+                nano_cpus=nano_cpus(limits.cpus),
                 pids_limit=limits.pids,
                 init=True if self._init_supported else None,
                 log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),

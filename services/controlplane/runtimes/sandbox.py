@@ -21,10 +21,11 @@ A pid 1 only gets the signals it handles: the in-instance server handles SIGTERM
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
+
+from aube.controlplane.bounds import memory_bytes
 
 # Environment markers on an instance's session leader. Only the process runtime reads them back (after a
 # restart of the control plane, to find its instances again); the in-instance server ignores them.
@@ -60,16 +61,10 @@ SYSTEM_RO_PATHS = (
 
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:ib|i|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
 
 def parse_memory(text: str) -> int:
-    """Bytes in a Docker-style size: "256m", "1g", "512Mi", "1.5G", "1048576" (no unit = bytes)."""
-    match = _MEMORY.match(text)
-    if not match:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. '256m' or '1g')")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    """Bytes in a memory size, parsed by the upload's own parser (`aube.controlplane.bounds.memory_bytes`)."""
+    value = memory_bytes(text)
     if value <= 0:
         raise ValueError(f"memory size must be positive: {text!r}")
     return value
