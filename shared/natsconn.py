@@ -17,7 +17,18 @@ def server_list(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
+# The services' defaults (reliability issue): reconnect forever, quickly, and notice a hung server within seconds
+# (nats-py's default ping interval is 120 s: a client of a paused server got nothing done for 40 s and more).
+SERVICE_DEFAULTS: dict[str, Any] = {
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 0.5,
+    "ping_interval": 2,
+    "max_outstanding_pings": 3,
+}
+
+
 async def connect(url: str, *, user: str = "", password: str = "", name: str, **options: Any) -> NATS:
+    """Connect with the services' defaults; `options` override them (the CLI, for one, does not reconnect)."""
     if user:
         options.update(user=user, password=password)
-    return await nats.connect(servers=server_list(url), name=name, **options)
+    return await nats.connect(servers=server_list(url), name=name, **{**SERVICE_DEFAULTS, **options})

@@ -30,15 +30,36 @@ def scale_intent_key(function: str) -> str:
     return names.SCALE_INTENT_PREFIX + function
 
 
+class RenewSignal:
+    """Set from the NATS client's reconnect callback: the lease is renewed at once, not at its next tick. Reapers
+    judge a lease on time they could watch it (reaper/decisions.py), so after an outage the sooner a fresh revision
+    shows, the surer a live replica is never taken for a dead one."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Return when set (and re-arm) or after `timeout`."""
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+
 async def keep_lease(
     registry: Registry,
     proxy_id: str,
     ttl: float,
     address: str = "",
     *,
+    renew_now: RenewSignal | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Put the lease, report started, renew every ttl/3 until cancelled, then delete it (shielded, bounded)."""
+    """Put the lease, report started, renew every ttl/3 (and at once when `renew_now` is set) until cancelled,
+    then delete it (shielded, bounded)."""
     started_at = time.time()
     await registry.put_lease(
         ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=started_at, ttl=ttl, address=address)
@@ -46,7 +67,10 @@ async def keep_lease(
     task_status.started()
     try:
         while True:
-            await anyio.sleep(ttl / 3)
+            if renew_now is None:
+                await anyio.sleep(ttl / 3)
+            else:
+                await renew_now.wait(ttl / 3)
             now = time.time()
             try:
                 await registry.put_lease(

@@ -27,6 +27,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
+from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -34,7 +35,7 @@ from nats.aio.client import Client as NATS
 
 from aube.proxy import claims, handshake
 from aube.proxy.claims import Slot
-from aube.proxy.leases import keep_lease, take_scale_intent
+from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
@@ -63,12 +64,18 @@ CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is abort
 
 async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run one proxy replica until cancelled; `task_status.started(port)` once listening and watching."""
+    renew_now = RenewSignal()
+
+    async def reconnected() -> None:
+        renew_now.set()
+
     nc = await natsconn.connect(
         settings.nats_url,
         user=settings.nats_user,
         password=settings.nats_password,
         name=f"aube-proxy-{settings.proxy_id}",
         connect_timeout=5,
+        reconnected_cb=reconnected,
     )
     try:
         registry = await Registry.open(nc.jetstream())
@@ -85,7 +92,13 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                 proxy.operator_port = int(operator_sock.getsockname()[1])
             try:
                 async with anyio.create_task_group() as tg:
-                    await tg.start(keep_lease, registry, settings.proxy_id, settings.lease_ttl, f":{port}")
+                    await tg.start(
+                        partial(keep_lease, renew_now=renew_now),
+                        registry,
+                        settings.proxy_id,
+                        settings.lease_ttl,
+                        f":{port}",
+                    )
                     await tg.start(proxy.pool.watch_instances)
                     await tg.start(proxy.pool.watch_functions)
                     tg.start_soon(proxy.accept_loop, sock, tg)

@@ -14,6 +14,13 @@ Which free instances are reaped, per function:
   published yet, or already gone): only once idle longer than the idle timeout, never counted toward `min_free`.
 Busy instances are only touched when the proxy holding them is dead (invariant 4); then their stream state is
 unknown, so they are recycled rather than reused.
+
+When is a proxy dead? Its lease must be past `renewed_at + ttl` by the clock AND this reaper must have seen that
+same lease revision, unchanged, for longer than `ttl` of its own successful passes. The second rule keeps an outage
+from being judged as a death (invariant 9): after NATS (or the reaper itself) was away, every lease looks old by the
+clock, but the reaper's observation starts again when it can read the registry, and a live proxy renews within
+ttl/3 of that (at once, on reconnect). The service forgets its observations whenever a pass fails or passes were
+further apart than an outage allows (`Reaper.run`).
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Seen(msgspec.Struct, frozen=True, kw_only=True):
-    """When the reaper first saw an entry draining/unhealthy at `revision` (any write restarts the clock)."""
+    """When the reaper first saw an entry (draining/unhealthy, or a lease) at `revision`; any write restarts it."""
 
     revision: int
     since: float
@@ -102,32 +109,45 @@ Action = DeleteLease | Drain | AskStop
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
     actions: list[Action]
-    seen: dict[str, Seen]  # the memory to pass to the next plan()
+    # The memory to pass to the next plan(): instance keys for stale stops, LEASE_MEMORY + proxy id for leases.
+    seen: dict[str, Seen]
+
+
+LEASE_MEMORY = "lease:"  # prefix of a lease's entry in `seen` (instance keys never start with it)
 
 
 def plan(snapshot: Snapshot, seen: dict[str, Seen], now: float, policy: Policy) -> Plan:
     """Everything one reaper pass should do, and the memory to carry to the next pass."""
-    live = live_proxies(snapshot.leases, now)
-    actions: list[Action] = [
-        DeleteLease(proxy_id=lease.key, revision=lease.revision) for lease in expired_leases(snapshot.leases, now)
-    ]
+    dead, lease_memory = dead_leases(snapshot.leases, seen, now)
+    live = {lease.key for lease in snapshot.leases} - {lease.key for lease in dead}
+    actions: list[Action] = [DeleteLease(proxy_id=lease.key, revision=lease.revision) for lease in dead]
     actions.extend(idle_reaps(snapshot.functions, snapshot.instances, now))
     actions.extend(orphaned_claims(snapshot.instances, live, now, policy.lease_grace))
     asks, next_seen = stale_stops(snapshot.instances, seen, now, policy.stale_after)
     actions.extend(asks)
-    return Plan(actions=actions, seen=next_seen)
+    return Plan(actions=actions, seen={**next_seen, **lease_memory})
 
 
 def lease_expired(lease: ProxyLease, now: float) -> bool:
     return lease.renewed_at + lease.ttl < now
 
 
-def expired_leases(leases: list[Lease], now: float) -> list[Lease]:
-    return [lease for lease in leases if lease_expired(lease.record, now)]
-
-
-def live_proxies(leases: list[Lease], now: float) -> set[str]:
-    return {lease.key for lease in leases if not lease_expired(lease.record, now)}
+def dead_leases(leases: list[Lease], seen: dict[str, Seen], now: float) -> tuple[list[Lease], dict[str, Seen]]:
+    """Leases expired by the clock and seen unchanged by this reaper for longer than their ttl; and the memory of
+    when each lease revision was first seen."""
+    dead: list[Lease] = []
+    memory: dict[str, Seen] = {}
+    for lease in leases:
+        before = seen.get(LEASE_MEMORY + lease.key)
+        first = (
+            before
+            if before is not None and before.revision == lease.revision
+            else Seen(revision=lease.revision, since=now)
+        )
+        memory[LEASE_MEMORY + lease.key] = first
+        if lease_expired(lease.record, now) and now - first.since > lease.record.ttl:
+            dead.append(lease)
+    return dead, memory
 
 
 def idle_since(record: InstanceRecord) -> float:

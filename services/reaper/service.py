@@ -37,6 +37,10 @@ STOP_TIMEOUT = 30.0
 STALE_INTERVALS = 10
 # Actions of one pass run side by side, but not as a flood at the control plane.
 MAX_CONCURRENT_ACTIONS = 8
+# Passes further apart than this many intervals (plus the slack, for slow snapshots) mean the reaper could not
+# watch the registry in between: what it observed before no longer counts.
+OUTAGE_GAP_INTERVALS = 3
+OUTAGE_GAP_SLACK = 2.0
 
 
 def policy_for(settings: ReaperSettings) -> Policy:
@@ -77,14 +81,26 @@ class Reaper:
         self._limiter = anyio.CapacityLimiter(MAX_CONCURRENT_ACTIONS)
 
     async def run(self, interval: float) -> None:
+        last_ok: float | None = None
         while True:
+            # Observations only count across passes that could all read the registry (decisions.dead_leases): after
+            # a failed pass, or a gap no healthy loop has (the reaper or its host was paused), they start again.
+            if last_ok is not None and time.monotonic() - last_ok > OUTAGE_GAP_INTERVALS * interval + OUTAGE_GAP_SLACK:
+                self.forget_observations("passes too far apart")
             try:
                 await self.reap_once()
-            except (NatsError, OSError) as e:  # the registry is away (NATS reconnecting): try again next tick
+                last_ok = time.monotonic()
+            except (NatsError, OSError, TimeoutError) as e:  # the registry is away (NATS reconnecting)
                 log.warning("reap pass failed, retrying in %gs: %s", interval, e)
+                self.forget_observations("a pass failed")
             except Exception:  # a bug; the next pass may still do useful work, so keep serving
                 log.exception("reap pass failed")
             await anyio.sleep(interval)
+
+    def forget_observations(self, why: str) -> None:
+        if self.seen:
+            log.info("reaper forgets what it observed (%s): leases are judged afresh", why)
+        self.seen = {}
 
     async def reap_once(self) -> Plan:
         """One pass: snapshot, decide, act; returns the plan (for tests and logs)."""

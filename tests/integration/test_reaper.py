@@ -30,7 +30,7 @@ from support import nats_client, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.controlplane.runtimes.process import ProcessRuntime
-from aube.reaper.decisions import Drain, Policy
+from aube.reaper.decisions import LEASE_MEMORY, Drain, Policy, Seen
 from aube.reaper.decisions import plan as make_plan
 from aube.reaper.service import STALE_INTERVALS, Reaper, serve
 from aube.shared import bus, names
@@ -328,13 +328,40 @@ async def test_expired_lease_is_deleted_and_its_busy_instances_recycled(world: W
     assert await states(reg) == {"fn.3": "busy", "fn.4": "busy"}
 
 
+async def test_after_an_outage_a_proxy_that_renews_keeps_its_streams(world: World) -> None:
+    """Reliability finding 2: when NATS came back after 20 s, every lease looked expired by the clock and the reaper
+    drained every busy instance at once, cutting streams that had survived the outage. Leases are judged on time
+    the reaper watched them; a proxy renewing on reconnect keeps its claims."""
+    now = time.time()
+    reg = world.registry
+    stale = ProxyLease(proxy_id="p-back", started_at=now - 500, renewed_at=now - 20, ttl=2)
+    await put(reg, function("fn", min_free=0), stale, instance("fn", 1, state="busy", claimed_by="p-back"))
+    await world.start_reaper()
+
+    async def renew() -> None:  # the proxy, reconnected: renews at once, then every ttl/3
+        while True:
+            await reg.put_lease(msgspec.structs.replace(stale, renewed_at=time.time()))
+            await anyio.sleep(stale.ttl / 3)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(renew)
+        await anyio.sleep(4 * stale.ttl)
+        tg.cancel_scope.cancel()
+    assert await states(reg) == {"fn.1": "busy"}
+    assert [lease.key for lease in await reg.leases()] == ["p-back"]
+    assert world.stand_in.stops == []
+
+
 async def test_a_renewed_lease_is_not_deleted(world: World) -> None:
     """Deleting a lease is a CAS on the revision it was judged at: a renewal in between keeps it."""
     now = time.time()
     reg = world.registry
     await reg.put_lease(ProxyLease(proxy_id="p-slow", started_at=now - 50, renewed_at=now - 100, ttl=6))
     reaper = Reaper(world.nc, reg, Policy(lease_grace=2.0, stale_after=60.0))
-    decided = make_plan(await reaper.snapshot(), {}, time.time(), reaper.policy)
+    snapshot = await reaper.snapshot()
+    # This reaper has watched the lease, unchanged, for longer than its ttl: it is judged dead.
+    watched = {LEASE_MEMORY + le.key: Seen(revision=le.revision, since=now - 100) for le in snapshot.leases}
+    decided = make_plan(snapshot, watched, time.time(), reaper.policy)
     assert len(decided.actions) == 1
     await reg.put_lease(ProxyLease(proxy_id="p-slow", started_at=now - 50, renewed_at=time.time(), ttl=6))
     await reaper.act(decided.actions)

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from aube.reaper.decisions import (
+    LEASE_MEMORY,
     AskStop,
     DeleteLease,
     Drain,
@@ -73,6 +74,11 @@ def run(
     functions = [fn()] if functions is None else functions
     snap = Snapshot(functions={f.name: f for f in functions}, instances=instances, leases=leases or [])
     return plan(snap, seen or {}, now, POLICY)
+
+
+def watched(leases: list[Lease], since: float = NOW - 1000) -> dict[str, Seen]:
+    """A reaper memory in which every lease has been seen, unchanged, since `since` (passes all succeeded)."""
+    return {LEASE_MEMORY + le.key: Seen(revision=le.revision, since=since) for le in leases}
 
 
 def drained(p: Plan) -> dict[str, str]:
@@ -185,12 +191,13 @@ def test_busy_instance_of_a_live_proxy_is_never_chosen_however_old_or_obsolete()
 
 def test_expired_lease_is_deleted_at_its_revision() -> None:
     leases = [lease("dead", renewed_at=NOW - 7, ttl=6, revision=9), lease("alive", renewed_at=NOW - 5, ttl=6)]
-    p = run([], leases=leases)
+    p = run([], leases=leases, seen=watched(leases))
     assert p.actions == [DeleteLease(proxy_id="dead", revision=9)]
 
 
 def test_lease_expiry_uses_the_lease_own_ttl() -> None:
-    p = run([], leases=[lease("slow", renewed_at=NOW - 20, ttl=30), lease("fast", renewed_at=NOW - 3, ttl=2)])
+    leases = [lease("slow", renewed_at=NOW - 20, ttl=30), lease("fast", renewed_at=NOW - 3, ttl=2)]
+    p = run([], leases=leases, seen=watched(leases))
     assert [a.proxy_id for a in p.actions if isinstance(a, DeleteLease)] == ["fast"]
 
 
@@ -200,7 +207,7 @@ def test_busy_instances_of_a_dead_proxy_are_recycled() -> None:
         inst(1, state="busy", claimed_by="dead", claimed_at=NOW - 200, revision=51),
         inst(2, state="busy", claimed_by="alive", claimed_at=NOW - 200),
     ]
-    p = run(instances, leases=leases)
+    p = run(instances, leases=leases, seen=watched(leases))
     assert drained(p) == {"echo.1": "dead_proxy"}
     (drain,) = (a for a in p.actions if isinstance(a, Drain))
     assert drain.revision == 51
@@ -217,9 +224,27 @@ def test_busy_instance_of_a_proxy_without_any_lease_is_recycled_after_the_grace(
 
 def test_recent_claim_of_an_expired_lease_waits_for_the_grace() -> None:
     instances = [inst(1, state="busy", claimed_by="p", claimed_at=NOW - 1)]
-    p = run(instances, leases=[lease("p", renewed_at=NOW - 100)])
+    leases = [lease("p", renewed_at=NOW - 100)]
+    p = run(instances, leases=leases, seen=watched(leases))
     assert drained(p) == {}
     assert any(isinstance(a, DeleteLease) for a in p.actions)
+
+
+def test_an_outage_is_not_a_death_leases_are_judged_on_time_the_reaper_watched() -> None:
+    """Reliability finding 2: after NATS was away 20 s, every lease looked expired by the clock and the reaper
+    drained every busy instance, cutting streams that had survived the outage."""
+    leases = [lease("p", renewed_at=NOW - 20, ttl=6, revision=7)]
+    busy = [inst(1, state="busy", claimed_by="p", claimed_at=NOW - 60)]
+    first = run(busy, leases=leases)  # first pass after the outage: no observation yet
+    assert first.actions == []
+    later = run(busy, leases=leases, seen=first.seen, now=NOW + 5)  # watched 5 s < ttl: still not judged
+    assert later.actions == []
+    assert later.seen[LEASE_MEMORY + "p"].since == NOW
+    renewed = [lease("p", renewed_at=NOW + 2, ttl=6, revision=8)]  # the proxy renews on reconnect
+    assert run(busy, leases=renewed, seen=later.seen, now=NOW + 7).actions == []
+    # A proxy that never renews is dead once watched unchanged for longer than its ttl.
+    dead = run(busy, leases=leases, seen=later.seen, now=NOW + 6.5)
+    assert DeleteLease(proxy_id="p", revision=7) in dead.actions and drained(dead) == {"echo.1": "dead_proxy"}
 
 
 def test_busy_without_claim_info_counts_from_creation() -> None:
