@@ -25,7 +25,7 @@ from aube.controlplane import decisions
 from aube.controlplane.bundle import BundleLimits, decode_base64, validate_bundle
 from aube.controlplane.health import wait_healthy
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
-from aube.shared import names
+from aube.shared import addresses, names
 from aube.shared.errors import AubeError, CapacityExhausted, InvalidBundle, InvalidRequest, UnknownFunction
 from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
 from aube.shared.schemas import (
@@ -406,7 +406,9 @@ class ControlPlane:
         return ScaleReply(
             name=name,
             started=[
-                InstanceAddress(slot=e.record.slot, instance_id=e.record.instance_id, address=e.record.address)
+                InstanceAddress(
+                    slot=e.record.slot, instance_id=e.record.instance_id, address=addresses.public(e.record.address)
+                )
                 for e in ready
             ],
             total=total,
