@@ -54,6 +54,11 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # On a clean exit, stop this control plane's instances too (`make start` sets it: Ctrl-C leaves nothing running).
     # Off, instances outlive a restart of the control plane and are reconciled when it comes back.
     stop_instances_on_exit: bool = False
+    # Process runtime sandbox: the host uid and gid an instance runs as (when the control plane is root), and
+    # where the instances' Unix socket folders live ("" = /run/aube for root, else <data_dir>/run). Not under
+    # data_dir by default: a socket path must fit in 107 bytes.
+    sandbox_uid: int = 65534
+    socket_dir: str = ""
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
