@@ -22,14 +22,16 @@ from pathlib import Path
 
 import anyio
 import pytest
+from support import nats_client, zip_base64
 from websockets.asyncio.client import connect, unix_connect
 
 from aube.controlplane.runtimes import sandbox
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
 from aube.controlplane.runtimes.process import ProcessRuntime
-from aube.shared import addresses
-from aube.shared.natsserver import LocalNatsServer
-from aube.shared.schemas import Manifest
+from aube.shared import addresses, names
+from aube.shared.bus import request
+from aube.shared.natsserver import LocalNatsServer, free_port
+from aube.shared.schemas import Manifest, UploadReply, UploadRequest
 from aube.shared.settings import ControlPlaneSettings
 
 pytestmark = pytest.mark.anyio
@@ -400,3 +402,44 @@ async def test_no_platform_secret_in_the_environment(
             keys = json.loads(await s.try_("env"))
     leaked = [k for k in keys if any(word in k.upper() for word in SECRET_WORDS)]
     assert leaked == []
+
+
+async def _proxy_health(port: int) -> bool:
+    """One health request to the proxy's port: True when the proxy itself answered 200."""
+    with anyio.move_on_after(3):
+        try:
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return b" 200 " in await stream.receive()
+        except (OSError, anyio.EndOfStream):
+            return False
+    return False
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_through_a_real_proxy_the_function_steals_no_client(  # type: ignore[no-untyped-def]
+    platform, nats_server: LocalNatsServer, tmp_path: Path
+) -> None:
+    """The finding as reported: a function binds the proxy's own port with SO_REUSEPORT to answer its clients."""
+    if not BWRAP:
+        pytest.skip("bubblewrap is missing or cannot create namespaces here")
+    await platform.start_controlplane(AUBE_SANDBOX="bwrap")
+    port = free_port()
+    platform.start("aube.proxy", AUBE_PROXY_PORT=str(port), AUBE_PROXY_HOST="127.0.0.1", AUBE_PROXY_ID=f"p-{port}")
+    with anyio.fail_after(30):
+        while not await _proxy_health(port):
+            await anyio.sleep(0.1)
+    folder = tmp_path / "attacker"
+    folder.mkdir()
+    (folder / "fn.py").write_text(textwrap.dedent(ATTACKER))
+    async with nats_client(platform.nats_url) as (nc, _registry):
+        body = UploadRequest(name="attacker", zip=zip_base64(folder))
+        assert (await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)).ok
+        async with connect(f"ws://127.0.0.1:{port}/attacker", proxy=None, open_timeout=60) as ws:
+            s = Session(ws)
+            await s.try_("reuseport", port)
+            # Every client of the proxy still reaches the proxy.
+            answered = [await _proxy_health(port) for _ in range(16)]
+            assert all(answered), f"{answered.count(False)} of 16 proxy clients did not reach the proxy"
+            assert (await s.try_("tcp", nats_server.port)).startswith("error")
+            assert (await s.try_("tcp", nats_server.monitor_port)).startswith("error")
