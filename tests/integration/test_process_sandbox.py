@@ -25,6 +25,7 @@ import pytest
 from support import nats_client, zip_base64
 from websockets.asyncio.client import connect, unix_connect
 
+from aube.controlplane.health import probe
 from aube.controlplane.runtimes import sandbox
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
 from aube.controlplane.runtimes.process import ProcessRuntime
@@ -116,6 +117,19 @@ def proc(pid):
         return failed(e)
 
 
+def swap(target):
+    # A symbolic link where the socket was: the platform, as root, would follow it.
+    try:
+        os.rename("/aube/run/instance.sock", "/tmp/instance.sock")
+    except OSError as e:
+        return failed(e)
+    try:
+        os.symlink(target, "/aube/run/instance.sock")
+        return "swapped"
+    except OSError as e:
+        return failed(e)
+
+
 def write(path):
     try:
         with open(path, "w") as f:
@@ -138,6 +152,7 @@ OPS = {
     "kill": kill,
     "proc": proc,
     "write": write,
+    "swap": swap,
     "mount": lambda _: call(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
     # CLONE_NEWUSER: what an unprivileged process may do unless the sandbox forbids it.
     "unshare": lambda _: call(libc.unshare(0x10000000)),
@@ -382,11 +397,13 @@ async def test_only_the_platform_reaches_the_instance(
     for uid in (65534, 1000):
         assert _connect_as(uid, started.address) != "connected"
     assert _connect_as(0, started.address) == "connected"
-    # The data dir shows the instance nothing but its own folders.
     async with _session(started) as s:
-        assert (await s.try_("proc", 1)).startswith("Name")
-        assert (await s.try_("write", "/aube/run/x")) == "wrote"  # its own socket folder
-        assert (await s.try_("unix", "/aube/run/instance.sock")) == "connected"
+        # Its socket folder is the platform's once it listens: nothing can be added, nor the socket replaced by
+        # a link to a host socket the platform (root) would then connect its clients to.
+        assert (await s.try_("write", "/aube/run/x")) == "error EACCES"
+        assert (await s.try_("swap", str(tmp_path / "host.sock"))) == "error EACCES"
+    assert _connect_as(0, started.address) == "connected"
+    assert await probe(started.address, started.instance_id)
 
 
 @pytest.mark.parametrize("mode", ["none", pytest.param("bwrap", marks=pytest.mark.skipif(not BWRAP, reason="bwrap"))])

@@ -36,6 +36,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import uuid
@@ -183,6 +184,7 @@ class ProcessRuntime:
         try:
             announced = await self._wait_listening(handle, log_path)
             if bwrap is not None:
+                await anyio.to_thread.run_sync(self._lock_run_dir, run_dir)
                 address = addresses.unix(str(run_dir / sandbox.SOCKET_NAME))
             else:
                 address = f"{INSTANCE_HOST}:{int(announced.rsplit(':', 1)[1])}"
@@ -412,6 +414,22 @@ class ProcessRuntime:
     def _uid(self) -> tuple[int, int]:
         uid = self._settings.sandbox_uid
         return (uid, uid) if self._privileged else (os.getuid(), os.getgid())
+
+    def _lock_run_dir(self, run_dir: Path) -> None:
+        """Once the instance listens: its folder becomes root's, so the socket can no longer be swapped.
+
+        The platform connects to that path as root and would follow a symbolic link the function put in its
+        place (to the Docker socket, say), handing a stream client a root connection: after this the function
+        can change nothing in the folder, and what is there must be its socket itself.
+        """
+        if self._privileged:
+            os.chown(run_dir, 0, 0)
+            os.chmod(run_dir, 0o700)
+        else:  # the instance runs as our own uid: a mode is all we can set (and it could set it back)
+            os.chmod(run_dir, 0o500)
+        socket_path = run_dir / sandbox.SOCKET_NAME
+        if not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+            raise RuntimeFailure("the instance's socket folder holds something else than its socket")
 
     def _make_run_dir(self, run_dir: Path) -> None:
         """The socket folder: reachable through parents only root may search, owned by the instance uid.
