@@ -36,7 +36,7 @@ import re
 import resource
 import shutil
 import signal
-import stat
+import stat as file_mode
 import subprocess
 import sys
 import uuid
@@ -428,7 +428,7 @@ class ProcessRuntime:
         else:  # the instance runs as our own uid: a mode is all we can set (and it could set it back)
             os.chmod(run_dir, 0o500)
         socket_path = run_dir / sandbox.SOCKET_NAME
-        if not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+        if not file_mode.S_ISSOCK(os.lstat(socket_path).st_mode):
             raise RuntimeFailure("the instance's socket folder holds something else than its socket")
 
     def _make_run_dir(self, run_dir: Path) -> None:
