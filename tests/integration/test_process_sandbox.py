@@ -32,6 +32,7 @@ from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.shared import addresses, names
 from aube.shared.bus import request
 from aube.shared.natsserver import LocalNatsServer, free_port
+from aube.shared.errors import RuntimeFailure
 from aube.shared.schemas import Manifest, UploadReply, UploadRequest
 from aube.shared.settings import ControlPlaneSettings
 
@@ -460,3 +461,45 @@ async def test_through_a_real_proxy_the_function_steals_no_client(  # type: igno
             assert all(answered), f"{answered.count(False)} of 16 proxy clients did not reach the proxy"
             assert (await s.try_("tcp", nats_server.port)).startswith("error")
             assert (await s.try_("tcp", nats_server.monitor_port)).startswith("error")
+
+
+SYNC_ECHO = """
+def fn(websocket):
+    for message in websocket:
+        websocket.send(message)
+"""
+
+
+async def test_sync_function_served_on_the_socket_too(
+    bwrap_runtime: ProcessRuntime, tmp_path: Path, test_owner: str
+) -> None:
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    (folder / "fn.py").write_text(SYNC_ECHO)
+    ref = await bwrap_runtime.prepare("sync", 1, folder, Manifest(), test_owner, lambda _: None)
+    started = await bwrap_runtime.start(_spec(ref, test_owner))
+    assert started.address.startswith("unix:")
+    assert await probe(started.address, started.instance_id)
+    target = addresses.parse(started.address)
+    assert isinstance(target, addresses.UnixAddress)
+    with anyio.fail_after(20):
+        async with unix_connect(target.path, "ws://instance/fn") as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+
+
+async def test_a_socket_path_too_long_is_a_clear_failure(tmp_path: Path, test_owner: str) -> None:
+    if not BWRAP:
+        pytest.skip("bubblewrap is missing or cannot create namespaces here")
+    long_dir = tmp_path / ("x" * 100)
+    settings = ControlPlaneSettings(data_dir=str(tmp_path / "data"), sandbox="bwrap", socket_dir=str(long_dir))
+    rt = ProcessRuntime(settings)
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    (folder / "fn.py").write_text(SYNC_ECHO)
+    ref = await rt.prepare("sync", 1, folder, Manifest(), test_owner, lambda _: None)
+    with pytest.raises(RuntimeFailure, match="socket_dir is too long"):
+        await rt.start(_spec(ref, test_owner))
+    assert await rt.instances(test_owner) == []
+    assert not long_dir.exists()
+    await rt.close()

@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 INSTANCE_HOST = "127.0.0.1"
 # Seconds a stopped instance gets between SIGTERM and SIGKILL, and then to go after SIGKILL.
 STOP_GRACE = 3.0
+# sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
 KILL_WAIT = 2.0
 # Packages the in-instance server imports from Aube's own sources (bound read-only into the sandbox).
 INSTANCE_PACKAGES = ("aube.instance", "aube.shared")
@@ -160,6 +162,9 @@ class ProcessRuntime:
         # handed to two instances starting at once (or taken by anyone before the bind), and then one instance
         # would answer for both registry entries. Sandboxed: its own socket folder, made here.
         plan: list[tuple[str, str]] = []
+        socket_path = str(run_dir / sandbox.SOCKET_NAME)
+        if bwrap is not None and len(socket_path.encode()) > MAX_SOCKET_PATH:
+            raise RuntimeFailure(f"socket_dir is too long for a Unix socket path ({MAX_SOCKET_PATH} bytes at most)")
         if bwrap is not None:
             await anyio.to_thread.run_sync(self._make_run_dir, run_dir)
             plan = sandbox.stage_plan([*_python_paths(), str(fn_dir), str(deps_dir), str(run_dir)])
@@ -185,7 +190,7 @@ class ProcessRuntime:
             announced = await self._wait_listening(handle, log_path)
             if bwrap is not None:
                 await anyio.to_thread.run_sync(self._lock_run_dir, run_dir)
-                address = addresses.unix(str(run_dir / sandbox.SOCKET_NAME))
+                address = addresses.unix(socket_path)
             else:
                 address = f"{INSTANCE_HOST}:{int(announced.rsplit(':', 1)[1])}"
         except BaseException:
@@ -472,19 +477,25 @@ def _publish(staging: Path, final: Path) -> None:
 def _readable_not_writable(root: Path) -> None:
     """Owner-only writes, everyone reads: the sandbox's uid reads the function and its requirements, nothing more.
 
-    (They are bound read-only too; these modes are what holds where the instance uid could reach the files.)
+    Owned by root where we are root (a build may have run as another uid, even the instances' own). They are
+    bound read-only too; these modes and owners are what holds wherever the instance uid could reach the files.
     """
-    os.chmod(root, 0o755)
+    privileged = os.geteuid() == 0
+
+    def settle(path: str, mode: int) -> None:
+        if privileged:
+            os.lchown(path, 0, 0)
+        if not os.path.islink(path):  # a link's own mode means nothing (and chmod would follow it)
+            os.chmod(path, mode)
+
+    settle(str(root), 0o755)
     for folder, dirs, files in os.walk(root):
         for name in dirs:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o755)
+            settle(os.path.join(folder, name), 0o755)
         for name in files:
             path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                executable = os.stat(path).st_mode & 0o111
-                os.chmod(path, 0o755 if executable else 0o644)
+            executable = not os.path.islink(path) and os.stat(path).st_mode & 0o111
+            settle(path, 0o755 if executable else 0o644)
 
 
 def _list_artifacts(owner_dir: Path) -> list[Artifact]:
