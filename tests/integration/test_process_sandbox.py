@@ -31,8 +31,8 @@ from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
 from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.shared import addresses, names
 from aube.shared.bus import request
-from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.errors import RuntimeFailure
+from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.schemas import Manifest, UploadReply, UploadRequest
 from aube.shared.settings import ControlPlaneSettings
 
