@@ -8,10 +8,13 @@ import zipfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
+from websockets.asyncio.client import connect, unix_connect
 
+from aube.shared import addresses
 from aube.shared.registry import Registry
 
 
@@ -36,3 +39,12 @@ async def nats_client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
         yield nc, await Registry.open(nc.jetstream())
     finally:
         await nc.close()
+
+
+def instance_ws(address: str, path: str = "/fn", **kwargs: Any) -> connect:
+    """A websockets client straight to an instance's registry address: `host:port`, or `unix:<path>` (a
+    sandboxed process instance), as the proxy dials it."""
+    target = addresses.parse(address)
+    if isinstance(target, addresses.UnixAddress):
+        return unix_connect(target.path, f"ws://instance{path}", **kwargs)
+    return connect(f"ws://{target.host}:{target.port}{path}", proxy=None, **kwargs)

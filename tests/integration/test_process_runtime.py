@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from websockets.asyncio.client import connect, unix_connect
+from support import instance_ws
 
 from aube.controlplane.runtimes import cgroups, sandbox
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
@@ -164,13 +164,8 @@ async def _health(address: str) -> bytes:
 
 
 async def _ask(instance: StartedInstance, message: str) -> str:
-    target = addresses.parse(instance.address)
     with anyio.fail_after(20):
-        if isinstance(target, addresses.UnixAddress):
-            client = unix_connect(target.path, "ws://instance/fn")
-        else:
-            client = connect(f"ws://{instance.address}/fn", proxy=None)
-        async with client as ws:
+        async with instance_ws(instance.address) as ws:
             await ws.send(message)
             reply = await ws.recv()
     assert isinstance(reply, str)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from support import nats_client, zip_base64
-from websockets.asyncio.client import connect, unix_connect
+from support import instance_ws, nats_client, zip_base64
+from websockets.asyncio.client import connect
 
 from aube.controlplane.health import probe
 from aube.controlplane.runtimes import sandbox
@@ -131,6 +131,16 @@ def swap(target):
         return failed(e)
 
 
+def fds():
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the listing's own descriptor, closed meanwhile
+    return sorted(found)
+
+
 def write(path):
     try:
         with open(path, "w") as f:
@@ -153,6 +163,7 @@ OPS = {
     "kill": kill,
     "proc": proc,
     "write": write,
+    "fds": lambda _: json.dumps(fds()),
     "swap": swap,
     "mount": lambda _: call(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
     # CLONE_NEWUSER: what an unprivileged process may do unless the sandbox forbids it.
@@ -246,17 +257,12 @@ class Session:
 
 @asynccontextmanager
 async def _session(instance: StartedInstance) -> AsyncIterator[Session]:
-    target = addresses.parse(instance.address)
     with anyio.fail_after(20):
-        if isinstance(target, addresses.UnixAddress):
-            ws_cm = unix_connect(target.path, "ws://instance/fn")
-        else:
-            ws_cm = connect(f"ws://{target.host}:{target.port}/fn", proxy=None)
-        ws = await ws_cm.__aenter__()
+        ws = await instance_ws(instance.address)
     try:
         yield Session(ws)
     finally:
-        await ws_cm.__aexit__(None, None, None)
+        await ws.close()
 
 
 @pytest.fixture
@@ -385,6 +391,9 @@ async def test_instance_runs_as_an_unprivileged_host_user(
         assert await s.try_("keyctl") == "error EPERM"
         assert await s.try_("bpf") == "error EPERM"
         assert await s.try_("perf_event_open") == "error EPERM"
+        # Nothing of the platform's was inherited: not the filter's memfd, no folder of the host.
+        inherited = json.loads(await s.try_("fds"))
+        assert not [fd for fd in inherited if "aube-seccomp" in fd or "/functions/" in fd or "/run/" in fd]
         # Its own folder and requirements stay read-only, also for its own uid.
         assert (await s.try_("write", f"{sandbox.SANDBOX_FN_DIR}/fn.py")).startswith("error")
         assert (await s.try_("write", f"{sandbox.SANDBOX_DEPS_DIR}/x.py")).startswith("error")
@@ -480,10 +489,8 @@ async def test_sync_function_served_on_the_socket_too(
     started = await bwrap_runtime.start(_spec(ref, test_owner))
     assert started.address.startswith("unix:")
     assert await probe(started.address, started.instance_id)
-    target = addresses.parse(started.address)
-    assert isinstance(target, addresses.UnixAddress)
     with anyio.fail_after(20):
-        async with unix_connect(target.path, "ws://instance/fn") as ws:
+        async with instance_ws(started.address) as ws:
             await ws.send("hello")
             assert await ws.recv() == "hello"
 
