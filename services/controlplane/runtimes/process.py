@@ -297,7 +297,7 @@ class ProcessRuntime:
         if bwrap is not None:
             try:
                 self._seccomp = await anyio.to_thread.run_sync(seccomp.compile_bpf)
-            except (OSError, RuntimeError, ImportError) as e:
+            except (OSError, RuntimeError, ImportError, AttributeError) as e:  # AttributeError: no libseccomp
                 raise RuntimeFailure(f"could not build the sandbox's seccomp filter: {e}") from e
             problem = await _probe_bwrap(bwrap, self._seccomp, self._uid() if self._privileged else None)
             if problem is not None:
