@@ -20,9 +20,9 @@ Layout under `data_dir`:
     functions/<owner>/<name>/v<version>/fn      the function folder (the artifact is the version folder)
     functions/<owner>/<name>/v<version>/deps    its requirements, installed from wheels
     cache/                                      pip's cache and installed requirement sets (see deps.py)
-<socket_dir>/<owner>/<instance id>/         a sandboxed instance's socket folder (0700 root above it, the
-                                            folder itself owned by the instance uid; only its sandbox binds it)
     logs/<owner>/<function>-<instance id>.log   an instance's stdout and stderr; removed when it is stopped
+and under `socket_dir` (/run/aube for root: a Unix socket path holds 107 bytes, a data dir path often more):
+    <owner>/<instance id>/instance.sock         a sandboxed instance's socket (see `stage.make_run_dir`)
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import re
 import resource
 import shutil
 import signal
-import stat as file_mode
 import subprocess
 import sys
 import uuid
@@ -166,10 +165,12 @@ class ProcessRuntime:
         if bwrap is not None and len(socket_path.encode()) > MAX_SOCKET_PATH:
             raise RuntimeFailure(f"socket_dir is too long for a Unix socket path ({MAX_SOCKET_PATH} bytes at most)")
         if bwrap is not None:
-            await anyio.to_thread.run_sync(self._make_run_dir, run_dir)
+            await anyio.to_thread.run_sync(
+                stage.make_run_dir, self._runs, run_dir, self._uid() if self._privileged else None
+            )
             plan = sandbox.stage_plan([*_python_paths(), str(fn_dir), str(deps_dir), str(run_dir)])
         # The filter reaches bubblewrap as the inherited descriptor its --seccomp argument names.
-        filter_fd = _memfd(self._seccomp) if bwrap is not None else None
+        filter_fd = stage.memfd(self._seccomp) if bwrap is not None else None
         log_path.write_bytes(b"")
         self._starting.add(spec.instance_id)
         try:
@@ -189,10 +190,10 @@ class ProcessRuntime:
         try:
             announced = await self._wait_listening(handle, log_path)
             if bwrap is not None:
-                await anyio.to_thread.run_sync(self._lock_run_dir, run_dir)
+                await anyio.to_thread.run_sync(stage.lock_run_dir, run_dir, self._privileged)
                 address = addresses.unix(socket_path)
             else:
-                address = f"{INSTANCE_HOST}:{int(announced.rsplit(':', 1)[1])}"
+                address = _loopback_address(announced)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop(handle)
@@ -299,7 +300,7 @@ class ProcessRuntime:
                 self._seccomp = await anyio.to_thread.run_sync(seccomp.compile_bpf)
             except (OSError, RuntimeError, ImportError, AttributeError) as e:  # AttributeError: no libseccomp
                 raise RuntimeFailure(f"could not build the sandbox's seccomp filter: {e}") from e
-            problem = await _probe_bwrap(bwrap, self._seccomp, self._uid() if self._privileged else None)
+            problem = await stage.probe(bwrap, self._seccomp, self._uid() if self._privileged else None)
             if problem is not None:
                 if mode == "bwrap":
                     raise RuntimeFailure(f"sandbox 'bwrap' is configured but bubblewrap fails here: {problem}")
@@ -420,36 +421,6 @@ class ProcessRuntime:
         uid = self._settings.sandbox_uid
         return (uid, uid) if self._privileged else (os.getuid(), os.getgid())
 
-    def _lock_run_dir(self, run_dir: Path) -> None:
-        """Once the instance listens: its folder becomes root's, so the socket can no longer be swapped.
-
-        The platform connects to that path as root and would follow a symbolic link the function put in its
-        place (to the Docker socket, say), handing a stream client a root connection: after this the function
-        can change nothing in the folder, and what is there must be its socket itself.
-        """
-        if self._privileged:
-            os.chown(run_dir, 0, 0)
-            os.chmod(run_dir, 0o700)
-        else:  # the instance runs as our own uid: a mode is all we can set (and it could set it back)
-            os.chmod(run_dir, 0o500)
-        socket_path = run_dir / sandbox.SOCKET_NAME
-        if not file_mode.S_ISSOCK(os.lstat(socket_path).st_mode):
-            raise RuntimeFailure("the instance's socket folder holds something else than its socket")
-
-    def _make_run_dir(self, run_dir: Path) -> None:
-        """The socket folder: reachable through parents only root may search, owned by the instance uid.
-
-        Every sandboxed instance may run as the same uid, so the folder's own mode protects nothing between
-        them: what does is that only this instance's sandbox binds it, and nobody but root can walk to it.
-        """
-        for folder in (self._runs, run_dir.parent):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if self._privileged:
-                os.chmod(folder, 0o700)
-        run_dir.mkdir(mode=0o700)
-        if self._privileged:
-            os.chown(run_dir, *self._uid())
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers (blocking; the runtime calls the slow ones in worker threads)
@@ -468,34 +439,10 @@ def _copy_function(source: Path, target: Path) -> None:
 
 
 def _publish(staging: Path, final: Path) -> None:
-    _readable_not_writable(staging)
+    stage.share_read_only(staging)
     if final.exists():  # an earlier attempt at the same version: this one replaces it
         shutil.rmtree(final)
     staging.rename(final)
-
-
-def _readable_not_writable(root: Path) -> None:
-    """Owner-only writes, everyone reads: the sandbox's uid reads the function and its requirements, nothing more.
-
-    Owned by root where we are root (a build may have run as another uid, even the instances' own). They are
-    bound read-only too; these modes and owners are what holds wherever the instance uid could reach the files.
-    """
-    privileged = os.geteuid() == 0
-
-    def settle(path: str, mode: int) -> None:
-        if privileged:
-            os.lchown(path, 0, 0)
-        if not os.path.islink(path):  # a link's own mode means nothing (and chmod would follow it)
-            os.chmod(path, mode)
-
-    settle(str(root), 0o755)
-    for folder, dirs, files in os.walk(root):
-        for name in dirs:
-            settle(os.path.join(folder, name), 0o755)
-        for name in files:
-            path = os.path.join(folder, name)
-            executable = not os.path.islink(path) and os.stat(path).st_mode & 0o111
-            settle(path, 0o755 if executable else 0o644)
 
 
 def _list_artifacts(owner_dir: Path) -> list[Artifact]:
@@ -536,6 +483,16 @@ def _announced(log_path: Path) -> str | None:
     return None
 
 
+def _loopback_address(announced: str) -> str:
+    try:
+        target = addresses.parse(announced)
+    except ValueError as e:
+        raise RuntimeFailure(f"the instance announced an address that is not one: {announced[:80]!r}") from e
+    if not isinstance(target, addresses.TcpAddress):
+        raise RuntimeFailure("an unsandboxed instance announced a Unix socket")
+    return f"{INSTANCE_HOST}:{target.port}"
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):  # the owner's folder goes with its last instance
@@ -547,13 +504,6 @@ def _folder_names(folder: Path) -> set[str]:
         return {p.name for p in folder.iterdir() if p.is_dir()}
     except OSError:
         return set()
-
-
-def _memfd(data: bytes) -> int:
-    fd = os.memfd_create("aube-seccomp", 0)  # inheritable: bubblewrap reads it
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
 
 
 def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
@@ -646,36 +596,6 @@ def _command(
     )
     # The owner marker stays outside the sandbox: inside, only the outer bwrap carries it (see sandbox.py).
     return argv, {**markers, "PATH": sandbox.SANDBOX_PATH}
-
-
-async def _probe_bwrap(bwrap: str, seccomp_filter: bytes, drop: tuple[int, int] | None) -> str | None:
-    """None when a sandbox like an instance's (its uid, its filter) starts here, else what went wrong."""
-    filter_fd = _memfd(seccomp_filter)
-    try:
-        with anyio.fail_after(10):
-            result = await anyio.to_thread.run_sync(_run_probe, sandbox.probe_argv(bwrap, filter_fd), filter_fd, drop)
-    except (TimeoutError, subprocess.TimeoutExpired):
-        return "the probe did not finish within 10s"
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    finally:
-        os.close(filter_fd)
-    if result.returncode != 0:
-        return (result.stdout + result.stderr).decode(errors="replace").strip() or f"exit {result.returncode}"
-    return None
-
-
-def _run_probe(argv: list[str], filter_fd: int, drop: tuple[int, int] | None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        pass_fds=(filter_fd,),
-        cwd="/",
-        preexec_fn=functools.partial(stage.drop_privileges, *drop) if drop else None,
-        timeout=10,
-        check=False,
-    )
 
 
 def _read_stat(pid: int) -> sandbox.ProcStat | None:
