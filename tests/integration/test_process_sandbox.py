@@ -23,7 +23,8 @@ from pathlib import Path
 import anyio
 import pytest
 from support import instance_ws, nats_client, zip_base64
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from aube.controlplane.health import probe
 from aube.controlplane.runtimes import sandbox
@@ -443,6 +444,18 @@ async def _proxy_health(port: int) -> bool:
     return False
 
 
+async def _through_proxy(port: int, name: str) -> ClientConnection:
+    """A stream through the proxy, once the proxy's view of the registry has the function (404 until then)."""
+    with anyio.fail_after(60):
+        while True:
+            try:
+                return await connect(f"ws://127.0.0.1:{port}/{name}", proxy=None, open_timeout=60)
+            except InvalidStatus as e:
+                if e.response.status_code != 404:
+                    raise
+            await anyio.sleep(0.1)
+
+
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_through_a_real_proxy_the_function_steals_no_client(  # type: ignore[no-untyped-def]
     platform, nats_server: LocalNatsServer, tmp_path: Path
@@ -462,7 +475,8 @@ async def test_through_a_real_proxy_the_function_steals_no_client(  # type: igno
     async with nats_client(platform.nats_url) as (nc, _registry):
         body = UploadRequest(name="attacker", zip=zip_base64(folder))
         assert (await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)).ok
-        async with connect(f"ws://127.0.0.1:{port}/attacker", proxy=None, open_timeout=60) as ws:
+        ws = await _through_proxy(port, "attacker")
+        async with ws:
             s = Session(ws)
             await s.try_("reuseport", port)
             # Every client of the proxy still reaches the proxy.
