@@ -154,6 +154,9 @@ class Stack:
             AUBE_LOG_LEVEL="INFO",
             AUBE_HEALTH_TIMEOUT="120",
             AUBE_STOP_INSTANCES_ON_EXIT="true",
+            # Direct connections are the baseline: instances on loopback TCP, which sandboxed process instances
+            # (no network; a Unix socket) are not. The sandbox is not what these figures are about.
+            AUBE_SANDBOX="none",
         )
         env.update(extra)
         return env

@@ -82,6 +82,11 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_bundle_depth: int = 32  # path components of any member of an upload bundle
     max_parallel_uploads: int = 2  # uploads fetched and extracted at once; more wait their turn
     max_waiting_uploads: int = 8  # beyond this many waiting, an upload is refused at once (capacity_exhausted)
+    # Process runtime sandbox: the host uid and gid an instance runs as (when the control plane is root), and
+    # where the instances' Unix socket folders live ("" = /run/aube for root, else <data_dir>/run). Not under
+    # data_dir by default: a socket path must fit in 107 bytes.
+    sandbox_uid: int = 65534
+    socket_dir: str = ""
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,11 +14,13 @@ import zipfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
+from websockets.asyncio.client import connect, unix_connect
 
-from aube.shared import credentials
+from aube.shared import addresses, credentials
 from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
 
@@ -174,3 +176,12 @@ def connection_owner(client_port: int, server_port: int, pids: Sequence[int]) ->
         except OSError:
             continue
     return None
+
+
+def instance_ws(address: str, path: str = "/fn", **kwargs: Any) -> connect:
+    """A websockets client straight to an instance's registry address: `host:port`, or `unix:<path>` (a
+    sandboxed process instance), as the proxy dials it."""
+    target = addresses.parse(address)
+    if isinstance(target, addresses.UnixAddress):
+        return unix_connect(target.path, f"ws://instance{path}", **kwargs)
+    return connect(f"ws://{target.host}:{target.port}{path}", proxy=None, **kwargs)

@@ -27,7 +27,7 @@ from aube.controlplane.bundle import BundleLimits, decode_base64, validate_bundl
 from aube.controlplane.health import wait_healthy
 from aube.controlplane.objects import fetch_object
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
-from aube.shared import names, natsconn
+from aube.shared import addresses, names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.errors import AubeError, CapacityExhausted, InvalidRequest, NameTaken, UnknownFunction
 from aube.shared.redact import MAX_LINE_BYTES, platform_redactor, url_passwords
@@ -490,7 +490,9 @@ class ControlPlane:
         return ScaleReply(
             name=name,
             started=[
-                InstanceAddress(slot=e.record.slot, instance_id=e.record.instance_id, address=e.record.address)
+                InstanceAddress(
+                    slot=e.record.slot, instance_id=e.record.instance_id, address=addresses.public(e.record.address)
+                )
                 for e in ready
             ],
             total=total,

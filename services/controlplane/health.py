@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from aube.shared import names
+from aube.shared import addresses, names
 from aube.shared.errors import HealthCheckFailed
 
 
@@ -22,17 +22,17 @@ async def probe(address: str, instance_id: str | None = None, timeout: float = 2
     Checking the identity guards the registry against an address that leads to another instance than the one
     being registered (a port reused, a stale mapping): an entry must never send streams to someone else's instance.
     """
-    host, _, port = address.rpartition(":")
+    host = "instance" if address.startswith(addresses.UNIX_PREFIX) else address
     with anyio.move_on_after(timeout):
         try:
-            async with await anyio.connect_tcp(host, int(port)) as stream:
-                request = f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            async with await addresses.connect_stream(address) as stream:
+                request = f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
                 await stream.send(request.encode())
                 answer = b""
                 with contextlib.suppress(anyio.EndOfStream):
                     while len(answer) < 65536:
                         answer += await stream.receive()
-        except (OSError, anyio.BrokenResourceError):
+        except (OSError, ValueError, anyio.BrokenResourceError):
             return False
         head, _, body = answer.partition(b"\r\n\r\n")
         if head.split(b" ", 2)[1:2] != [b"200"]:
@@ -62,7 +62,9 @@ async def wait_healthy(address: str, instance_id: str, timeout: float, alive: Ca
                 return
             if anyio.current_time() >= next_alive_check:
                 if not await alive():
-                    raise HealthCheckFailed(f"instance at {address} exited before it became healthy")
+                    where = addresses.public(address)  # a reply: never a host path
+                    raise HealthCheckFailed(f"instance at {where} exited before it became healthy")
                 next_alive_check = anyio.current_time() + ALIVE_INTERVAL
             await anyio.sleep(PROBE_INTERVAL)
-    raise HealthCheckFailed(f"instance {instance_id} at {address} did not pass its health check within {timeout:g}s")
+    where = addresses.public(address)
+    raise HealthCheckFailed(f"instance {instance_id} at {where} did not pass its health check within {timeout:g}s")

@@ -1,6 +1,7 @@
 """`python -m aube.instance`: the server inside every function instance (a container or a child process).
 
-It serves ONE WebSocket stream at a time on AUBE_INSTANCE_HOST:AUBE_INSTANCE_PORT (default 0.0.0.0:8080),
+It serves ONE WebSocket stream at a time on AUBE_INSTANCE_HOST:AUBE_INSTANCE_PORT (default 0.0.0.0:8080), or on
+the Unix socket AUBE_INSTANCE_SOCKET when set (a sandbox with no network),
 plus `GET /_aube/health` -> 200 `{"status": "ok", "busy": bool, "streams_served": int, "instance": id}`,
 answered even while a stream is open (`streams_served` counts streams whose handler started). A second
 concurrent upgrade gets HTTP 503 with `Retry-After`. Any request path and query string is accepted for the

@@ -34,6 +34,8 @@ class InstanceConfig:
     fn_dir: Path
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    # A Unix socket path to listen on instead of host:port (AUBE_INSTANCE_SOCKET): a sandbox without a network.
+    socket: str = ""
     runtime: Literal["python", "command"] = "python"
     command: list[str] = field(default_factory=list)
     mode: Literal["lines", "binary"] = "lines"
@@ -81,6 +83,7 @@ class InstanceConfig:
             fn_dir=fn_dir,
             host=env.get("AUBE_INSTANCE_HOST") or DEFAULT_HOST,
             port=port,
+            socket=env.get("AUBE_INSTANCE_SOCKET", ""),
             runtime="command" if runtime == "command" else "python",
             command=command,
             mode="binary" if mode == "binary" else "lines",

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def announce(config: InstanceConfig, flavour: str, port: int) -> None:
-    logger.info("serving %s (%s) on %s:%d", config.fn_dir, flavour, config.host, port)
-    print(f"{LISTENING_MARKER} {config.host}:{port}", flush=True)
+    where = f"unix:{config.socket}" if config.socket else f"{config.host}:{port}"
+    logger.info("serving %s (%s) on %s", config.fn_dir, flavour, where)
+    print(f"{LISTENING_MARKER} {where}", flush=True)
 
 
 HEALTH_PATH = "/_aube/health"
@@ -297,16 +298,18 @@ def serve_sync(
                     _closed_by(connection.protocol),
                 )
 
-    server = sserver.serve(
-        handler,
-        config.host,
-        config.port,
-        process_request=http_side.process_request,
-        process_response=http_side.process_response,
-        create_connection=SyncStreamConnection,
+    options: dict[str, Any] = {
+        "process_request": http_side.process_request,
+        "process_response": http_side.process_response,
+        "create_connection": SyncStreamConnection,
         **negotiation.kwargs(),
-    )
-    announce(config, "sync", server.socket.getsockname()[1])
+    }
+    if config.socket:
+        server = sserver.unix_serve(handler, config.socket, **options)
+        announce(config, "sync", 0)
+    else:
+        server = sserver.serve(handler, config.host, config.port, **options)
+        announce(config, "sync", server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
     thread.start()
     stopper.wait()
@@ -374,16 +377,18 @@ async def serve_async(
                 if after_stream is not None:
                     after_stream()
 
-    server = await aserver.serve(
-        handler,
-        config.host,
-        config.port,
-        process_request=http_side.process_request,
-        process_response=http_side.process_response_async,
-        create_connection=AsyncStreamConnection,
+    options: dict[str, Any] = {
+        "process_request": http_side.process_request,
+        "process_response": http_side.process_response_async,
+        "create_connection": AsyncStreamConnection,
         **negotiation.kwargs(),
-    )
-    announce(config, "asyncio", next(iter(server.sockets)).getsockname()[1] if server.sockets else config.port)
+    }
+    if config.socket:
+        server = await aserver.unix_serve(handler, config.socket, **options)
+        announce(config, "asyncio", 0)
+    else:
+        server = await aserver.serve(handler, config.host, config.port, **options)
+        announce(config, "asyncio", next(iter(server.sockets)).getsockname()[1] if server.sockets else config.port)
     await stop.wait()
     logger.info("stopping: closing open streams with 1001")
     server.close()  # closes open connections with 1001 (going away)

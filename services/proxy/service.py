@@ -39,7 +39,7 @@ from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
-from aube.shared import bus, names, natsconn
+from aube.shared import addresses, bus, names, natsconn
 from aube.shared.errors import AubeError, CapacityExhausted
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -396,11 +396,9 @@ class Proxy:
 
     async def _connect(self, client: ClientSide, slot: Slot) -> UpstreamSide | None:
         rec = slot.record
-        host, _, port = rec.address.rpartition(":")
-        loop = asyncio.get_running_loop()
         try:
             with anyio.fail_after(self.settings.connect_timeout):
-                _, upstream = await loop.create_connection(lambda: UpstreamSide(client), host.strip("[]"), int(port))
+                _, upstream = await addresses.create_connection(lambda: UpstreamSide(client), rec.address)
         except (OSError, ValueError, TimeoutError) as e:
             log.warning("instance %s (%s) at %s unreachable: %s", slot.key, rec.instance_id, rec.address, e)
             self.metrics.claims_total[(rec.function, "unreachable")] += 1

@@ -21,8 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
-from support import nats_client, zip_base64
-from websockets.asyncio.client import connect
+from support import instance_ws, nats_client, zip_base64
 
 from aube.shared import names
 from aube.shared.bus import request
@@ -71,7 +70,7 @@ async def upload(nc: NATS, name: str, folder: Path) -> UploadReply:
 
 
 async def echo(address: str, message: str) -> str:
-    async with connect(f"ws://{address}/x", proxy=None, open_timeout=30) as ws:
+    async with instance_ws(address, "/x", open_timeout=30) as ws:
         await ws.send(message)
         reply = await ws.recv()
     assert isinstance(reply, str)
@@ -394,7 +393,7 @@ async def test_reupload_is_a_new_version_and_an_open_stream_is_not_cut(platform)
         # Hold a stream on v1 the way a proxy does: claim the entry (free -> busy), then stream.
         claimed = msgspec.structs.replace(entry.record, state="busy", claimed_by="test-proxy")
         assert await registry.update_instance(entry.revision, claimed) is not None
-        async with connect(f"ws://{entry.record.address}/evolving", proxy=None) as ws:
+        async with instance_ws(entry.record.address, "/evolving") as ws:
             second = await upload(nc, "evolving", EXAMPLES / "reverse-gen")
             assert second.version == first.version + 1
             await ws.send("old stream")
@@ -423,7 +422,7 @@ async def test_delete_lets_a_busy_stream_finish_within_the_grace(platform) -> No
         (entry,) = await registry.instances("graceful")
         claimed = msgspec.structs.replace(entry.record, state="busy", claimed_by="test-proxy")
         assert await registry.update_instance(entry.revision, claimed) is not None
-        async with connect(f"ws://{entry.record.address}/graceful", proxy=None) as ws:
+        async with instance_ws(entry.record.address, "/graceful") as ws:
             reply = await request(nc, names.SUBJECT_DELETE, DeleteRequest(name="graceful", grace=2.0), DeleteReply, 30)
             assert (reply.stopped, reply.draining) == (0, 1)
             await ws.send("within grace")

@@ -23,12 +23,12 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from websockets.asyncio.client import connect
+from support import instance_ws
 
 from aube.controlplane.runtimes import cgroups, sandbox
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
 from aube.controlplane.runtimes.process import ProcessRuntime
-from aube.shared import names
+from aube.shared import addresses, names
 from aube.shared.errors import BuildFailed, RuntimeFailure
 from aube.shared.schemas import LimitsSection, Manifest
 from aube.shared.settings import ControlPlaneSettings
@@ -154,8 +154,7 @@ async def bwrap_runtime(tmp_path: Path, test_owner: str) -> AsyncIterator[Proces
 
 
 async def _health(address: str) -> bytes:
-    host, _, port = address.rpartition(":")
-    async with await anyio.connect_tcp(host, int(port)) as stream:
+    async with await addresses.connect_stream(address) as stream:
         await stream.send(f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         data = b""
         with anyio.fail_after(10):
@@ -166,7 +165,7 @@ async def _health(address: str) -> bytes:
 
 async def _ask(instance: StartedInstance, message: str) -> str:
     with anyio.fail_after(20):
-        async with connect(f"ws://{instance.address}/fn", proxy=None) as ws:
+        async with instance_ws(instance.address) as ws:
             await ws.send(message)
             reply = await ws.recv()
     assert isinstance(reply, str)
@@ -186,7 +185,8 @@ async def test_start_stream_find_stop(runtime: ProcessRuntime, tmp_path: Path, t
     spec = _spec(ref, test_owner, slot=3)
     started = await runtime.start(spec)
     assert started.instance_id == spec.instance_id
-    assert started.address.startswith("127.0.0.1:")
+    # Sandboxed: a Unix socket (the instance has no network the host reaches); else a loopback port.
+    assert started.address.startswith("unix:" if runtime._bwrap else "127.0.0.1:")
     assert await _health(started.address) == b"HTTP/1.1 200 OK"
     assert await _ask(started, "hello") == "hello"
     # The manifest's memory (256m by default) reaches the function as its address-space limit.

@@ -26,8 +26,7 @@ import nats
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
-from support import nats_client, zip_base64
-from websockets.asyncio.client import connect
+from support import instance_ws, nats_client, zip_base64
 
 from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.reaper.decisions import LEASE_MEMORY, Drain, Policy, Seen
@@ -464,7 +463,7 @@ async def test_real_control_plane_stops_reaped_instances_and_min_free_stays_warm
             await runtime.close()
         assert [r.instance_id for r in running] == [kept.record.instance_id]
         # ...and it still serves.
-        async with connect(f"ws://{kept.record.address}/x", proxy=None, open_timeout=30) as ws:
+        async with instance_ws(kept.record.address, "/x", open_timeout=30) as ws:
             await ws.send("warm")
             assert await ws.recv() == "mraw"
     reaper_log = platform.services[-1].log_text()

@@ -44,11 +44,16 @@ def test_minimal_roots_drops_nested_and_duplicates() -> None:
 def _argv() -> list[str]:
     return sandbox.bwrap_argv(
         "/usr/bin/bwrap",
-        ro_paths=["/venv", "/venv/lib", "/src/instance"],
-        fn_dir="/data/functions/o/echo/v1/fn",
-        deps_dir="/data/functions/o/echo/v1/deps",
+        ro_binds=[
+            ("/venv", "/venv"),
+            ("/src/instance", "/src/instance"),
+            ("/data/functions/o/echo/v1/fn", sandbox.SANDBOX_FN_DIR),
+            ("/data/functions/o/echo/v1/deps", sandbox.SANDBOX_DEPS_DIR),
+        ],
+        run_dir="/run/aube/o/i1",
         env={"AUBE_INSTANCE_PORT": "1234", "A": "b c"},
         command=["/venv/bin/python", "-m", "aube.instance"],
+        seccomp_fd=7,
     )
 
 
@@ -59,8 +64,11 @@ def _pairs(argv: list[str], option: str) -> list[tuple[str, str]]:
 def test_bwrap_argv_isolation_flags() -> None:
     argv = _argv()
     assert argv[0] == "/usr/bin/bwrap"
-    for flag in ("--unshare-all", "--unshare-user", "--share-net", "--new-session", "--as-pid-1", "--clearenv"):
+    for flag in ("--unshare-all", "--unshare-user", "--unshare-net", "--disable-userns", "--new-session"):
         assert flag in argv
+    assert "--as-pid-1" in argv and "--clearenv" in argv
+    assert "--share-net" not in argv  # a network of its own: nothing of the host's loopback
+    assert argv[argv.index("--seccomp") + 1] == "7"
     assert "--die-with-parent" not in argv  # instances outlive a crash of the control plane
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
     assert argv[argv.index("--tmpfs") + 1] == "/tmp"
@@ -75,13 +83,12 @@ def test_bwrap_argv_binds_read_only() -> None:
     argv = _argv()
     binds = _pairs(argv, "--ro-bind")
     assert ("/venv", "/venv") in binds
-    assert ("/venv/lib", "/venv/lib") not in binds  # covered by /venv
     assert ("/src/instance", "/src/instance") in binds
     assert ("/data/functions/o/echo/v1/fn", sandbox.SANDBOX_FN_DIR) in binds
     assert ("/data/functions/o/echo/v1/deps", sandbox.SANDBOX_DEPS_DIR) in binds
     assert ("/usr", "/usr") in _pairs(argv, "--ro-bind-try")
-    # Nothing of the host is writable.
-    assert "--bind" not in argv
+    # Nothing of the host is writable but the instance's own socket folder.
+    assert _pairs(argv, "--bind") == [("/run/aube/o/i1", sandbox.SANDBOX_RUN_DIR)]
     assert "--dev-bind" not in argv
 
 
@@ -94,10 +101,16 @@ def test_bwrap_argv_environment_only_via_setenv() -> None:
 
 
 def test_probe_uses_the_same_namespaces() -> None:
-    probe = sandbox.probe_argv("bwrap")
+    probe = sandbox.probe_argv("bwrap", 5)
     assert probe[-1] == "true"
-    for flag in ("--unshare-all", "--unshare-user", "--share-net", "--new-session", "--as-pid-1"):
+    for flag in ("--unshare-all", "--unshare-user", "--unshare-net", "--disable-userns", "--new-session", "--as-pid-1"):
         assert flag in probe
+    assert probe[probe.index("--seccomp") + 1] == "5"
+
+
+def test_stage_plan_gives_each_folder_its_own_place() -> None:
+    plan = sandbox.stage_plan(["/root/py", "/data/fn", "/data/deps"])
+    assert plan == [("/root/py", "/tmp/0"), ("/data/fn", "/tmp/1"), ("/data/deps", "/tmp/2")]
 
 
 def test_parse_stat_with_awkward_command_name() -> None:
@@ -209,11 +222,11 @@ def test_paths_under_tmp_are_bound_after_the_private_tmp() -> None:
     # private /tmp has to come before the read-only binds, or it hides them.
     argv = sandbox.bwrap_argv(
         "/usr/bin/bwrap",
-        ro_paths=["/tmp/clone/.venv", "/tmp/clone/services/instance"],
-        fn_dir="/tmp/data/fn",
-        deps_dir="/tmp/data/deps",
+        ro_binds=[("/tmp/clone/.venv", "/tmp/clone/.venv"), ("/tmp/data/fn", sandbox.SANDBOX_FN_DIR)],
+        run_dir="/tmp/run",
         env={},
         command=["/tmp/clone/.venv/bin/python", "-m", "aube.instance"],
+        seccomp_fd=None,
     )
     tmpfs = argv.index("--tmpfs")
     binds = [i for i, a in enumerate(argv) if a in ("--ro-bind", "--ro-bind-try")]

@@ -7,17 +7,22 @@ which is how `instances()` finds it again in /proc after a restart. A handle is 
 time from /proc/<pid>/stat tells a recycled pid from ours.
 
 Isolation (`settings.sandbox`): "auto" uses bubblewrap when `bwrap` is on PATH and a probe sandbox starts,
-"bwrap" insists on it, "none" runs plain processes. In the sandbox every namespace but the network is new, the
-host is visible read-only and only where Python needs it, and /tmp is a private tmpfs. Limits: RLIMIT_AS from
-the manifest's `memory` and no core dumps, always (`sandbox.rlimits`); `cpus`, `pids` and resident `memory`
-through cgroups where the host lets this process write them (`cgroups.py`), which the log says at the first
-start.
+"bwrap" insists on it, "none" runs plain processes on a loopback port. In the sandbox every namespace is new,
+the network too (no network at all: the instance listens on a Unix socket in a folder of its own, see
+`_run_dir`), the host is visible read-only and only where Python needs it, /tmp is a private tmpfs, a seccomp
+filter (`seccomp.py`) refuses what a function needs none of, and the instance runs as the unprivileged
+`sandbox_uid` (the child stages its folders and drops to that uid before it becomes bubblewrap: `stage.py`).
+Limits: RLIMIT_AS from the manifest's `memory` and no core dumps, always (`sandbox.rlimits`); `cpus`, `pids`
+and resident `memory` through cgroups where the host lets this process write them (`cgroups.py`), which the log
+says at the first start.
 
 Layout under `data_dir`:
     functions/<owner>/<name>/v<version>/fn      the function folder (the artifact is the version folder)
     functions/<owner>/<name>/v<version>/deps    its requirements, installed from wheels
     cache/                                      pip's cache and installed requirement sets (see deps.py)
     logs/<owner>/<function>-<instance id>.log   an instance's stdout and stderr; removed when it is stopped
+and under `socket_dir` (/run/aube for root: a Unix socket path holds 107 bytes, a data dir path often more):
+    <owner>/<instance id>/instance.sock         a sandboxed instance's socket (see `stage.make_run_dir`)
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from aube.controlplane.runtimes import cgroups, deps, sandbox
+from aube.controlplane.runtimes import cgroups, deps, sandbox, seccomp, stage
 from aube.controlplane.runtimes.base import (
     Artifact,
     BuildLog,
@@ -49,7 +54,7 @@ from aube.controlplane.runtimes.base import (
     instance_environment,
 )
 from aube.instance.config import LISTENING_MARKER
-from aube.shared import names
+from aube.shared import addresses, names
 from aube.shared.errors import BuildFailed, HealthCheckFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
 from aube.shared.settings import ControlPlaneSettings
@@ -59,6 +64,8 @@ logger = logging.getLogger(__name__)
 INSTANCE_HOST = "127.0.0.1"
 # Seconds a stopped instance gets between SIGTERM and SIGKILL, and then to go after SIGKILL.
 STOP_GRACE = 3.0
+# sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
 KILL_WAIT = 2.0
 # Packages the in-instance server imports from Aube's own sources (bound read-only into the sandbox).
 INSTANCE_PACKAGES = ("aube.instance", "aube.shared")
@@ -82,6 +89,12 @@ class ProcessRuntime:
         self._cgroups: cgroups.CgroupLimits | None = None
         self._cgroups_decided = False
         self._starting: set[str] = set()  # instance ids between their groups' creation and their spawn
+        # Root stages the sandbox and drops to sandbox_uid; an unprivileged control plane's bubblewrap maps its
+        # own uid, which is not root either.
+        self._privileged = os.geteuid() == 0
+        self._seccomp: bytes = b""
+        default_runs = Path("/run/aube") if self._privileged else self._data / "run"
+        self._runs = Path(settings.socket_dir).absolute() if settings.socket_dir else default_runs
 
     # -----------------------------------------------------------------------------------------------------
     # Artifacts
@@ -143,32 +156,53 @@ class ProcessRuntime:
         bwrap = await self._sandbox()
         log_path = self._log_path(spec.owner, spec.function, spec.instance_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Port 0: the instance binds any free port and announces it; a port chosen here could be handed to two
-        # instances starting at once (or taken by anyone before the bind), and then one instance would answer for
-        # both registry entries.
-        argv, env = _command(spec, 0, bwrap, fn_dir, deps_dir)
+        run_dir = self._run_dir(spec.owner, spec.instance_id)
+        # Port 0 (unsandboxed): the instance binds any free port and announces it; a port chosen here could be
+        # handed to two instances starting at once (or taken by anyone before the bind), and then one instance
+        # would answer for both registry entries. Sandboxed: its own socket folder, made here.
+        plan: list[tuple[str, str]] = []
+        socket_path = str(run_dir / sandbox.SOCKET_NAME)
+        if bwrap is not None and len(socket_path.encode()) > MAX_SOCKET_PATH:
+            raise RuntimeFailure(f"socket_dir is too long for a Unix socket path ({MAX_SOCKET_PATH} bytes at most)")
+        if bwrap is not None:
+            await anyio.to_thread.run_sync(
+                stage.make_run_dir, self._runs, run_dir, self._uid() if self._privileged else None
+            )
+            plan = sandbox.stage_plan([*_python_paths(), str(fn_dir), str(deps_dir), str(run_dir)])
+        # The filter reaches bubblewrap as the inherited descriptor its --seccomp argument names.
+        filter_fd = stage.memfd(self._seccomp) if bwrap is not None else None
         log_path.write_bytes(b"")
         self._starting.add(spec.instance_id)
         try:
+            staged = plan if self._privileged else None
+            argv, env = _command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd)
             procs = await self._create_groups(spec, limits["RLIMIT_AS"])
             try:
-                handle = self._spawn(argv, env, fn_dir, log_path, limits, procs)
+                handle = self._spawn(argv, env, fn_dir, log_path, limits, procs, plan if bwrap else None, filter_fd)
             except BaseException:
                 await self._remove_groups(spec.owner, spec.instance_id)
+                _remove_tree(run_dir)
                 raise
         finally:
             self._starting.discard(spec.instance_id)
+            if filter_fd is not None:
+                os.close(filter_fd)
         try:
-            port = await self._wait_listening(handle, log_path)
+            announced = await self._wait_listening(handle, log_path)
+            if bwrap is not None:
+                await anyio.to_thread.run_sync(stage.lock_run_dir, run_dir, self._privileged)
+                address = addresses.unix(socket_path)
+            else:
+                address = _loopback_address(announced)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop(handle)
             raise
         logger.info(
-            "started %s v%d slot %d instance %s as %s on port %d (sandbox %s)",
-            spec.function, spec.version, spec.slot, spec.instance_id, handle, port, "bwrap" if bwrap else "none",
+            "started %s v%d slot %d instance %s as %s at %s (sandbox %s)",
+            spec.function, spec.version, spec.slot, spec.instance_id, handle, address, "bwrap" if bwrap else "none",
         )  # fmt: skip
-        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=f"{INSTANCE_HOST}:{port}")
+        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address)
 
     async def stop(self, handle: str) -> None:
         try:
@@ -199,6 +233,7 @@ class ProcessRuntime:
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
         if owner and function and instance_id and _OWNER.match(owner):
             _remove_quietly(self._log_path(owner, function, instance_id))
+            _remove_tree(self._run_dir(owner, instance_id))
             await self._remove_groups(owner, instance_id)
         logger.info("stopped instance %s", handle)
 
@@ -236,11 +271,14 @@ class ProcessRuntime:
                 logger.warning("process %s carries owner %r but incomplete markers", leader.handle, owner)
         # Groups whose instance is gone (stopped while this control plane was down, or killed): remove them.
         # `_starting` ones have no process yet; removing their (empty) groups would fail their start.
+        keep = {leader.environ.get(names.ENV_INSTANCE_ID, "") for leader in leaders}
         groups = await self._groups()
         if groups is not None:
-            keep = {leader.environ.get(names.ENV_INSTANCE_ID, "") for leader in leaders}
             for instance_id in groups.instance_ids(owner) - keep - self._starting:
                 await self._remove_groups(owner, instance_id, wait=0)
+        # Socket folders likewise; `_starting` ones belong to instances not spawned yet.
+        for instance_id in _folder_names(self._runs / owner) - keep - self._starting:
+            _remove_tree(self._run_dir(owner, instance_id))
         return found
 
     async def close(self) -> None:
@@ -258,7 +296,11 @@ class ProcessRuntime:
         if mode == "bwrap" and bwrap is None:
             raise RuntimeFailure("sandbox 'bwrap' is configured but bwrap is not on PATH")
         if bwrap is not None:
-            problem = await _probe_bwrap(bwrap)
+            try:
+                self._seccomp = await anyio.to_thread.run_sync(seccomp.compile_bpf)
+            except (OSError, RuntimeError, ImportError, AttributeError) as e:  # AttributeError: no libseccomp
+                raise RuntimeFailure(f"could not build the sandbox's seccomp filter: {e}") from e
+            problem = await stage.probe(bwrap, self._seccomp, self._uid() if self._privileged else None)
             if problem is not None:
                 if mode == "bwrap":
                     raise RuntimeFailure(f"sandbox 'bwrap' is configured but bubblewrap fails here: {problem}")
@@ -300,23 +342,36 @@ class ProcessRuntime:
             logger.log(level, "cgroups of instance %s still hold a process: left for a later pass", instance_id)
 
     def _spawn(
-        self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, limits: dict[str, int], procs: list[str]
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        limits: dict[str, int],
+        procs: list[str],
+        plan: list[tuple[str, str]] | None,
+        filter_fd: int | None,
     ) -> str:
+        """Start the instance's leader; `plan` (sandboxed only): the folders to stage for bubblewrap."""
         rlimits = [(getattr(resource, key), value) for key, value in limits.items()]
+        sandboxed = plan is not None
+        drop = self._uid() if sandboxed and self._privileged else None
         try:
             with log_path.open("ab") as out:
-                # preexec_fn: the limits must hold from the first instruction of the (sandboxed) server on;
-                # _apply_limits only makes system calls, which is what is safe in a child forked from threads.
+                # preexec_fn: the limits must hold from the first instruction of the (sandboxed) server on, and
+                # the child joins its cgroups while still root; the helpers only make system calls, which is
+                # what is safe in a child forked from threads.
                 proc = subprocess.Popen(
                     argv,
                     env=env,
-                    cwd=cwd,
+                    cwd="/" if sandboxed else cwd,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
-                    preexec_fn=functools.partial(_apply_limits, rlimits, procs),
+                    pass_fds=() if filter_fd is None else (filter_fd,),
+                    preexec_fn=functools.partial(_prepare_child, rlimits, procs, plan if drop else None, drop),
                 )
         except (OSError, subprocess.SubprocessError) as e:  # SubprocessError: the preexec_fn failed
             _remove_quietly(log_path)
@@ -328,15 +383,15 @@ class ProcessRuntime:
             raise RuntimeFailure(f"/proc/{proc.pid}/stat is unreadable: is /proc mounted?")
         return sandbox.format_handle(proc.pid, stat.starttime)
 
-    async def _wait_listening(self, handle: str, log_path: Path) -> int:
-        """The port the instance announced once listening; RuntimeFailure with its output if it exits first."""
+    async def _wait_listening(self, handle: str, log_path: Path) -> str:
+        """Where the instance announced it listens; RuntimeFailure with its output if it exits first."""
         pid, _ = sandbox.parse_handle(handle)
         proc = _CHILDREN[pid]
         with anyio.move_on_after(self._settings.health_timeout):
             while True:
-                port = await anyio.to_thread.run_sync(_announced_port, log_path)
-                if port is not None:
-                    return port
+                announced = await anyio.to_thread.run_sync(_announced, log_path)
+                if announced is not None:
+                    return announced
                 if proc.poll() is not None:
                     _CHILDREN.pop(pid, None)
                     tail = _tail(log_path)
@@ -359,6 +414,13 @@ class ProcessRuntime:
     def _log_path(self, owner: str, function: str, instance_id: str) -> Path:
         return self._data / "logs" / owner / f"{function}-{instance_id}.log"
 
+    def _run_dir(self, owner: str, instance_id: str) -> Path:
+        return self._runs / owner / instance_id
+
+    def _uid(self) -> tuple[int, int]:
+        uid = self._settings.sandbox_uid
+        return (uid, uid) if self._privileged else (os.getuid(), os.getgid())
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers (blocking; the runtime calls the slow ones in worker threads)
@@ -377,6 +439,7 @@ def _copy_function(source: Path, target: Path) -> None:
 
 
 def _publish(staging: Path, final: Path) -> None:
+    stage.share_read_only(staging)
     if final.exists():  # an earlier attempt at the same version: this one replaces it
         shutil.rmtree(final)
     staging.rename(final)
@@ -408,17 +471,39 @@ def _remove_quietly(path: Path) -> None:
         path.unlink()
 
 
-def _announced_port(log_path: Path) -> int | None:
-    """The port from the instance's LISTENING_MARKER line, once it has printed it."""
+def _announced(log_path: Path) -> str | None:
+    """What follows the instance's LISTENING_MARKER ("host:port" or "unix:path"), once it has printed it."""
     try:
         text = log_path.read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith(LISTENING_MARKER):
-            with contextlib.suppress(ValueError):
-                return int(line.rsplit(":", 1)[1])
+        if line.startswith(LISTENING_MARKER) and line.rsplit(":", 1)[-1].strip():
+            return line[len(LISTENING_MARKER) :].strip()
     return None
+
+
+def _loopback_address(announced: str) -> str:
+    try:
+        target = addresses.parse(announced)
+    except ValueError as e:
+        raise RuntimeFailure(f"the instance announced an address that is not one: {announced[:80]!r}") from e
+    if not isinstance(target, addresses.TcpAddress):
+        raise RuntimeFailure("an unsandboxed instance announced a Unix socket")
+    return f"{INSTANCE_HOST}:{target.port}"
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the owner's folder goes with its last instance
+        path.parent.rmdir()
+
+
+def _folder_names(folder: Path) -> set[str]:
+    try:
+        return {p.name for p in folder.iterdir() if p.is_dir()}
+    except OSError:
+        return set()
 
 
 def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
@@ -431,10 +516,20 @@ def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
 
 
-def _apply_limits(limits: list[tuple[int, int]], procs_files: list[str]) -> None:
+def _prepare_child(
+    limits: list[tuple[int, int]],
+    procs_files: list[str],
+    plan: list[tuple[str, str]] | None,
+    drop: tuple[int, int] | None,
+) -> None:
+    """Between fork and exec: limits, cgroups (as root), then the stage and the drop to the instance uid."""
     for key, value in limits:
         resource.setrlimit(key, (value, value))
     cgroups.join(procs_files)
+    if plan is not None:
+        stage.enter_stage(plan)
+    if drop is not None:
+        stage.drop_privileges(*drop)
 
 
 def _python_paths() -> list[str]:
@@ -445,25 +540,27 @@ def _python_paths() -> list[str]:
         spec = importlib.util.find_spec(package)
         for location in (spec.submodule_search_locations or []) if spec else []:
             paths.add(str(Path(location).resolve()))
-    return sorted(paths)
+    return sandbox.minimal_roots(paths)
 
 
 def _command(
-    spec: InstanceSpec, port: int, bwrap: str | None, fn_dir: Path, deps_dir: Path
+    spec: InstanceSpec,
+    bwrap: str | None,
+    fn_dir: Path,
+    deps_dir: Path,
+    staged: list[tuple[str, str]] | None,
+    run_dir: Path,
+    seccomp_fd: int | None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and the environment of an instance's session leader."""
+    """The argv and the environment of an instance's session leader.
+
+    `staged` (a root control plane): where `sandbox.stage_plan` put each folder the sandbox binds; without it
+    bubblewrap binds the host paths themselves.
+    """
     server = [sys.executable, "-m", "aube.instance"]
-    inner = instance_environment(spec, port)
+    inner = instance_environment(spec, 0)
     inner.setdefault("MALLOC_ARENA_MAX", "2")  # glibc reserves 64 MiB of address space per thread arena
-    inner.update(
-        {
-            "AUBE_INSTANCE_HOST": INSTANCE_HOST,
-            sandbox.ENV_SLOT: str(spec.slot),
-            "PATH": sandbox.SANDBOX_PATH,
-            "HOME": "/tmp",
-            "LANG": "C.UTF-8",
-        }
-    )
+    inner.update({sandbox.ENV_SLOT: str(spec.slot), "PATH": sandbox.SANDBOX_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"})
     markers = {
         sandbox.ENV_MANAGED_OWNER: spec.owner,
         sandbox.ENV_SANDBOX: "bwrap" if bwrap else "none",
@@ -473,33 +570,32 @@ def _command(
         sandbox.ENV_SLOT: str(spec.slot),
     }
     if bwrap is None:
-        inner.update({"AUBE_FN_DIR": str(fn_dir), "PYTHONPATH": str(deps_dir)})
+        inner.update({"AUBE_INSTANCE_HOST": INSTANCE_HOST, "AUBE_FN_DIR": str(fn_dir), "PYTHONPATH": str(deps_dir)})
         return server, {**inner, **markers}
-    inner.update({"AUBE_FN_DIR": sandbox.SANDBOX_FN_DIR, "PYTHONPATH": sandbox.SANDBOX_DEPS_DIR})
+    inner.update(
+        {
+            "AUBE_INSTANCE_SOCKET": f"{sandbox.SANDBOX_RUN_DIR}/{sandbox.SOCKET_NAME}",
+            "AUBE_FN_DIR": sandbox.SANDBOX_FN_DIR,
+            "PYTHONPATH": sandbox.SANDBOX_DEPS_DIR,
+        }
+    )
+    python = _python_paths()
+    where = dict(staged) if staged is not None else {}
+    ro_binds = [(where.get(path, path), path) for path in python]
+    ro_binds += [
+        (where.get(str(fn_dir), str(fn_dir)), sandbox.SANDBOX_FN_DIR),
+        (where.get(str(deps_dir), str(deps_dir)), sandbox.SANDBOX_DEPS_DIR),
+    ]
     argv = sandbox.bwrap_argv(
         bwrap,
-        ro_paths=_python_paths(),
-        fn_dir=str(fn_dir),
-        deps_dir=str(deps_dir),
+        ro_binds=ro_binds,
+        run_dir=where.get(str(run_dir), str(run_dir)),
         env=inner,
         command=server,
+        seccomp_fd=seccomp_fd,
     )
     # The owner marker stays outside the sandbox: inside, only the outer bwrap carries it (see sandbox.py).
     return argv, {**markers, "PATH": sandbox.SANDBOX_PATH}
-
-
-async def _probe_bwrap(bwrap: str) -> str | None:
-    """None when a sandbox like an instance's starts here, else what went wrong."""
-    try:
-        with anyio.fail_after(10):
-            result = await anyio.run_process(sandbox.probe_argv(bwrap), check=False, stderr=subprocess.STDOUT)
-    except TimeoutError:
-        return "the probe did not finish within 10s"
-    except OSError as e:
-        return str(e)
-    if result.returncode != 0:
-        return result.stdout.decode(errors="replace").strip() or f"exit status {result.returncode}"
-    return None
 
 
 def _read_stat(pid: int) -> sandbox.ProcStat | None:

@@ -37,6 +37,12 @@ ENV_SANDBOX = "AUBE_SANDBOX"  # "bwrap" or "none": how stop() must signal the tr
 # nothing about the host's layout (the data dir, the owner).
 SANDBOX_FN_DIR = "/aube/fn"
 SANDBOX_DEPS_DIR = "/aube/deps"
+# The instance's own socket folder (a folder per instance on the host, bound into that sandbox only).
+SANDBOX_RUN_DIR = "/aube/run"
+SOCKET_NAME = "instance.sock"
+# Where the host folders an instance needs are bound, in the private mount namespace its bubblewrap starts in
+# (see `stage_plan`): a tmpfs over /tmp there, which nobody else sees.
+STAGE_ROOT = "/tmp"
 
 # What Python and TLS need from the host, read-only. The `-try` variant skips what a distribution lacks
 # (/lib32, /etc/ca-certificates...), so the argv needs no existence checks.
@@ -91,27 +97,38 @@ def minimal_roots(paths: Iterable[str]) -> list[str]:
     return roots
 
 
+def stage_plan(sources: Iterable[str]) -> list[tuple[str, str]]:
+    """Where each host folder is bound in the instance's private stage (STAGE_ROOT/<n>), in order.
+
+    bubblewrap runs as the unprivileged instance uid, which cannot walk into a root-only folder (the data dir,
+    a Python under /root); the stage makes each folder reachable by a path of its own, for that one sandbox.
+    """
+    return [(source, f"{STAGE_ROOT}/{n}") for n, source in enumerate(sources)]
+
+
 def bwrap_argv(
     bwrap: str,
     *,
-    ro_paths: Sequence[str],
-    fn_dir: str,
-    deps_dir: str,
+    ro_binds: Sequence[tuple[str, str]],
+    run_dir: str,
     env: Mapping[str, str],
     command: Sequence[str],
+    seccomp_fd: int | None,
 ) -> list[str]:
     """The bubblewrap command line for one instance.
 
-    `ro_paths` (Python's prefixes and Aube's sources) are bound read-only at the same paths, next to the
-    system paths; the function and its requirements at SANDBOX_FN_DIR / SANDBOX_DEPS_DIR. Every namespace is
-    new except the network: the instance listens on a loopback port of the host. No --die-with-parent: an
-    instance outlives a crash of the control plane, whose reconcile finds it again.
+    `ro_binds` (source, destination): Python's prefixes and Aube's sources at their own paths, the function and
+    its requirements at SANDBOX_FN_DIR / SANDBOX_DEPS_DIR; `run_dir`, the instance's socket folder, writable at
+    SANDBOX_RUN_DIR. Every namespace is new, the network too: the instance has a loopback of its own and nothing
+    else, and is reached through its Unix socket. No --die-with-parent: an instance outlives a crash of the
+    control plane, whose reconcile finds it again.
     """
     argv = [
         bwrap,
         "--unshare-all",
         "--unshare-user",  # explicit: --unshare-all only tries, and root outside must not be root inside
-        "--share-net",
+        "--unshare-net",
+        "--disable-userns",  # no user namespace of its own inside (the seccomp filter refuses unshare too)
         "--new-session",  # no TIOCSTI into a terminal the control plane may have
         "--as-pid-1",  # see the module docstring: no orphaned bwrap init
         "--cap-drop",
@@ -125,27 +142,23 @@ def bwrap_argv(
     argv += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     for path in SYSTEM_RO_PATHS:
         argv += ["--ro-bind-try", path, path]
-    for path in minimal_roots(ro_paths):
-        argv += ["--ro-bind", path, path]
-    argv += [
-        "--ro-bind",
-        fn_dir,
-        SANDBOX_FN_DIR,
-        "--ro-bind",
-        deps_dir,
-        SANDBOX_DEPS_DIR,
-        "--chdir",
-        SANDBOX_FN_DIR,
-    ]
+    for source, destination in ro_binds:
+        argv += ["--ro-bind", source, destination]
+    argv += ["--bind", run_dir, SANDBOX_RUN_DIR, "--chdir", SANDBOX_FN_DIR]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     return [*argv, *command]
 
 
-def probe_argv(bwrap: str) -> list[str]:
+def probe_argv(bwrap: str, seccomp_fd: int | None = None) -> list[str]:
     """A sandbox with the same namespaces as an instance's, running `true`: does bubblewrap work here?"""
-    return [
-        bwrap, "--unshare-all", "--unshare-user", "--share-net", "--new-session", "--as-pid-1", "--cap-drop", "ALL",
-        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true",
+    argv = [
+        bwrap, "--unshare-all", "--unshare-user", "--unshare-net", "--disable-userns", "--new-session", "--as-pid-1",
+        "--cap-drop", "ALL", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
     ]  # fmt: skip
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return [*argv, "true"]
 
 
 # ---------------------------------------------------------------------------------------------------------
