@@ -233,7 +233,13 @@ async def assert_nothing_left(platform, registry: Registry) -> None:  # type: ig
 async def _runtime(platform):  # type: ignore[no-untyped-def]
     from aube.shared.settings import ControlPlaneSettings
 
-    settings = ControlPlaneSettings(owner=platform.owner, data_dir=platform.data_dir, runtime=platform.runtime)
+    settings = ControlPlaneSettings(
+        owner=platform.owner,
+        data_dir=platform.data_dir,
+        runtime=platform.runtime,
+        instance_network=platform.network,
+        instance_bridge=platform.bridge,
+    )
     if platform.runtime == "docker":
         from aube.controlplane.runtimes.docker import DockerRuntime
 
