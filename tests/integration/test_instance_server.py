@@ -559,7 +559,12 @@ async def test_only_the_instance_credential_opens_a_stream_or_the_health_check(
     for head in refused:
         assert await _raw_status(instance.port, head) == 403, head
     # Nothing above came near the stream slot.
-    assert instance.health() == {"status": "ok", "busy": False, "streams_served": 0, "instance": f"inst-{instance.port}"}
+    assert instance.health() == {
+        "status": "ok",
+        "busy": False,
+        "streams_served": 0,
+        "instance": f"inst-{instance.port}",
+    }
     assert "refused a request without the instance credential" in instance.output()
     assert secret not in instance.output()
 
