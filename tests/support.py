@@ -12,7 +12,9 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client as NATS
 
+from aube.shared import names
 from aube.shared.registry import Registry
+from aube.shared.schemas import InstanceRecord
 
 
 def zip_base64(folder: Path, extra: Mapping[str, str] | None = None) -> str:
@@ -36,3 +38,8 @@ async def nats_client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
         yield nc, await Registry.open(nc.jetstream())
     finally:
         await nc.close()
+
+
+def credential(record: InstanceRecord) -> dict[str, str]:
+    """The header a test presents when it dials an instance straight, as a proxy would (docs/security.md)."""
+    return {names.HEADER_INSTANCE_SECRET: record.secret} if record.secret else {}

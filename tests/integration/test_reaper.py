@@ -26,7 +26,7 @@ import nats
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
-from support import nats_client, zip_base64
+from support import credential, nats_client, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.controlplane.runtimes.process import ProcessRuntime
@@ -437,7 +437,8 @@ async def test_real_control_plane_stops_reaped_instances_and_min_free_stays_warm
             await runtime.close()
         assert [r.instance_id for r in running] == [kept.record.instance_id]
         # ...and it still serves.
-        async with connect(f"ws://{kept.record.address}/x", proxy=None, open_timeout=30) as ws:
+        url = f"ws://{kept.record.address}/x"
+        async with connect(url, proxy=None, open_timeout=30, additional_headers=credential(kept.record)) as ws:
             await ws.send("warm")
             assert await ws.recv() == "mraw"
     reaper_log = platform.services[-1].log_text()
