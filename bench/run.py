@@ -334,7 +334,7 @@ class Nginx:
         locations = "\n".join(
             f"        location = /i{i} {{ proxy_pass http://{addr}; proxy_set_header Upgrade $http_upgrade; "
             f'proxy_set_header Connection "upgrade"; '
-            f"proxy_set_header {names.HEADER_INSTANCE_SECRET} {CREDENTIALS.get(addr, '')}; }}"
+            f'proxy_set_header {names.HEADER_INSTANCE_SECRET} "{CREDENTIALS.get(addr, "")}"; }}'
             for i, addr in enumerate(upstreams)
         )
         # Debian's stock nginx.conf: worker_processes auto, sendfile, tcp_nopush, keepalive 65; the WebSocket
