@@ -358,6 +358,17 @@ async def test_instance_network_and_host_rules_are_made_once(
     await again.close()
     assert instancenet.listed_rules(chain, _iptables("-S", chain)) == instancenet.chain_rules(False)
 
+    # Control planes starting at the same moment: each rewrite is one commit, so the chain ends up exactly right.
+    _iptables("-D", "INPUT", "-i", bridge, "-j", chain)
+    _iptables("-F", chain)
+    _iptables("-X", chain)
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(anyio.to_thread.run_sync, instancenet.install_firewall, bridge)
+    assert instancenet.listed_rules(chain, _iptables("-S", chain)) == instancenet.chain_rules(False)
+    jumps = {line for line in _iptables("-S", "INPUT").splitlines() if chain in line}
+    assert jumps == {f"-A INPUT -i {bridge} -j {chain}"}  # maybe twice after such a race: harmless
+
 
 async def test_a_network_that_is_not_aubes_is_refused(settings: ControlPlaneSettings, docker_client: Any) -> None:
     # A network of that name made by someone else (here: with containers free to talk to each other).

@@ -181,6 +181,8 @@ async def test_an_instance_reaches_no_other_instance_and_no_host_port(
                 "a host port through the gateway": f"{gateway}:{listener_port}",
                 "a host port through another bridge's address": f"{default_bridge}:{listener_port}",
                 "another instance's published port": f"{gateway}:{beta_published}",
+                "another instance's published port through another host address": f"{default_bridge}:{beta_published}",
+                "the proxy through another host address": f"{default_bridge}:{proxy_port}",
             }
             started = time.monotonic()
             found = await anyio.to_thread.run_sync(exec_probe, docker_client, alpha.handle, list(targets.values()))

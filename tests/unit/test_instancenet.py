@@ -78,3 +78,13 @@ def test_the_instance_gets_the_credentials_hash_never_the_credential() -> None:
         8080,
     )
     assert names.ENV_INSTANCE_SECRET_SHA256 not in bare
+
+
+def test_restore_input_makes_the_chain_in_one_commit() -> None:
+    chain = names.firewall_chain("aube-inst0")
+    text = instancenet.restore_input(chain, ipv6=True)
+    lines = text.splitlines()
+    assert lines[:2] == ["*filter", f":{chain} - [0:0]"]
+    assert lines[-1] == "COMMIT"
+    assert instancenet.listed_rules(chain, text) == instancenet.chain_rules(ipv6=True)
+    assert "icmp6-adm-prohibited" in text

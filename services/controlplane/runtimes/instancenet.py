@@ -84,6 +84,12 @@ def chain_rules(ipv6: bool) -> list[list[str]]:
     ]
 
 
+def restore_input(chain: str, ipv6: bool) -> str:
+    """`iptables-restore --noflush` input that creates `chain`, or empties an existing one, and fills it."""
+    rules = [f"-A {chain} {' '.join(rule)}" for rule in chain_rules(ipv6)]
+    return "\n".join(["*filter", f":{chain} - [0:0]", *rules, "COMMIT", ""])
+
+
 def listed_rules(chain: str, listing: str) -> list[list[str]]:
     """The rules of `chain` in an `iptables -S <chain>` listing (without its `-N` line)."""
     prefix = f"-A {chain} "
@@ -140,9 +146,9 @@ def remove_network(client: Any, network: str) -> None:
 # -- the host firewall -----------------------------------------------------------------------------------------
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=IPTABLES_TIMEOUT, check=False)
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=IPTABLES_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FirewallError(f"{argv[0]} failed: {e}") from e
 
@@ -167,20 +173,11 @@ def install_firewall(bridge: str) -> None:
     chain = names.firewall_chain(bridge)
     for tool, ipv6 in _tools():
         ipt = [tool, "-w", IPTABLES_WAIT]
-        wanted = chain_rules(ipv6)
         listing = _run([*ipt, "-S", chain])
-        if listing.returncode != 0:
-            created = _run([*ipt, "-N", chain])
-            if created.returncode != 0 and _run([*ipt, "-S", chain]).returncode != 0:
-                raise FirewallError(f"{tool} cannot create chain {chain}: {created.stderr.strip()}")
-            current: list[list[str]] = []
-        else:
-            current = listed_rules(chain, listing.stdout)
-        if current != wanted:
-            # Rewritten only when it differs (a first start, or rules of an older version).
-            _check(tool, _run([*ipt, "-F", chain]))
-            for rule in wanted:
-                _check(tool, _run([*ipt, "-A", chain, *rule]))
+        if listing.returncode != 0 or listed_rules(chain, listing.stdout) != chain_rules(ipv6):
+            # One restore creates (or empties) the chain and fills it in a single commit: a second control plane
+            # starting at the same moment never sees, or leaves, a half-written chain.
+            _check(tool, _run([f"{tool}-restore", "-w", IPTABLES_WAIT, "--noflush"], restore_input(chain, ipv6)))
         jump = ["INPUT", "-i", bridge, "-j", chain]
         if _run([*ipt, "-C", *jump]).returncode != 0:
             # First in INPUT: an operator's broad ACCEPT rule further down must not open the host to instances.
@@ -203,4 +200,4 @@ def remove_firewall(bridge: str) -> None:
 
 def _check(tool: str, done: subprocess.CompletedProcess[str]) -> None:
     if done.returncode != 0:
-        raise FirewallError(f"{tool} {' '.join(done.args[3:])} failed: {done.stderr.strip()}")
+        raise FirewallError(f"{' '.join(done.args)} failed: {done.stderr.strip()}")
