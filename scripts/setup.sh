@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 want=()
 command -v mmdebstrap >/dev/null || want+=(mmdebstrap)
 command -v bwrap >/dev/null || want+=(bubblewrap)
+# The docker runtime closes the instance bridge to the host with iptables (docs/security.md, "Instance network").
+command -v iptables >/dev/null || want+=(iptables)
 [ "${AUBE_WITH_NGINX:-0}" = 1 ] && ! command -v nginx >/dev/null && want+=(nginx-light)
 if [ ${#want[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
