@@ -193,6 +193,10 @@ async def test_an_instance_reaches_no_other_instance_and_no_host_port(
             # The host refuses at once (REJECT); only the engine's drop between containers makes the probe wait.
             assert time.monotonic() - started < 10
 
+            # Each instance has its own credential: one instance's (were its function to learn it) opens no other.
+            assert alpha.secret and beta.secret and alpha.secret != beta.secret
+            assert await raw_status(beta.address, upgrade("/beta", f"{SECRET_HEADER}: {alpha.secret}")) == 403
+
             # Untouched: still free in the registry, and the next real client gets it through the proxy.
             got = await registry.get_instance(beta_key)
             assert got is not None
