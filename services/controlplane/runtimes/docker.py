@@ -78,10 +78,9 @@ class DockerRuntime:
             client = docker.from_env(timeout=max(1, round(settings.docker_timeout)))
             try:
                 client.ping()
-                instancenet.ensure_network(client, settings.instance_network, settings.instance_bridge)
-                if settings.instance_firewall:
-                    instancenet.install_firewall(settings.instance_bridge)
-                else:
+                network, bridge = settings.instance_network, settings.instance_bridge
+                instancenet.ensure(client, network, bridge, settings.instance_firewall)
+                if not settings.instance_firewall:
                     logger.warning(
                         "AUBE_INSTANCE_FIREWALL is off: instances on bridge %s can open connections to every port "
                         "listening on this host (NATS, the proxy, ...) unless the operator's own firewall closes it",
@@ -238,6 +237,16 @@ class DockerRuntime:
         except docker.errors.DockerException as e:  # e.g. an unparseable memory limit
             raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
 
+        s = self._settings
+        # A few listings (about 10 ms): worth it so that no instance ever starts on a network left open.
+        await self._call(
+            "checking the instance network",
+            instancenet.ensure,
+            self._client,
+            s.instance_network,
+            s.instance_bridge,
+            s.instance_firewall,
+        )
         name = names.container_name(spec.owner, spec.function, spec.instance_id)
         create = functools.partial(
             api.create_container,

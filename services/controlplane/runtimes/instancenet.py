@@ -108,6 +108,14 @@ def check_names(network: str, bridge: str) -> None:
 # -- the network -----------------------------------------------------------------------------------------------
 
 
+def ensure(client: Any, network: str, bridge: str, firewall: bool) -> None:
+    """The network exists and fits, and (with `firewall`) the host rules are in place: at start and before every
+    instance, so an instance never starts on a bridge whose rules someone flushed (a firewall reload) since."""
+    ensure_network(client, network, bridge)
+    if firewall:
+        install_firewall(bridge)
+
+
 def ensure_network(client: Any, network: str, bridge: str) -> None:
     """Create the instance network when missing; RuntimeFailure if one of that name exists but is unfit."""
     check_names(network, bridge)
