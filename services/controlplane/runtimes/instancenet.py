@@ -168,9 +168,13 @@ def _tools() -> list[tuple[str, bool]]:
     tools = [("iptables", False)]
     if shutil.which("ip6tables") is not None:
         tools.append(("ip6tables", True))
-    else:
+    elif not _warned_no_ip6tables:
+        _warned_no_ip6tables.append(True)
         logger.warning("ip6tables is not installed: the instance bridge's IPv6 input is not filtered")
     return tools
+
+
+_warned_no_ip6tables: list[bool] = []  # once per process: the check runs before every instance start
 
 
 def install_firewall(bridge: str) -> None:
@@ -185,12 +189,13 @@ def install_firewall(bridge: str) -> None:
         if listing.returncode != 0 or listed_rules(chain, listing.stdout) != chain_rules(ipv6):
             # One restore creates (or empties) the chain and fills it in a single commit: a second control plane
             # starting at the same moment never sees, or leaves, a half-written chain.
-            _check(tool, _run([f"{tool}-restore", "-w", IPTABLES_WAIT, "--noflush"], restore_input(chain, ipv6)))
+            _check(_run([f"{tool}-restore", "-w", IPTABLES_WAIT, "--noflush"], restore_input(chain, ipv6)))
+            logger.info("%s: chain %s written (host input from bridge %s is closed)", tool, chain, bridge)
         jump = ["INPUT", "-i", bridge, "-j", chain]
         if _run([*ipt, "-C", *jump]).returncode != 0:
             # First in INPUT: an operator's broad ACCEPT rule further down must not open the host to instances.
-            _check(tool, _run([*ipt, "-I", jump[0], "1", *jump[1:]]))
-    logger.info("host input from the instance bridge %s is closed (chain %s)", bridge, chain)
+            _check(_run([*ipt, "-I", jump[0], "1", *jump[1:]]))
+            logger.info("%s: INPUT from bridge %s now goes through %s", tool, bridge, chain)
 
 
 def remove_firewall(bridge: str) -> None:
@@ -206,6 +211,6 @@ def remove_firewall(bridge: str) -> None:
         _run([*ipt, "-X", chain])
 
 
-def _check(tool: str, done: subprocess.CompletedProcess[str]) -> None:
+def _check(done: subprocess.CompletedProcess[str]) -> None:
     if done.returncode != 0:
         raise FirewallError(f"{' '.join(done.args)} failed: {done.stderr.strip()}")
