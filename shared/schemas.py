@@ -102,6 +102,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     streams_served: int = 0
     retire: bool = False  # set by delete/re-upload: stop it once its stream ends instead of reusing it
     retire_deadline: float | None = None  # delete's grace: a stream still open then is ended; None = never
+    # The instance credential the proxy and the health probe present (see docs/security.md). Only platform services
+    # read the registry; never logged, never in a reply or an event. Empty for instances started before it existed.
+    secret: str = ""
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,6 +15,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from aube.shared import names
 from aube.shared.errors import InvalidRequest
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -87,6 +88,12 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # data_dir by default: a socket path must fit in 107 bytes.
     sandbox_uid: int = 65534
     socket_dir: str = ""
+    # Docker: the network instances join (created when missing) and its bridge interface (at most 15 characters),
+    # whose host input the runtime closes with iptables. Without a working firewall the runtime refuses to start,
+    # unless `instance_firewall` is off: then the operator must close the bridge's input to the host themselves.
+    instance_network: str = names.INSTANCE_NETWORK
+    instance_bridge: str = names.INSTANCE_BRIDGE
+    instance_firewall: bool = True
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

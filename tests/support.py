@@ -20,9 +20,10 @@ import nats
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect, unix_connect
 
-from aube.shared import addresses, credentials
+from aube.shared import addresses, credentials, names
 from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
+from aube.shared.schemas import InstanceRecord
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -178,10 +179,17 @@ def connection_owner(client_port: int, server_port: int, pids: Sequence[int]) ->
     return None
 
 
-def instance_ws(address: str, path: str = "/fn", **kwargs: Any) -> connect:
+def instance_ws(address: str, path: str = "/fn", *, secret: str = "", **kwargs: Any) -> connect:
     """A websockets client straight to an instance's registry address: `host:port`, or `unix:<path>` (a
-    sandboxed process instance), as the proxy dials it."""
+    sandboxed process instance), presenting the instance's credential `secret` as the proxy does."""
+    if secret:
+        kwargs["additional_headers"] = {**kwargs.get("additional_headers", {}), names.HEADER_INSTANCE_SECRET: secret}
     target = addresses.parse(address)
     if isinstance(target, addresses.UnixAddress):
         return unix_connect(target.path, f"ws://instance{path}", **kwargs)
     return connect(f"ws://{target.host}:{target.port}{path}", proxy=None, **kwargs)
+
+
+def credential(record: InstanceRecord) -> dict[str, str]:
+    """The header a test presents when it dials an instance straight, as a proxy would (docs/security.md)."""
+    return {names.HEADER_INSTANCE_SECRET: record.secret} if record.secret else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import shutil
 import time
 import uuid
@@ -357,6 +358,8 @@ class ControlPlane:
     ) -> InstanceEntry | None:
         now = time.time()
         instance_id = uuid.uuid4().hex[:12]
+        # The instance credential: only the proxies and this service present it (docs/security.md).
+        secret = secrets.token_urlsafe(32)
         record: InstanceRecord | None = None
         revision: int | None = None
         for slot in decisions.free_slots(taken, manifest.scaling.max_instances):
@@ -370,6 +373,7 @@ class ControlPlane:
                 runtime=self.runtime.kind,
                 owner=self.owner,
                 created_at=now,
+                secret=secret,
             )
             revision = await self.registry.create_instance(record)
             if revision is not None:
@@ -384,6 +388,7 @@ class ControlPlane:
             artifact=artifact,
             manifest=manifest,
             owner=self.owner,
+            secret=secret,
         )
         key = names.instance_key(name, record.slot)
         self.in_flight.add(instance_id)
@@ -393,7 +398,11 @@ class ControlPlane:
             started = await self.runtime.start(spec)
             handle = started.handle
             await wait_healthy(
-                started.address, instance_id, self.settings.health_timeout, lambda: self.runtime.is_alive(handle)
+                started.address,
+                instance_id,
+                self.settings.health_timeout,
+                lambda: self.runtime.is_alive(handle),
+                secret,
             )
             record = msgspec.structs.replace(
                 record,

@@ -278,7 +278,7 @@ class Proxy:
         try:
             # No await between these lines: bytes that arrived after the head must follow it, in order.
             upstream.transport.write(
-                handshake.forward_head(raw_head, client.client_ip) + bytes(client.buffer[head_len:])
+                handshake.forward_head(raw_head, client.client_ip, rec.secret) + bytes(client.buffer[head_len:])
             )
             client.buffer.clear()
             client.attach(upstream)
