@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect, unix_connect
@@ -95,6 +96,20 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
     with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
         yield AccountsServer(s, secrets, data)
+
+
+async def wait_http(port: int, timeout: float = 30) -> None:
+    """Until a proxy on 127.0.0.1:`port` answers its health check."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                    await s.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    if b" 200 " in await s.receive():
+                        return
+            except OSError:
+                pass
+            await anyio.sleep(0.1)
 
 
 def consecutive_free_ports(count: int) -> int:

@@ -611,6 +611,10 @@ class ControlPlane:
             first_seen=self._first_seen,
         )
         for entry in plan.stop:
+            if entry.record.function in self.uploading:
+                # An upload or delete of this function holds its lock and retires these instances itself; stopping
+                # them here too raced it (a delete counted fewer instances stopped than it had).
+                continue
             if entry.record.state == "busy":
                 log.warning(
                     "instance %s of deleted %s still streaming after the grace period: stopping it",

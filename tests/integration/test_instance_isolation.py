@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
-from support import nats_client, zip_base64
+from support import nats_client, wait_http, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.shared import names
@@ -91,19 +91,6 @@ async def free_instance(registry: Registry, function: str) -> tuple[str, Instanc
             for entry in await registry.instances(function):
                 if entry.record.state == "free":
                     return entry.key, entry.record
-            await anyio.sleep(0.1)
-
-
-async def wait_http(port: int) -> None:
-    with anyio.fail_after(30):
-        while True:
-            try:
-                async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                    await s.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if b" 200 " in await s.receive():
-                        return
-            except OSError:
-                pass
             await anyio.sleep(0.1)
 
 
