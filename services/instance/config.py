@@ -23,6 +23,9 @@ DEFAULT_PORT = 8080
 DEFAULT_COMMAND_GRACE = 2.0
 # After SIGTERM: how long open streams get to close before the process exits regardless.
 DEFAULT_SHUTDOWN_GRACE = 5.0
+# The ping policy (`[limits] ping_interval` / `ping_timeout`): 0 = the server sends no pings (websockets' own
+# default of 20 s is not used, so a function's stream_idle_timeout is not defeated by pings it never asked for).
+DEFAULT_PING_TIMEOUT = 10.0
 
 
 class ConfigError(ValueError):
@@ -44,6 +47,8 @@ class InstanceConfig:
     version: str = ""
     command_grace: float = DEFAULT_COMMAND_GRACE
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    ping_interval: float = 0.0
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstanceConfig:
@@ -92,6 +97,8 @@ class InstanceConfig:
             version=env.get("AUBE_VERSION", ""),
             command_grace=grace,
             shutdown_grace=shutdown_grace,
+            ping_interval=_seconds(env, "AUBE_PING_INTERVAL", 0.0),
+            ping_timeout=_seconds(env, "AUBE_PING_TIMEOUT", DEFAULT_PING_TIMEOUT),
         )
 
 
