@@ -35,6 +35,7 @@ class ClientSide(asyncio.Protocol):
         self.lost = asyncio.Event()
         self.ended = asyncio.Event()  # the client sent EOF or either side's connection is gone
         self.bytes_in = 0  # client -> instance, relayed
+        self.writing_paused = False  # the client leg's write buffer is full: the instance is not being read
         self._data = asyncio.Event()
 
     # -- head mode ---------------------------------------------------------------------------------------
@@ -106,10 +107,12 @@ class ClientSide(asyncio.Protocol):
             self.peer.transport.close()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.peer is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.peer is not None and not self.peer.transport.is_closing():
             self.peer.transport.resume_reading()
 
