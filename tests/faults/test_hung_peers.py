@@ -29,18 +29,29 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import nats
 import pytest
+from support import nats_client, zip_base64
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from aube.shared import names
+from aube.shared.bus import request
 from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
-from aube.shared.schemas import FunctionRecord, InstanceRecord, LimitsSection, Manifest, ScalingSection
+from aube.shared.schemas import (
+    FunctionRecord,
+    InstanceRecord,
+    LimitsSection,
+    Manifest,
+    ScalingSection,
+    UploadReply,
+    UploadRequest,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -134,7 +145,7 @@ class Instance:
                 self.proc.wait()
 
 
-class Platform:
+class Rig:
     """The registry (through a NATS connection of the test's), the proxy process, and what the test started."""
 
     def __init__(self, server: LocalNatsServer, tmp: Path, registry: Registry) -> None:
@@ -249,9 +260,9 @@ class Platform:
 
 
 @pytest.fixture
-async def platform(nats_server: LocalNatsServer, tmp_path: Path) -> AsyncIterator[Platform]:
+async def rig(nats_server: LocalNatsServer, tmp_path: Path) -> AsyncIterator[Rig]:
     nc = await nats.connect(nats_server.url)
-    p = Platform(nats_server, tmp_path, await Registry.open(nc.jetstream()))
+    p = Rig(nats_server, tmp_path, await Registry.open(nc.jetstream()))
     try:
         yield p
     finally:
@@ -267,9 +278,9 @@ async def replied(proc: subprocess.Popen[bytes]) -> None:
     assert line.startswith(b"reply "), line
 
 
-async def wait_busy(platform: Platform, key: str) -> None:
+async def wait_busy(rig: Rig, key: str) -> None:
     with anyio.fail_after(10):
-        while await platform.state(key) != "busy":
+        while await rig.state(key) != "busy":
             await anyio.sleep(0.05)
 
 
@@ -308,47 +319,45 @@ def cut_off(ns: str) -> None:
     _run("ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-j", "DROP")
 
 
-async def test_a_quiet_stream_to_a_vanished_client_host_ends_by_keepalive(platform: Platform) -> None:
+async def test_a_quiet_stream_to_a_vanished_client_host_ends_by_keepalive(rig: Rig) -> None:
     with client_namespace() as (ns, host):
-        key = await platform.function(REVERSE, LimitsSection())
-        async with platform.proxy(host, **FAST_TCP) as port:
-            client = platform.client(f"ws://{host}:{port}/f", netns=ns)
+        key = await rig.function(REVERSE, LimitsSection())
+        async with rig.proxy(host, **FAST_TCP) as port:
+            client = rig.client(f"ws://{host}:{port}/f", netns=ns)
             await replied(client)
-            await wait_busy(platform, key)
+            await wait_busy(rig, key)
             cut_off(ns)
-            took = await platform.seconds_until_not_busy(key, 15)
+            took = await rig.seconds_until_not_busy(key, 15)
             print(f"quiet stream, client host cut off: ended after {took:.1f}s (keepalive 2+1x3, user timeout 4)")
             assert took < 12
-            assert await platform.state(key) == "free"  # the instance is fine: it serves the next client
+            assert await rig.state(key) == "free"  # the instance is fine: it serves the next client
 
 
-async def test_a_stream_with_data_for_a_vanished_client_host_ends_by_user_timeout(
-    platform: Platform, tmp_path: Path
-) -> None:
+async def test_a_stream_with_data_for_a_vanished_client_host_ends_by_user_timeout(rig: Rig, tmp_path: Path) -> None:
     ticker = tmp_path / "ticker"
     ticker.mkdir()
     (ticker / "fn.py").write_text(TICKER)
     with client_namespace() as (ns, host):
-        key = await platform.function(ticker, LimitsSection())
-        async with platform.proxy(host, **FAST_TCP) as port:
-            client = platform.client(f"ws://{host}:{port}/f", netns=ns)
+        key = await rig.function(ticker, LimitsSection())
+        async with rig.proxy(host, **FAST_TCP) as port:
+            client = rig.client(f"ws://{host}:{port}/f", netns=ns)
             await replied(client)
-            await wait_busy(platform, key)
+            await wait_busy(rig, key)
             cut_off(ns)
-            took = await platform.seconds_until_not_busy(key, 15)
+            took = await rig.seconds_until_not_busy(key, 15)
             print(f"ticking stream, client host cut off: ended after {took:.1f}s (user timeout 4)")
             assert took < 12
 
 
-async def test_with_the_default_settings_a_vanished_client_host_ends_within_half_a_minute(platform: Platform) -> None:
+async def test_with_the_default_settings_a_vanished_client_host_ends_within_half_a_minute(rig: Rig) -> None:
     with client_namespace() as (ns, host):
-        key = await platform.function(REVERSE, LimitsSection())
-        async with platform.proxy(host) as port:
-            client = platform.client(f"ws://{host}:{port}/f", netns=ns)
+        key = await rig.function(REVERSE, LimitsSection())
+        async with rig.proxy(host) as port:
+            client = rig.client(f"ws://{host}:{port}/f", netns=ns)
             await replied(client)
-            await wait_busy(platform, key)
+            await wait_busy(rig, key)
             cut_off(ns)
-            took = await platform.seconds_until_not_busy(key, 36)
+            took = await rig.seconds_until_not_busy(key, 36)
             print(f"defaults (keepalive 10+5x3, user timeout 20), client host cut off: ended after {took:.1f}s")
             assert took < 32
 
@@ -363,32 +372,32 @@ def ping_limits() -> LimitsSection:
     return LimitsSection(ping_interval=PING[0], ping_timeout=PING[1])
 
 
-async def test_a_stopped_client_process_is_ended_by_the_instances_pings(platform: Platform) -> None:
-    key = await platform.function(REVERSE, ping_limits(), ping=PING)
-    async with platform.proxy() as port:
-        client = platform.client(f"ws://127.0.0.1:{port}/f")
+async def test_a_stopped_client_process_is_ended_by_the_instances_pings(rig: Rig) -> None:
+    key = await rig.function(REVERSE, ping_limits(), ping=PING)
+    async with rig.proxy() as port:
+        client = rig.client(f"ws://127.0.0.1:{port}/f")
         await replied(client)
-        await wait_busy(platform, key)
+        await wait_busy(rig, key)
         await anyio.sleep(2.5)  # pings answered meanwhile: a live client's stream stays
-        assert await platform.state(key) == "busy"
+        assert await rig.state(key) == "busy"
         client.send_signal(signal.SIGSTOP)
-        took = await platform.seconds_until_not_busy(key, 15)
+        took = await rig.seconds_until_not_busy(key, 15)
         print(f"client SIGSTOPped, ping {PING[0]:g}/{PING[1]:g}: ended after {took:.1f}s")
         assert took < sum(PING) + SLACK
-        assert await platform.state(key) == "free"  # the instance was never at fault
+        assert await rig.state(key) == "free"  # the instance was never at fault
 
 
 @pytest.mark.parametrize("leg", ["tcp", "unix"])
-async def test_a_stopped_instance_is_ended_by_the_proxy_when_its_pings_stop(platform: Platform, leg: str) -> None:
-    key = await platform.function(REVERSE, ping_limits(), ping=PING, unix=leg == "unix")
-    async with platform.proxy() as port:
+async def test_a_stopped_instance_is_ended_by_the_proxy_when_its_pings_stop(rig: Rig, leg: str) -> None:
+    key = await rig.function(REVERSE, ping_limits(), ping=PING, unix=leg == "unix")
+    async with rig.proxy() as port:
         async with connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:
             await ws.send("hello")
             assert await ws.recv() == "olleh"
             await anyio.sleep(2.5)  # a live instance that only pings is not silent
             await ws.send("still")
             assert await ws.recv() == "llits"
-            platform.instances[0].proc.send_signal(signal.SIGSTOP)
+            rig.instances[0].proc.send_signal(signal.SIGSTOP)
             began = time.monotonic()
             with anyio.fail_after(15), pytest.raises(ConnectionClosed):
                 await ws.recv()
@@ -396,21 +405,21 @@ async def test_a_stopped_instance_is_ended_by_the_proxy_when_its_pings_stop(plat
         print(f"instance ({leg}) SIGSTOPped, ping {PING[0]:g}/{PING[1]:g}: client saw the end after {took:.1f}s")
         assert took < sum(PING) + SLACK
         with anyio.fail_after(5):
-            while await platform.state(key) != "unhealthy":  # never handed to the next client
+            while await rig.state(key) != "unhealthy":  # never handed to the next client
                 await anyio.sleep(0.1)
 
 
-async def test_without_the_ping_policy_a_stopped_instance_keeps_its_stream(platform: Platform) -> None:
-    key = await platform.function(REVERSE, LimitsSection())
-    async with platform.proxy() as port, connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:
+async def test_without_the_ping_policy_a_stopped_instance_keeps_its_stream(rig: Rig) -> None:
+    key = await rig.function(REVERSE, LimitsSection())
+    async with rig.proxy() as port, connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:
         await ws.send("hello")
         assert await ws.recv() == "olleh"
-        platform.instances[0].proc.send_signal(signal.SIGSTOP)
+        rig.instances[0].proc.send_signal(signal.SIGSTOP)
         with anyio.move_on_after(sum(PING) + SLACK + 2):
             await ws.recv()
             pytest.fail("the stream ended though no policy asked for it")
-        assert await platform.state(key) == "busy"
-        platform.instances[0].proc.send_signal(signal.SIGCONT)
+        assert await rig.state(key) == "busy"
+        rig.instances[0].proc.send_signal(signal.SIGCONT)
         await ws.send("again")
         assert await ws.recv() == "niaga"  # it was only paused: nothing was cut
 
@@ -425,21 +434,79 @@ async def fn(websocket):
 """
 
 
-async def test_an_instance_held_up_by_a_client_that_stops_reading_is_not_judged_hung(
-    platform: Platform, tmp_path: Path
-) -> None:
+async def test_an_instance_held_up_by_a_client_that_stops_reading_is_not_judged_hung(rig: Rig, tmp_path: Path) -> None:
     """The proxy stops reading the instance while the client leg is full: the instance's silence is then the
     client's doing. The instance's own pings end such a stream (the client cannot answer behind its backlog), and
     the instance goes back to the pool, not to "unhealthy"."""
     flood = tmp_path / "flood"
     flood.mkdir()
     (flood / "fn.py").write_text(FLOOD)
-    key = await platform.function(flood, ping_limits(), ping=PING)
-    async with platform.proxy() as port:
-        client = platform.client(f"ws://127.0.0.1:{port}/f")  # reads one message, then nothing
+    key = await rig.function(flood, ping_limits(), ping=PING)
+    async with rig.proxy() as port:
+        client = rig.client(f"ws://127.0.0.1:{port}/f")  # reads one message, then nothing
         await replied(client)
-        await wait_busy(platform, key)
-        took = await platform.seconds_until_not_busy(key, 30)
+        await wait_busy(rig, key)
+        took = await rig.seconds_until_not_busy(key, 30)
         print(f"client stopped reading a flood, ping {PING[0]:g}/{PING[1]:g}: ended after {took:.1f}s")
         assert took < 30
-        assert await platform.state(key) == "free"
+        assert await rig.state(key) == "free"
+
+
+# -- end to end: aube.toml -> control plane -> runtime -> instance ----------------------------------------------
+
+
+async def test_the_manifests_ping_policy_reaches_the_instance_through_the_control_plane(
+    platform: Any, tmp_path: Path
+) -> None:
+    """Deployed with `[limits] ping_interval`, a real control plane starts the instance with the policy: a stopped
+    client's stream ends within the policy's bound (without pings nothing would end it)."""
+    await platform.start_controlplane()
+    port = free_port()
+    platform.start(
+        "aube.proxy",
+        AUBE_PROXY_HOST="127.0.0.1",
+        AUBE_PROXY_PORT=str(port),
+        AUBE_PROXY_ID=f"proxy-{port}",
+        AUBE_OPERATOR_PORT=str(free_port()),
+    )
+    async with nats_client(platform.nats_url) as (nc, registry):
+        policy = f"ping_interval = {PING[0]:g}\nping_timeout = {PING[1]:g}\n"
+        manifest = f"[scaling]\nmin_free = 1\nmax_instances = 2\n[limits]\n{policy}"
+        body = UploadRequest(name="rev", zip=zip_base64(REVERSE, {"aube.toml": manifest}))
+        await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, f"ws://127.0.0.1:{port}/rev"], stdout=subprocess.PIPE)
+        try:
+            with anyio.fail_after(60):
+                while True:  # the proxy may not have seen the function yet: the client then gets a 404 and exits
+                    assert client.stdout is not None
+                    line = await anyio.to_thread.run_sync(client.stdout.readline)
+                    if line.startswith(b"reply "):
+                        break
+                    client.wait()
+                    client.stdout.close()
+                    await anyio.sleep(0.2)
+                    client = subprocess.Popen(
+                        [sys.executable, "-c", CLIENT, f"ws://127.0.0.1:{port}/rev"], stdout=subprocess.PIPE
+                    )
+
+            async def busy() -> int:
+                return sum(e.record.state == "busy" for e in await registry.instances("rev"))
+
+            with anyio.fail_after(10):
+                while await busy() != 1:
+                    await anyio.sleep(0.05)
+            client.send_signal(signal.SIGSTOP)
+            began = time.monotonic()
+            with anyio.fail_after(15):
+                while await busy():
+                    await anyio.sleep(0.1)
+            took = time.monotonic() - began
+            print(
+                f"{platform.runtime} runtime, client SIGSTOPped, ping {PING[0]:g}/{PING[1]:g}: ended after {took:.1f}s"
+            )
+            assert took < sum(PING) + SLACK
+        finally:
+            client.kill()
+            client.wait()
+            if client.stdout is not None:
+                client.stdout.close()
