@@ -510,3 +510,32 @@ async def test_the_manifests_ping_policy_reaches_the_instance_through_the_contro
             client.wait()
             if client.stdout is not None:
                 client.stdout.close()
+
+
+async def test_both_tcp_legs_carry_keepalive(rig: Rig) -> None:
+    """What the kernel shows for the proxy's sockets: a keepalive timer on the client leg and the TCP instance leg."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    key = await rig.function(REVERSE, LimitsSection())
+    inst = rig.instances[0]
+    async with (
+        rig.proxy(**FAST_TCP) as port,
+        connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws,
+    ):
+        await ws.send("hello")
+        assert await ws.recv() == "olleh"
+        await wait_busy(rig, key)
+
+        def timers(selector: str) -> str:
+            argv = ["ss", "-tnoH", "state", "established", selector]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
+
+        # While a segment waits for its ACK the kernel shows the retransmission timer instead: look again then.
+        with anyio.fail_after(5):
+            while True:
+                client_leg = timers(f"( sport = :{port} )")  # the proxy's end of the client's connection
+                instance_leg = timers(f"( dport = :{inst.port} )")  # the proxy's connection to the instance
+                if "timer:(keepalive" in client_leg and "timer:(keepalive" in instance_leg:
+                    break
+                await anyio.sleep(0.2)
+        print(f"client leg: {client_leg.strip()}\ninstance leg: {instance_leg.strip()}")
