@@ -17,6 +17,7 @@ Each test prints the measured time from the fault to the stream's end (pytest -s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -539,3 +540,77 @@ async def test_both_tcp_legs_carry_keepalive(rig: Rig) -> None:
                     break
                 await anyio.sleep(0.2)
         print(f"client leg: {client_leg.strip()}\ninstance leg: {instance_leg.strip()}")
+
+
+def _pids_of_instance(instance_id: str) -> list[int]:
+    """Processes started for one instance (process runtime): every one whose environment names it."""
+    marker = f"{names.ENV_INSTANCE_ID}={instance_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def hang(runtime: str, instance_id: str, handle: str) -> None:
+    """The instance's processes stop running; its host's kernel still answers TCP."""
+    if runtime == "docker":
+        _run("docker", "pause", handle)  # the cgroup freezer: every process of the container stops
+        return
+    pids = _pids_of_instance(instance_id)
+    assert pids, f"no process of instance {instance_id} found"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+async def test_a_hung_instance_is_ended_stopped_and_never_served_again(platform: Any) -> None:
+    """A deployed function with a ping policy: its instance hangs mid-stream (SIGSTOP, or `docker pause`). The
+    client's stream ends within the policy's bound, the control plane stops that instance, and the next client is
+    served by another one."""
+    await platform.start_controlplane()
+    port = free_port()
+    platform.start(
+        "aube.proxy",
+        AUBE_PROXY_HOST="127.0.0.1",
+        AUBE_PROXY_PORT=str(port),
+        AUBE_PROXY_ID=f"proxy-{port}",
+        AUBE_OPERATOR_PORT=str(free_port()),
+    )
+    url = f"ws://127.0.0.1:{port}/who"
+    async with nats_client(platform.nats_url) as (nc, registry):
+        policy = f"ping_interval = {PING[0]:g}\nping_timeout = {PING[1]:g}\n"
+        manifest = f"[scaling]\nmin_free = 1\nmax_instances = 3\n[limits]\n{policy}"
+        body = UploadRequest(name="who", zip=zip_base64(ROOT / "examples" / "whoami", {"aube.toml": manifest}))
+        await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+        with anyio.fail_after(60):
+            while True:  # until the proxy has seen the function
+                try:
+                    ws = await connect(url, proxy=None, ping_interval=None, open_timeout=30).__aenter__()
+                    break
+                except Exception:  # a 404 before the proxy's view has the function
+                    await anyio.sleep(0.2)
+        try:
+            await ws.send("x")
+            hung_id = json.loads(await ws.recv())["instance"]
+            entry = next(e for e in await registry.instances("who") if e.record.instance_id == hung_id)
+            hang(platform.runtime, hung_id, entry.record.handle)
+            began = time.monotonic()
+            with anyio.fail_after(15), pytest.raises(ConnectionClosed):
+                await ws.recv()
+            took = time.monotonic() - began
+        finally:
+            await ws.close()
+        print(f"{platform.runtime} runtime, instance hung: the client saw the end after {took:.1f}s")
+        assert took < sum(PING) + SLACK
+        with anyio.fail_after(60):  # stopped by the control plane, not left for the next client
+            while any(e.record.instance_id == hung_id for e in await registry.instances("who")):
+                await anyio.sleep(0.2)
+        gone = time.monotonic() - began
+        print(f"{platform.runtime} runtime, hung instance out of the registry after {gone:.1f}s")
+        async with connect(url, proxy=None, open_timeout=60) as ws:
+            await ws.send("y")
+            assert json.loads(await ws.recv())["instance"] != hung_id
