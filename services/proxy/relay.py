@@ -3,7 +3,8 @@
 A client connection starts in head mode (bytes are buffered for the handshake code to read); once the
 instance is connected, `attach` switches both sides to relay mode, where `data_received` writes each chunk
 straight to the other transport. Flow control is the transports' own: when one side's write buffer passes
-its high-water mark, `pause_writing` pauses reading on the other side, and `resume_writing` resumes it.
+its high-water mark, `pause_writing` pauses reading on the other side, and `resume_writing` resumes it
+(`ClientSide.writing_paused` tells the hung-instance check that the instance's silence is then the client's doing).
 Per chunk the only Python work is one write and two integer adds (the stream's and the metrics' counters).
 
 Events are asyncio's, not anyio's: protocols are built in loop callbacks, outside any task, where anyio cannot
