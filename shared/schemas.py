@@ -38,6 +38,11 @@ class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     pids: int = 128
     stream_idle_timeout: float = 0.0  # 0 = never
     stream_max_duration: float = 0.0  # 0 = unlimited
+    # The ping policy: the instance pings the client every `ping_interval` seconds and ends the stream when a pong
+    # takes longer than `ping_timeout`; the proxy ends it when the instance sent nothing for both together (it
+    # hangs). 0 = no pings. Pings are traffic: they keep a stream from ever reaching a longer stream_idle_timeout.
+    ping_interval: float = 0.0
+    ping_timeout: float = 10.0
 
 
 class AccessSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -113,6 +113,14 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # /_aube/metrics is served here only, never on the public port (it names every function). None = not served.
     operator_host: str = "127.0.0.1"
     operator_port: int | None = DEFAULT_OPERATOR_PORT
+    # Dead peers on the client leg and on TCP instance legs (`aube.proxy.sockopts`): keepalive probes after
+    # `tcp_keepalive_idle` quiet seconds, every `tcp_keepalive_interval`, `tcp_keepalive_count` of them; data or
+    # probes unacknowledged for `tcp_user_timeout` end the connection. With these defaults a stream whose peer's
+    # host vanished ends about 20 s after the peer was last heard from. None disables keepalive / the user timeout.
+    tcp_keepalive_idle: float | None = 10.0
+    tcp_keepalive_interval: float = 5.0
+    tcp_keepalive_count: int = 3
+    tcp_user_timeout: float | None = 20.0
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):

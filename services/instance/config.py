@@ -24,6 +24,9 @@ DEFAULT_PORT = 8080
 DEFAULT_COMMAND_GRACE = 2.0
 # After SIGTERM: how long open streams get to close before the process exits regardless.
 DEFAULT_SHUTDOWN_GRACE = 5.0
+# The ping policy (`[limits] ping_interval` / `ping_timeout`): 0 = the server sends no pings (websockets' own
+# default of 20 s is not used, so a function's stream_idle_timeout is not defeated by pings it never asked for).
+DEFAULT_PING_TIMEOUT = 10.0
 
 # The instance credential (aube.shared.names spells them too; a unit test keeps the two in step). The runtime sets
 # the SHA-256 of the secret, never the secret: the function's code can read its environment (and /proc/1/environ),
@@ -54,6 +57,8 @@ class InstanceConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     # Empty: no credential is asked for (a server started by hand); the platform's runtimes always set one.
     secret_sha256: str = ""
+    ping_interval: float = 0.0
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstanceConfig:
@@ -108,6 +113,8 @@ class InstanceConfig:
             command_grace=grace,
             shutdown_grace=shutdown_grace,
             secret_sha256=secret_sha256,
+            ping_interval=_seconds(env, "AUBE_PING_INTERVAL", 0.0),
+            ping_timeout=_seconds(env, "AUBE_PING_TIMEOUT", DEFAULT_PING_TIMEOUT),
         )
 
 

@@ -100,6 +100,11 @@ class Negotiation:
         return {"select_subprotocol": first_offered}
 
 
+def keepalive(config: InstanceConfig) -> dict[str, Any]:
+    """Keyword arguments for either `serve`: the function's ping policy (websockets' keepalive), off at 0."""
+    return {"ping_interval": config.ping_interval or None, "ping_timeout": config.ping_timeout}
+
+
 def first_offered(connection: object, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     return offered[0] if offered else None
 
@@ -334,6 +339,7 @@ def serve_sync(
         "process_response": http_side.process_response,
         "create_connection": SyncStreamConnection,
         **negotiation.kwargs(),
+        **keepalive(config),
     }
     if config.socket:
         server = sserver.unix_serve(handler, config.socket, **options)
@@ -413,6 +419,7 @@ async def serve_async(
         "process_response": http_side.process_response_async,
         "create_connection": AsyncStreamConnection,
         **negotiation.kwargs(),
+        **keepalive(config),
     }
     if config.socket:
         server = await aserver.unix_serve(handler, config.socket, **options)

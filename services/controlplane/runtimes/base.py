@@ -104,6 +104,8 @@ def instance_environment(spec: InstanceSpec, port: int) -> dict[str, str]:
             "AUBE_FN_RUNTIME": fn.runtime,
             "AUBE_FN_COMMAND": json.dumps(fn.command),
             "AUBE_FN_MODE": fn.mode,
+            names.ENV_PING_INTERVAL: f"{spec.manifest.limits.ping_interval:g}",
+            names.ENV_PING_TIMEOUT: f"{spec.manifest.limits.ping_timeout:g}",
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
