@@ -1,0 +1,158 @@
+"""A red team's attacks on the tenant layer (issue 8): a tenant with valid credentials, a local process, and the
+files the operator's tools write. Real nats-server on the real deploy/nats.conf (tests/support.accounts_server),
+real processes; each test is an attack, and says whether it worked before the fix it comes with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from support import accounts_server
+
+from aube.cli.platform import add_tenant
+from aube.shared import credentials, names
+from aube.shared import tenants as tenancy
+from aube.shared.natsserver import ACCOUNTS_FILE, write_run_config
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "deploy" / "nats.conf"
+
+
+def test_the_rendered_server_config_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """tenants.conf holds every tenant's bcrypt hash: it was written 0644 into a 0755 folder, readable by any local
+    user (a function running as a process, say), who could then try passwords offline."""
+    data = tmp_path / "data"
+    credentials.platform_secrets(data)
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
+    conf = write_run_config(CONF, data / "nats" / "conf", hashes)
+    assert (conf.parent / ACCOUNTS_FILE).read_text().count("$2") >= 1  # the hashes are there
+    assert oct(conf.parent.stat().st_mode & 0o777) == "0o700"
+    for written in conf.parent.iterdir():
+        assert oct(written.stat().st_mode & 0o777) == "0o600", written
+    # Written again over an existing, more open file (an earlier version's): closed too.
+    (conf.parent / ACCOUNTS_FILE).chmod(0o644)
+    conf.parent.chmod(0o755)
+    write_run_config(CONF, data / "nats" / "conf", hashes)
+    assert oct((conf.parent / ACCOUNTS_FILE).stat().st_mode & 0o777) == "0o600"
+    assert oct(conf.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_tenant_add_does_not_signal_a_process_that_merely_mentions_nats_server(tmp_path: Path) -> None:
+    """A stale pid file whose pid now belongs to, e.g., the operator's `tail -f .data/nats/nats-server.log`: the old
+    check (b"nats-server" anywhere in the command line) sent it SIGHUP, which ends it."""
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "tail", "-f", ".data/nats/nats-server.log"],
+        start_new_session=True,
+    )
+    try:
+        pid_file = tmp_path / ".data" / "nats" / "nats-server.pid"
+        pid_file.parent.mkdir(parents=True)
+        pid_file.write_text(f"{bystander.pid}\n")
+        path, reloaded = add_tenant("bob", nats_conf=CONF, workdir=tmp_path)
+        assert path == tmp_path / ".data" / "tenants" / "bob.env"
+        assert reloaded is False
+        with pytest.raises(subprocess.TimeoutExpired):
+            bystander.wait(1.0)  # still alive: no SIGHUP reached it
+    finally:
+        bystander.kill()
+        bystander.wait()
+    # The real server, by its own pid file (relative to its working directory, as under `aube start`), is reloaded.
+    with accounts_server(tmp_path / "data") as server:
+        workdir = Path(server.server.store_dir)
+        assert (workdir / ".data" / "nats" / "nats-server.pid").exists()
+        _, reloaded = add_tenant("carol", nats_conf=CONF, workdir=workdir)
+        assert reloaded is True
+        assert server.server.process is not None and server.server.process.poll() is None
+
+
+async def _connect(url: str, options: dict[str, str]) -> NATS:
+    return await nats.connect(
+        url, **options, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3
+    )  # fmt: skip
+
+
+async def test_a_tenant_cannot_exhaust_the_servers_connections_or_jetstream(tmp_path: Path) -> None:
+    """A tenant's account had a storage quota but no other limit: it could open connections and create JetStream
+    streams and consumers without end (measured: 300 streams, 300 consumers, 100 connections, all accepted), a
+    cost the whole server (every tenant, the platform's registry) pays."""
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        alice = server.options("alice")
+        nc = await _connect(server.url, alice)
+        opened: list[NATS] = []
+        try:
+            js = nc.jetstream()
+            # What the platform needs keeps working: the tenant's bundle store and reads of it.
+            store = await js.create_object_store(names.BUCKET_BUNDLES)
+            await store.put("b", b"bundle")
+            assert (await store.get("b")).data == b"bundle"
+            created = 0
+            with pytest.raises(nats.js.errors.BadRequestError, match="maximum number of streams"):
+                for i in range(tenancy.TENANT_MAX_STREAMS + 1):
+                    await js.add_stream(name=f"S{i}", subjects=[f"s{i}.>"])
+                    created += 1
+            assert created == tenancy.TENANT_MAX_STREAMS - 1  # the bundle store is one
+            with pytest.raises(nats.js.errors.BadRequestError, match="maximum consumers"):
+                for i in range(tenancy.TENANT_MAX_CONSUMERS + 1):
+                    await js.add_consumer("S0", durable_name=f"c{i}")
+            with pytest.raises(Exception, match="maximum account active connections"):
+                for _ in range(tenancy.TENANT_MAX_CONNECTIONS + 1):
+                    opened.append(await asyncio.wait_for(_connect(server.url, alice), 10))
+            # The limit is alice's alone: another tenant still connects.
+            other = await _connect(server.url, server.options("deployer"))
+            await other.close()
+        finally:
+            for c in opened:
+                await c.close()
+            await nc.close()
+
+
+async def test_tenants_named_like_config_keywords_are_accounts_of_their_own(tmp_path: Path) -> None:
+    """Tenant names go unquoted into tenants.conf as account names: names that are words of nats-server's config
+    language (`include`, `accounts`, `users`, `jetstream`...) or one letter (`t`, the subject prefix's own token)
+    must still be plain accounts, each reaching the platform on its own subject only (the defence holds)."""
+    tricky = ["include", "accounts", "users", "jetstream", "t", "system", "a-b"]
+    with accounts_server(tmp_path / "data", tricky) as server:
+        cp_login = server.secrets.service_login("controlplane")
+        cp = await _connect(server.url, {"user": cp_login.user, "password": cp_login.password})
+
+        async def answer(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(msg.subject.encode())
+
+        await cp.subscribe(tenancy.tenant_subject("*", names.SUBJECT_LIST), cb=answer)
+        await cp.flush()
+        try:
+            for tenant in tricky:
+                nc = await _connect(server.url, server.options(tenant))
+                try:
+                    reply = await nc.request(names.SUBJECT_LIST, b"{}", timeout=5)
+                    assert reply.data.decode() == tenancy.tenant_subject(tenant, names.SUBJECT_LIST)
+                    assert tenancy.tenant_of(reply.data.decode()) == tenant
+                finally:
+                    await nc.close()
+        finally:
+            await cp.close()
+
+
+def test_the_tenant_list_and_credentials_stay_private(tmp_path: Path) -> None:
+    """The files holding passwords or hashes are 0600 whoever's umask (the defence holds)."""
+    old = os.umask(0)
+    try:
+        data = tmp_path / "data"
+        credentials.platform_secrets(data)
+        credentials.ensure_default_tenant(data, data / "credentials.env")
+        _, path = credentials.add_tenant(data, "carol")
+        for private in (data / "platform.env", data / "credentials.env", data / credentials.TENANT_LIST_FILE, path):
+            assert oct(private.stat().st_mode & 0o777) == "0o600", private
+    finally:
+        os.umask(old)
