@@ -40,6 +40,15 @@ def write_tenant_config(nats_conf: Path, data_dir: Path) -> Path:
     return write_run_config(nats_conf, data_dir / "nats" / "conf", hashes)
 
 
+def is_nats_server(pid: int) -> bool:
+    """Whether process `pid` runs the nats-server executable (" (deleted)" after an upgrade replaced the file)."""
+    try:
+        executable = Path(os.readlink(f"/proc/{pid}/exe")).name
+    except OSError:
+        return False
+    return executable.removesuffix(" (deleted)") == "nats-server"
+
+
 def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
     """`aube tenant add NAME`: the tenant's credentials file, and whether a running nats-server was reloaded."""
     data_dir = workdir / ".data"
@@ -48,8 +57,9 @@ def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool
     pid_file = data_dir / "nats" / "nats-server.pid"
     try:
         pid = int(pid_file.read_text().strip())
-        # A stale pid file (a crashed server) may name another process by now: signal only a nats-server.
-        if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        # A stale pid file (a crashed server) may name another process by now: signal only a nats-server, known by
+        # its executable (a `tail -f nats-server.log` mentions the name too, and SIGHUP would end it).
+        if not is_nats_server(pid):
             return path, False
         signal_reload(pid)
     except (OSError, ValueError):
