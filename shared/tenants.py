@@ -42,6 +42,14 @@ ENV_FETCH_PASSWORD = "AUBE_NATS_FETCH_PASSWORD"
 # An upload's reply comes when the build and health checks are done: the service import must stay open that long.
 RESPONSE_THRESHOLD = "30m"
 DEFAULT_JETSTREAM_QUOTA = "512MB"  # a tenant's file storage: its bundles in flight
+# Without these a tenant could open connections and create streams and consumers without end, a cost every
+# tenant and the platform's registry share. A tenant needs one stream (its bundle store, `OBJ_aube-bundles`), a
+# consumer per bundle being read (the control plane's fetch, the CLI), a connection per command and one per
+# upload the control plane is reading: the fetch user counts against the same limit, so a tenant that uses up its
+# connections only delays its own uploads.
+TENANT_MAX_CONNECTIONS = 64
+TENANT_MAX_STREAMS = 4
+TENANT_MAX_CONSUMERS = 64  # per stream (nats-server's account limit is per stream)
 
 
 def validate_tenant(name: object) -> str:
@@ -124,7 +132,9 @@ def render_accounts(
         ]
         out += [
             f"{tenant}: {{",
-            f"  jetstream: {{max_file: {quota}, max_mem: 0}}",
+            f"  jetstream: {{max_file: {quota}, max_mem: 0, max_streams: {TENANT_MAX_STREAMS}, "
+            f"max_consumers: {TENANT_MAX_CONSUMERS}}}",
+            f"  limits: {{max_connections: {TENANT_MAX_CONNECTIONS}}}",
             "  users: [",
             f'    {{user: "{tenant}", password: "{password}"}}',
             f'    {{user: "{FETCH_USER_PREFIX}{tenant}", password: ${ENV_FETCH_PASSWORD}, permissions: {{',
