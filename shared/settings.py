@@ -59,6 +59,10 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # On a clean exit, stop this control plane's instances too (`make start` sets it: Ctrl-C leaves nothing running).
     # Off, instances outlive a restart of the control plane and are reconciled when it comes back.
     stop_instances_on_exit: bool = False
+    # Requests (upload, delete, list) one tenant may have in flight at once on this control plane; more are refused
+    # with `too_many_requests`. Without a bound one tenant's flood of uploads (each up to the 8 MB max payload, held
+    # while it waits, then a build) is every tenant's outage. The operator's own requests are not counted.
+    tenant_max_requests: int = 4
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from support import accounts_server
+from support import accounts_server, zip_base64
 
 from aube.cli.platform import add_tenant
 from aube.shared import credentials, names
@@ -113,15 +114,14 @@ async def test_a_tenant_cannot_exhaust_the_servers_connections_or_jetstream(tmp_
             store = await js.create_object_store(names.BUCKET_BUNDLES)
             await store.put("b", b"bundle")
             assert (await store.get("b")).data == b"bundle"
-            created = 0
+            for i in range(tenancy.TENANT_MAX_STREAMS - 1):  # the bundle store is one
+                await js.add_stream(name=f"S{i}", subjects=[f"s{i}.>"])
             with pytest.raises(nats.js.errors.BadRequestError, match="maximum number of streams"):
-                for i in range(tenancy.TENANT_MAX_STREAMS + 1):
-                    await js.add_stream(name=f"S{i}", subjects=[f"s{i}.>"])
-                    created += 1
-            assert created == tenancy.TENANT_MAX_STREAMS - 1  # the bundle store is one
+                await js.add_stream(name="one-too-many", subjects=["more.>"])
+            for i in range(tenancy.TENANT_MAX_CONSUMERS):
+                await js.add_consumer("S0", durable_name=f"c{i}")
             with pytest.raises(nats.js.errors.BadRequestError, match="maximum consumers"):
-                for i in range(tenancy.TENANT_MAX_CONSUMERS + 1):
-                    await js.add_consumer("S0", durable_name=f"c{i}")
+                await js.add_consumer("S0", durable_name="one-too-many")
             for _ in range(tenancy.TENANT_MAX_CONNECTIONS - 1):
                 opened.append(await asyncio.wait_for(_connect(server.url, alice), 10))
             # One more is refused (tried in a subprocess: nats-py leaks a socket on refusal).
@@ -173,3 +173,49 @@ def test_the_tenant_list_and_credentials_stay_private(tmp_path: Path) -> None:
             assert oct(private.stat().st_mode & 0o777) == "0o600", private
     finally:
         os.umask(old)
+
+
+# Never ready: each upload holds the control plane until its health timeout.
+HANGING_FN = "import time\n\ntime.sleep(600)\n\n\nasync def fn(message):\n    return message\n"
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_one_tenant_cannot_flood_the_control_plane_with_requests(platform_on, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every request ran in a task of its own, without bound: one tenant could keep any number of uploads (each up
+    to the 8 MB max payload, held in memory while it waits) and builds going at once. Measured before the fix:
+    12 concurrent uploads from one tenant started 12 builds and 12 instances together. Now a tenant has at most
+    `tenant_max_requests` requests in flight; the rest are refused at once with `too_many_requests`, and other
+    tenants are served as usual."""
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        await platform.start_controlplane(**server.service_env("controlplane"), AUBE_HEALTH_TIMEOUT="8")
+        alice = await _connect(server.url, server.options("alice"))
+        bob = await _connect(server.url, server.options("deployer"))
+        try:
+
+            async def upload(i: int) -> tuple[float, dict[str, object]]:
+                bundle = zip_base64(REPO / "examples" / "reverse-async", {"fn.py": HANGING_FN})
+                body = {"name": f"flood{i}", "zip": bundle}
+                started = time.monotonic()
+                reply = await alice.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)
+                return time.monotonic() - started, json.loads(reply.data)
+
+            tasks = [asyncio.ensure_future(upload(i)) for i in range(12)]
+            await asyncio.sleep(1.0)
+            # Meanwhile another tenant is answered at once.
+            started = time.monotonic()
+            listed = json.loads((await bob.request(names.SUBJECT_LIST, b"{}", timeout=10)).data)
+            assert listed["ok"] is True and time.monotonic() - started < 3
+            results = await asyncio.gather(*tasks)
+            codes = sorted(str(r["error"]["code"]) for _, r in results)  # type: ignore[index]
+            limit = 4  # the default AUBE_TENANT_MAX_REQUESTS
+            assert codes == ["health_check_failed"] * limit + ["too_many_requests"] * (12 - limit), codes
+            refused = [t for t, r in results if r["error"]["code"] == "too_many_requests"]  # type: ignore[index]
+            assert max(refused) < 5, refused  # at once, not after the others' builds
+            # The places are given back: alice is served again.
+            again = json.loads((await alice.request(names.SUBJECT_LIST, b"{}", timeout=10)).data)
+            assert again["ok"] is True
+        finally:
+            await alice.close()
+            await bob.close()
+            platform.stop_all()
