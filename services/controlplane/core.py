@@ -145,10 +145,17 @@ class ControlPlane:
     @asynccontextmanager
     async def _bundle_store(self, tenant: str) -> AsyncIterator[ObjectStore]:
         """The object store a requester's bundles are in: the tenant's own (its account's JetStream, read as that
-        account's `aube-fetch-<tenant>` user), or this account's for the operator and servers without accounts."""
-        if tenant == tenancy.OPERATOR or not self.settings.nats_fetch_password:
+        account's `aube-fetch-<tenant>` user), or this account's for the operator (and servers without accounts, where
+        every request is the operator's)."""
+        if tenant == tenancy.OPERATOR:
             yield self.bundles
             return
+        if not self.settings.nats_fetch_password:
+            # Never this account's store for a tenant: a key it names could be the operator's bundle in flight.
+            log.warning("a tenant's object upload is refused: AUBE_NATS_FETCH_PASSWORD is not set")
+            raise InvalidRequest(
+                "uploads through the object store are not configured on this platform; ask the operator"
+            )
         nc = await natsconn.connect(
             self.settings.nats_url,
             user=f"{tenancy.FETCH_USER_PREFIX}{tenant}",

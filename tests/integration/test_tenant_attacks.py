@@ -6,6 +6,7 @@ real processes; each test is an attack, and says whether it worked before the fi
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -218,4 +219,40 @@ async def test_one_tenant_cannot_flood_the_control_plane_with_requests(platform_
         finally:
             await alice.close()
             await bob.close()
+            platform.stop_all()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_without_the_fetch_password_a_tenants_object_key_never_reads_the_platforms_store(  # type: ignore[no-untyped-def]
+    platform_on, tmp_path: Path
+) -> None:
+    """A control plane on a server with accounts but started without AUBE_NATS_FETCH_PASSWORD read a tenant's
+    `object` upload from the platform account's own bundle store: a tenant naming the key of a bundle the operator
+    was uploading deployed the operator's code as its own function (and deleted the operator's copy). Now such a
+    tenant request is refused; the operator's own object uploads work as before."""
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        env = server.service_env("controlplane")
+        del env["AUBE_NATS_FETCH_PASSWORD"]
+        await platform.start_controlplane(**env)
+        cp_login = server.secrets.service_login("controlplane")
+        operator = await _connect(server.url, {"user": cp_login.user, "password": cp_login.password})
+        alice = await _connect(server.url, server.options("alice"))
+        try:
+            store = await operator.jetstream().object_store(names.BUCKET_BUNDLES)
+            operator_bundle = base64.b64decode(zip_base64(REPO / "examples" / "reverse-async"))
+            await store.put("operator-bundle", operator_bundle)
+            body = {"name": "stolen", "object": "operator-bundle"}
+            reply = json.loads((await alice.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)).data)
+            assert reply["ok"] is False and reply["error"]["code"] == "invalid_request", reply
+            assert (await store.get("operator-bundle")).data == operator_bundle  # untouched
+            # The operator's own object upload still reads its store.
+            body = {"name": "mine", "object": "operator-bundle"}
+            reply = json.loads(
+                (await operator.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)).data
+            )
+            assert reply["ok"] is True, reply
+        finally:
+            await alice.close()
+            await operator.close()
             platform.stop_all()
