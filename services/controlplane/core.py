@@ -414,7 +414,9 @@ class ControlPlane:
             with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
                 if started is not None:
                     await self.runtime.stop(started.handle)
-                await self.registry.delete_instance(key)
+                # Only our own entry: once a delete retired this slot, another upload (another tenant's, when
+                # the name was taken over during its delete) may have started its instance in it.
+                await self.registry.delete_instance(key, revision)
             raise
         finally:
             self.in_flight.discard(instance_id)
@@ -469,6 +471,11 @@ class ControlPlane:
                 if await self._drain_and_stop(entry, reason="retired"):
                     return "stopped"
             else:
+                # An earlier deadline stands: a re-upload (deadline None) during a delete's grace must not let the
+                # deleted version stream on for ever (the name may even be another tenant's by now).
+                kept = entry.record.retire_deadline
+                if kept is not None:
+                    deadline = kept if deadline is None else min(kept, deadline)
                 marked = msgspec.structs.replace(entry.record, retire=True, retire_deadline=deadline)
                 if await self.registry.update_instance(entry.revision, marked) is not None:
                     return "streaming"

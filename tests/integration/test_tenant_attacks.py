@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -22,7 +24,7 @@ from support import accounts_server, zip_base64
 from aube.cli.platform import add_tenant
 from aube.shared import credentials, names
 from aube.shared import tenants as tenancy
-from aube.shared.natsserver import ACCOUNTS_FILE, write_run_config
+from aube.shared.natsserver import ACCOUNTS_FILE, free_port, write_run_config
 
 pytestmark = pytest.mark.anyio
 
@@ -255,4 +257,84 @@ async def test_without_the_fetch_password_a_tenants_object_key_never_reads_the_p
         finally:
             await alice.close()
             await operator.close()
+            platform.stop_all()
+
+
+BOBS_FN = (
+    "async def fn(websocket):\n    async for message in websocket:\n        await websocket.send('bob:' + message)\n"
+)
+
+
+async def _until_closed(ws: Any) -> None:
+    """Keep talking on a WebSocket until the other side ends it."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            await ws.send("x")
+            await ws.recv()
+            await asyncio.sleep(0.2)
+    except ConnectionClosed:
+        return
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_name_taken_over_during_delete_grace_gets_no_old_stream_and_ends_the_grace_on_time(  # type: ignore[no-untyped-def]
+    platform_on, tmp_path: Path
+) -> None:
+    """Alice deletes a function while a stream is open on it (grace 3 s); during the grace, Bob uploads the same
+    name (free: it is being deleted). Bob's clients must reach Bob's code only, never Alice's still-streaming
+    instance (the defence holds), and Alice's stream must still end when her grace ends. Before the fixes:
+    Bob's upload failed with `conflict` when a scale-out of Alice's function, cut short by her delete, cleaned up
+    its slot after Bob had started his instance there (it deleted Bob's registry entry); and Bob's upload retired
+    Alice's instance again without a deadline, so her deleted function kept streaming for ever."""
+    from websockets.asyncio.client import connect
+
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        await platform.start_controlplane(**server.service_env("controlplane"))
+        port = free_port()
+        proxy_env = server.service_env("proxy")
+        platform.start("aube.proxy", AUBE_PROXY_PORT=str(port), AUBE_PROXY_HOST="127.0.0.1", **proxy_env)
+        alice = await _connect(server.url, server.options("alice"))
+        bob = await _connect(server.url, server.options("deployer"))
+        url = f"ws://127.0.0.1:{port}/shared"
+        try:
+            body = {"name": "shared", "zip": zip_base64(REPO / "examples" / "reverse-async")}
+            reply = json.loads((await alice.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)).data)
+            assert reply["ok"] is True, reply
+            deadline = time.monotonic() + 30
+            while True:  # the proxy may still be starting
+                try:
+                    held = await connect(url, proxy=None, open_timeout=5)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.3)
+            await held.send("abc")
+            assert await held.recv() == "cba"
+            deleted = json.loads(
+                (await alice.request(names.SUBJECT_DELETE, b'{"name": "shared", "grace": 3}', timeout=60)).data
+            )
+            assert deleted["ok"] is True and deleted["draining"] == 1, deleted
+            ended_by = time.monotonic() + 3
+
+            body = {"name": "shared", "zip": zip_base64(REPO / "examples" / "reverse-async", {"fn.py": BOBS_FN})}
+            reply = json.loads((await bob.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)).data)
+            assert reply["ok"] is True and reply["version"] == 2, reply
+            async with connect(url, proxy=None, open_timeout=10) as ws:
+                await ws.send("abc")
+                assert await ws.recv() == "bob:abc"  # Bob's code, not Alice's instance
+            await held.send("still")
+            assert await held.recv() == "llits"  # Alice's stream is not cut early either
+
+            # Alice's stream ends when her grace ends (retirement runs every second), not never.
+            with anyio.fail_after(ended_by - time.monotonic() + 8):
+                await _until_closed(held)
+            listed = json.loads((await bob.request(names.SUBJECT_LIST, b"{}", timeout=10)).data)
+            assert [(f["name"], f["version"]) for f in listed["functions"]] == [("shared", 2)]
+            assert json.loads((await alice.request(names.SUBJECT_LIST, b"{}", timeout=10)).data)["functions"] == []
+        finally:
+            await alice.close()
+            await bob.close()
             platform.stop_all()
