@@ -25,6 +25,7 @@ from aube.cli.platform import add_tenant
 from aube.shared import credentials, names
 from aube.shared import tenants as tenancy
 from aube.shared.natsserver import ACCOUNTS_FILE, free_port, write_run_config
+from aube.shared.registry import Registry
 
 pytestmark = pytest.mark.anyio
 
@@ -337,4 +338,45 @@ async def test_a_name_taken_over_during_delete_grace_gets_no_old_stream_and_ends
         finally:
             await alice.close()
             await bob.close()
+            platform.stop_all()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_two_tenants_uploading_one_new_name_at_once_leave_one_owner_and_nothing_of_the_loser(  # type: ignore[no-untyped-def]
+    platform_on, tmp_path: Path
+) -> None:
+    """Alice and Bob race for a new name: exactly one wins, the record is the winner's, the loser gets name_taken
+    and none of its instances stays behind (the defence holds: uploads of one name are serialized and the
+    ownership is checked again inside)."""
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        await platform.start_controlplane(**server.service_env("controlplane"))
+        clients = {
+            "alice": await _connect(server.url, server.options("alice")),
+            "deployer": await _connect(server.url, server.options("deployer")),
+        }
+        cp_login = server.secrets.service_login("controlplane")
+        operator = await _connect(server.url, {"user": cp_login.user, "password": cp_login.password})
+        try:
+
+            async def upload(tenant: str) -> dict[str, Any]:
+                body = {"name": "race", "zip": zip_base64(REPO / "examples" / "reverse-async")}
+                data = json.dumps(body).encode()
+                return json.loads((await clients[tenant].request(names.SUBJECT_UPLOAD, data, timeout=120)).data)  # type: ignore[no-any-return]
+
+            replies = dict(zip(clients, await asyncio.gather(*(upload(t) for t in clients)), strict=True))
+            winners = [t for t, r in replies.items() if r["ok"]]
+            assert len(winners) == 1, replies
+            (loser,) = set(clients) - set(winners)
+            assert replies[loser]["error"]["code"] == "name_taken", replies
+            registry = await Registry.open(operator.jetstream())
+            entry = await registry.get_function("race")
+            assert entry is not None and entry.record.tenant == winners[0]
+            instances = await registry.instances("race")
+            assert [e.record.version for e in instances] == [entry.record.version]
+            listed = json.loads((await clients[loser].request(names.SUBJECT_LIST, b"{}", timeout=10)).data)
+            assert listed["functions"] == []
+        finally:
+            for nc in (*clients.values(), operator):
+                await nc.close()
             platform.stop_all()
