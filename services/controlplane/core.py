@@ -265,9 +265,14 @@ class ControlPlane:
 
     async def _deploy(self, name: str, root: Path, manifest: Manifest, tenant: str) -> UploadReply:
         existing = await self.registry.get_function(name)
+        live = existing is not None and not existing.record.deleting
+        if live and existing is not None and not tenancy.may_touch(tenant, existing.record.tenant):
+            # Checked again here, on the record this deploy replaces: another control plane may have given the
+            # name to another tenant since `upload` checked it (during the bundle's validation, say).
+            raise NameTaken(f"the name {name!r} is taken by another tenant's function; choose another")
         # A re-upload keeps the function's owner (the operator may re-upload a tenant's function); a new name, or one
         # whose delete is finishing, belongs to whoever uploads it.
-        owner = existing.record.tenant if existing and not existing.record.deleting else tenant
+        owner = existing.record.tenant if live and existing is not None else tenant
         version = await self._next_version(name, existing)
         await self.emit(name, "accepted", tenant=owner, version=version)
         artifact = await self._prepare(name, version, root, manifest, owner)

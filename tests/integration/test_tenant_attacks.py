@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import subprocess
@@ -380,3 +381,54 @@ async def test_two_tenants_uploading_one_new_name_at_once_leave_one_owner_and_no
             for nc in (*clients.values(), operator):
                 await nc.close()
             platform.stop_all()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_name_another_control_plane_gave_a_tenant_meanwhile_is_not_deployed_as_that_tenants(
+    nats_server, test_owner: str, tmp_path: Path, runtime_kind: str
+) -> None:  # type: ignore[no-untyped-def]
+    """With two control planes (a queue group shares the requests), Bob's upload of a new name checks the name,
+    then validates and builds; meanwhile the other control plane may finish Alice's upload of that name. The
+    deploy then saw Alice's record and, taking it for a re-upload, kept its owner: Bob's code went live as the
+    next version of Alice's function, serving Alice's clients. Two processes cannot be made to hit that window
+    on demand, so this test plays the other control plane: it writes Alice's record into the real registry just
+    before Bob's deploy step runs on a real control plane object (real NATS, real process runtime)."""
+    import zipfile
+
+    from aube.controlplane.bundle import validate_bundle
+    from aube.controlplane.core import ControlPlane
+    from aube.controlplane.runtimes.process import ProcessRuntime
+    from aube.shared.errors import NameTaken
+    from aube.shared.schemas import FunctionRecord, Manifest
+    from aube.shared.settings import ControlPlaneSettings
+
+    settings = ControlPlaneSettings(
+        nats_url=nats_server.url, owner=test_owner, runtime="process", data_dir=str(tmp_path / "data")
+    )
+    runtime = ProcessRuntime(settings)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        registry = await Registry.open(js)
+        cp = ControlPlane(settings, nc, registry, runtime, await js.create_object_store(names.BUCKET_BUNDLES))
+        data = base64.b64decode(zip_base64(REPO / "examples" / "reverse-async", {"fn.py": BOBS_FN}))
+        assert zipfile.is_zipfile(io.BytesIO(data))
+        root, manifest = validate_bundle(data, tmp_path / "bundle", cp.limits)
+        # The other control plane's work, done while Bob's bundle was being validated.
+        now = time.time()
+        alices = FunctionRecord(
+            name="taken", version=1, manifest=Manifest(), artifact="elsewhere", runtime="process",
+            created_at=now, updated_at=now, tenant="alice",
+        )  # fmt: skip
+        assert await registry.put_function(alices, None) is not None
+        try:
+            with pytest.raises(NameTaken):
+                await cp._deploy("taken", root, manifest, "deployer")
+            entry = await registry.get_function("taken")
+            assert entry is not None and entry.record == alices  # Alice's function is untouched
+            assert await registry.instances("taken") == []
+        finally:
+            await cp.stop_everything()
+    finally:
+        await nc.close()
+        await runtime.close()
