@@ -432,3 +432,45 @@ async def test_a_name_another_control_plane_gave_a_tenant_meanwhile_is_not_deplo
     finally:
         await nc.close()
         await runtime.close()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_hostile_request_bodies_get_bounded_error_replies_and_the_service_keeps_serving(  # type: ignore[no-untyped-def]
+    platform_on, tmp_path: Path
+) -> None:
+    """Malformed, huge, wildcard-laden or wrongly typed bodies on each tenant subject: each gets an error reply
+    with a code, at most a few KiB however big the body, and the control plane keeps serving (the defence holds)."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge_zip = json.dumps({"name": "big", "zip": "A" * (7 * 1024 * 1024)}).encode()
+    bodies = {
+        names.SUBJECT_UPLOAD: [
+            b"", b"not json", b"\xff\xfe", deep, b"[]", b'{"name": 1}', b'{"name": "*"}', b'{"name": ">"}',
+            b'{"name": "a.b"}', b'{"name": "aube.t.alice.fn.upload"}', b'{"name": "x", "zip": "%%%"}',
+            b'{"name": "x", "zip": "UEsDBA==", "object": "k"}', b'{"name": "x", "object": "../../etc/passwd"}',
+            b'{"name": "x", "object": "*"}', b'{"name": "x", "object": ">"}', huge_zip,
+        ],
+        names.SUBJECT_DELETE: [
+            b'{"name": ">"}', b'{"name": "x", "grace": -1e308}', b'{"name": "x", "grace": "1"}', deep,
+        ],
+        names.SUBJECT_LIST: [b'{"name": "*"}', b'{"name": ">"}', b'{"name": 5}', deep],
+    }  # fmt: skip
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        service = await platform.start_controlplane(**server.service_env("controlplane"))
+        alice = await _connect(server.url, server.options("alice"))
+        try:
+            for subject, cases in bodies.items():
+                for body in cases:
+                    reply = await alice.request(subject, body, timeout=60)
+                    decoded = json.loads(reply.data)
+                    assert len(reply.data) < 8192, (subject, body[:60], len(reply.data))
+                    if subject == names.SUBJECT_LIST and decoded["ok"]:
+                        assert decoded["functions"] == []  # a wildcard is a name like any other: nothing matches
+                        continue
+                    assert decoded["ok"] is False and decoded["error"]["code"], (subject, body[:60], decoded)
+            assert service.proc is not None and service.proc.poll() is None
+            listed = json.loads((await alice.request(names.SUBJECT_LIST, b"{}", timeout=10)).data)
+            assert listed == {"ok": True, "functions": []}
+        finally:
+            await alice.close()
+            platform.stop_all()
