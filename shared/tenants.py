@@ -38,6 +38,10 @@ TENANT_SUBJECT_PREFIX = "aube.t"
 # Each tenant's account also holds this platform user, which the control plane uses to read (and then delete) a
 # bundle the tenant put in its own object store. Its password is the platform's, from the server's environment.
 FETCH_USER_PREFIX = "aube-fetch-"
+# The fetch user's inboxes (its replies and its consumers' deliveries). Not `_INBOX`: the tenant shares the account
+# and could read them and publish into them (made-up chunks for the read in progress); tenant users may neither
+# subscribe nor publish here.
+FETCH_INBOX_PREFIX = "_AUBE_FETCH"
 ENV_FETCH_PASSWORD = "AUBE_NATS_FETCH_PASSWORD"
 # An upload's reply comes when the build and health checks are done: the service import must stay open that long.
 RESPONSE_THRESHOLD = "30m"
@@ -136,10 +140,12 @@ def render_accounts(
             f"max_consumers: {TENANT_MAX_CONSUMERS}}}",
             f"  limits: {{max_connections: {TENANT_MAX_CONNECTIONS}}}",
             "  users: [",
-            f'    {{user: "{tenant}", password: "{password}"}}',
+            f'    {{user: "{tenant}", password: "{password}", permissions: {{',
+            f'      publish: {{deny: ["{FETCH_INBOX_PREFIX}.>"]}}, subscribe: {{deny: ["{FETCH_INBOX_PREFIX}.>"]}}',
+            "    }}",
             f'    {{user: "{FETCH_USER_PREFIX}{tenant}", password: ${ENV_FETCH_PASSWORD}, permissions: {{',
             f"      publish: {{allow: {json.dumps(fetch_allow)}}}",
-            '      subscribe: {allow: ["_INBOX.>"]}',
+            f'      subscribe: {{allow: ["{FETCH_INBOX_PREFIX}.>"]}}',
             "    }}",
             "  ]",
             "  imports: [",

@@ -161,6 +161,7 @@ class ControlPlane:
             user=f"{tenancy.FETCH_USER_PREFIX}{tenant}",
             password=self.settings.nats_fetch_password,
             name=f"aube-controlplane-fetch-{tenant}",
+            inbox_prefix=tenancy.FETCH_INBOX_PREFIX,  # inboxes the tenant cannot read or publish to
             connect_timeout=5,
             max_reconnect_attempts=1,
         )

@@ -474,3 +474,52 @@ async def test_hostile_request_bodies_get_bounded_error_replies_and_the_service_
         finally:
             await alice.close()
             platform.stop_all()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_tenant_neither_reads_nor_feeds_the_control_planes_fetch_connection(  # type: ignore[no-untyped-def]
+    platform_on, tmp_path: Path
+) -> None:
+    """The control plane reads a big bundle from the tenant's own account as `aube-fetch-<tenant>`, whose replies
+    and push-consumer deliveries came to `_INBOX.…` subjects of that account, which the tenant may subscribe
+    and publish to: it saw the fetch connection's replies and could publish into its consumer's delivery
+    subject (made-up chunks, e.g. without end, for a read that keeps everything in memory). Now the fetch
+    connection's inboxes have a prefix of their own that tenant users may neither subscribe nor publish to."""
+    from aube.cli.main import deploy
+
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        await platform.start_controlplane(**server.service_env("controlplane"))
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        alice = await nats.connect(server.url, **server.options("alice"), error_cb=on_error)
+        seen: list[tuple[str, str, int]] = []
+
+        async def spy(msg: nats.aio.msg.Msg) -> None:
+            seen.append((msg.subject, msg.reply, len(msg.data)))
+
+        try:
+            await alice.subscribe(">", cb=spy)
+            await alice.subscribe(f"{tenancy.FETCH_INBOX_PREFIX}.>", cb=spy)
+            await alice.publish(f"{tenancy.FETCH_INBOX_PREFIX}.x.y", b"forged chunk")
+            big = tmp_path / "big"
+            big.mkdir()
+            (big / "fn.py").write_text((REPO / "examples" / "reverse-async" / "fn.py").read_text())
+            (big / "payload.bin").write_bytes(os.urandom(9 * 1024 * 1024))
+            reply = await deploy(alice, big, "big", 120)
+            assert reply.name == "big"
+            await alice.flush()
+            await asyncio.sleep(0.5)
+            # Alice's own upload publishes its chunks (seen on $O.…) and gets small acks on its inbox; the
+            # fetch connection's 128 KiB chunk deliveries are not hers to see.
+            # No reply to the fetch connection's inboxes reaches Alice's `>` (only her own inbox's). She does still
+            # see its consumer's deliveries of her own chunks (they carry the stream subject, $O.…): her own data.
+            own_inbox = alice._inbox_prefix.decode() + "."
+            assert [s for s, _, _ in seen if s.startswith("_") and not s.startswith(own_inbox)] == []
+            assert sum("permissions violation" in e.lower() for e in errors) == 2, errors
+        finally:
+            await alice.close()
+            platform.stop_all()
