@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aube.shared import credentials
 from aube.shared import tenants as tenancy
+from aube.shared.errors import InvalidRequest
 from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
 
 
@@ -52,6 +53,15 @@ def is_nats_server(pid: int) -> bool:
 def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
     """`aube tenant add NAME`: the tenant's credentials file, and whether a running nats-server was reloaded."""
     data_dir = workdir / ".data"
+    # Every tenant's storage quota must fit the server's max_file_store, or nats-server starts no JetStream at all
+    # (the default tenant, made by the first `aube start`, counts too).
+    known = tenancy.TenantFile(data_dir / credentials.TENANT_LIST_FILE).load()
+    fits = tenancy.tenants_that_fit(nats_conf.read_text())
+    if fits is not None and len({*known, tenancy.DEFAULT_TENANT, name}) > fits:
+        raise InvalidRequest(
+            f"{nats_conf} reserves room for {fits} tenants of {tenancy.DEFAULT_JETSTREAM_QUOTA} each "
+            "(jetstream max_file_store): raise max_file_store there to add more"
+        )
     _, path = credentials.add_tenant(data_dir, name)
     write_tenant_config(nats_conf, data_dir)
     pid_file = data_dir / "nats" / "nats-server.pid"

@@ -156,6 +156,28 @@ def render_accounts(
     return "\n".join(out) + "\n"
 
 
+_MAX_FILE_STORE = re.compile(r"^\s*max_file_store\s*[:=]?\s*\"?([0-9]+)\s*([KMGT]?)B?\"?\s*(#.*)?$", re.M | re.I)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def size_bytes(text: str) -> int:
+    """A nats-server size (`512MB`, `4GB`, `1024`) in bytes."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMGT]?)B?\s*", text, re.I)
+    if match is None:
+        raise InvalidRequest(f"not a size: {text!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def tenants_that_fit(server_config: str, quota: str = DEFAULT_JETSTREAM_QUOTA) -> int | None:
+    """How many tenant accounts the server can reserve `quota` of file storage for: nats-server reserves each
+    account's quota from its `max_file_store` and, when they do not fit, starts no JetStream at all. None when
+    the configuration sets no `max_file_store` (the server then sizes it from the disk)."""
+    match = _MAX_FILE_STORE.search(server_config)
+    if match is None:
+        return None
+    return (int(match.group(1)) * _UNITS[match.group(2).upper()]) // size_bytes(quota)
+
+
 class TenantFile:
     """The operator's tenant list (`<data>/tenants.json`: name -> bcrypt hash of the tenant's password)."""
 

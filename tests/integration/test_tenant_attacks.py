@@ -25,7 +25,8 @@ from support import accounts_server, zip_base64
 from aube.cli.platform import add_tenant
 from aube.shared import credentials, names
 from aube.shared import tenants as tenancy
-from aube.shared.natsserver import ACCOUNTS_FILE, free_port, write_run_config
+from aube.shared.errors import InvalidRequest
+from aube.shared.natsserver import ACCOUNTS_FILE, LocalNatsServer, free_port, write_run_config
 from aube.shared.registry import Registry
 
 pytestmark = pytest.mark.anyio
@@ -523,3 +524,27 @@ async def test_a_tenant_neither_reads_nor_feeds_the_control_planes_fetch_connect
         finally:
             await alice.close()
             platform.stop_all()
+
+
+def test_tenant_add_refuses_a_tenant_whose_storage_quota_the_server_cannot_reserve(tmp_path: Path) -> None:
+    """nats-server reserves each tenant account's storage quota (512 MB) from its max_file_store (4 GB in
+    deploy/nats.conf) and, when they do not fit, refuses to start JetStream at all ("insufficient storage
+    resources"): the ninth tenant made the next start of the whole platform fail. `aube tenant add` now refuses
+    the tenant that would not fit, and says why."""
+    fits = tenancy.tenants_that_fit(CONF.read_text())
+    assert fits == 8
+    for i in range(fits - 1):  # the default tenant is the first
+        _, reloaded = add_tenant(f"t{i}", nats_conf=CONF, workdir=tmp_path)
+        assert reloaded is False
+    with pytest.raises(InvalidRequest, match="max_file_store"):
+        add_tenant("one-too-many", nats_conf=CONF, workdir=tmp_path)
+    assert not (tmp_path / ".data" / "tenants" / "one-too-many.env").exists()
+    # The tenants that fit (with the default one, which the first `aube start` adds) start: the real server on the
+    # real configuration.
+    data = tmp_path / ".data"
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
+    assert len(hashes) == fits
+    secrets = credentials.platform_secrets(data)
+    with LocalNatsServer(config=CONF, env=secrets.environment(), tenant_hashes=hashes):
+        pass
