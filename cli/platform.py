@@ -63,6 +63,18 @@ def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool
             "(jetstream max_file_store): raise max_file_store there to add more"
         )
     _, path = credentials.add_tenant(data_dir, name)
+    return path, _reload(nats_conf, data_dir)
+
+
+def rotate_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
+    """`aube tenant rotate NAME`: a new password (the old one, leaked say, stops working at the reload)."""
+    data_dir = workdir / ".data"
+    _, path = credentials.rotate_tenant(data_dir, name)
+    return path, _reload(nats_conf, data_dir)
+
+
+def _reload(nats_conf: Path, data_dir: Path) -> bool:
+    """Render the tenant configuration again and make a running nats-server reload it; whether one was."""
     write_tenant_config(nats_conf, data_dir)
     pid_file = data_dir / "nats" / "nats-server.pid"
     try:
@@ -70,11 +82,11 @@ def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool
         # A stale pid file (a crashed server) may name another process by now: signal only a nats-server, known by
         # its executable (a `tail -f nats-server.log` mentions the name too, and SIGHUP would end it).
         if not is_nats_server(pid):
-            return path, False
+            return False
         signal_reload(pid)
     except (OSError, ValueError):
-        return path, False
-    return path, True
+        return False
+    return True
 
 
 def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:

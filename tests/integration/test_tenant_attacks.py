@@ -548,3 +548,61 @@ def test_tenant_add_refuses_a_tenant_whose_storage_quota_the_server_cannot_reser
     secrets = credentials.platform_secrets(data)
     with LocalNatsServer(config=CONF, env=secrets.environment(), tenant_hashes=hashes):
         pass
+
+
+async def test_a_leaked_tenant_password_can_be_rotated_and_stops_working_at_once(tmp_path: Path) -> None:
+    """Someone got alice's password. The operator had no way to change it (`aube tenant add` refuses an existing
+    tenant; only hand-editing tenants.json). `aube tenant rotate alice` gives her a new one: after the reload the
+    old one is refused and connections made with it are closed. The server runs as `aube start` runs it: from the
+    working directory, on <data>/nats/conf, with its pid file."""
+    from aube.cli.platform import rotate_tenant, write_tenant_config
+    from aube.shared.natsserver import find_nats_server
+
+    data = tmp_path / ".data"
+    secrets = credentials.platform_secrets(data)
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    credentials.add_tenant(data, "alice")
+    old = credentials.load_login(data / "tenants" / "alice.env")
+    assert old is not None
+    conf = write_tenant_config(CONF, data)
+    port, monitor = free_port(), free_port()
+    argv = [find_nats_server(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)]
+    log = (tmp_path / "nats.log").open("wb")
+    server = subprocess.Popen(
+        argv, cwd=tmp_path, env={**os.environ, **secrets.environment()}, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        with anyio.fail_after(20):
+            while not (data / "nats" / "nats-server.pid").exists() or "connected" not in _connect_elsewhere(
+                url, {"user": "alice", "password": old.password}
+            ):
+                await asyncio.sleep(0.2)
+        closed = asyncio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
+        thief = await nats.connect(
+            url, user="alice", password=old.password, allow_reconnect=False, closed_cb=on_closed
+        )  # fmt: skip
+        assert thief.is_connected
+        path, reloaded = rotate_tenant("alice", nats_conf=CONF, workdir=tmp_path)
+        assert reloaded is True and path == data / "tenants" / "alice.env"
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        new = credentials.load_login(path)
+        assert new is not None and new.password != old.password
+        with anyio.fail_after(10):
+            await closed.wait()  # the thief's connection is gone
+        assert "Authorization Violation" in _connect_elsewhere(url, {"user": "alice", "password": old.password})
+        assert _connect_elsewhere(url, {"user": "alice", "password": new.password}).strip() == "connected"
+        # The default tenant too (its file is credentials.env, which the next start keeps as it is).
+        path, _ = rotate_tenant("deployer", nats_conf=CONF, workdir=tmp_path)
+        assert path == data / "credentials.env"
+        assert credentials.ensure_default_tenant(data, path) == credentials.load_login(path)
+        with pytest.raises(InvalidRequest, match="no tenant"):
+            rotate_tenant("nobody", nats_conf=CONF, workdir=tmp_path)
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
