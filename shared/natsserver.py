@@ -46,10 +46,12 @@ def write_run_config(template: Path, run_dir: Path, tenant_hashes: dict[str, str
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     subjects = [names.SUBJECT_UPLOAD, names.SUBJECT_DELETE, names.SUBJECT_LIST]
-    _write_private(run_dir / EXPORTS_FILE, tenancy.render_exports(tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX))
+    # Both rendered before either is written: a refused tenant list leaves the files as they were.
+    exports = tenancy.render_exports(tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX)
     accounts = tenancy.render_accounts(
         tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX, names.BUCKET_BUNDLES, tenancy.DEFAULT_JETSTREAM_QUOTA
     )
+    _write_private(run_dir / EXPORTS_FILE, exports)
     _write_private(run_dir / ACCOUNTS_FILE, accounts)
     conf = run_dir / RUN_CONFIG
     _write_private(conf, template.read_text())

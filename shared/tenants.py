@@ -45,6 +45,7 @@ FETCH_INBOX_PREFIX = "_AUBE_FETCH"
 ENV_FETCH_PASSWORD = "AUBE_NATS_FETCH_PASSWORD"
 # An upload's reply comes when the build and health checks are done: the service import must stay open that long.
 RESPONSE_THRESHOLD = "30m"
+BCRYPT_HASH = re.compile(r"\$2[aby]?\$[0-9]{2}\$[./A-Za-z0-9]{53}")
 DEFAULT_JETSTREAM_QUOTA = "512MB"  # a tenant's file storage: its bundles in flight
 # Without these a tenant could open connections and create streams and consumers without end, a cost every
 # tenant and the platform's registry share. A tenant needs one stream (its bundle store, `OBJ_aube-bundles`), a
@@ -106,7 +107,8 @@ def render_accounts(
     stream = f"OBJ_{bucket}"
     for tenant in sorted(tenants):
         password = tenants[tenant]
-        if '"' in password or "\\" in password or "\n" in password:
+        # nats-server takes any other string as a plain password, and an empty one as none at all.
+        if not BCRYPT_HASH.fullmatch(password):
             raise InvalidRequest(f"tenant {tenant}: the stored password hash is malformed")
         imports = [
             f'{{service: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, s)}"}}, to: "{s}"}}'

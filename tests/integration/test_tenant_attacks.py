@@ -606,3 +606,17 @@ async def test_a_leaked_tenant_password_can_be_rotated_and_stops_working_at_once
         server.terminate()
         server.wait(10)
         log.close()
+
+
+@pytest.mark.parametrize("stored", ["", "hunter2", "$2b$10$short", '$2b$10$"quoted"'])
+def test_a_tenant_list_entry_that_is_no_bcrypt_hash_never_becomes_a_login(tmp_path: Path, stored: str) -> None:
+    """tenants.json maps each tenant to a bcrypt hash, rendered as the account user's password. nats-server takes
+    any other string as a plain password, and an empty one as none: a hand-edited or damaged entry `""` let anyone
+    log in as that tenant with an empty password (measured on the real server). Such a list is now refused
+    before any configuration is written."""
+    data = tmp_path / "data"
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    hashes = {**json.loads((data / credentials.TENANT_LIST_FILE).read_text()), "alice": stored}
+    with pytest.raises(InvalidRequest, match="alice: the stored password hash is malformed"):
+        write_run_config(CONF, tmp_path / "conf", hashes)
+    assert not (tmp_path / "conf" / ACCOUNTS_FILE).exists()
