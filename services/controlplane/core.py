@@ -265,6 +265,9 @@ class ControlPlane:
         return artifact
 
     async def _deploy(self, name: str, root: Path, manifest: Manifest, tenant: str) -> UploadReply:
+        # A new function's created_at: before its first instances start, so that every instance of the current
+        # owner is at least as new as its function (and every instance older than that is an earlier owner's).
+        begun = time.time()
         existing = await self.registry.get_function(name)
         live = existing is not None and not existing.record.deleting
         if live and existing is not None and not tenancy.may_touch(tenant, existing.record.tenant):
@@ -293,7 +296,7 @@ class ControlPlane:
                 manifest=manifest,
                 artifact=artifact,
                 runtime=self.runtime.kind,
-                created_at=existing.record.created_at if existing and not existing.record.deleting else now,
+                created_at=existing.record.created_at if live and existing is not None else begun,
                 updated_at=now,
                 tenant=owner,
             )
@@ -525,7 +528,11 @@ class ControlPlane:
         if not stopped:
             raise InvalidRequest(f"instance {req.instance_id} of {name} was claimed meanwhile; not stopped")
         function = await self.registry.get_function(name)
-        tenant = function.record.tenant if function is not None else tenancy.OPERATOR
+        tenant = tenancy.OPERATOR
+        # An instance started before the current function record was created belongs to an earlier owner of the
+        # name (taken over during its delete): the current owner hears nothing of it.
+        if function is not None and entry.record.created_at >= function.record.created_at:
+            tenant = function.record.tenant
         await self.emit(name, "stopped", tenant=tenant, message=f"instance {req.instance_id}: {req.reason}")
         return StopInstanceReply(stopped=True)
 

@@ -620,3 +620,64 @@ def test_a_tenant_list_entry_that_is_no_bcrypt_hash_never_becomes_a_login(tmp_pa
     with pytest.raises(InvalidRequest, match="alice: the stored password hash is malformed"):
         write_run_config(CONF, tmp_path / "conf", hashes)
     assert not (tmp_path / "conf" / ACCOUNTS_FILE).exists()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_the_new_owner_of_a_name_gets_no_event_about_the_old_owners_instances(  # type: ignore[no-untyped-def]
+    platform_on, tmp_path: Path
+) -> None:
+    """After Bob took over a name Alice deleted, Alice's last stream ended and the proxy had her instance stopped:
+    the `stopped` event (with her instance id and the stop reason) went to the name's current owner, Bob. Events
+    about instances started before the current owner's function existed now go to nobody's tenant."""
+    from websockets.asyncio.client import connect
+
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        await platform.start_controlplane(**server.service_env("controlplane"))
+        port = free_port()
+        proxy_env = server.service_env("proxy")
+        platform.start("aube.proxy", AUBE_PROXY_PORT=str(port), AUBE_PROXY_HOST="127.0.0.1", **proxy_env)
+        alice = await _connect(server.url, server.options("alice"))
+        bob = await _connect(server.url, server.options("deployer"))
+        cp_login = server.secrets.service_login("controlplane")
+        operator = await _connect(server.url, {"user": cp_login.user, "password": cp_login.password})
+        try:
+            body = {"name": "shared", "zip": zip_base64(REPO / "examples" / "reverse-async")}
+            reply = json.loads((await alice.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)).data)
+            assert reply["ok"] is True, reply
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    held = await connect(f"ws://127.0.0.1:{port}/shared", proxy=None, open_timeout=5)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.3)
+            await held.send("abc")
+            assert await held.recv() == "cba"
+            registry = await Registry.open(operator.jetstream())
+            alices_ids = {e.record.instance_id for e in await registry.instances("shared")}
+            deleted = json.loads(
+                (await alice.request(names.SUBJECT_DELETE, b'{"name": "shared", "grace": 60}', timeout=60)).data
+            )
+            assert deleted["draining"] == 1, deleted
+            body = {"name": "shared", "zip": zip_base64(REPO / "examples" / "reverse-async", {"fn.py": BOBS_FN})}
+            reply = json.loads((await bob.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)).data)
+            assert reply["ok"] is True, reply
+            bobs_events = await bob.subscribe(names.events_subject("shared"))
+            await held.close()  # Alice's last stream ends: the proxy asks for her instance to be stopped
+            with anyio.fail_after(30):
+                while alices_ids & {e.record.instance_id for e in await registry.instances("shared")}:
+                    await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+            seen = []
+            while True:
+                try:
+                    seen.append((await bobs_events.next_msg(timeout=0.3)).data.decode())
+                except nats.errors.TimeoutError:
+                    break
+            assert [m for m in seen if any(i in m for i in alices_ids)] == []
+        finally:
+            for nc in (alice, bob, operator):
+                await nc.close()
+            platform.stop_all()
