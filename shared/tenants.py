@@ -53,6 +53,7 @@ DEFAULT_JETSTREAM_QUOTA = "512MB"  # a tenant's file storage: its bundles in fli
 # upload the control plane is reading: the fetch user counts against the same limit, so a tenant that uses up its
 # connections only delays its own uploads.
 TENANT_MAX_CONNECTIONS = 64
+TENANT_MAX_SUBSCRIPTIONS = 1000  # a connection that goes past it is closed by the server
 TENANT_MAX_STREAMS = 4
 TENANT_MAX_CONSUMERS = 64  # per stream (nats-server's account limit is per stream)
 
@@ -140,7 +141,7 @@ def render_accounts(
             f"{tenant}: {{",
             f"  jetstream: {{max_file: {quota}, max_mem: 0, max_streams: {TENANT_MAX_STREAMS}, "
             f"max_consumers: {TENANT_MAX_CONSUMERS}}}",
-            f"  limits: {{max_connections: {TENANT_MAX_CONNECTIONS}}}",
+            f"  limits: {{max_connections: {TENANT_MAX_CONNECTIONS}, max_subscriptions: {TENANT_MAX_SUBSCRIPTIONS}}}",
             "  users: [",
             f'    {{user: "{tenant}", password: "{password}", permissions: {{',
             f'      publish: {{deny: ["{FETCH_INBOX_PREFIX}.>"]}}, subscribe: {{deny: ["{FETCH_INBOX_PREFIX}.>"]}}',

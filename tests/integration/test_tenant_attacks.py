@@ -89,27 +89,33 @@ async def _connect(url: str, options: dict[str, str]) -> NATS:
     )  # fmt: skip
 
 
-def _connect_elsewhere(url: str, options: dict[str, str]) -> str:
-    """Connect from another process; what it printed (the error, or "connected")."""
+def _connect_elsewhere(url: str, options: dict[str, str], subscriptions: int = 0) -> str:
+    """Connect from another process (and subscribe `subscriptions` times); what it printed: the error, or
+    "connected" (when still connected after its subscriptions)."""
     code = (
         "import asyncio, sys, nats\n"
         "async def main():\n"
         "    nc = await nats.connect(sys.argv[1], user=sys.argv[2], password=sys.argv[3], allow_reconnect=False,\n"
         "                            max_reconnect_attempts=0, connect_timeout=3)\n"
+        "    for i in range(int(sys.argv[4])):\n"
+        "        await nc.subscribe(f'x.{i}')\n"
+        "    await nc.flush()\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    print('connected' if nc.is_connected else 'closed by the server')\n"
         "    await nc.close()\n"
         "try:\n"
-        "    asyncio.run(main()); print('connected')\n"
+        "    asyncio.run(main())\n"
         "except Exception as e:\n"
         "    print(e)\n"
     )
-    argv = [sys.executable, "-c", code, url, options["user"], options["password"]]
+    argv = [sys.executable, "-c", code, url, options["user"], options["password"], str(subscriptions)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
 
 
 async def test_a_tenant_cannot_exhaust_the_servers_connections_or_jetstream(tmp_path: Path) -> None:
     """A tenant's account had a storage quota but no other limit: it could open connections and create JetStream
     streams and consumers without end (measured: 300 streams, 300 consumers, 100 connections, all accepted), a
-    cost the whole server (every tenant, the platform's registry) pays."""
+    cost the whole server (every tenant, the platform's registry) pays. Subscriptions too (20000 accepted)."""
     with accounts_server(tmp_path / "data", ["alice"]) as server:
         alice = server.options("alice")
         nc = await _connect(server.url, alice)
@@ -128,9 +134,13 @@ async def test_a_tenant_cannot_exhaust_the_servers_connections_or_jetstream(tmp_
                 await js.add_consumer("S0", durable_name=f"c{i}")
             with pytest.raises(nats.js.errors.BadRequestError, match="maximum consumers"):
                 await js.add_consumer("S0", durable_name="one-too-many")
+            # Subscriptions are bounded too (20000 were accepted): past the limit the server closes the connection.
+            assert _connect_elsewhere(server.url, alice, subscriptions=100).strip() == "connected"
+            too_many = tenancy.TENANT_MAX_SUBSCRIPTIONS + 1
+            assert _connect_elsewhere(server.url, alice, subscriptions=too_many).strip() == "closed by the server"
             for _ in range(tenancy.TENANT_MAX_CONNECTIONS - 1):
                 opened.append(await asyncio.wait_for(_connect(server.url, alice), 10))
-            # One more is refused (tried in a subprocess: nats-py leaks a socket on refusal).
+            # One more connection is refused (tried in a subprocess: nats-py leaks a socket on refusal).
             assert "maximum account active connections" in _connect_elsewhere(server.url, alice)
             # The limit is alice's alone: another tenant still connects.
             assert _connect_elsewhere(server.url, server.options("deployer")).strip() == "connected"
