@@ -13,6 +13,7 @@
     ├── RuntimeFailure             runtime_failure      (the container engine or a process failed)
     ├── NotReady                   not_ready            (a request arrived before the service could serve it)
     ├── TooManyRequests            too_many_requests    (a tenant has its maximum of requests in flight)
+    ├── QuotaExceeded              quota_exceeded       (a tenant has its maximum of functions)
     └── ServiceUnavailable         unavailable          (a NATS request got no answer)
 
 Foreign exceptions are translated at the adapter that meets them (`raise ... from e`).
@@ -90,6 +91,10 @@ class TooManyRequests(AubeError):
     code = "too_many_requests"
 
 
+class QuotaExceeded(AubeError):
+    code = "quota_exceeded"
+
+
 _BY_CODE: dict[str, type[AubeError]] = {
     cls.code: cls
     for cls in (
@@ -105,6 +110,7 @@ _BY_CODE: dict[str, type[AubeError]] = {
         NotReady,
         ServiceUnavailable,
         TooManyRequests,
+        QuotaExceeded,
     )
 }
 

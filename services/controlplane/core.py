@@ -33,6 +33,7 @@ from aube.shared.errors import (
     InvalidBundle,
     InvalidRequest,
     NameTaken,
+    QuotaExceeded,
     UnknownFunction,
 )
 from aube.shared.redact import MAX_LINE_BYTES, platform_redactor, url_passwords
@@ -205,6 +206,17 @@ class ControlPlane:
         if entry is not None and not entry.record.deleting and not tenancy.may_touch(tenant, entry.record.tenant):
             raise NameTaken(f"the name {name!r} is taken by another tenant's function; choose another")
 
+    async def _check_quota(self, name: str, tenant: str) -> None:
+        """A tenant's new name is refused once it has `tenant_max_functions` (uploads of other new names running at
+        the same moment, at most `tenant_max_requests`, may go past it by that many)."""
+        if tenant == tenancy.OPERATOR:
+            return
+        owned = {f.record.name for f in await self.registry.functions() if f.record.tenant == tenant}
+        if name not in owned and len(owned) >= self.settings.tenant_max_functions:
+            raise QuotaExceeded(
+                f"you have {len(owned)} functions, the most this platform allows; delete one to deploy {name!r}"
+            )
+
     async def upload(self, req: UploadRequest, tenant: str = tenancy.OPERATOR) -> UploadReply:
         name = names.validate_name(req.name)
         # Before anything is read or built: a name another tenant owns is refused at once.
@@ -214,6 +226,7 @@ class ControlPlane:
             workdir = self.work_dir / uuid.uuid4().hex
             try:
                 await self._check_name_free_for(name, tenant)
+                await self._check_quota(name, tenant)
                 root, manifest = await anyio.to_thread.run_sync(validate_bundle, data, workdir / "bundle", self.limits)
                 return await self._deploy(name, root, manifest, tenant)
             except AubeError as e:

@@ -691,3 +691,36 @@ async def test_the_new_owner_of_a_name_gets_no_event_about_the_old_owners_instan
             for nc in (alice, bob, operator):
                 await nc.close()
             platform.stop_all()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_tenant_has_a_bounded_number_of_functions(platform_on, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Nothing bounded how many functions one tenant deploys, each a prepared version of up to 256 MB extracted on
+    the control plane's disk (or an image), a registry record, and by default a warm instance: one tenant could
+    fill the host for everyone. Now a tenant has at most `AUBE_TENANT_MAX_FUNCTIONS` (here 2); more new names
+    get `quota_exceeded`, re-uploads of its own names still work, and other tenants are not affected."""
+    with accounts_server(tmp_path / "data", ["alice"]) as server:
+        platform = platform_on(server.url)
+        env = server.service_env("controlplane")
+        await platform.start_controlplane(**env, AUBE_TENANT_MAX_FUNCTIONS="2")
+        alice = await _connect(server.url, server.options("alice"))
+        bob = await _connect(server.url, server.options("deployer"))
+
+        async def upload(nc: NATS, name: str) -> dict[str, Any]:
+            body = {"name": name, "zip": zip_base64(REPO / "examples" / "reverse-async")}
+            reply = await nc.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=120)
+            return json.loads(reply.data)  # type: ignore[no-any-return]
+
+        try:
+            assert (await upload(alice, "f1"))["ok"] and (await upload(alice, "f2"))["ok"]
+            refused = await upload(alice, "f3")
+            assert refused["ok"] is False and refused["error"]["code"] == "quota_exceeded", refused
+            assert (await upload(alice, "f1"))["version"] == 2  # her own names: re-uploads
+            assert (await upload(bob, "b1"))["ok"]  # the quota is alice's alone
+            deleted = json.loads((await alice.request(names.SUBJECT_DELETE, b'{"name": "f2"}', timeout=60)).data)
+            assert deleted["ok"] is True, deleted
+            assert (await upload(alice, "f3"))["ok"]  # a deleted function frees its place
+        finally:
+            await alice.close()
+            await bob.close()
+            platform.stop_all()
