@@ -6,6 +6,7 @@
     aube events <name>             follow a function's events
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
     aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
+    aube tenant rotate <tenant>    operator: give a tenant a new password (the old one stops working)
 
 Exit status 0 on success; on failure a one-line `error: <code>: <message>` on stderr and status 1 (2 for usage).
 """
@@ -161,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     add = tn_sub.add_parser("add", help="create a tenant; writes its credentials to .data/tenants/NAME.env")
     add.add_argument("name")
     add.add_argument("--nats-conf", default="deploy/nats.conf")
+    rotate = tn_sub.add_parser("rotate", help="give a tenant a new password; its credentials file is rewritten")
+    rotate.add_argument("name")
+    rotate.add_argument("--nats-conf", default="deploy/nats.conf")
     return p
 
 
@@ -176,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             proxies=args.proxies, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd(), env=dict(os.environ)
         )
     if args.command == "tenant":
-        from aube.cli.platform import add_tenant
+        from aube.cli.platform import add_tenant, rotate_tenant
 
+        change = add_tenant if args.tenant_command == "add" else rotate_tenant
         try:
-            path, reloaded = add_tenant(args.name, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd())
+            path, reloaded = change(args.name, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd())
         except AubeError as e:
             print(f"error: {e.code}: {e.message}", file=sys.stderr)
             return 1
-        print(f"tenant {args.name} created; its credentials: {path}")
+        done = "created" if args.tenant_command == "add" else "has a new password"
+        print(f"tenant {args.name} {done}; its credentials: {path}")
         print("nats-server reloaded" if reloaded else "takes effect when the platform (re)starts")
         return 0
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from aube.cli.supervisor import Service, Supervisor
 from aube.shared import credentials
 from aube.shared import tenants as tenancy
+from aube.shared.errors import InvalidRequest
 from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
 from aube.shared.settings import DEFAULT_OPERATOR_PORT
 
@@ -43,21 +44,52 @@ def write_tenant_config(nats_conf: Path, data_dir: Path) -> Path:
     return write_run_config(nats_conf, data_dir / "nats" / "conf", hashes)
 
 
+def is_nats_server(pid: int) -> bool:
+    """Whether process `pid` runs the nats-server executable (" (deleted)" after an upgrade replaced the file)."""
+    try:
+        executable = Path(os.readlink(f"/proc/{pid}/exe")).name
+    except OSError:
+        return False
+    return executable.removesuffix(" (deleted)") == "nats-server"
+
+
 def add_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
     """`aube tenant add NAME`: the tenant's credentials file, and whether a running nats-server was reloaded."""
     data_dir = workdir / ".data"
+    # Every tenant's storage quota must fit the server's max_file_store, or nats-server starts no JetStream at all
+    # (the default tenant, made by the first `aube start`, counts too).
+    known = tenancy.TenantFile(data_dir / credentials.TENANT_LIST_FILE).load()
+    fits = tenancy.tenants_that_fit(nats_conf.read_text())
+    if fits is not None and len({*known, tenancy.DEFAULT_TENANT, name}) > fits:
+        raise InvalidRequest(
+            f"{nats_conf} reserves room for {fits} tenants of {tenancy.DEFAULT_JETSTREAM_QUOTA} each "
+            "(jetstream max_file_store): raise max_file_store there to add more"
+        )
     _, path = credentials.add_tenant(data_dir, name)
+    return path, _reload(nats_conf, data_dir)
+
+
+def rotate_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
+    """`aube tenant rotate NAME`: a new password (the old one, leaked say, stops working at the reload)."""
+    data_dir = workdir / ".data"
+    _, path = credentials.rotate_tenant(data_dir, name)
+    return path, _reload(nats_conf, data_dir)
+
+
+def _reload(nats_conf: Path, data_dir: Path) -> bool:
+    """Render the tenant configuration again and make a running nats-server reload it; whether one was."""
     write_tenant_config(nats_conf, data_dir)
     pid_file = data_dir / "nats" / "nats-server.pid"
     try:
         pid = int(pid_file.read_text().strip())
-        # A stale pid file (a crashed server) may name another process by now: signal only a nats-server.
-        if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return path, False
+        # A stale pid file (a crashed server) may name another process by now: signal only a nats-server, known by
+        # its executable (a `tail -f nats-server.log` mentions the name too, and SIGHUP would end it).
+        if not is_nats_server(pid):
+            return False
         signal_reload(pid)
     except (OSError, ValueError):
-        return path, False
-    return path, True
+        return False
+    return True
 
 
 def _operator_ports(setting: str | None, proxies: int) -> list[int] | None:

@@ -147,6 +147,26 @@ def add_tenant(data_dir: Path, tenant: str, credentials_file: Path | None = None
     return login, path
 
 
+def rotate_tenant(data_dir: Path, tenant: str) -> tuple[Login, Path]:
+    """A fresh password for an existing tenant (its hash in the tenant list, its login in its 0600 file): a
+    leaked password stops working once the server has reloaded (nats-server then closes its connections)."""
+    tenant = tenancy.validate_tenant(tenant)
+    tenant_list = tenancy.TenantFile(data_dir / TENANT_LIST_FILE)
+    known = tenant_list.load()
+    if tenant not in known:
+        from aube.shared.errors import InvalidRequest
+
+        raise InvalidRequest(f"no tenant {tenant!r}: `aube tenant add` creates one")
+    login = Login(user=tenant, password=new_password())
+    # The default tenant's login lives in credentials.env, which `aube start` keeps (and hashes) as it finds it.
+    path = data_dir / (
+        DEFAULT_CREDENTIALS_FILE.name if tenant == DEPLOYER_USER else f"{TENANT_CREDENTIALS_DIR}/{tenant}.env"
+    )
+    write_login(path, login)
+    tenant_list.save({**known, tenant: hash_password(login.password)})
+    return login, path
+
+
 def ensure_default_tenant(data_dir: Path, credentials_file: Path) -> Login:
     """The default tenant `deployer` and its credentials file, created once; an earlier version's file (which also
     held the service password) keeps its deployer password and loses the rest."""

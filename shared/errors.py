@@ -12,6 +12,8 @@
     ├── HealthCheckFailed          health_check_failed
     ├── RuntimeFailure             runtime_failure      (the container engine or a process failed)
     ├── NotReady                   not_ready            (a request arrived before the service could serve it)
+    ├── TooManyRequests            too_many_requests    (a tenant has its maximum of requests in flight)
+    ├── QuotaExceeded              quota_exceeded       (a tenant has its maximum of functions)
     └── ServiceUnavailable         unavailable          (a NATS request got no answer)
 
 Foreign exceptions are translated at the adapter that meets them (`raise ... from e`).
@@ -85,6 +87,14 @@ class ServiceUnavailable(AubeError):
     code = "unavailable"
 
 
+class TooManyRequests(AubeError):
+    code = "too_many_requests"
+
+
+class QuotaExceeded(AubeError):
+    code = "quota_exceeded"
+
+
 _BY_CODE: dict[str, type[AubeError]] = {
     cls.code: cls
     for cls in (
@@ -99,6 +109,8 @@ _BY_CODE: dict[str, type[AubeError]] = {
         RuntimeFailure,
         NotReady,
         ServiceUnavailable,
+        TooManyRequests,
+        QuotaExceeded,
     )
 }
 

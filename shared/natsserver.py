@@ -41,16 +41,28 @@ def find_nats_server() -> str:
 def write_run_config(template: Path, run_dir: Path, tenant_hashes: dict[str, str]) -> Path:
     """Copy deploy/nats.conf (`template`) into `run_dir` beside the two files it includes, rendered from the tenant
     list, and return the copy's path. Written again on every start and on `aube tenant add` (then reloaded)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # tenants.conf holds every tenant's bcrypt hash: the folder and its files are the server's owner's alone (an
+    # earlier version left them readable by every local user; a rewrite closes them).
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
     subjects = [names.SUBJECT_UPLOAD, names.SUBJECT_DELETE, names.SUBJECT_LIST]
-    (run_dir / EXPORTS_FILE).write_text(tenancy.render_exports(tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX))
+    # Both rendered before either is written: a refused tenant list leaves the files as they were.
+    exports = tenancy.render_exports(tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX)
     accounts = tenancy.render_accounts(
         tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX, names.BUCKET_BUNDLES, tenancy.DEFAULT_JETSTREAM_QUOTA
     )
-    (run_dir / ACCOUNTS_FILE).write_text(accounts)
+    _write_private(run_dir / EXPORTS_FILE, exports)
+    _write_private(run_dir / ACCOUNTS_FILE, accounts)
     conf = run_dir / RUN_CONFIG
-    conf.write_text(template.read_text())
+    _write_private(conf, template.read_text())
     return conf
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def signal_reload(pid: int) -> None:

@@ -34,9 +34,10 @@ _CGROUP = re.compile(r"/sys/fs/cgroup(?:/[^\s'\",;:)\]]*)?")
 _ROOT_HOME = re.compile(r"(?<![\w.-])/root(?=/|\b)")
 # Aube's own temporary folders (Docker build contexts, pip's work area without bubblewrap): random names.
 _AUBE_TMP = re.compile(r"(?<![\w.-])/(?:var/)?tmp/aube-[\w.-]+")
-# ESC sequences and C0 controls other than tab and newline: a hostile package's output must not drive the
-# deployer's terminal.
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+# ESC sequences, C0 controls other than tab and newline, C1 controls (U+009B is a one-character CSI to a terminal
+# in 8-bit mode) and the bidi overrides and isolates (text shown in another order than it is): a hostile
+# package's output must not drive or mislead the deployer's terminal.
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _MIN_SECRET = 4  # shorter "secrets" would blank out ordinary words
 
 

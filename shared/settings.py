@@ -94,6 +94,13 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     instance_network: str = names.INSTANCE_NETWORK
     instance_bridge: str = names.INSTANCE_BRIDGE
     instance_firewall: bool = True
+    # Requests (upload, delete, list) one tenant may have in flight at once on this control plane; more are refused
+    # with `too_many_requests`. Without a bound one tenant's flood of uploads (each up to the 8 MB max payload, held
+    # while it waits, then a build) is every tenant's outage. The operator's own requests are not counted.
+    tenant_max_requests: int = 4
+    # Functions one tenant may have (each holds a prepared version on disk, a registry record, usually a warm
+    # instance); more new names are refused with `quota_exceeded`. The operator's own functions are not counted.
+    tenant_max_functions: int = 50
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -38,10 +38,24 @@ TENANT_SUBJECT_PREFIX = "aube.t"
 # Each tenant's account also holds this platform user, which the control plane uses to read (and then delete) a
 # bundle the tenant put in its own object store. Its password is the platform's, from the server's environment.
 FETCH_USER_PREFIX = "aube-fetch-"
+# The fetch user's inboxes (its replies and its consumers' deliveries). Not `_INBOX`: the tenant shares the account
+# and could read them and publish into them (made-up chunks for the read in progress); tenant users may neither
+# subscribe nor publish here.
+FETCH_INBOX_PREFIX = "_AUBE_FETCH"
 ENV_FETCH_PASSWORD = "AUBE_NATS_FETCH_PASSWORD"
 # An upload's reply comes when the build and health checks are done: the service import must stay open that long.
 RESPONSE_THRESHOLD = "30m"
+BCRYPT_HASH = re.compile(r"\$2[aby]?\$[0-9]{2}\$[./A-Za-z0-9]{53}")
 DEFAULT_JETSTREAM_QUOTA = "512MB"  # a tenant's file storage: its bundles in flight
+# Without these a tenant could open connections and create streams and consumers without end, a cost every
+# tenant and the platform's registry share. A tenant needs one stream (its bundle store, `OBJ_aube-bundles`), a
+# consumer per bundle being read (the control plane's fetch, the CLI), a connection per command and one per
+# upload the control plane is reading: the fetch user counts against the same limit, so a tenant that uses up its
+# connections only delays its own uploads.
+TENANT_MAX_CONNECTIONS = 64
+TENANT_MAX_SUBSCRIPTIONS = 1000  # a connection that goes past it is closed by the server
+TENANT_MAX_STREAMS = 4
+TENANT_MAX_CONSUMERS = 64  # per stream (nats-server's account limit is per stream)
 
 
 def validate_tenant(name: object) -> str:
@@ -94,7 +108,8 @@ def render_accounts(
     stream = f"OBJ_{bucket}"
     for tenant in sorted(tenants):
         password = tenants[tenant]
-        if '"' in password or "\\" in password or "\n" in password:
+        # nats-server takes any other string as a plain password, and an empty one as none at all.
+        if not BCRYPT_HASH.fullmatch(password):
             raise InvalidRequest(f"tenant {tenant}: the stored password hash is malformed")
         imports = [
             f'{{service: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, s)}"}}, to: "{s}"}}'
@@ -124,12 +139,16 @@ def render_accounts(
         ]
         out += [
             f"{tenant}: {{",
-            f"  jetstream: {{max_file: {quota}, max_mem: 0}}",
+            f"  jetstream: {{max_file: {quota}, max_mem: 0, max_streams: {TENANT_MAX_STREAMS}, "
+            f"max_consumers: {TENANT_MAX_CONSUMERS}}}",
+            f"  limits: {{max_connections: {TENANT_MAX_CONNECTIONS}, max_subscriptions: {TENANT_MAX_SUBSCRIPTIONS}}}",
             "  users: [",
-            f'    {{user: "{tenant}", password: "{password}"}}',
+            f'    {{user: "{tenant}", password: "{password}", permissions: {{',
+            f'      publish: {{deny: ["{FETCH_INBOX_PREFIX}.>"]}}, subscribe: {{deny: ["{FETCH_INBOX_PREFIX}.>"]}}',
+            "    }}",
             f'    {{user: "{FETCH_USER_PREFIX}{tenant}", password: ${ENV_FETCH_PASSWORD}, permissions: {{',
             f"      publish: {{allow: {json.dumps(fetch_allow)}}}",
-            '      subscribe: {allow: ["_INBOX.>"]}',
+            f'      subscribe: {{allow: ["{FETCH_INBOX_PREFIX}.>"]}}',
             "    }}",
             "  ]",
             "  imports: [",
@@ -138,6 +157,28 @@ def render_accounts(
             "}",
         ]
     return "\n".join(out) + "\n"
+
+
+_MAX_FILE_STORE = re.compile(r"^\s*max_file_store\s*[:=]?\s*\"?([0-9]+)\s*([KMGT]?)B?\"?\s*(#.*)?$", re.M | re.I)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def size_bytes(text: str) -> int:
+    """A nats-server size (`512MB`, `4GB`, `1024`) in bytes."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMGT]?)B?\s*", text, re.I)
+    if match is None:
+        raise InvalidRequest(f"not a size: {text!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def tenants_that_fit(server_config: str, quota: str = DEFAULT_JETSTREAM_QUOTA) -> int | None:
+    """How many tenant accounts the server can reserve `quota` of file storage for: nats-server reserves each
+    account's quota from its `max_file_store` and, when they do not fit, starts no JetStream at all. None when
+    the configuration sets no `max_file_store` (the server then sizes it from the disk)."""
+    match = _MAX_FILE_STORE.search(server_config)
+    if match is None:
+        return None
+    return (int(match.group(1)) * _UNITS[match.group(2).upper()]) // size_bytes(quota)
 
 
 class TenantFile:

@@ -30,7 +30,14 @@ from aube.controlplane.objects import fetch_object
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
 from aube.shared import addresses, names, natsconn
 from aube.shared import tenants as tenancy
-from aube.shared.errors import AubeError, CapacityExhausted, InvalidRequest, NameTaken, UnknownFunction
+from aube.shared.errors import (
+    AubeError,
+    CapacityExhausted,
+    InvalidRequest,
+    NameTaken,
+    QuotaExceeded,
+    UnknownFunction,
+)
 from aube.shared.redact import MAX_LINE_BYTES, platform_redactor, url_passwords
 from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
 from aube.shared.schemas import (
@@ -149,16 +156,24 @@ class ControlPlane:
     @asynccontextmanager
     async def _bundle_jetstream(self, tenant: str) -> AsyncIterator[JetStreamContext]:
         """The JetStream holding a requester's bundles: the tenant's own account's (read as that account's
-        `aube-fetch-<tenant>` user), or this account's for the operator and servers without accounts."""
-        if tenant == tenancy.OPERATOR or not self.settings.nats_fetch_password:
+        `aube-fetch-<tenant>` user), or this account's for the operator (and servers without accounts, where every
+        request is the operator's)."""
+        if tenant == tenancy.OPERATOR:
             yield self.nc.jetstream()
             return
+        if not self.settings.nats_fetch_password:
+            # Never this account's store for a tenant: a key it names could be the operator's bundle in flight.
+            log.warning("a tenant's object upload is refused: AUBE_NATS_FETCH_PASSWORD is not set")
+            raise InvalidRequest(
+                "uploads through the object store are not configured on this platform; ask the operator"
+            )
         try:
             nc = await natsconn.connect(
                 self.settings.nats_url,
                 user=f"{tenancy.FETCH_USER_PREFIX}{tenant}",
                 password=self.settings.nats_fetch_password,
                 name=f"aube-controlplane-fetch-{tenant}",
+                inbox_prefix=tenancy.FETCH_INBOX_PREFIX,  # inboxes the tenant can neither read nor publish to
                 connect_timeout=5,
                 max_reconnect_attempts=1,
             )
@@ -186,10 +201,22 @@ class ControlPlane:
         if entry is not None and not entry.record.deleting and not tenancy.may_touch(tenant, entry.record.tenant):
             raise NameTaken(f"the name {name!r} is taken by another tenant's function; choose another")
 
+    async def _check_quota(self, name: str, tenant: str) -> None:
+        """A tenant's new name is refused once it has `tenant_max_functions` (uploads of other new names running at
+        the same moment, at most `tenant_max_requests`, may go past it by that many)."""
+        if tenant == tenancy.OPERATOR:
+            return
+        owned = {f.record.name for f in await self.registry.functions() if f.record.tenant == tenant}
+        if name not in owned and len(owned) >= self.settings.tenant_max_functions:
+            raise QuotaExceeded(
+                f"you have {len(owned)} functions, the most this platform allows; delete one to deploy {name!r}"
+            )
+
     async def upload(self, req: UploadRequest, tenant: str = tenancy.OPERATOR) -> UploadReply:
         name = names.validate_name(req.name)
         # Before anything is read or built: a name another tenant owns is refused at once.
         await self._check_name_free_for(name, tenant)
+        await self._check_quota(name, tenant)
         # Each waiting upload holds its request (up to the NATS max payload): a burst of them is answered at once
         # instead of piling up in memory.
         if self._intake.statistics().tasks_waiting >= self.settings.max_waiting_uploads:
@@ -211,6 +238,7 @@ class ControlPlane:
             async with self._function_lock(name):
                 try:
                     await self._check_name_free_for(name, tenant)
+                    await self._check_quota(name, tenant)
                     return await self._deploy(name, root, manifest, tenant)
                 except AubeError as e:
                     await self.emit(name, "failed", tenant=tenant, message=e.message, code=e.code)
@@ -262,10 +290,18 @@ class ControlPlane:
         return artifact
 
     async def _deploy(self, name: str, root: Path, manifest: Manifest, tenant: str) -> UploadReply:
+        # A new function's created_at: before its first instances start, so that every instance of the current
+        # owner is at least as new as its function (and every instance older than that is an earlier owner's).
+        begun = time.time()
         existing = await self.registry.get_function(name)
+        live = existing is not None and not existing.record.deleting
+        if live and existing is not None and not tenancy.may_touch(tenant, existing.record.tenant):
+            # Checked again here, on the record this deploy replaces: another control plane may have given the
+            # name to another tenant since `upload` checked it (during the bundle's validation, say).
+            raise NameTaken(f"the name {name!r} is taken by another tenant's function; choose another")
         # A re-upload keeps the function's owner (the operator may re-upload a tenant's function); a new name, or one
         # whose delete is finishing, belongs to whoever uploads it.
-        owner = existing.record.tenant if existing and not existing.record.deleting else tenant
+        owner = existing.record.tenant if live and existing is not None else tenant
         version = await self._next_version(name, existing)
         await self.emit(name, "accepted", tenant=owner, version=version)
         artifact = await self._prepare(name, version, root, manifest, owner)
@@ -285,7 +321,7 @@ class ControlPlane:
                 manifest=manifest,
                 artifact=artifact,
                 runtime=self.runtime.kind,
-                created_at=existing.record.created_at if existing and not existing.record.deleting else now,
+                created_at=existing.record.created_at if live and existing is not None else begun,
                 updated_at=now,
                 tenant=owner,
             )
@@ -420,7 +456,9 @@ class ControlPlane:
             with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
                 if started is not None:
                     await self.runtime.stop(started.handle)
-                await self.registry.delete_instance(key)
+                # Only our own entry: once a delete retired this slot, another upload (another tenant's, when
+                # the name was taken over during its delete) may have started its instance in it.
+                await self.registry.delete_instance(key, revision)
             raise
         finally:
             self.in_flight.discard(instance_id)
@@ -475,6 +513,11 @@ class ControlPlane:
                 if await self._drain_and_stop(entry, reason="retired"):
                     return "stopped"
             else:
+                # An earlier deadline stands: a re-upload (deadline None) during a delete's grace must not let the
+                # deleted version stream on for ever (the name may even be another tenant's by now).
+                kept = entry.record.retire_deadline
+                if kept is not None:
+                    deadline = kept if deadline is None else min(kept, deadline)
                 marked = msgspec.structs.replace(entry.record, retire=True, retire_deadline=deadline)
                 if await self.registry.update_instance(entry.revision, marked) is not None:
                     return "streaming"
@@ -520,7 +563,11 @@ class ControlPlane:
         if not stopped:
             raise InvalidRequest(f"instance {req.instance_id} of {name} was claimed meanwhile; not stopped")
         function = await self.registry.get_function(name)
-        tenant = function.record.tenant if function is not None else tenancy.OPERATOR
+        tenant = tenancy.OPERATOR
+        # An instance started before the current function record was created belongs to an earlier owner of the
+        # name (taken over during its delete): the current owner hears nothing of it.
+        if function is not None and entry.record.created_at >= function.record.created_at:
+            tenant = function.record.tenant
         await self.emit(name, "stopped", tenant=tenant, message=f"instance {req.instance_id}: {req.reason}")
         return StopInstanceReply(stopped=True)
 

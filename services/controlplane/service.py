@@ -22,7 +22,7 @@ from aube.controlplane.runtimes.base import Runtime
 from aube.shared import names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
-from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure
+from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure, TooManyRequests
 from aube.shared.redact import Redactor
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -107,14 +107,15 @@ async def serve(
             (names.SUBJECT_SCALE, ScaleRequest, cp.scale),
             (names.SUBJECT_STOP_INSTANCE, StopInstanceRequest, cp.stop_instance),
         ]
+        gate = RequestGate(settings.tenant_max_requests)
         async with anyio.create_task_group() as tg:
             for subject, kind, tenant_handler in tenant_routes:
                 for pattern in (subject, tenancy.tenant_subject("*", subject)):
                     sub = await nc.subscribe(pattern, queue=names.QUEUE_CONTROLPLANE)
-                    tg.start_soon(_pump, sub, kind, tenant_handler, tg, cp.redactor)
+                    tg.start_soon(_pump, sub, kind, tenant_handler, tg, cp.redactor, gate)
             for subject, kind, handler in internal_routes:
                 sub = await nc.subscribe(subject, queue=names.QUEUE_CONTROLPLANE)
-                tg.start_soon(_pump, sub, kind, _ignoring_tenant(handler), tg, cp.redactor)
+                tg.start_soon(_pump, sub, kind, _ignoring_tenant(handler), tg, cp.redactor, None)
             tg.start_soon(_every, settings.reconcile_interval, cp.reconcile, "reconcile")
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             await nc.flush()
@@ -134,19 +135,73 @@ async def serve(
             await runtime.close()
 
 
+class RequestGate:
+    """How many requests each tenant has in flight; a tenant at `limit` is refused until one of them ends. The
+    operator's requests (plain subjects in the platform account) are not counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.in_flight: dict[str, int] = {}
+
+    def enter(self, tenant: str) -> bool:
+        if tenant == tenancy.OPERATOR:
+            return True
+        if self.in_flight.get(tenant, 0) >= self.limit:
+            return False
+        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+        return True
+
+    def leave(self, tenant: str) -> None:
+        if tenant == tenancy.OPERATOR:
+            return
+        left = self.in_flight.pop(tenant, 1) - 1
+        if left > 0:
+            self.in_flight[tenant] = left
+
+
 async def _pump(
-    sub: Subscription, kind: type[msgspec.Struct], handler: TenantHandler, tg: TaskGroup, redactor: Redactor
+    sub: Subscription,
+    kind: type[msgspec.Struct],
+    handler: TenantHandler,
+    tg: TaskGroup,
+    redactor: Redactor,
+    gate: RequestGate | None,
 ) -> None:
     # Each request runs in its own task: an upload takes seconds to minutes and must not hold up a scale request.
+    # A tenant's requests are bounded (`gate`): beyond its limit, refused at once, its message dropped.
     async for msg in sub.messages:
-        tg.start_soon(_answer, msg, kind, handler, redactor)
+        tenant = tenancy.tenant_of(msg.subject)
+        if gate is not None and not gate.enter(tenant):
+            busy = TooManyRequests(f"you have {gate.limit} requests in flight already; wait for one to finish")
+            tg.start_soon(_refuse, msg, busy)
+            continue
+        tg.start_soon(_answer, msg, kind, handler, redactor, gate)
 
 
-async def _answer(msg: Msg, kind: type[msgspec.Struct], handler: TenantHandler, redactor: Redactor) -> None:
+async def _refuse(msg: Msg, error: AubeError) -> None:
+    log.info("%s refused: %s (%s)", msg.subject, error.message, error.code)
+    if msg.reply:
+        await msg.respond(error_reply(error))
+
+
+async def _answer(
+    msg: Msg, kind: type[msgspec.Struct], handler: TenantHandler, redactor: Redactor, gate: RequestGate | None
+) -> None:
+    tenant = tenancy.tenant_of(msg.subject)
+    try:
+        await _answer_as(msg, kind, handler, redactor, tenant)
+    finally:
+        if gate is not None:
+            gate.leave(tenant)
+
+
+async def _answer_as(
+    msg: Msg, kind: type[msgspec.Struct], handler: TenantHandler, redactor: Redactor, tenant: str
+) -> None:
     # Every error reply goes to a deployer: no credential, no host path, bounded (a build's output, an OSError's
     # file name and a cgroup path all end up in messages). The operator's log keeps the paths.
     try:
-        reply = encode(await handler(decode(msg.data, kind), tenancy.tenant_of(msg.subject)))
+        reply = encode(await handler(decode(msg.data, kind), tenant))
     except AubeError as e:
         log.info("%s refused: %s (%s)", msg.subject, redactor.for_log(e.message), e.code)
         reply = error_reply(AubeError(redactor.for_deployer(e.message), code=e.code))
