@@ -352,6 +352,10 @@ class ControlPlane:
             raise errors[0]
         return sorted(results, key=lambda e: e.record.slot)
 
+    async def start_warm(self, fn: FunctionRecord, count: int) -> list[InstanceEntry]:
+        """Start up to `count` claimable instances of the function's current version (the min_free keeper)."""
+        return await self._start_instances(fn.name, fn.version, fn.artifact, fn.manifest, count, claimable=True)
+
     async def _start_instance(
         self, name: str, version: int, artifact: str, manifest: Manifest, taken: set[int], claimable: bool
     ) -> InstanceEntry | None:

@@ -1,0 +1,158 @@
+"""Instances that die while free (the reliability issue, findings 6 and 7), on both runtimes, against a real
+control plane process, a real nats-server and real instances killed with SIGKILL.
+
+No proxy, reaper or client runs: whatever drops a dead instance from the registry and refills the warm pool is the
+control plane on its own. Reconcile, the backstop that noticed exits before, runs once a minute here, so it cannot
+be what the tests see. Each test prints the measured times (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.client import Client as NATS
+from support import nats_client, zip_base64
+
+from aube.controlplane.runtimes import sandbox
+from aube.shared import names
+from aube.shared.bus import request
+from aube.shared.registry import InstanceEntry, Registry
+from aube.shared.schemas import ScaleReply, ScaleRequest, UploadReply, UploadRequest
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# Generous bounds for a shared 2-core machine; the issue asks for 1 s, and the tests print what they measured.
+GONE_WITHIN = 5.0
+REFILLED_WITHIN = 120.0
+
+
+async def upload(nc: NATS, name: str, min_free: int, max_instances: int) -> UploadReply:
+    manifest = f"[scaling]\nmin_free = {min_free}\nmax_instances = {max_instances}\n"
+    body = UploadRequest(name=name, zip=zip_base64(EXAMPLES / "whoami", {"aube.toml": manifest}))
+    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+
+
+def free(entries: Sequence[InstanceEntry]) -> list[InstanceEntry]:
+    return [e for e in entries if e.record.state == "free"]
+
+
+async def wait_free(registry: Registry, name: str, count: int, timeout: float) -> list[InstanceEntry]:
+    with anyio.fail_after(timeout):
+        while len(found := free(await registry.instances(name))) < count:
+            await anyio.sleep(0.05)
+    return found
+
+
+def kill_all(runtime: str, handles: Sequence[str]) -> float:
+    """Kill the instances at once (one thread each: a Docker kill takes a round trip); the seconds it took."""
+    began = time.monotonic()
+    with ThreadPoolExecutor(len(handles)) as pool:
+        list(pool.map(lambda handle: kill(runtime, handle), handles))
+    return time.monotonic() - began
+
+
+def kill(runtime: str, handle: str) -> None:
+    """SIGKILL the instance: the container's processes, or the instance server below the process runtime's leader
+    (in the sandbox the leader is bubblewrap, which ends once the server has)."""
+    if runtime == "docker":
+        import docker
+
+        client = docker.from_env(timeout=30)
+        try:
+            client.api.kill(handle, signal="SIGKILL")
+        finally:
+            client.close()
+        return
+    pid, _ = sandbox.parse_handle(handle)
+    stats = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.isdigit():
+                stats.append(sandbox.parse_stat(Path(f"/proc/{entry}/stat").read_text()))
+    below = [s.pid for s in sandbox.descendants(stats, pid)]
+    for target in below or [pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+
+
+async def time_until_gone(registry: Registry, name: str, killed: set[str], began: float, timeout: float) -> float:
+    """Seconds from `began` (monotonic, taken before the first kill) until no registry entry of `name` carries one
+    of the `killed` instance ids."""
+    with anyio.fail_after(timeout):
+        while killed & {e.record.instance_id for e in await registry.instances(name)}:
+            await anyio.sleep(0.01)
+    return time.monotonic() - began
+
+
+def leftovers(runtime: str, owner: str, handles: set[str]) -> set[str]:
+    """Which of the killed instances the runtime still has (a dead container not removed)."""
+    if runtime != "docker":
+        return set()
+    import docker
+
+    client = docker.from_env(timeout=30)
+    try:
+        listed = client.api.containers(all=True, filters={"label": f"{names.LABEL_OWNER}={owner}"})
+    finally:
+        client.close()
+    return handles & {c["Id"] for c in listed}
+
+
+async def test_an_instance_killed_while_free_leaves_the_registry_at_once_and_is_replaced(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane(AUBE_RECONCILE_INTERVAL="60")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", min_free=2, max_instances=4)
+        before = await wait_free(registry, "who", 2, 60)
+        victim = before[0].record
+        began = time.monotonic()
+        killing = kill_all(platform.runtime, [victim.handle])
+        took = await time_until_gone(registry, "who", {victim.instance_id}, began, GONE_WITHIN)
+        print(
+            f"[{platform.runtime}] killed free instance out of the registry {took * 1000:.0f} ms after the kill"
+            f" began (the kill took {killing * 1000:.0f} ms)"
+        )
+
+        began = time.monotonic()
+        after = await wait_free(registry, "who", 2, REFILLED_WITHIN)
+        print(f"[{platform.runtime}] min_free 2 restored without traffic after {time.monotonic() - began:.2f} s")
+        assert victim.instance_id not in {e.record.instance_id for e in after}
+        with anyio.fail_after(30):
+            while leftovers(platform.runtime, platform.owner, {victim.handle}):
+                await anyio.sleep(0.2)
+
+
+async def test_seven_of_nine_free_killed_at_once_back_to_min_free_without_traffic(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane(AUBE_RECONCILE_INTERVAL="60")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", min_free=3, max_instances=9)
+        await wait_free(registry, "who", 3, 60)
+        await request(nc, names.SUBJECT_SCALE, ScaleRequest(name="who", count=6), ScaleReply, 300)
+        nine = await wait_free(registry, "who", 9, 120)
+        victims = [e.record for e in nine[:7]]
+        began = time.monotonic()
+        killed = kill_all(platform.runtime, [v.handle for v in victims])
+        took = await time_until_gone(registry, "who", {v.instance_id for v in victims}, began, GONE_WITHIN)
+        print(
+            f"[{platform.runtime}] 7 killed free instances out of the registry {took * 1000:.0f} ms after the kills"
+            f" began (the 7 kills took {killed * 1000:.0f} ms)"
+        )
+
+        began = time.monotonic()
+        await wait_free(registry, "who", 3, REFILLED_WITHIN)
+        print(f"[{platform.runtime}] min_free 3 restored without traffic after {time.monotonic() - began:.2f} s")
+        await anyio.sleep(2)  # nothing more is started than min_free asks for
+        entries = await registry.instances("who")
+        assert len(free(entries)) == 3
+        assert len(entries) == 3, [(e.key, e.record.state) for e in entries]
+        with anyio.fail_after(30):
+            while leftovers(platform.runtime, platform.owner, {v.handle for v in victims}):
+                await anyio.sleep(0.2)
