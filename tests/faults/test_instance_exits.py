@@ -156,3 +156,22 @@ async def test_seven_of_nine_free_killed_at_once_back_to_min_free_without_traffi
         with anyio.fail_after(30):
             while leftovers(platform.runtime, platform.owner, {v.handle for v in victims}):
                 await anyio.sleep(0.2)
+
+
+async def test_an_instance_adopted_after_a_control_plane_restart_is_watched_too(platform) -> None:  # type: ignore[no-untyped-def]
+    # The process runtime's instances are not the new control plane's children: it watches them by pidfd all the same.
+    first = await platform.start_controlplane(AUBE_RECONCILE_INTERVAL="60")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", min_free=2, max_instances=4)
+        before = await wait_free(registry, "who", 2, 60)
+        first.kill9()
+        await platform.start_controlplane(AUBE_RECONCILE_INTERVAL="60")
+        await anyio.sleep(0.5)  # its watch starts right after it answers
+        adopted = await wait_free(registry, "who", 2, 60)
+        assert {e.record.instance_id for e in adopted} == {e.record.instance_id for e in before}
+        victim = adopted[0].record
+        began = time.monotonic()
+        kill_all(platform.runtime, [victim.handle])
+        took = await time_until_gone(registry, "who", {victim.instance_id}, began, GONE_WITHIN)
+        print(f"[{platform.runtime}] adopted instance killed: out of the registry after {took * 1000:.0f} ms")
+        await wait_free(registry, "who", 2, REFILLED_WITHIN)
