@@ -9,6 +9,7 @@ be what the tests see. Each test prints the measured times (pytest -s shows them
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -20,10 +21,13 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 from support import nats_client, zip_base64
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from aube.controlplane.runtimes import sandbox
 from aube.shared import names
 from aube.shared.bus import request
+from aube.shared.natsserver import free_port
 from aube.shared.registry import InstanceEntry, Registry
 from aube.shared.schemas import ScaleReply, ScaleRequest, UploadReply, UploadRequest
 
@@ -175,3 +179,48 @@ async def test_an_instance_adopted_after_a_control_plane_restart_is_watched_too(
         took = await time_until_gone(registry, "who", {victim.instance_id}, began, GONE_WITHIN)
         print(f"[{platform.runtime}] adopted instance killed: out of the registry after {took * 1000:.0f} ms")
         await wait_free(registry, "who", 2, REFILLED_WITHIN)
+
+
+async def open_stream(port: int, name: str, timeout: float = 60) -> ClientConnection:
+    """A client stream through the proxy, once it answers and its registry view has the function (404 until then)."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                return await connect(f"ws://127.0.0.1:{port}/{name}", proxy=None, open_timeout=timeout)
+            except (OSError, InvalidStatus):
+                await anyio.sleep(0.2)
+
+
+async def test_a_busy_instance_that_dies_is_dropped_its_client_closed_and_the_pool_refilled(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane(AUBE_RECONCILE_INTERVAL="60")
+    port = free_port()
+    proxy = platform.start(
+        "aube.proxy", AUBE_PROXY_PORT=str(port), AUBE_PROXY_HOST="127.0.0.1", AUBE_PROXY_ID=f"proxy-{port}",
+        AUBE_OPERATOR_PORT=str(free_port()),
+    )  # fmt: skip
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", min_free=1, max_instances=4)
+        await wait_free(registry, "who", 1, 60)
+        conn = await open_stream(port, "who")
+        try:
+            await conn.send("x")
+            serving = json.loads(await conn.recv())["instance"]
+            victim = next(e.record for e in await registry.instances("who") if e.record.instance_id == serving)
+            assert victim.state == "busy"
+            began = time.monotonic()
+            kill_all(platform.runtime, [victim.handle])
+            took = await time_until_gone(registry, "who", {victim.instance_id}, began, GONE_WITHIN)
+            print(f"[{platform.runtime}] killed busy instance out of the registry after {took * 1000:.0f} ms")
+            with anyio.fail_after(30), pytest.raises(ConnectionClosed):
+                await conn.recv()
+        finally:
+            await conn.close()
+        await wait_free(registry, "who", 1, REFILLED_WITHIN)
+        # The proxy took the lost release in its stride and serves the next client on another instance.
+        again = await open_stream(port, "who")
+        try:
+            await again.send("y")
+            assert json.loads(await again.recv())["instance"] != victim.instance_id
+        finally:
+            await again.close()
+        assert "Traceback" not in proxy.log_text()
