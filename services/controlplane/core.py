@@ -91,6 +91,8 @@ class ControlPlane:
         # Every id that was in flight at any moment of the current reconcile pass (see `reconcile`).
         self._in_flight_during_pass: set[str] = set()
         self.uploading: set[str] = set()  # function names with an upload under way here
+        # Function names with a scale request under way here: the min_free keeper leaves them to it (upkeep.py).
+        self.scaling: set[str] = set()
         self._function_locks: dict[str, anyio.Lock] = {}
         self._first_seen: dict[tuple[str, int], float] = {}
         self.work_dir = Path(settings.data_dir) / "uploads"
@@ -486,7 +488,11 @@ class ControlPlane:
             raise UnknownFunction(f"no function named {name!r}")
         f = function.record
         count = max(1, min(req.count, f.manifest.scaling.max_instances))
-        ready = await self._start_instances(name, f.version, f.artifact, f.manifest, count, claimable=True)
+        self.scaling.add(name)
+        try:
+            ready = await self._start_instances(name, f.version, f.artifact, f.manifest, count, claimable=True)
+        finally:
+            self.scaling.discard(name)
         if not ready:
             raise CapacityExhausted(f"{name} already runs its maximum of {f.manifest.scaling.max_instances} instances")
         total = len(await self.registry.instances(name))

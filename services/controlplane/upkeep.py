@@ -101,7 +101,11 @@ class Upkeep:
             if not await self._delete_exited(entry):
                 continue
             r = entry.record
-            log.warning("instance %s of %s v%d exited while %s: dropped", r.instance_id, r.function, r.version, state)
+            # Starting and draining instances end because someone stops them (a probe, retirement, the reaper):
+            # normal. Free, busy or unhealthy ones died.
+            level = logging.DEBUG if state in ("starting", "draining") else logging.WARNING
+            log.log(level, "instance %s of %s v%d exited while %s: dropped", r.instance_id, r.function, r.version,
+                    state)  # fmt: skip
             if r.instance_id in self._kept:
                 early.add(r.function)
             # A starting or draining one is being started or stopped by someone who removes it (or reconcile does).
@@ -142,7 +146,7 @@ class Upkeep:
             entries=entries,
             functions=functions,
             runtime=self.cp.runtime.kind,
-            skip=self.cp.uploading | self._topping_up,
+            skip=self.cp.uploading | self.cp.scaling | self._topping_up,
             hold_until=self._hold_until,
             now=time.time(),
         )

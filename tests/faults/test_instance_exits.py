@@ -34,8 +34,11 @@ from aube.shared.schemas import ScaleReply, ScaleRequest, UploadReply, UploadReq
 pytestmark = pytest.mark.anyio
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# Generous bounds for a shared 2-core machine; the issue asks for 1 s, and the tests print what they measured.
+# Generous bounds for a shared 2-core machine; the tests print what they measured.
 GONE_WITHIN = 5.0
+# The issue's bound, counted from when the kill returned (the engine serialises kills: 0.2-1.7 s for 7 here). Measured
+# 5-70 ms, so this holds with a wide margin.
+GONE_AFTER_DEATH = 1.0
 REFILLED_WITHIN = 120.0
 
 
@@ -124,6 +127,7 @@ async def test_an_instance_killed_while_free_leaves_the_registry_at_once_and_is_
             f"[{platform.runtime}] killed free instance out of the registry {took * 1000:.0f} ms after the kill"
             f" began (the kill took {killing * 1000:.0f} ms)"
         )
+        assert took - killing < GONE_AFTER_DEATH
 
         began = time.monotonic()
         after = await wait_free(registry, "who", 2, REFILLED_WITHIN)
@@ -149,6 +153,7 @@ async def test_seven_of_nine_free_killed_at_once_back_to_min_free_without_traffi
             f"[{platform.runtime}] 7 killed free instances out of the registry {took * 1000:.0f} ms after the kills"
             f" began (the 7 kills took {killed * 1000:.0f} ms)"
         )
+        assert took - killed < GONE_AFTER_DEATH
 
         began = time.monotonic()
         await wait_free(registry, "who", 3, REFILLED_WITHIN)
