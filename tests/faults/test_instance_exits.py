@@ -229,3 +229,38 @@ async def test_a_busy_instance_that_dies_is_dropped_its_client_closed_and_the_po
         finally:
             await again.close()
         assert "Traceback" not in proxy.log_text()
+
+
+CRASHING_FN = """\
+import os
+import threading
+
+# Healthy at first, dead half a second later: a function whose every instance crashes soon after it starts.
+threading.Timer(0.5, os._exit, (1,)).start()
+
+
+async def fn(websocket):
+    async for message in websocket:
+        await websocket.send(message)
+"""
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_function_whose_instances_keep_crashing_is_topped_up_less_and_less_often(
+    platform, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    service = await platform.start_controlplane(AUBE_RECONCILE_INTERVAL="60")
+    folder = tmp_path / "crash"
+    folder.mkdir()
+    (folder / "fn.py").write_text(CRASHING_FN)
+    manifest = "[scaling]\nmin_free = 1\nmax_instances = 4\n"
+    async with nats_client(platform.nats_url) as (nc, _registry):
+        body = UploadRequest(name="crash", zip=zip_base64(folder, {"aube.toml": manifest}))
+        await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+        window = 20.0
+        await anyio.sleep(window)
+    starts = service.log_text().count("to keep min_free")
+    # Without a hold each cycle (start, 0.5 s, exit) takes about a second: some 20 starts. The doubling hold
+    # (0, 1, 2, 4, 8 s after each round of early exits) allows about 6.
+    print(f"[{platform.runtime}] a crashing function was topped up {starts} times in {window:g} s")
+    assert 1 <= starts <= 8
