@@ -69,6 +69,41 @@ async def test_docker_reports_the_owners_killed_containers_and_no_one_elses(
         await runtime.close()
 
 
+@pytest.mark.docker
+async def test_docker_reports_an_exit_that_happened_while_its_event_stream_was_down(
+    docker_client: Any, docker_cleanup: str, tmp_path: Path
+) -> None:
+    from aube.controlplane.runtimes.docker import DockerRuntime
+
+    runtime = await DockerRuntime.connect(ControlPlaneSettings(owner=docker_cleanup, data_dir=str(tmp_path)))
+    labels = {names.LABEL_MANAGED: "true", names.LABEL_OWNER: docker_cleanup, names.LABEL_TEST: "1"}
+    victim = docker_client.containers.run(DEFAULT_BASE_IMAGE, ["sleep", "300"], labels=labels, detach=True)
+    # The engine's first stream ends at once (as when the engine restarts); the watch opens another.
+    real_events = runtime._client.api.events
+    since: list[object] = []
+
+    def events(**kwargs: Any) -> Any:
+        since.append(kwargs.get("since"))
+        return iter(()) if len(since) == 1 else real_events(**kwargs)
+
+    runtime._client.api.events = events
+    reported: list[str] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runtime.watch_exits, docker_cleanup, reported.append)
+            with anyio.fail_after(BOUND):
+                while not since:
+                    await anyio.sleep(0.01)
+            began = time.monotonic()
+            await anyio.to_thread.run_sync(victim.kill)  # while no stream is open
+            took = await wait_reported(reported, victim.id, began)
+            print(f"[docker] an exit during a stream outage reported after {took * 1000:.0f} ms (on reconnect)")
+            tg.cancel_scope.cancel()
+        assert since[0] is None and isinstance(since[1], int)
+    finally:
+        await runtime.close()
+
+
 def sleeper_handle(proc_pid: int) -> str:
     stat = _read_stat(proc_pid)
     assert stat is not None
