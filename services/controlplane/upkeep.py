@@ -9,7 +9,9 @@ process) the moment it ends. Its registry entry is then deleted by compare-and-s
   deleted at its new revision, so a claimed dead instance does not stay in the registry either.
 The dead instance's leftovers (a stopped container, a cgroup) are removed afterwards, except for a starting or
 draining one: whoever started or drained it is removing it already. Reconcile stays the backstop for an exit the watch
-missed (it was down, or the control plane was).
+missed (it was down, or the control plane was). An exit reported before any entry records its handle (the instance
+ended between its health check and the write that makes it free) is looked for again every round for
+`UNMATCHED_MEMORY` seconds.
 
 The keeper starts instances for every function whose warm ones (free or starting, current version) are fewer than
 `min_free`, within `max_instances` (`decisions.plan_top_up`), after each exit and every `KEEP_INTERVAL` seconds,
@@ -43,6 +45,8 @@ EARLY_EXIT_SECONDS = 30.0
 FAILURES_FORGOTTEN = 120.0
 # Attempts at deleting one exited instance's entry while proxies keep changing it.
 DELETE_ATTEMPTS = 5
+# Seconds a reported exit with no matching entry is looked for again (see `Upkeep._unmatched`).
+UNMATCHED_MEMORY = 30.0
 # Seconds the watch is retried after when the runtime cannot be watched (and reconcile covers meanwhile).
 WATCH_RETRY = 5.0
 
@@ -51,6 +55,9 @@ class Upkeep:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self._exited: set[str] = set()  # handles reported and not yet handled
+        # Handles reported with no entry to match yet, and when: an instance that ends between its health check and
+        # the write that records its handle gets its entry a moment after its exit was reported.
+        self._unmatched: dict[str, float] = {}
         self._wake = anyio.Event()
         self._topping_up: set[str] = set()  # functions with a top-up under way here
         self._failures: dict[str, tuple[int, float]] = {}  # per function: failures in a streak, the last one's time
@@ -69,14 +76,19 @@ class Upkeep:
                 with anyio.move_on_after(KEEP_INTERVAL):
                     await self._wake.wait()
                 self._wake = anyio.Event()
-                handles, self._exited = self._exited, set()
+                now = time.monotonic()
+                reported = {h: at for h, at in self._unmatched.items() if now - at < UNMATCHED_MEMORY}
+                reported.update((h, now) for h in self._exited)
+                self._exited = set()
                 try:
-                    if handles:
-                        await self.drop_exited(handles, tg)
+                    if reported:
+                        matched = await self.drop_exited(set(reported), tg)
+                        reported = {h: at for h, at in reported.items() if h not in matched}
+                    self._unmatched = reported
                     await self.keep(tg)
                 except Exception:
                     # NATS reconnecting: the next round (and reconcile for the exits) tries again.
-                    self._exited |= handles
+                    self._unmatched = reported
                     log.warning("upkeep pass failed", exc_info=True)
 
     async def _watch(self) -> None:
@@ -91,12 +103,15 @@ class Upkeep:
 
     # -- exits -------------------------------------------------------------------------------------------------
 
-    async def drop_exited(self, handles: set[str], tg: TaskGroup) -> None:
+    async def drop_exited(self, handles: set[str], tg: TaskGroup) -> set[str]:
+        """Drop the entries of the instances with these handles; return the handles that had one."""
         entries = await self.cp.registry.instances()
         early: set[str] = set()
+        matched: set[str] = set()
         for entry in decisions.exited_entries(
             owner=self.cp.owner, entries=entries, handles=handles, in_flight=self.cp.in_flight
         ):
+            matched.add(entry.record.handle)
             state = entry.record.state
             if not await self._delete_exited(entry):
                 continue
@@ -114,6 +129,7 @@ class Upkeep:
         # Once per function and round: the keeper's instances of one top-up dying together are one failure.
         for name in early:
             self._failed(name)
+        return matched
 
     async def _delete_exited(self, entry: InstanceEntry | None) -> bool:
         """Delete the entry of an instance that ended, re-reading it after each lost compare-and-set. False if it
