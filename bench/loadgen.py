@@ -13,6 +13,10 @@ Modes (all print one JSON object on stdout):
 
 Watched processes (`--watch label=pid`, `--watch-tree label=pid` to add the pid's children, as nginx workers):
 their utime+stime from /proc/<pid>/stat is read at the start and the end of the measured window.
+
+Instances answer the platform only (docs/security.md, "Instance credential"): for the direct baseline the bench
+hands the instance credentials over in the environment, AUBE_BENCH_CREDENTIALS = {"host:port": secret} (not on the
+command line, where any local user could read them), and each upgrade to such an address presents its secret.
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ def client_frame(payload: bytes, opcode: int = OP_BINARY) -> bytes:
 
 
 CLOSE = client_frame(struct.pack("!H", 1000), OP_CLOSE)
+CREDENTIAL_HEADER = "X-Aube-Instance-Secret"  # aube.shared.names.HEADER_INSTANCE_SECRET; loadgen imports no aube
+CREDENTIALS: dict[str, str] = json.loads(os.environ.get("AUBE_BENCH_CREDENTIALS") or "{}")
+
+
+def _credential(target: Target) -> str:
+    secret = CREDENTIALS.get(f"{target.host}:{target.port}")
+    return f"{CREDENTIAL_HEADER}: {secret}\r\n" if secret else ""
 
 
 def connect(target: Target, timeout: float) -> tuple[socket.socket, bytearray]:
@@ -89,7 +100,8 @@ def connect(target: Target, timeout: float) -> tuple[socket.socket, bytearray]:
         s.sendall(
             (
                 f"GET {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"{_credential(target)}\r\n"
             ).encode()
         )
         buf = bytearray()

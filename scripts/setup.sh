@@ -10,6 +10,10 @@ command -v mmdebstrap >/dev/null || want+=(mmdebstrap)
 command -v bwrap >/dev/null || want+=(bubblewrap)
 # The process runtime's seccomp filter is compiled with libseccomp (through the pyseccomp wheel, which has no copy).
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || want+=(libseccomp2)
+# The docker runtime closes the instance bridge to the host with iptables (docs/security.md, "Instance network");
+# the hung-peer tests cut a client off inside a network namespace of their own (tests/faults/test_hung_peers.py).
+command -v iptables >/dev/null || want+=(iptables)
+command -v ip >/dev/null || want+=(iproute2)
 [ "${AUBE_WITH_NGINX:-0}" = 1 ] && ! command -v nginx >/dev/null && want+=(nginx-light)
 if [ ${#want[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

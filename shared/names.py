@@ -50,6 +50,20 @@ INSTANCE_HEALTH_PATH = PATH_HEALTH
 ENV_INSTANCE_ID = "AUBE_INSTANCE_ID"
 ENV_FUNCTION = "AUBE_FUNCTION"
 ENV_VERSION = "AUBE_VERSION"
+# The ping policy (`[limits] ping_interval` / `ping_timeout`), read by `aube.instance.config`.
+ENV_PING_INTERVAL = "AUBE_PING_INTERVAL"
+ENV_PING_TIMEOUT = "AUBE_PING_TIMEOUT"
+
+# The instance credential: the proxy and the health probe present the secret in this header; the instance is given
+# only the secret's SHA-256 (hex) in this variable, so function code reading its environment learns nothing it could
+# present. `aube.instance.config` spells both again (the instance ships without aube.shared); a unit test ties them.
+HEADER_INSTANCE_SECRET = "X-Aube-Instance-Secret"
+ENV_INSTANCE_SECRET_SHA256 = "AUBE_INSTANCE_SECRET_SHA256"
+
+# The Docker network every instance container joins (created by the docker runtime, labelled LABEL_MANAGED): no
+# traffic between containers, and a fixed bridge name so the host firewall rules can name its interface.
+INSTANCE_NETWORK = "aube-instance-net"
+INSTANCE_BRIDGE = "aube-inst0"
 
 
 def validate_name(name: object) -> str:
@@ -86,3 +100,8 @@ def image_tag(owner: str, name: str, version: int) -> str:
 
 def container_name(owner: str, name: str, instance_id: str) -> str:
     return f"aube-{owner}-{name}-{instance_id}"
+
+
+def firewall_chain(bridge: str) -> str:
+    """The iptables chain holding the host-input rules for one instance bridge (at most 8 + 15 characters)."""
+    return f"AUBE-IN-{bridge}"

@@ -38,6 +38,11 @@ class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     pids: int = 128
     stream_idle_timeout: float = 0.0  # 0 = never
     stream_max_duration: float = 0.0  # 0 = unlimited
+    # The ping policy: the instance pings the client every `ping_interval` seconds and ends the stream when a pong
+    # takes longer than `ping_timeout`; the proxy ends it when the instance sent nothing for both together (it
+    # hangs). 0 = no pings. Pings are traffic: they keep a stream from ever reaching a longer stream_idle_timeout.
+    ping_interval: float = 0.0
+    ping_timeout: float = 10.0
 
 
 class AccessSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -102,6 +107,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     streams_served: int = 0
     retire: bool = False  # set by delete/re-upload: stop it once its stream ends instead of reusing it
     retire_deadline: float | None = None  # delete's grace: a stream still open then is ended; None = never
+    # The instance credential the proxy and the health probe present (see docs/security.md). Only platform services
+    # read the registry; never logged, never in a reply or an event. Empty for instances started before it existed.
+    secret: str = ""
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,6 +15,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from aube.shared import names
 from aube.shared.errors import InvalidRequest
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -87,6 +88,12 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # data_dir by default: a socket path must fit in 107 bytes.
     sandbox_uid: int = 65534
     socket_dir: str = ""
+    # Docker: the network instances join (created when missing) and its bridge interface (at most 15 characters),
+    # whose host input the runtime closes with iptables. Without a working firewall the runtime refuses to start,
+    # unless `instance_firewall` is off: then the operator must close the bridge's input to the host themselves.
+    instance_network: str = names.INSTANCE_NETWORK
+    instance_bridge: str = names.INSTANCE_BRIDGE
+    instance_firewall: bool = True
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,6 +113,14 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # /_aube/metrics is served here only, never on the public port (it names every function). None = not served.
     operator_host: str = "127.0.0.1"
     operator_port: int | None = DEFAULT_OPERATOR_PORT
+    # Dead peers on the client leg and on TCP instance legs (`aube.proxy.sockopts`): keepalive probes after
+    # `tcp_keepalive_idle` quiet seconds, every `tcp_keepalive_interval`, `tcp_keepalive_count` of them; data or
+    # probes unacknowledged for `tcp_user_timeout` end the connection. With these defaults a stream whose peer's
+    # host vanished ends about 20 s after the peer was last heard from. None disables keepalive / the user timeout.
+    tcp_keepalive_idle: float | None = 10.0
+    tcp_keepalive_interval: float = 5.0
+    tcp_keepalive_count: int = 3
+    tcp_user_timeout: float | None = 20.0
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):

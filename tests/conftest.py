@@ -53,6 +53,36 @@ def docker_client() -> Iterator[Any]:
     client.close()
 
 
+def instance_network_names() -> tuple[str, str]:
+    """A Docker network and bridge name of a test's own: the runtime creates them and closes the bridge to the host,
+    and the test removes both (`remove_instance_network`), instead of leaving the shared default behind."""
+    tag = uuid.uuid4().hex[:8]
+    return f"aube-test-{tag}", f"aubt{tag}"
+
+
+def remove_instance_network(client: Any, network: str, bridge: str) -> None:
+    """Remove a test's instance network and its host rules (once the containers on it are gone)."""
+    import contextlib
+
+    import docker.errors
+
+    try:
+        from aube.controlplane.runtimes import instancenet
+    except ImportError:  # the code under test predates the instance network: it created nothing
+        return
+    instancenet.remove_firewall(bridge)
+    with contextlib.suppress(docker.errors.NotFound):
+        client.api.remove_network(network)
+
+
+@pytest.fixture
+def instance_network(docker_client: Any) -> Iterator[tuple[str, str]]:
+    """(network, bridge) for a test's runtime; removed at teardown (after `docker_cleanup`, which it precedes)."""
+    network, bridge = instance_network_names()
+    yield network, bridge
+    remove_instance_network(docker_client, network, bridge)
+
+
 @pytest.fixture
 def docker_cleanup(docker_client: Any, test_owner: str) -> Iterator[str]:
     """Yield the test's owner id; at teardown remove every container and image it labelled."""
@@ -162,6 +192,7 @@ class Platform:
         self.leaked = 0
         # A login for the test's own requests (wait_ready) on a server with accounts: the control plane's.
         self.login: dict[str, str] = {}
+        self.network, self.bridge = instance_network_names()
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in _os.environ.items() if not k.startswith("AUBE_") or k == "AUBE_REQUIRE_DOCKER"}
@@ -175,6 +206,8 @@ class Platform:
             AUBE_HEALTH_TIMEOUT="60",
             # A stopped control plane stops its instances: whatever runs after teardown is a leak.
             AUBE_STOP_INSTANCES_ON_EXIT="true",
+            AUBE_INSTANCE_NETWORK=self.network,
+            AUBE_INSTANCE_BRIDGE=self.bridge,
         )
         env.update(overrides)
         return env
@@ -248,6 +281,7 @@ def platform(nats_server: LocalNatsServer, test_owner: str, runtime_kind: str, t
             # Images are the function's versions: they outlive a shutdown by design; tests remove theirs.
             for image in client.images.list(filters={"label": label}):
                 client.images.remove(image.id, force=True)
+            remove_instance_network(client, p.network, p.bridge)
             client.close()
     assert leaked == 0, f"{leaked} instance(s) outlived the control plane's shutdown"
 
@@ -263,4 +297,9 @@ def platform_on(test_owner: str, runtime_kind: str, tmp_path: Path) -> Iterator[
 
     yield make
     leaked = sum(p.stop_all() for p in made)
+    if runtime_kind == "docker":
+        client = _docker_or_skip()
+        for p in made:
+            remove_instance_network(client, p.network, p.bridge)
+        client.close()
     assert leaked == 0, f"{leaked} instance(s) outlived the control plane's shutdown"

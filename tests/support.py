@@ -16,13 +16,15 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect, unix_connect
 
-from aube.shared import addresses, credentials
+from aube.shared import addresses, credentials, names
 from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
+from aube.shared.schemas import InstanceRecord
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,6 +96,20 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
     with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
         yield AccountsServer(s, secrets, data)
+
+
+async def wait_http(port: int, timeout: float = 30) -> None:
+    """Until a proxy on 127.0.0.1:`port` answers its health check."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                    await s.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    if b" 200 " in await s.receive():
+                        return
+            except OSError:
+                pass
+            await anyio.sleep(0.1)
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -178,10 +194,17 @@ def connection_owner(client_port: int, server_port: int, pids: Sequence[int]) ->
     return None
 
 
-def instance_ws(address: str, path: str = "/fn", **kwargs: Any) -> connect:
+def instance_ws(address: str, path: str = "/fn", *, secret: str = "", **kwargs: Any) -> connect:
     """A websockets client straight to an instance's registry address: `host:port`, or `unix:<path>` (a
-    sandboxed process instance), as the proxy dials it."""
+    sandboxed process instance), presenting the instance's credential `secret` as the proxy does."""
+    if secret:
+        kwargs["additional_headers"] = {**kwargs.get("additional_headers", {}), names.HEADER_INSTANCE_SECRET: secret}
     target = addresses.parse(address)
     if isinstance(target, addresses.UnixAddress):
         return unix_connect(target.path, f"ws://instance{path}", **kwargs)
     return connect(f"ws://{target.host}:{target.port}{path}", proxy=None, **kwargs)
+
+
+def credential(record: InstanceRecord) -> dict[str, str]:
+    """The header a test presents when it dials an instance straight, as a proxy would (docs/security.md)."""
+    return {names.HEADER_INSTANCE_SECRET: record.secret} if record.secret else {}

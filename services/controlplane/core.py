@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import shutil
 import time
 import uuid
@@ -363,6 +364,8 @@ class ControlPlane:
     ) -> InstanceEntry | None:
         now = time.time()
         instance_id = uuid.uuid4().hex[:12]
+        # The instance credential: only the proxies and this service present it (docs/security.md).
+        secret = secrets.token_urlsafe(32)
         record: InstanceRecord | None = None
         revision: int | None = None
         for slot in decisions.free_slots(taken, manifest.scaling.max_instances):
@@ -376,6 +379,7 @@ class ControlPlane:
                 runtime=self.runtime.kind,
                 owner=self.owner,
                 created_at=now,
+                secret=secret,
             )
             revision = await self.registry.create_instance(record)
             if revision is not None:
@@ -390,6 +394,7 @@ class ControlPlane:
             artifact=artifact,
             manifest=manifest,
             owner=self.owner,
+            secret=secret,
         )
         key = names.instance_key(name, record.slot)
         self.in_flight.add(instance_id)
@@ -399,7 +404,11 @@ class ControlPlane:
             started = await self.runtime.start(spec)
             handle = started.handle
             await wait_healthy(
-                started.address, instance_id, self.settings.health_timeout, lambda: self.runtime.is_alive(handle)
+                started.address,
+                instance_id,
+                self.settings.health_timeout,
+                lambda: self.runtime.is_alive(handle),
+                secret,
             )
             record = msgspec.structs.replace(
                 record,
@@ -612,6 +621,10 @@ class ControlPlane:
             first_seen=self._first_seen,
         )
         for entry in plan.stop:
+            if entry.record.function in self.uploading:
+                # An upload or delete of this function holds its lock and retires these instances itself; stopping
+                # them here too raced it (a delete counted fewer instances stopped than it had).
+                continue
             if entry.record.state == "busy":
                 log.warning(
                     "instance %s of deleted %s still streaming after the grace period: stopping it",

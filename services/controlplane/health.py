@@ -16,17 +16,22 @@ from aube.shared import addresses, names
 from aube.shared.errors import HealthCheckFailed
 
 
-async def probe(address: str, instance_id: str | None = None, timeout: float = 2.0) -> bool:
+async def probe(address: str, instance_id: str | None = None, timeout: float = 2.0, secret: str = "") -> bool:
     """One health request; True only for an HTTP 200 answer from the instance named `instance_id` (if given).
 
     Checking the identity guards the registry against an address that leads to another instance than the one
     being registered (a port reused, a stale mapping): an entry must never send streams to someone else's instance.
+    The instance answers only a request carrying its credential `secret` (403 otherwise), which proves the same.
     """
     host = "instance" if address.startswith(addresses.UNIX_PREFIX) else address
     with anyio.move_on_after(timeout):
         try:
             async with await addresses.connect_stream(address) as stream:
-                request = f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                credential = f"{names.HEADER_INSTANCE_SECRET}: {secret}\r\n" if secret else ""
+                request = (
+                    f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {host}\r\n{credential}"
+                    "Connection: close\r\n\r\n"
+                )
                 await stream.send(request.encode())
                 answer = b""
                 with contextlib.suppress(anyio.EndOfStream):
@@ -53,12 +58,14 @@ PROBE_INTERVAL = 0.02
 ALIVE_INTERVAL = 0.25
 
 
-async def wait_healthy(address: str, instance_id: str, timeout: float, alive: Callable[[], Awaitable[bool]]) -> None:
+async def wait_healthy(
+    address: str, instance_id: str, timeout: float, alive: Callable[[], Awaitable[bool]], secret: str = ""
+) -> None:
     """Return once `address` is healthy; HealthCheckFailed when the deadline passes or the instance dies first."""
     with anyio.move_on_after(timeout):
         next_alive_check = anyio.current_time() + ALIVE_INTERVAL
         while True:
-            if await probe(address, instance_id):
+            if await probe(address, instance_id, secret=secret):
                 return
             if anyio.current_time() >= next_alive_check:
                 if not await alive():

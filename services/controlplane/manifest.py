@@ -10,6 +10,7 @@ are checked here too, so a deployer cannot ask for more than the operator allows
 from __future__ import annotations
 
 import ast
+import math
 import os
 import re
 import tomllib
@@ -25,7 +26,7 @@ from aube.controlplane.bounds import (
     reserved_env_reason,
 )
 from aube.shared.errors import InvalidBundle
-from aube.shared.schemas import Manifest
+from aube.shared.schemas import LimitsSection, Manifest
 
 __all__ = [
     "FN_FILE",
@@ -108,6 +109,9 @@ def check_manifest(manifest: Manifest, bounds: ManifestBounds | None = None) -> 
     problem = check_bounds(manifest.scaling, manifest.limits, bounds or ManifestBounds())
     if problem is not None:
         raise _invalid(problem)
+    problem = ping_problem(manifest.limits)
+    if problem is not None:
+        raise _invalid(problem)
     if fn.runtime == "command":
         if not fn.command:
             raise _invalid('runtime "command" needs function.command, e.g. command = ["./prog"]')
@@ -126,6 +130,32 @@ def check_manifest(manifest: Manifest, bounds: ManifestBounds | None = None) -> 
             raise _invalid(f"env key {name} is reserved: {reserved}")
         if "\x00" in text:
             raise _invalid(f"env value of {name} contains a NUL character")
+
+
+# The ping policy's range: a ping more often than every second is load, not liveness, and one in an hour detects
+# nothing useful.
+PING_MIN = 1.0
+PING_MAX = 3600.0
+
+
+def ping_problem(limits: LimitsSection) -> str | None:
+    """What is wrong with `[limits] ping_interval` / `ping_timeout`, or None."""
+    interval, timeout = limits.ping_interval, limits.ping_timeout
+    for key, value in (("ping_interval", interval), ("ping_timeout", timeout)):
+        if not math.isfinite(value):
+            return f"limits.{key} must be a finite number, got {value:g}"
+    if interval != 0 and not PING_MIN <= interval <= PING_MAX:
+        return f"limits.ping_interval must be 0 (no pings) or between {PING_MIN:g} and {PING_MAX:g} s, got {interval:g}"
+    if not PING_MIN <= timeout <= PING_MAX:
+        return f"limits.ping_timeout must be between {PING_MIN:g} and {PING_MAX:g} s, got {timeout:g}"
+    idle = limits.stream_idle_timeout
+    if 0 < interval < idle:
+        # The proxy sees pings as traffic (it does not parse frames): such a stream would never be idle.
+        return (
+            f"limits.ping_interval {interval:g} is shorter than limits.stream_idle_timeout {idle:g}: pings are"
+            " traffic, so the stream would never be idle; ping less often or drop the idle timeout"
+        )
+    return None
 
 
 def load_manifest(root: Path, bounds: ManifestBounds | None = None) -> Manifest:

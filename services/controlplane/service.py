@@ -51,10 +51,10 @@ async def select_runtime(settings: ControlPlaneSettings) -> Runtime:
 
         try:
             return await DockerRuntime.connect(settings)
-        except RuntimeFailure:
+        except RuntimeFailure as e:
             if settings.runtime == "docker":
                 raise
-            log.warning("no Docker engine answers: instances run as local processes (AUBE_RUNTIME=process)")
+            log.warning("the Docker runtime is unavailable (%s): instances run as local processes", e)
     from aube.controlplane.runtimes.process import ProcessRuntime
 
     return ProcessRuntime(settings)

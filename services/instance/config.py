@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,16 @@ DEFAULT_PORT = 8080
 DEFAULT_COMMAND_GRACE = 2.0
 # After SIGTERM: how long open streams get to close before the process exits regardless.
 DEFAULT_SHUTDOWN_GRACE = 5.0
+# The ping policy (`[limits] ping_interval` / `ping_timeout`): 0 = the server sends no pings (websockets' own
+# default of 20 s is not used, so a function's stream_idle_timeout is not defeated by pings it never asked for).
+DEFAULT_PING_TIMEOUT = 10.0
+
+# The instance credential (aube.shared.names spells them too; a unit test keeps the two in step). The runtime sets
+# the SHA-256 of the secret, never the secret: the function's code can read its environment (and /proc/1/environ),
+# and a hash it reads there is nothing it could present.
+SECRET_HEADER = "X-Aube-Instance-Secret"
+SECRET_SHA256_ENV = "AUBE_INSTANCE_SECRET_SHA256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class ConfigError(ValueError):
@@ -44,6 +55,10 @@ class InstanceConfig:
     version: str = ""
     command_grace: float = DEFAULT_COMMAND_GRACE
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # Empty: no credential is asked for (a server started by hand); the platform's runtimes always set one.
+    secret_sha256: str = ""
+    ping_interval: float = 0.0
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstanceConfig:
@@ -79,6 +94,11 @@ class InstanceConfig:
         grace = _seconds(env, "AUBE_COMMAND_GRACE", DEFAULT_COMMAND_GRACE)
         shutdown_grace = _seconds(env, "AUBE_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE)
 
+        secret_sha256 = (env.get(SECRET_SHA256_ENV) or "").strip().lower()
+        if secret_sha256 and not _SHA256_HEX.fullmatch(secret_sha256):
+            # Never echo the value: it would put the credential's hash into a log for no reason.
+            raise ConfigError(f"{SECRET_SHA256_ENV} must be 64 hexadecimal digits (a SHA-256)")
+
         return cls(
             fn_dir=fn_dir,
             host=env.get("AUBE_INSTANCE_HOST") or DEFAULT_HOST,
@@ -92,6 +112,9 @@ class InstanceConfig:
             version=env.get("AUBE_VERSION", ""),
             command_grace=grace,
             shutdown_grace=shutdown_grace,
+            secret_sha256=secret_sha256,
+            ping_interval=_seconds(env, "AUBE_PING_INTERVAL", 0.0),
+            ping_timeout=_seconds(env, "AUBE_PING_TIMEOUT", DEFAULT_PING_TIMEOUT),
         )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ from websockets.protocol import Protocol as WsProtocol
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from aube.instance.config import LISTENING_MARKER, InstanceConfig
+from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
 from aube.instance.slot import StreamSlot
 
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 def announce(config: InstanceConfig, flavour: str, port: int) -> None:
     where = f"unix:{config.socket}" if config.socket else f"{config.host}:{port}"
     logger.info("serving %s (%s) on %s", config.fn_dir, flavour, where)
+    if not config.secret_sha256:
+        logger.warning("%s is not set: anyone who reaches this port is served (fine only by hand)", SECRET_SHA256_ENV)
     print(f"{LISTENING_MARKER} {where}", flush=True)
 
 
@@ -96,6 +100,11 @@ class Negotiation:
         return {"select_subprotocol": first_offered}
 
 
+def keepalive(config: InstanceConfig) -> dict[str, Any]:
+    """Keyword arguments for either `serve`: the function's ping policy (websockets' keepalive), off at 0."""
+    return {"ping_interval": config.ping_interval or None, "ping_timeout": config.ping_timeout}
+
+
 def first_offered(connection: object, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     return offered[0] if offered else None
 
@@ -119,7 +128,27 @@ class HttpSide:
         protocol = getattr(owner, "protocol", None)
         return protocol is not None and protocol.state in (State.CLOSING, State.CLOSED)
 
+    def _from_platform(self, request: Request) -> bool:
+        """Whether the request carries the instance credential. Its header is removed in any case, before the
+        function can see the request: the function never learns the credential, whoever sent it."""
+        presented = request.headers.get_all(SECRET_HEADER)
+        if presented:
+            del request.headers[SECRET_HEADER]  # every copy, whatever the case of its name
+        expected = self.config.secret_sha256
+        if not expected:
+            return True
+        # Exactly one copy: the proxy removes the client's and adds its own, so two mean someone else wrote one.
+        if len(presented) != 1:
+            return False
+        digest = hashlib.sha256(presented[0].encode("utf-8", "replace")).hexdigest()
+        return hmac.compare_digest(digest, expected)
+
     def process_request(self, connection: _Respond, request: Request) -> Response | None:
+        # Before anything else, the health check included: only the platform learns that this instance exists
+        # and whether it is busy, and a refused request never comes near the stream slot.
+        if not self._from_platform(request):
+            logger.warning("refused a request without the instance credential from %s", _peer(connection))
+            return connection.respond(403, "forbidden: this instance answers the platform only\n")
         if request.path.partition("?")[0] == HEALTH_PATH:
             body = json.dumps(self.slot.health(self.config.instance_id)) + "\n"
             response = connection.respond(200, body)
@@ -197,6 +226,13 @@ def log_stream_end(
 def _path(request: Request | None) -> str:
     # Without the query string: it may carry the client's tokens.
     return request.path.partition("?")[0] if request is not None else "?"
+
+
+def _peer(connection: object) -> str:
+    try:
+        return str(getattr(connection, "remote_address", None) or "?")
+    except OSError:
+        return "?"
 
 
 def _closed_by(protocol: WsProtocol) -> str:
@@ -303,6 +339,7 @@ def serve_sync(
         "process_response": http_side.process_response,
         "create_connection": SyncStreamConnection,
         **negotiation.kwargs(),
+        **keepalive(config),
     }
     if config.socket:
         server = sserver.unix_serve(handler, config.socket, **options)
@@ -382,6 +419,7 @@ async def serve_async(
         "process_response": http_side.process_response_async,
         "create_connection": AsyncStreamConnection,
         **negotiation.kwargs(),
+        **keepalive(config),
     }
     if config.socket:
         server = await aserver.unix_serve(handler, config.socket, **options)

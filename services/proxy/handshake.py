@@ -3,7 +3,8 @@
 The proxy reads bytes until `head_end` finds the blank line, then `parse_head` and `route` decide, without any
 I/O, whether the request is one of the proxy's own endpoints, a WebSocket upgrade for a function, or something
 to refuse with a plain HTTP response before any upgrade. The raw head is forwarded to the instance unchanged
-(`forward_head` only adds X-Forwarded-For), so the handshake is negotiated end to end.
+(`forward_head` only adds X-Forwarded-For and the instance credential, after removing any credential header the
+client sent), so the handshake is negotiated end to end.
 """
 
 from __future__ import annotations
@@ -180,9 +181,23 @@ def _not_allowed() -> HeadError:
     return HeadError(status=405, reason="bad_method", message="method not allowed")
 
 
-def forward_head(head: bytes, client_ip: str) -> bytes:
-    """The client's head unchanged, plus one X-Forwarded-For line (a repeated header appends to the list)."""
-    return head[:-2] + b"X-Forwarded-For: " + client_ip.encode("ascii", "replace") + b"\r\n\r\n"
+_SECRET_HEADER = names.HEADER_INSTANCE_SECRET.lower().encode("ascii")
+
+
+def forward_head(head: bytes, client_ip: str, secret: str = "") -> bytes:
+    """The client's head unchanged, plus one X-Forwarded-For line (a repeated header appends to the list) and the
+    instance's credential (when the instance has one).
+
+    Every line the client sent naming the credential header goes, in any spelling of its case: a client can neither
+    present a credential of its own nor make the instance see two. `head` is a complete head `parse_head` accepted,
+    so each header line is exactly `name:value` with a token for a name.
+    """
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0]] + [line for line in lines[1:] if line.partition(b":")[0].lower() != _SECRET_HEADER]
+    extra = b"X-Forwarded-For: " + client_ip.encode("ascii", "replace") + b"\r\n"
+    if secret:
+        extra += names.HEADER_INSTANCE_SECRET.encode("ascii") + b": " + secret.encode("ascii") + b"\r\n"
+    return b"\r\n".join(kept) + b"\r\n" + extra + b"\r\n"
 
 
 def response(

@@ -3,7 +3,8 @@
 A client connection starts in head mode (bytes are buffered for the handshake code to read); once the
 instance is connected, `attach` switches both sides to relay mode, where `data_received` writes each chunk
 straight to the other transport. Flow control is the transports' own: when one side's write buffer passes
-its high-water mark, `pause_writing` pauses reading on the other side, and `resume_writing` resumes it.
+its high-water mark, `pause_writing` pauses reading on the other side, and `resume_writing` resumes it
+(`ClientSide.writing_paused` tells the hung-instance check that the instance's silence is then the client's doing).
 Per chunk the only Python work is one write and two integer adds (the stream's and the metrics' counters).
 
 Events are asyncio's, not anyio's: protocols are built in loop callbacks, outside any task, where anyio cannot
@@ -35,6 +36,7 @@ class ClientSide(asyncio.Protocol):
         self.lost = asyncio.Event()
         self.ended = asyncio.Event()  # the client sent EOF or either side's connection is gone
         self.bytes_in = 0  # client -> instance, relayed
+        self.writing_paused = False  # the client leg's write buffer is full: the instance is not being read
         self._data = asyncio.Event()
 
     # -- head mode ---------------------------------------------------------------------------------------
@@ -106,10 +108,12 @@ class ClientSide(asyncio.Protocol):
             self.peer.transport.close()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.peer is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.peer is not None and not self.peer.transport.is_closing():
             self.peer.transport.resume_reading()
 

@@ -14,6 +14,14 @@ loop, one task per client connection, and short-lived scale and stop requests. C
 stream; each stream's `finally` releases its instance under a shielded, bounded scope, and only after all
 of them is the lease deleted, so the reaper never sees a live claim without a lease.
 
+Hung peers: both TCP legs get keepalive and `TCP_USER_TIMEOUT` (`aube.proxy.sockopts`), which end a stream whose
+peer's host vanished. A peer whose process hangs while its kernel still answers is the ping policy's: with
+`[limits] ping_interval` set, the instance's server pings the client (an unanswered ping ends the stream at the
+instance, which the proxy sees as the instance closing), and since a live instance then sends at least one frame
+every `ping_interval`, an instance that sent nothing for `ping_interval + ping_timeout` while the client leg could
+take its bytes is hung: the stream ends (`close=instance_silent`) and the instance is marked unhealthy and stopped,
+never handed to the next client. This costs no per-message work: the relay's byte counter is sampled.
+
 Log levels: ERROR a bug, WARNING a dependency misbehaving (control plane silent, instance unreachable),
 INFO lifecycle and the one canonical line per stream, DEBUG transitions and lost races.
 """
@@ -33,7 +41,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
-from aube.proxy import claims, handshake
+from aube.proxy import claims, handshake, sockopts
 from aube.proxy.claims import Slot
 from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
 from aube.proxy.metrics import Metrics, render
@@ -64,6 +72,7 @@ CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is abort
 
 async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run one proxy replica until cancelled; `task_status.started(port)` once listening and watching."""
+    sockopts.plan(settings)  # an unusable socket option setting stops the start before anything runs
     renew_now = RenewSignal()
 
     async def reconnected() -> None:
@@ -168,6 +177,7 @@ class Proxy:
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
         self._tg: TaskGroup | None = None
         self.operator_port: int | None = None  # the operator listener's port, once bound
+        self.tcp_options = sockopts.plan(settings)  # keepalive and user timeout for both TCP legs
 
     # -- connections ---------------------------------------------------------------------------------------
 
@@ -187,6 +197,7 @@ class Proxy:
     async def _connection(self, conn: socket.socket, operator: bool = False) -> None:
         loop = asyncio.get_running_loop()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sockopts.apply(conn, self.tcp_options)
         max_buffer = self.settings.max_head_bytes
         try:
             _, client = await loop.connect_accepted_socket(lambda: ClientSide(self.metrics, max_buffer), conn)
@@ -278,7 +289,7 @@ class Proxy:
         try:
             # No await between these lines: bytes that arrived after the head must follow it, in order.
             upstream.transport.write(
-                handshake.forward_head(raw_head, client.client_ip) + bytes(client.buffer[head_len:])
+                handshake.forward_head(raw_head, client.client_ip, rec.secret) + bytes(client.buffer[head_len:])
             )
             client.buffer.clear()
             client.attach(upstream)
@@ -286,7 +297,10 @@ class Proxy:
                 upstream.transport.close()
             idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
             longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
-            reason = await self._relay(client, upstream, idle, longest)
+            # Only an instance started under this manifest pings; an older version's may be silent by right.
+            pings = limits is not None and limits.ping_interval > 0 and fn is not None and fn.version == rec.version
+            silent = limits.ping_interval + limits.ping_timeout if pings and limits else None
+            reason = await self._relay(client, upstream, idle, longest, silent)
         finally:
             self.metrics.streams_open[name] -= 1
             with anyio.move_on_after(CLOSE_GRACE + REQUEST_TIMEOUT + 1, shield=True):
@@ -298,7 +312,10 @@ class Proxy:
                         upstream.transport.abort()
                 if client.transport is not None:
                     client.transport.close()
-                await self._release(slot, used=True)
+                if reason == "instance_silent":
+                    await self._mark_unhealthy(slot, "hung")
+                else:
+                    await self._release(slot, used=True)
             log.info(
                 "stream function=%s instance=%s slot=%d client=%s duration=%.3f bytes_in=%d bytes_out=%d close=%s",
                 name,
@@ -312,28 +329,44 @@ class Proxy:
             )
 
     async def _relay(
-        self, client: ClientSide, upstream: UpstreamSide, idle: float | None, longest: float | None
+        self,
+        client: ClientSide,
+        upstream: UpstreamSide,
+        idle: float | None,
+        longest: float | None,
+        silent: float | None = None,
     ) -> str:
-        """Wait for the stream to end; why it ended. Bytes move in the protocols, not here."""
+        """Wait for the stream to end; why it ended. Bytes move in the protocols, not here.
+
+        `silent`: the instance pings, so it sending nothing for this long (while the client leg took bytes) means
+        it hangs."""
         with anyio.move_on_after(longest):
-            last_total = -1
-            last_change = anyio.current_time()
+            last_total = last_out = -1
+            last_change = last_out_change = anyio.current_time()
+            windows = [w / 4 for w in (idle, silent) if w]
             while True:
                 # Idle detection samples the byte counters a few times per window instead of taking the time
                 # per chunk: a stream is never closed before `idle` seconds without traffic.
-                with anyio.move_on_after(idle / 4 if idle else None):
+                with anyio.move_on_after(min(windows) if windows else None):
                     await client.ended.wait()
                 if upstream.lost.is_set() or upstream.eof_from_instance:
                     return "instance_closed"
                 if client.lost.is_set() or client.eof:
                     return "client_closed"
+                now = anyio.current_time()
                 if idle:
                     total = client.bytes_in + upstream.bytes_out
-                    now = anyio.current_time()
                     if total != last_total:
                         last_total, last_change = total, now
                     elif now - last_change >= idle:
                         return "idle_timeout"
+                if silent:
+                    # While the client leg is full the proxy stops reading the instance: its silence is then ours.
+                    if upstream.bytes_out != last_out or client.writing_paused:
+                        last_out, last_out_change = upstream.bytes_out, now
+                    elif now - last_out_change >= silent:
+                        log.warning("instance sent nothing for %.1fs though it pings: hung", now - last_out_change)
+                        return "instance_silent"
         return "max_duration"
 
     async def _claim_and_connect(self, client: ClientSide, name: str) -> tuple[Slot, UpstreamSide] | None:
@@ -398,7 +431,8 @@ class Proxy:
         rec = slot.record
         try:
             with anyio.fail_after(self.settings.connect_timeout):
-                _, upstream = await addresses.create_connection(lambda: UpstreamSide(client), rec.address)
+                transport, upstream = await addresses.create_connection(lambda: UpstreamSide(client), rec.address)
+            sockopts.apply(transport.get_extra_info("socket"), self.tcp_options)  # a Unix socket is left alone
         except (OSError, ValueError, TimeoutError) as e:
             log.warning("instance %s (%s) at %s unreachable: %s", slot.key, rec.instance_id, rec.address, e)
             self.metrics.claims_total[(rec.function, "unreachable")] += 1
@@ -444,7 +478,7 @@ class Proxy:
         finally:
             self.held.pop(slot.key, None)
 
-    async def _mark_unhealthy(self, slot: Slot) -> None:
+    async def _mark_unhealthy(self, slot: Slot, reason: str = "unreachable") -> None:
         current: Slot | None = slot
         try:
             for _ in range(5):
@@ -460,7 +494,7 @@ class Proxy:
             self.held.pop(slot.key, None)
         # The client goes on to another instance meanwhile; the stop request runs beside it.
         if self._tg is not None:
-            self._tg.start_soon(self._stop, rec, "unreachable")
+            self._tg.start_soon(self._stop, rec, reason)
 
     async def _stop(self, rec: InstanceRecord, reason: str) -> None:
         body = StopInstanceRequest(name=rec.function, slot=rec.slot, instance_id=rec.instance_id, reason=reason)

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
-from support import REPO, AubeStart, connection_owner
+from support import REPO, AubeStart, connection_owner, wait_http
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -23,19 +23,6 @@ from aube.shared import credentials
 from aube.shared.registry import Registry
 
 pytestmark = pytest.mark.anyio
-
-
-async def wait_listening(port: int, timeout: float = 60) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            try:
-                async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                    await s.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if b" 200 " in await s.receive():
-                        return
-            except OSError:
-                pass
-            await anyio.sleep(0.1)
 
 
 def listens(pid: int, port: int) -> bool:
@@ -65,7 +52,7 @@ async def test_kill_9_of_one_proxy_spares_the_other_replicas_streams_and_it_serv
     start = AubeStart(tmp_path, platform.env(), proxies=2)
     streams: list[tuple[ClientConnection, int | None]] = []
     try:
-        await wait_listening(start.proxy_port)
+        await wait_http(start.proxy_port)
         upload_env = {**start.env, "AUBE_CREDENTIALS": str(tmp_path / ".data/credentials.env")}
         folder = tmp_path / "whoami"
         folder.mkdir()

@@ -30,6 +30,7 @@ from aube.shared.registry import Registry
 from aube.shared.schemas import (
     DeleteReply,
     DeleteRequest,
+    InstanceRecord,
     ListReply,
     ListRequest,
     ScaleReply,
@@ -69,16 +70,17 @@ async def upload(nc: NATS, name: str, folder: Path) -> UploadReply:
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, UPLOAD_TIMEOUT)
 
 
-async def echo(address: str, message: str) -> str:
-    async with instance_ws(address, "/x", open_timeout=30) as ws:
+async def echo(instance: InstanceRecord, message: str) -> str:
+    """One stream straight to an instance, presenting its credential as a proxy does."""
+    async with instance_ws(instance.address, "/x", secret=instance.secret, open_timeout=30) as ws:
         await ws.send(message)
         reply = await ws.recv()
     assert isinstance(reply, str)
     return reply
 
 
-async def free_addresses(registry: Registry, name: str) -> list[str]:
-    return [e.record.address for e in await registry.instances(name) if e.record.state == "free"]
+async def free_instances(registry: Registry, name: str) -> list[InstanceRecord]:
+    return [e.record for e in await registry.instances(name) if e.record.state == "free"]
 
 
 def run_tool(platform: object, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -104,9 +106,9 @@ async def test_aubefaas_function_uploaded_three_ways_reverses_messages(platform)
         raw = await upload(nc, "rev-nats", reverse)
         assert raw.ok and raw.name == "rev-nats" and raw.version == 1 and raw.url.endswith("/rev-nats")
         for name in ("rev-script", "rev-cli", "rev-nats"):
-            addresses = await free_addresses(registry, name)
-            assert len(addresses) == 1, name  # min_free defaults to 1
-            assert await echo(addresses[0], "hello aube") == "ebua olleh"
+            instances = await free_instances(registry, name)
+            assert len(instances) == 1, name  # min_free defaults to 1
+            assert await echo(instances[0], "hello aube") == "ebua olleh"
 
         listed = await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 10)
         assert {f.name: (f.instances, f.free, f.busy) for f in listed.functions} == {
@@ -121,9 +123,9 @@ async def test_handler_styles_and_command_runtime(platform, example: str) -> Non
     await platform.start_controlplane()
     async with nats_client(platform.nats_url) as (nc, registry):
         await upload(nc, "styled", EXAMPLES / example)
-        (address,) = await free_addresses(registry, "styled")
-        assert await echo(address, "stream") == "maerts"
-        assert await echo(address, "second stream, same instance") == "ecnatsni emas ,maerts dnoces"
+        (instance,) = await free_instances(registry, "styled")
+        assert await echo(instance, "stream") == "maerts"
+        assert await echo(instance, "second stream, same instance") == "ecnatsni emas ,maerts dnoces"
 
 
 async def test_events_report_progress_and_outcome(platform) -> None:  # type: ignore[no-untyped-def]
@@ -232,7 +234,13 @@ async def assert_nothing_left(platform, registry: Registry) -> None:  # type: ig
 async def _runtime(platform):  # type: ignore[no-untyped-def]
     from aube.shared.settings import ControlPlaneSettings
 
-    settings = ControlPlaneSettings(owner=platform.owner, data_dir=platform.data_dir, runtime=platform.runtime)
+    settings = ControlPlaneSettings(
+        owner=platform.owner,
+        data_dir=platform.data_dir,
+        runtime=platform.runtime,
+        instance_network=platform.network,
+        instance_bridge=platform.bridge,
+    )
     if platform.runtime == "docker":
         from aube.controlplane.runtimes.docker import DockerRuntime
 
@@ -322,8 +330,8 @@ async def test_concurrent_scale_requests_never_exceed_max_instances(platform, tm
         runtime = await _runtime(platform)
         assert len(await runtime.instances(platform.owner)) == 3
         await runtime.close()
-        for address in await free_addresses(registry, "capped"):
-            assert await echo(address, "ab") == "ba"
+        for instance in await free_instances(registry, "capped"):
+            assert await echo(instance, "ab") == "ba"
 
 
 async def test_kill_9_and_restart_leaves_registry_and_runtime_in_agreement(platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -338,7 +346,7 @@ async def test_kill_9_and_restart_leaves_registry_and_runtime_in_agreement(platf
     async with nats_client(platform.nats_url) as (nc, registry):
         await upload(nc, "steady", EXAMPLES / "reverse-async")
         await upload(nc, "slow", slow)
-        (steady,) = await free_addresses(registry, "steady")
+        (steady,) = await free_instances(registry, "steady")
         await nc.publish(names.SUBJECT_SCALE, b'{"name": "slow", "count": 2}')
         with anyio.fail_after(60):
             while not any(e.record.state == "starting" for e in await registry.instances("slow")):
@@ -393,7 +401,7 @@ async def test_reupload_is_a_new_version_and_an_open_stream_is_not_cut(platform)
         # Hold a stream on v1 the way a proxy does: claim the entry (free -> busy), then stream.
         claimed = msgspec.structs.replace(entry.record, state="busy", claimed_by="test-proxy")
         assert await registry.update_instance(entry.revision, claimed) is not None
-        async with instance_ws(entry.record.address, "/evolving") as ws:
+        async with instance_ws(entry.record.address, "/evolving", secret=entry.record.secret) as ws:
             second = await upload(nc, "evolving", EXAMPLES / "reverse-gen")
             assert second.version == first.version + 1
             await ws.send("old stream")
@@ -422,7 +430,7 @@ async def test_delete_lets_a_busy_stream_finish_within_the_grace(platform) -> No
         (entry,) = await registry.instances("graceful")
         claimed = msgspec.structs.replace(entry.record, state="busy", claimed_by="test-proxy")
         assert await registry.update_instance(entry.revision, claimed) is not None
-        async with instance_ws(entry.record.address, "/graceful") as ws:
+        async with instance_ws(entry.record.address, "/graceful", secret=entry.record.secret) as ws:
             reply = await request(nc, names.SUBJECT_DELETE, DeleteRequest(name="graceful", grace=2.0), DeleteReply, 30)
             assert (reply.stopped, reply.draining) == (0, 1)
             await ws.send("within grace")
@@ -449,4 +457,4 @@ async def test_reupload_of_a_single_instance_function_takes_the_free_slot(platfo
         assert second.version == first.version + 1
         (entry,) = await registry.instances("single")
         assert (entry.record.version, entry.record.state) == (second.version, "free")
-        assert await echo(entry.record.address, "one slot") == "tols eno"
+        assert await echo(entry.record, "one slot") == "tols eno"

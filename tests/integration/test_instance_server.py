@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -22,6 +23,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from aube.instance.config import SECRET_HEADER, SECRET_SHA256_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 COMMAND_ENV = {"AUBE_FN_RUNTIME": "command", "AUBE_FN_COMMAND": json.dumps(["python3", "-u", "reverse.py"])}
@@ -32,6 +35,7 @@ class Instance:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    secret: str = ""  # the instance credential the health check presents (when the instance has one)
 
     def url(self, path: str = "/fn") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -39,7 +43,7 @@ class Instance:
     def health(self) -> dict[str, object]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
-            conn.request("GET", "/_aube/health")
+            conn.request("GET", "/_aube/health", headers={SECRET_HEADER: self.secret} if self.secret else {})
             response = conn.getresponse()
             assert response.status == 200
             assert response.getheader("Content-Type") == "application/json"
@@ -71,7 +75,12 @@ def start_instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
     started: list[Instance] = []
 
     def start(
-        fn_dir: Path, env: dict[str, str] | None = None, argv: list[str] | None = None, *, replace_env: bool = False
+        fn_dir: Path,
+        env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+        *,
+        replace_env: bool = False,
+        secret: str = "",
     ) -> Instance:
         port = _free_port()
         log = tmp_path / f"instance-{port}.log"
@@ -89,6 +98,8 @@ def start_instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
             }
         )
         full_env.update(env or {})
+        if secret:
+            full_env[SECRET_SHA256_ENV] = hashlib.sha256(secret.encode()).hexdigest()
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv or [sys.executable, "-m", "aube.instance"],
@@ -97,7 +108,7 @@ def start_instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
                 stderr=subprocess.STDOUT,
                 cwd=tmp_path,
             )
-        instance = Instance(process, port, log)
+        instance = Instance(process, port, log, secret)
         started.append(instance)
 
         def healthy() -> bool:
@@ -485,3 +496,83 @@ async def test_runs_from_the_image_layout_with_only_websockets(
         assert await ws.recv() == "egami"
     written = [p for p in [*lib.rglob("__pycache__"), *fn_dir.rglob("__pycache__")]]
     assert written == []
+
+
+HEADERS_FN = """\
+    import json
+
+
+    async def fn(websocket):
+        async for message in websocket:
+            await websocket.send(json.dumps(list(websocket.request.headers.raw_items())))
+"""
+
+
+async def _raw_status(port: int, head: str) -> int:
+    """Send one request head; the status of the answer (the connection is closed, whatever it was)."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(head.encode("latin-1"))
+        answer = b""
+        with anyio.fail_after(10):
+            while b"\r\n" not in answer:
+                answer += await stream.receive()
+    return int(answer.split(b" ", 2)[1])
+
+
+def _upgrade(path: str = "/fn", *extra: str) -> str:
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: x",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *extra,
+    ]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("style", ["async", "sync"])
+async def test_only_the_instance_credential_opens_a_stream_or_the_health_check(
+    start_instance: Callable[..., Instance], tmp_path: Path, style: str
+) -> None:
+    source = HEADERS_FN
+    if style == "sync":
+        source = source.replace("async def", "def").replace("async for", "for").replace("await ", "")
+    secret = "s3cr3t-" + os.urandom(16).hex()
+    instance = start_instance(_function(tmp_path, source), secret=secret)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    health = "GET /_aube/health HTTP/1.1\r\nHost: x\r\n"
+    refused = [
+        _upgrade(),  # no credential
+        health + "\r\n",
+        _upgrade("/fn", f"{SECRET_HEADER}: wrong"),
+        _upgrade("/fn", f"{SECRET_HEADER}: {digest}"),  # the hash a function can read is not the credential
+        _upgrade(f"/fn?{SECRET_HEADER}={secret}&secret={secret}"),  # only the header counts
+        _upgrade("/fn", f"{SECRET_HEADER}: {secret}", f"{SECRET_HEADER}: wrong"),  # a second copy, either order
+        _upgrade("/fn", f"{SECRET_HEADER}: wrong", f"x-aube-instance-secret: {secret}"),
+        _upgrade("/fn", f"X_Aube_Instance_Secret: {secret}"),  # another header, not a spelling of this one
+        _upgrade("/fn", f"{SECRET_HEADER}: {secret[:-1]}"),
+        health + f"{SECRET_HEADER}: {secret}x\r\n\r\n",
+    ]
+    for head in refused:
+        assert await _raw_status(instance.port, head) == 403, head
+    # Nothing above came near the stream slot.
+    assert instance.health() == {
+        "status": "ok",
+        "busy": False,
+        "streams_served": 0,
+        "instance": f"inst-{instance.port}",
+    }
+    assert "refused a request without the instance credential" in instance.output()
+    assert secret not in instance.output()
+
+    # The right one, in any case of the header's name, opens the stream; the function never sees the header.
+    async with connect(instance.url(), proxy=None, additional_headers={"x-AUBE-instance-SECRET": secret}) as ws:
+        await ws.send("headers")
+        with anyio.fail_after(10):
+            seen = json.loads(await ws.recv())
+    assert all(name.lower() != SECRET_HEADER.lower() for name, _ in seen)
+    assert secret not in json.dumps(seen)
+    assert instance.health()["streams_served"] == 1

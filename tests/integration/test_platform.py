@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
-from support import AubeStart, nats_client, zip_base64
+from support import AubeStart, nats_client, wait_http, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -59,19 +59,6 @@ def start_proxy(platform, **overrides: str) -> tuple[int, object]:  # type: igno
     }
     env.update(overrides)
     return port, platform.start("aube.proxy", **env)
-
-
-async def wait_http(port: int, timeout: float = 30) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            try:
-                async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                    await s.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if b" 200 " in await s.receive():
-                        return
-            except OSError:
-                pass
-            await anyio.sleep(0.1)
 
 
 async def test_streams_through_the_proxy_on_both_runtimes(platform) -> None:  # type: ignore[no-untyped-def]

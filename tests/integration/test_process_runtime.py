@@ -469,3 +469,32 @@ async def test_cpus_and_pids_limits_hold_through_cgroups(
 
     await runtime.stop(started.handle)
     assert not any((root / c / g.lstrip("/")).exists() for c, g in groups.items())  # they go with the instance
+
+
+async def test_a_listing_that_began_before_a_start_leaves_the_new_instance_alone(
+    bwrap_runtime: ProcessRuntime, tmp_path: Path, test_owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing whose process scan ran before an instance was spawned does not see it; it must not take that
+    instance's socket folder for a leftover. Seen in a full run: the folder went while bubblewrap was about to bind
+    it ("Can't bind mount ... No such file or directory") and the upload failed."""
+    from aube.controlplane.runtimes import process
+
+    ref = await bwrap_runtime.prepare("echo", 1, _function(tmp_path, ECHO), Manifest(), test_owner, lambda _: None)
+    scanned, release = anyio.Event(), anyio.Event()
+    real_scan = process._scan_leaders
+
+    def held_scan() -> object:
+        snapshot = real_scan()
+        anyio.from_thread.run_sync(scanned.set)
+        anyio.from_thread.run(release.wait)  # the listing goes on only after the start below has spawned
+        return snapshot
+
+    monkeypatch.setattr(process, "_scan_leaders", held_scan)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bwrap_runtime.instances, test_owner)
+        await scanned.wait()
+        monkeypatch.setattr(process, "_scan_leaders", real_scan)
+        started = await bwrap_runtime.start(_spec(ref, test_owner))
+        release.set()
+    assert await _ask(started, "still here") == "still here"
+    assert [i.instance_id for i in await bwrap_runtime.instances(test_owner)] == [started.instance_id]

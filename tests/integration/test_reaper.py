@@ -463,7 +463,7 @@ async def test_real_control_plane_stops_reaped_instances_and_min_free_stays_warm
             await runtime.close()
         assert [r.instance_id for r in running] == [kept.record.instance_id]
         # ...and it still serves.
-        async with instance_ws(kept.record.address, "/x", open_timeout=30) as ws:
+        async with instance_ws(kept.record.address, "/x", secret=kept.record.secret, open_timeout=30) as ws:
             await ws.send("warm")
             assert await ws.recv() == "mraw"
     reaper_log = platform.services[-1].log_text()

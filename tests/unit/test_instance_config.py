@@ -62,3 +62,23 @@ def test_everything_set(tmp_path: Path) -> None:
 def test_bad_environment(tmp_path: Path, env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         InstanceConfig.from_env({"AUBE_FN_DIR": str(tmp_path), **env})
+
+
+def test_instance_credential_names_match_the_platforms() -> None:
+    # The instance ships without aube.shared, so it spells these again: they must not drift apart.
+    from aube.instance import config
+    from aube.shared import names
+
+    assert config.SECRET_HEADER == names.HEADER_INSTANCE_SECRET
+    assert config.SECRET_SHA256_ENV == names.ENV_INSTANCE_SECRET_SHA256
+
+
+def test_instance_credential_hash(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    assert InstanceConfig.from_env({"AUBE_FN_DIR": str(tmp_path)}).secret_sha256 == ""
+    config = InstanceConfig.from_env({"AUBE_FN_DIR": str(tmp_path), "AUBE_INSTANCE_SECRET_SHA256": digest.upper()})
+    assert config.secret_sha256 == digest
+    for bad in ("plain-secret-value", digest[:-1], digest + "0", digest[:-1] + "g"):
+        with pytest.raises(ConfigError, match="AUBE_INSTANCE_SECRET_SHA256") as refused:
+            InstanceConfig.from_env({"AUBE_FN_DIR": str(tmp_path), "AUBE_INSTANCE_SECRET_SHA256": bad})
+        assert bad not in str(refused.value)  # the value is never echoed into a log

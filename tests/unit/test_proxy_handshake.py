@@ -6,6 +6,7 @@ import pytest
 
 from aube.proxy import handshake
 from aube.proxy.handshake import Endpoint, FunctionTarget, HeadError, RequestHead
+from aube.shared import names
 
 UPGRADE = (
     b"GET /reverse?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
@@ -132,3 +133,29 @@ def test_authorize_public_functions_and_bearer_tokens() -> None:
     response = handshake.error_response(handshake.authorize(_head_with("/f"), [digest]))  # type: ignore[arg-type]
     assert response.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
     assert b"WWW-Authenticate: Bearer" in response
+
+
+def test_forward_head_presents_the_instance_credential_and_drops_the_clients() -> None:
+    forged = (
+        b"GET /fn HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"X-Aube-Instance-Secret: forged-1\r\nx-aube-instance-secret: forged-2\r\nX-AUBE-INSTANCE-SECRET:forged-3\r\n"
+        b"X-Aube-Instance-Secret-Extra: kept\r\nX_Aube_Instance_Secret: kept-too\r\n\r\n"
+    )
+    _parse(forged)
+    out = handshake.forward_head(forged, "10.1.2.3", "s3cr3t")
+    head = _parse(out)
+    assert head.headers[names.HEADER_INSTANCE_SECRET.lower()] == ["s3cr3t"]
+    assert b"forged" not in out
+    assert head.header("x-aube-instance-secret-extra") == "kept"
+    assert head.header("x_aube_instance_secret") == "kept-too"
+    assert head.header("x-forwarded-for") == "10.1.2.3"
+    assert out.startswith(b"GET /fn HTTP/1.1\r\nHost: x\r\n") and out.endswith(b"\r\n\r\n")
+    # An instance without a credential (started before it existed) still never sees a client's copy.
+    bare = handshake.forward_head(forged, "10.1.2.3")
+    assert b"forged" not in bare
+    assert names.HEADER_INSTANCE_SECRET.lower() not in _parse(bare).headers
+
+
+def test_forward_head_of_a_head_without_headers() -> None:
+    out = handshake.forward_head(b"GET /fn HTTP/1.1\r\n\r\n", "::1", "k")
+    assert out == b"GET /fn HTTP/1.1\r\nX-Forwarded-For: ::1\r\nX-Aube-Instance-Secret: k\r\n\r\n"

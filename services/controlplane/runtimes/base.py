@@ -7,6 +7,7 @@ same in-instance server (`aube.instance`) configured by the environment variable
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     artifact: str  # what `prepare` returned
     manifest: Manifest
     owner: str
+    # The instance credential: the instance gets its SHA-256 only (see `instance_environment`). Empty: none asked.
+    secret: str = ""
 
 
 class StartedInstance(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,10 +115,16 @@ def instance_environment(spec: InstanceSpec, port: int) -> dict[str, str]:
             "AUBE_FN_RUNTIME": fn.runtime,
             "AUBE_FN_COMMAND": json.dumps(fn.command),
             "AUBE_FN_MODE": fn.mode,
+            names.ENV_PING_INTERVAL: f"{spec.manifest.limits.ping_interval:g}",
+            names.ENV_PING_TIMEOUT: f"{spec.manifest.limits.ping_timeout:g}",
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
     )
+    if spec.secret:
+        env[names.ENV_INSTANCE_SECRET_SHA256] = hashlib.sha256(spec.secret.encode()).hexdigest()
+    else:
+        env.pop(names.ENV_INSTANCE_SECRET_SHA256, None)  # nor may the function's own [env] set one
     return env
 
 

@@ -7,7 +7,9 @@ translated here (RuntimeFailure, BuildFailed for builds) and results are returne
 
 A container runs the in-instance server as nobody (65534) on a read-only root with all capabilities dropped,
 no-new-privileges, memory/cpu/pids limits from the manifest, a small /tmp tmpfs, and its port published on
-`publish_host` only (127.0.0.1 by default) at a random host port.
+`publish_host` only (127.0.0.1 by default) at a random host port. It joins the instance network (`instancenet`):
+no traffic to other containers, and no new connection to the host; `connect` refuses to return a runtime whose
+network or host firewall is not in place (unless the operator turned the firewall off).
 
 Exits are followed on the engine's event stream (`watch_exits`): a worker thread of its own reads the `die`
 events of the owner's containers and hands each container id to the event loop; a broken stream is opened again,
@@ -36,7 +38,7 @@ import requests.exceptions
 from docker.types import LogConfig
 
 from aube.controlplane.bounds import memory_bytes, nano_cpus
-from aube.controlplane.runtimes import deps, images
+from aube.controlplane.runtimes import deps, images, instancenet
 from aube.controlplane.runtimes.base import (
     INSTANCE_PORT,
     Artifact,
@@ -89,6 +91,14 @@ class DockerRuntime:
             client = docker.from_env(timeout=max(1, round(settings.docker_timeout)))
             try:
                 client.ping()
+                network, bridge = settings.instance_network, settings.instance_bridge
+                instancenet.ensure(client, network, bridge, settings.instance_firewall)
+                if not settings.instance_firewall:
+                    logger.warning(
+                        "AUBE_INSTANCE_FIREWALL is off: instances on bridge %s can open connections to every port "
+                        "listening on this host (NATS, the proxy, ...) unless the operator's own firewall closes it",
+                        settings.instance_bridge,
+                    )
                 build_client = docker.from_env(timeout=max(1, round(settings.build_timeout)))
             except BaseException:
                 client.close()
@@ -97,6 +107,11 @@ class DockerRuntime:
 
         try:
             client, build_client = await anyio.to_thread.run_sync(_connect)
+        except instancenet.FirewallError as e:
+            raise instancenet.FirewallError(
+                f"cannot close the host to instances: {e.message}. Run the control plane as root with iptables, or "
+                "set AUBE_INSTANCE_FIREWALL=off and close the bridge's input yourself (docs/security.md)"
+            ) from e
         except _DOCKER_ERRORS as e:
             raise RuntimeFailure(f"no Docker engine answers: {e}") from e
         return cls(settings, client, build_client)
@@ -234,11 +249,22 @@ class DockerRuntime:
                 nano_cpus=nano_cpus(limits.cpus),
                 pids_limit=limits.pids,
                 init=True if self._init_supported else None,
+                network_mode=self._settings.instance_network,
                 log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
             )
         except docker.errors.DockerException as e:  # e.g. an unparseable memory limit
             raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
 
+        s = self._settings
+        # A few listings (about 10 ms): worth it so that no instance ever starts on a network left open.
+        await self._call(
+            "checking the instance network",
+            instancenet.ensure,
+            self._client,
+            s.instance_network,
+            s.instance_bridge,
+            s.instance_firewall,
+        )
         name = names.container_name(spec.owner, spec.function, spec.instance_id)
         create = functools.partial(
             api.create_container,

@@ -95,7 +95,10 @@ class ProcessRuntime:
         self._sandbox_decided = False
         self._cgroups: cgroups.CgroupLimits | None = None
         self._cgroups_decided = False
-        self._starting: set[str] = set()  # instance ids between their groups' creation and their spawn
+        self._starting: set[str] = set()  # instance ids from their socket folder's creation to their spawn
+        # Spawned since the oldest listing still running began: its scan of the processes may have missed them, so
+        # their groups and socket folders are not leftovers yet (see `instances`).
+        self._fresh: set[str] = set()
         # Root stages the sandbox and drops to sandbox_uid; an unprivileged control plane's bubblewrap maps its
         # own uid, which is not root either.
         self._privileged = os.geteuid() == 0
@@ -172,16 +175,18 @@ class ProcessRuntime:
         socket_path = str(run_dir / sandbox.SOCKET_NAME)
         if bwrap is not None and len(socket_path.encode()) > MAX_SOCKET_PATH:
             raise RuntimeFailure(f"socket_dir is too long for a Unix socket path ({MAX_SOCKET_PATH} bytes at most)")
-        if bwrap is not None:
-            await anyio.to_thread.run_sync(
-                stage.make_run_dir, self._runs, run_dir, self._uid() if self._privileged else None
-            )
-            plan = sandbox.stage_plan([*_python_paths(), str(fn_dir), str(deps_dir), str(run_dir)])
-        # The filter reaches bubblewrap as the inherited descriptor its --seccomp argument names.
-        filter_fd = stage.memfd(self._seccomp) if bwrap is not None else None
-        log_path.write_bytes(b"")
+        # From here until the spawn, a listing must not take this instance's folder or groups for leftovers.
         self._starting.add(spec.instance_id)
+        filter_fd: int | None = None
         try:
+            if bwrap is not None:
+                await anyio.to_thread.run_sync(
+                    stage.make_run_dir, self._runs, run_dir, self._uid() if self._privileged else None
+                )
+                plan = sandbox.stage_plan([*_python_paths(), str(fn_dir), str(deps_dir), str(run_dir)])
+            # The filter reaches bubblewrap as the inherited descriptor its --seccomp argument names.
+            filter_fd = stage.memfd(self._seccomp) if bwrap is not None else None
+            log_path.write_bytes(b"")
             staged = plan if self._privileged else None
             argv, env = _command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd)
             procs = await self._create_groups(spec, limits["RLIMIT_AS"])
@@ -194,6 +199,7 @@ class ProcessRuntime:
             if (watch := self._exit_watches.get(spec.owner)) is not None:
                 watch.add(handle)
         finally:
+            self._fresh.add(spec.instance_id)
             self._starting.discard(spec.instance_id)
             if filter_fd is not None:
                 os.close(filter_fd)
@@ -259,6 +265,9 @@ class ProcessRuntime:
         return not gone
 
     async def instances(self, owner: str) -> list[RunningInstance]:
+        # An instance spawned after the scan below began is not in it: `_fresh` keeps it from being taken for a
+        # leftover, until a listing that began after its spawn (which therefore saw it) is done.
+        fresh_before = set(self._fresh)
         _reap_all()
         procs = await anyio.to_thread.run_sync(_scan_leaders)
         leaders = sandbox.find_leaders(procs, owner)
@@ -284,11 +293,13 @@ class ProcessRuntime:
         keep = {leader.environ.get(names.ENV_INSTANCE_ID, "") for leader in leaders}
         groups = await self._groups()
         if groups is not None:
-            for instance_id in groups.instance_ids(owner) - keep - self._starting:
+            for instance_id in groups.instance_ids(owner) - keep - self._starting - self._fresh:
                 await self._remove_groups(owner, instance_id, wait=0)
-        # Socket folders likewise; `_starting` ones belong to instances not spawned yet.
-        for instance_id in _folder_names(self._runs / owner) - keep - self._starting:
+        # Socket folders likewise; `_starting` ones belong to instances not spawned yet. (Removing a starting
+        # instance's folder made bubblewrap fail its bind: "Can't bind mount ... No such file or directory".)
+        for instance_id in _folder_names(self._runs / owner) - keep - self._starting - self._fresh:
             _remove_tree(self._run_dir(owner, instance_id))
+        self._fresh -= fresh_before
         return found
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
