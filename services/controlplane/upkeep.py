@@ -3,14 +3,14 @@
 The runtime reports each instance that ends (`Runtime.watch_exits`: the engine's event stream, or a pidfd per
 process) the moment it ends. Its registry entry is then deleted by compare-and-set, in whatever state it is:
 - free, starting (not started by this process), unhealthy, draining: nothing may be sent there any more;
-- busy: the stream it carried ended with the instance, so its proxy has nothing left to release. Deleting it lets
-  the reaper and the keeper see the slot as it is; the proxy's own release then loses its compare-and-set, which
-  is a normal outcome for it. A claim racing the delete makes the delete lose; the entry is read again and
-  deleted at its new revision, so a claimed dead instance does not stay in the registry either.
+- busy: the stream it carried ended with the instance, so its proxy has nothing left to release. Deleting it
+  lets the reaper and the keeper see the slot as it is; the proxy's release then finds no entry of that instance
+  and has nothing to do (proxy/service.py `_release`). A claim racing the delete makes the delete lose; the entry
+  is read again and deleted at its new revision, so a claimed dead instance does not stay in the registry either.
 The dead instance's leftovers (a stopped container, a cgroup) are removed afterwards, except for a starting or
-draining one: whoever started or drained it is removing it already. Reconcile stays the backstop for an exit the watch
-missed (it was down, or the control plane was). An exit reported before any entry records its handle (the instance
-ended between its health check and the write that makes it free) is looked for again every round for
+draining one: whoever started or drained it is removing it already. Reconcile stays the backstop for an exit the
+watch missed (it was down, or the control plane was). An exit reported before any entry records its handle (the
+instance ended between its health check and the write that makes it free) is looked for again every round for
 `UNMATCHED_MEMORY` seconds.
 
 The keeper starts instances for every function whose warm ones (free or starting, current version) are fewer than
