@@ -167,6 +167,9 @@ class Upkeep:
             now=time.time(),
         )
         records = {f.record.name: f.record for f in functions}
+        # A deleted function's backoff goes with it (a name uploaded again starts afresh).
+        self._failures = {name: v for name, v in self._failures.items() if name in records}
+        self._hold_until = {name: t for name, t in self._hold_until.items() if name in records}
         for name, count in plan.items():
             self._topping_up.add(name)
             tg.start_soon(self._top_up, records[name], count)
