@@ -99,6 +99,8 @@ class ControlPlane:
         # Every id that was in flight at any moment of the current reconcile pass (see `reconcile`).
         self._in_flight_during_pass: set[str] = set()
         self.uploading: set[str] = set()  # function names with an upload under way here
+        # Function names with a scale request under way here: the min_free keeper leaves them to it (upkeep.py).
+        self.scaling: set[str] = set()
         self._function_locks: dict[str, anyio.Lock] = {}
         self._first_seen: dict[tuple[str, int], float] = {}
         self.work_dir = Path(settings.data_dir) / "uploads"
@@ -389,6 +391,10 @@ class ControlPlane:
             raise errors[0]
         return sorted(results, key=lambda e: e.record.slot)
 
+    async def start_warm(self, fn: FunctionRecord, count: int) -> list[InstanceEntry]:
+        """Start up to `count` claimable instances of the function's current version (the min_free keeper)."""
+        return await self._start_instances(fn.name, fn.version, fn.artifact, fn.manifest, count, claimable=True)
+
     async def _start_instance(
         self, name: str, version: int, artifact: str, manifest: Manifest, taken: set[int], claimable: bool
     ) -> InstanceEntry | None:
@@ -534,7 +540,11 @@ class ControlPlane:
             raise UnknownFunction(f"no function named {name!r}")
         f = function.record
         count = max(1, min(req.count, f.manifest.scaling.max_instances))
-        ready = await self._start_instances(name, f.version, f.artifact, f.manifest, count, claimable=True)
+        self.scaling.add(name)
+        try:
+            ready = await self._start_instances(name, f.version, f.artifact, f.manifest, count, claimable=True)
+        finally:
+            self.scaling.discard(name)
         if not ready:
             raise CapacityExhausted(f"{name} already runs its maximum of {f.manifest.scaling.max_instances} instances")
         total = len(await self.registry.instances(name))

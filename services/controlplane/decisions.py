@@ -1,4 +1,5 @@
-"""The control plane's decisions, free of I/O: which slots to take, what reconcile removes, what retirement stops.
+"""The control plane's decisions, free of I/O: which slots to take, what reconcile removes, what retirement stops,
+which entries an instance's exit drops, and how many instances keep each function at `min_free`.
 
 Inputs are registry records and runtime listings (msgspec Structs) and `now`; outputs are Structs naming what to do.
 The service shell (service.py) performs them, each with a compare-and-set so a concurrent change wins over a stale
@@ -128,3 +129,66 @@ def plan_retirement(
     with_instances = {e.record.function for e in entries}
     finished = sorted(name for name in deleting if name not in with_instances)
     return RetirePlan(stop=stop, finished_deletes=finished)
+
+
+def exited_entries(
+    *, owner: str, entries: Sequence[InstanceEntry], handles: Collection[str], in_flight: Collection[str]
+) -> list[InstanceEntry]:
+    """The registry entries of instances the runtime saw end (by handle), in any state but one this process is
+    starting: its start sees the exit itself (the health check asks the runtime) and cleans up."""
+    return [
+        e
+        for e in entries
+        if e.record.owner == owner
+        and e.record.handle
+        and e.record.handle in handles
+        and e.record.instance_id not in in_flight
+    ]
+
+
+def plan_top_up(
+    *,
+    entries: Sequence[InstanceEntry],
+    functions: Sequence[FunctionEntry],
+    runtime: str,
+    skip: Collection[str],
+    hold_until: Mapping[str, float],
+    now: float,
+) -> dict[str, int]:
+    """How many instances to start, per function, to keep `min_free` warm ones without waiting for traffic.
+
+    Warm: free or starting, of the current version, not marked to retire (old versions serve no new stream and
+    retirement stops them, so they never count). Every entry of the function, whatever its version or state,
+    holds a slot, so a top-up never passes `max_instances`. Nothing is started for a function being deleted, one
+    in `skip` (an upload or a top-up of it under way here), one of another runtime, or one held back after
+    failed starts until `hold_until[name]`. The reaper reaps free instances only beyond `min_free`, so what this
+    starts is not reaped back.
+    """
+    by_function: dict[str, list[InstanceEntry]] = {}
+    for e in entries:
+        by_function.setdefault(e.record.function, []).append(e)
+    plan: dict[str, int] = {}
+    for f in functions:
+        fn = f.record
+        if fn.deleting or fn.name in skip or fn.runtime != runtime or hold_until.get(fn.name, 0.0) > now:
+            continue
+        mine = by_function.get(fn.name, [])
+        warm = sum(
+            1
+            for e in mine
+            if e.record.version == fn.version and not e.record.retire and e.record.state in ("free", "starting")
+        )
+        scaling = fn.manifest.scaling
+        count = min(scaling.min_free - warm, scaling.max_instances - len(mine))
+        if count > 0:
+            plan[fn.name] = count
+    return plan
+
+
+def hold_after_failures(failures: int, *, first: float = 1.0, longest: float = 60.0) -> float:
+    """Seconds to wait before topping up a function again after `failures` failed starts (or rounds of early
+    exits) in a row: none after one (instances killed together are replaced at once), then doubling from `first`
+    up to `longest`, so a function that cannot start or crashes soon after does not spin the runtime."""
+    if failures <= 1:
+        return 0.0
+    return float(min(longest, first * 2 ** (failures - 2)))

@@ -19,6 +19,7 @@ from nats.aio.subscription import Subscription
 from aube.controlplane.bundle import BundleLimits
 from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
+from aube.controlplane.upkeep import Upkeep
 from aube.shared import names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
@@ -118,6 +119,8 @@ async def serve(
                 tg.start_soon(_pump, sub, kind, _ignoring_tenant(handler), tg, cp.redactor, None)
             tg.start_soon(_every, settings.reconcile_interval, cp.reconcile, "reconcile")
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
+            # Exits noticed at once and min_free kept without traffic; reconcile stays the backstop.
+            tg.start_soon(Upkeep(cp).run)
             await nc.flush()
             log.info(
                 "control plane %s serving on %s with the %s runtime",

@@ -22,6 +22,8 @@ from aube.shared.schemas import Manifest, RuntimeKind
 INSTANCE_PORT = 8080
 
 BuildLog = Callable[[str], None]
+# Called on the event loop with an instance's handle the moment the runtime sees it end; must not block.
+ExitListener = Callable[[str], None]
 
 
 class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +89,15 @@ class Runtime(Protocol):
     async def is_alive(self, handle: str) -> bool: ...
 
     async def instances(self, owner: str) -> list[RunningInstance]: ...
+
+    async def watch_exits(self, owner: str, exited: ExitListener) -> None:
+        """Call `exited(handle)` as soon as an instance of `owner` ends (killed, crashed or stopped), until cancelled.
+
+        Covers instances started before the call (also by an earlier control plane) and after it. An exit may be
+        reported more than once, and one that happens while the watch is down (the engine restarting) may be missed:
+        reconcile stays the backstop. Raises RuntimeFailure when the runtime cannot be watched at all.
+        """
+        ...
 
     async def close(self) -> None: ...
 

@@ -10,6 +10,10 @@ no-new-privileges, memory/cpu/pids limits from the manifest, a small /tmp tmpfs,
 `publish_host` only (127.0.0.1 by default) at a random host port. It joins the instance network (`instancenet`):
 no traffic to other containers, and no new connection to the host; `connect` refuses to return a runtime whose
 network or host firewall is not in place (unless the operator turned the firewall off).
+
+Exits are followed on the engine's event stream (`watch_exits`): a worker thread of its own reads the `die`
+events of the owner's containers and hands each container id to the event loop; a broken stream is opened again,
+from the time the last one started (the engine replays what was missed; a repeated exit is harmless).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +43,7 @@ from aube.controlplane.runtimes.base import (
     INSTANCE_PORT,
     Artifact,
     BuildLog,
+    ExitListener,
     InstanceSpec,
     RunningInstance,
     StartedInstance,
@@ -57,6 +63,10 @@ T = TypeVar("T")
 STOP_GRACE = 5
 _PORT_KEY = f"{INSTANCE_PORT}/tcp"
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+# The container events that mean its instance ended ("die" comes for every end: exit, kill, OOM, removal by force).
+EXIT_EVENTS = ("die",)
+# Seconds between attempts to follow the engine's events again after the stream broke.
+EVENTS_RETRY = 1.0
 
 
 class DockerRuntime:
@@ -70,6 +80,8 @@ class DockerRuntime:
         self._limiter = anyio.CapacityLimiter(8)
         self._build_limiter = anyio.CapacityLimiter(2)
         self._init_supported = True
+        # The event stream holds a worker thread and a connection for as long as it is followed.
+        self._events_limiter = anyio.CapacityLimiter(1)
 
     @classmethod
     async def connect(cls, settings: ControlPlaneSettings) -> DockerRuntime:
@@ -357,6 +369,44 @@ class DockerRuntime:
                 )
             )
         return result
+
+    async def watch_exits(self, owner: str, exited: ExitListener) -> None:
+        since: int | None = None
+        while True:
+            opened_at = int(time.time())
+            try:
+                await self._follow_exits(owner, exited, since)
+            except RuntimeFailure as e:
+                logger.warning("following the engine's container events failed, again in %gs: %s", EVENTS_RETRY, e)
+            else:
+                logger.warning("the engine ended its event stream; following it again in %gs", EVENTS_RETRY)
+            since = opened_at
+            await anyio.sleep(EVENTS_RETRY)
+
+    async def _follow_exits(self, owner: str, exited: ExitListener, since: int | None) -> None:
+        filters = {"type": ["container"], "event": list(EXIT_EVENTS), "label": [f"{names.LABEL_OWNER}={owner}"]}
+        events = self._client.api.events
+        stream = await self._call("following events", events, since=since, decode=True, filters=filters)
+
+        def pump() -> None:
+            # Runs until the stream ends or breaks, which `stream.close()` below also causes.
+            try:
+                for event in stream:
+                    handle = (event.get("Actor") or {}).get("ID") or event.get("id")
+                    if isinstance(handle, str) and event.get("Action", event.get("status")) in EXIT_EVENTS:
+                        anyio.from_thread.run_sync(exited, handle)
+            except _DOCKER_ERRORS as e:
+                raise RuntimeFailure(f"docker: the event stream broke: {_explain(e)}") from e
+            except (OSError, ValueError, AttributeError) as e:  # the socket closed under the reader
+                raise RuntimeFailure(f"docker: the event stream broke: {e}") from e
+
+        try:
+            # abandon_on_cancel: the thread blocks in a read; cancelling returns at once and closing the stream
+            # (below) ends the read, so the abandoned thread finishes too.
+            await anyio.to_thread.run_sync(pump, limiter=self._events_limiter, abandon_on_cancel=True)
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
 def _int(value: object) -> int:

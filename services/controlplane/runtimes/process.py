@@ -16,6 +16,11 @@ Limits: RLIMIT_AS from the manifest's `memory` and no core dumps, always (`sandb
 and resident `memory` through cgroups where the host lets this process write them (`cgroups.py`), which the log
 says at the first start.
 
+Exits are noticed through a pidfd per instance leader (`watch_exits`): the event loop reads it, and it becomes
+readable the moment the leader ends, whether this process started it or adopted it after a restart (a pidfd does
+not need the process to be a child). The leader is bubblewrap's outer process in the sandbox, which ends with the
+instance inside it.
+
 Layout under `data_dir`:
     functions/<owner>/<name>/v<version>/fn      the function folder (the artifact is the version folder)
     functions/<owner>/<name>/v<version>/deps    its requirements, installed from wheels
@@ -27,6 +32,7 @@ and under `socket_dir` (/run/aube for root: a Unix socket path holds 107 bytes, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import importlib.util
@@ -48,6 +54,7 @@ from aube.controlplane.runtimes import cgroups, deps, sandbox, seccomp, stage
 from aube.controlplane.runtimes.base import (
     Artifact,
     BuildLog,
+    ExitListener,
     InstanceSpec,
     RunningInstance,
     StartedInstance,
@@ -98,6 +105,7 @@ class ProcessRuntime:
         self._seccomp: bytes = b""
         default_runs = Path("/run/aube") if self._privileged else self._data / "run"
         self._runs = Path(settings.socket_dir).absolute() if settings.socket_dir else default_runs
+        self._exit_watches: dict[str, _ExitWatch] = {}  # by owner, while `watch_exits` runs
 
     # -----------------------------------------------------------------------------------------------------
     # Artifacts
@@ -188,6 +196,8 @@ class ProcessRuntime:
                 await self._remove_groups(spec.owner, spec.instance_id)
                 _remove_tree(run_dir)
                 raise
+            if (watch := self._exit_watches.get(spec.owner)) is not None:
+                watch.add(handle)
         finally:
             self._fresh.add(spec.instance_id)
             self._starting.discard(spec.instance_id)
@@ -291,6 +301,22 @@ class ProcessRuntime:
             _remove_tree(self._run_dir(owner, instance_id))
         self._fresh -= fresh_before
         return found
+
+    async def watch_exits(self, owner: str, exited: ExitListener) -> None:
+        _check_owner(owner)
+        if owner in self._exit_watches:
+            raise RuntimeFailure(f"the exits of {owner}'s instances are watched already")
+        watch = _ExitWatch(asyncio.get_running_loop(), exited)
+        # Registered before the listing: an instance started meanwhile is added by `start` or found by the listing
+        # (twice is harmless, `add` keeps one pidfd per handle).
+        self._exit_watches[owner] = watch
+        try:
+            for instance in await self.instances(owner):
+                watch.add(instance.handle)
+            await anyio.sleep_forever()
+        finally:
+            del self._exit_watches[owner]
+            watch.close()
 
     async def close(self) -> None:
         # Instances outlive the runtime object (the control plane stops them); only reap what has ended.
@@ -431,6 +457,49 @@ class ProcessRuntime:
     def _uid(self) -> tuple[int, int]:
         uid = self._settings.sandbox_uid
         return (uid, uid) if self._privileged else (os.getuid(), os.getgid())
+
+
+class _ExitWatch:
+    """One pidfd per watched leader, read by the event loop; `exited(handle)` once each becomes readable."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, exited: ExitListener) -> None:
+        self._loop = loop
+        self._exited = exited
+        self._fds: dict[str, int] = {}
+
+    def add(self, handle: str) -> None:
+        if handle in self._fds:
+            return
+        pid, starttime = sandbox.parse_handle(handle)
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._loop.call_soon(self._exited, handle)
+            return
+        # The pidfd names whatever has this pid now: if that is not the leader (it ended and the pid was reused,
+        # or it is a zombie), the instance is gone already.
+        if sandbox.is_gone(_read_stat(pid), starttime):
+            os.close(fd)
+            self._loop.call_soon(self._exited, handle)
+            return
+        self._fds[handle] = fd
+        self._loop.add_reader(fd, self._ended, handle)
+
+    def _ended(self, handle: str) -> None:
+        self._forget(handle)
+        pid, starttime = sandbox.parse_handle(handle)
+        _reap(pid, starttime)  # our child: collect its status now rather than leave a zombie until the next pass
+        self._exited(handle)
+
+    def _forget(self, handle: str) -> None:
+        fd = self._fds.pop(handle, None)
+        if fd is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+
+    def close(self) -> None:
+        for handle in list(self._fds):
+            self._forget(handle)
 
 
 # ---------------------------------------------------------------------------------------------------------
