@@ -40,6 +40,7 @@ from functools import partial
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 from aube.proxy import claims, handshake, sockopts
 from aube.proxy.claims import Slot
@@ -47,6 +48,7 @@ from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
+from aube.proxy.unsettled import Unsettled
 from aube.shared import addresses, bus, names, natsconn
 from aube.shared.errors import AubeError, CapacityExhausted
 from aube.shared.registry import Registry
@@ -109,6 +111,7 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                         f":{port}",
                     )
                     await tg.start(proxy.pool.watch_instances)
+                    tg.start_soon(proxy.unsettled.run, registry, proxy.held, proxy.release_settled)
                     await tg.start(proxy.pool.watch_functions)
                     tg.start_soon(proxy.accept_loop, sock, tg)
                     if operator_sock is not None:
@@ -160,6 +163,14 @@ async def _wait_any(*events: asyncio.Event) -> None:
 _NOT_FOUND = handshake.HeadError(status=404, reason="not_found", message="not found")
 
 
+# What a registry write raises when NATS is away or slow (a lost race is not one of them: that is a None).
+REGISTRY_ERRORS = (NatsError, TimeoutError, OSError)
+
+
+class RegistryUnreachable(Exception):
+    """Internal: a claim could not be written (its outcome is unknown and settled later)."""
+
+
 class _Rejected(Exception):
     """Internal: the client was answered before any upgrade."""
 
@@ -173,6 +184,7 @@ class Proxy:
         self.pool = Pool(registry)
         self.metrics = Metrics()
         self.held: dict[str, Slot] = {}  # instances this replica has claimed, by key
+        self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
         self.waiting: defaultdict[str, int] = defaultdict(int)  # clients waiting for an instance, by function
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
         self._tg: TaskGroup | None = None
@@ -373,6 +385,7 @@ class Proxy:
         """Claim a free instance and connect to it, waiting (watch-driven) up to the claim timeout."""
         failed: set[str] = set()
         waiting = False
+        unreachable = False
         try:
             with anyio.move_on_after(self.settings.claim_timeout):
                 while not client.ended.is_set():
@@ -382,7 +395,14 @@ class Proxy:
                         msg = f"unknown function {name!r}"
                         self._reject(client, handshake.HeadError(status=404, reason="unknown_function", message=msg))
                     assert fn is not None
-                    slot = await self._claim(fn, failed)
+                    try:
+                        slot = await self._claim(fn, failed)
+                    except RegistryUnreachable as e:
+                        # NATS is away (reliability finding 4: the client's connection was closed unanswered).
+                        log.warning("claim for %s failed, the registry is unreachable: %s", name, e)
+                        self.metrics.claims_total[(name, "registry_unreachable")] += 1
+                        unreachable = True
+                        break
                     if slot is not None:
                         self._maybe_scale(fn)
                         upstream = await self._connect(client, slot)
@@ -401,6 +421,11 @@ class Proxy:
         finally:
             if waiting:
                 self.waiting[name] -= 1
+        if unreachable:
+            message = "the platform's registry is unreachable; retry shortly"
+            self._reject(
+                client, handshake.HeadError(status=503, reason="registry_unreachable", message=message), retry_after=2.0
+            )
         if client.ended.is_set():
             self.metrics.claims_total[(name, "client_gone")] += 1
             return None
@@ -416,7 +441,12 @@ class Proxy:
             rec = claims.claimed(cand.record, self.proxy_id, time.time())
             # Shielded: a claim written but not recorded here (cancelled awaiting the reply) would stay busy.
             with anyio.CancelScope(shield=True):
-                rev = await self.registry.update_instance(cand.revision, rec)
+                try:
+                    rev = await self.registry.update_instance(cand.revision, rec)
+                except REGISTRY_ERRORS as e:
+                    # The write may still land: never guessed, settled once the registry answers (unsettled.py).
+                    self.unsettled.add(cand.key, rec, used=False)
+                    raise RegistryUnreachable(str(e)) from e
             if rev is None:
                 self.metrics.claims_total[(fn.name, "lost_race")] += 1
                 continue
@@ -458,7 +488,9 @@ class Proxy:
         return Slot(got.key, got.revision, rec)
 
     async def _release(self, slot: Slot, *, used: bool) -> None:
-        """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again."""
+        """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again.
+
+        A registry that does not answer leaves the outcome unknown: the claim is settled once it answers again."""
         current: Slot | None = slot
         try:
             for _ in range(5):
@@ -468,15 +500,28 @@ class Proxy:
                 kind, rec = claims.release(
                     current.record, self.pool.functions.get(current.record.function), time.time(), used=used
                 )
-                if await self.registry.update_instance(current.revision, rec) is not None:
-                    log.debug("released %s -> %s", slot.key, kind)
-                    if kind == "draining":
-                        await self._stop(rec, "fresh_per_stream" if not rec.retire else "retired")
+                try:
+                    written = await self.registry.update_instance(current.revision, rec)
+                    if written is None:
+                        current = await self._current(slot)  # e.g. the control plane set `retire` meanwhile
+                        continue
+                except REGISTRY_ERRORS as e:
+                    log.warning("release of %s failed (%s); settled once the registry answers", slot.key, e)
+                    self.unsettled.add(slot.key, (current or slot).record, used=used)
                     return
-                current = await self._current(slot)  # e.g. the control plane set `retire` meanwhile
+                log.debug("released %s -> %s", slot.key, kind)
+                if kind == "draining":
+                    await self._stop(rec, "fresh_per_stream" if not rec.retire else "retired")
+                return
             log.warning("could not release %s after repeated lost races", slot.key)
         finally:
             self.held.pop(slot.key, None)
+
+    async def release_settled(self, key: str, revision: int, record: InstanceRecord, used: bool) -> None:
+        """Release an entry that still showed a claim of ours whose outcome was unknown (unsettled.py)."""
+        slot = Slot(key, revision, record)
+        self.held[key] = slot
+        await self._release(slot, used=used)
 
     async def _mark_unhealthy(self, slot: Slot, reason: str = "unreachable") -> None:
         current: Slot | None = slot
