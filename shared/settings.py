@@ -128,6 +128,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     tcp_keepalive_interval: float = 5.0
     tcp_keepalive_count: int = 3
     tcp_user_timeout: float | None = 20.0
+    # After a stream, how long its instance may take to finish the function's handler (the client may leave while
+    # it still runs) before it goes back to the pool; an instance still busy then is stopped instead of reused.
+    handler_grace: float = 10.0
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):

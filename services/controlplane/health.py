@@ -6,13 +6,11 @@ container listens. So the check reads the HTTP status line.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from collections.abc import Awaitable, Callable
 
 import anyio
 
-from aube.shared import addresses, names
+from aube.shared import addresses, instance_health
 from aube.shared.errors import HealthCheckFailed
 
 
@@ -23,32 +21,8 @@ async def probe(address: str, instance_id: str | None = None, timeout: float = 2
     being registered (a port reused, a stale mapping): an entry must never send streams to someone else's instance.
     The instance answers only a request carrying its credential `secret` (403 otherwise), which proves the same.
     """
-    host = "instance" if address.startswith(addresses.UNIX_PREFIX) else address
-    with anyio.move_on_after(timeout):
-        try:
-            async with await addresses.connect_stream(address) as stream:
-                credential = f"{names.HEADER_INSTANCE_SECRET}: {secret}\r\n" if secret else ""
-                request = (
-                    f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {host}\r\n{credential}"
-                    "Connection: close\r\n\r\n"
-                )
-                await stream.send(request.encode())
-                answer = b""
-                with contextlib.suppress(anyio.EndOfStream):
-                    while len(answer) < 65536:
-                        answer += await stream.receive()
-        except (OSError, ValueError, anyio.BrokenResourceError):
-            return False
-        head, _, body = answer.partition(b"\r\n\r\n")
-        if head.split(b" ", 2)[1:2] != [b"200"]:
-            return False
-        if instance_id is None:
-            return True
-        try:
-            return bool(json.loads(body).get("instance") == instance_id)
-        except (ValueError, AttributeError):
-            return False
-    return False
+    answer = await instance_health.read(address, secret, timeout)
+    return answer is not None and (instance_id is None or answer.get("instance") == instance_id)
 
 
 # A probe is one loopback connection: cheap enough to repeat every 20 ms, which keeps a cold start within 20 ms

@@ -49,7 +49,7 @@ from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
 from aube.proxy.unsettled import Unsettled
-from aube.shared import addresses, bus, names, natsconn
+from aube.shared import addresses, bus, instance_health, names, natsconn
 from aube.shared.errors import AubeError, CapacityExhausted
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -169,6 +169,23 @@ REGISTRY_ERRORS = (NatsError, TimeoutError, OSError)
 
 class RegistryUnreachable(Exception):
     """Internal: a claim could not be written (its outcome is unknown and settled later)."""
+
+
+HANDLER_POLL = 0.05  # how often a proxy asks a finished stream's instance whether its handler has returned
+
+
+async def instance_done(rec: InstanceRecord, grace: float) -> bool:
+    """Whether the instance says, within `grace`, that its slot is free: the stream's handler has returned. False
+    if it stays busy or cannot be asked (it is gone), so it is never handed to the next client in that state."""
+    with anyio.move_on_after(grace):
+        while True:
+            answer = await instance_health.read(rec.address, rec.secret, timeout=REQUEST_TIMEOUT)
+            if answer is None:
+                return False
+            if answer.get("busy") is False:
+                return True
+            await anyio.sleep(HANDLER_POLL)
+    return False
 
 
 class _Rejected(Exception):
@@ -315,7 +332,8 @@ class Proxy:
             reason = await self._relay(client, upstream, idle, longest, silent)
         finally:
             self.metrics.streams_open[name] -= 1
-            with anyio.move_on_after(CLOSE_GRACE + REQUEST_TIMEOUT + 1, shield=True):
+            bound = CLOSE_GRACE + self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
+            with anyio.move_on_after(bound, shield=True):
                 if not upstream.lost.is_set():
                     upstream.transport.close()
                     with anyio.move_on_after(CLOSE_GRACE):
@@ -326,8 +344,12 @@ class Proxy:
                     client.transport.close()
                 if reason == "instance_silent":
                     await self._mark_unhealthy(slot, "hung")
-                else:
+                elif await instance_done(rec, self.settings.handler_grace):
                     await self._release(slot, used=True)
+                else:
+                    # Free means free (reliability finding 5): an instance whose handler still runs would answer
+                    # the next client with its own 503. It is not handed out again; the control plane stops it.
+                    await self._mark_unhealthy(slot, "handler still running after its stream")
             log.info(
                 "stream function=%s instance=%s slot=%d client=%s duration=%.3f bytes_in=%d bytes_out=%d close=%s",
                 name,
