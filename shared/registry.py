@@ -3,19 +3,24 @@
 Every write that can race is a compare-and-set on the entry's revision (`kv.create` for absent keys,
 `kv.update(..., last=revision)` otherwise). A lost race is a normal outcome: the methods return None and log
 at DEBUG; callers re-read and decide again.
+
+An instance's state changes only through `apply`, the one compare-and-set loop: it builds the new record with a
+transition of `instance_lifecycle`, retries a lost race a bounded number of times on a fresh read, and treats a
+write that timed out as unknown, never as done or not done (see `apply`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from aube.shared import kvread, names, records
+from aube.shared import instance_lifecycle, kvread, names, records
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, encode
 
 log = logging.getLogger(__name__)
@@ -29,10 +34,41 @@ def _lost_race(e: APIError) -> bool:
     return isinstance(e, KeyWrongLastSequenceError) or e.err_code == WRONG_LAST_SEQUENCE
 
 
+# What a registry call raises when NATS is away or slow (a lost race is not one of them: that is an outcome).
+REGISTRY_ERRORS = (NatsError, TimeoutError, OSError)
+
+
 class InstanceEntry(msgspec.Struct, frozen=True):
+    """One instance entry as read: a compare-and-set of it must name `revision`."""
+
     key: str
     revision: int
     record: InstanceRecord
+
+
+class Written(msgspec.Struct, frozen=True):
+    """`apply` wrote the transition: `entry` is the entry as it now is."""
+
+    entry: InstanceEntry
+
+
+class NotWritten(msgspec.Struct, frozen=True):
+    """`apply` did not write, and its write can never land: the entry (None if gone) and why."""
+
+    entry: InstanceEntry | None
+    why: str
+
+
+class Unknown(msgspec.Struct, frozen=True):
+    """The write went out but NATS did not answer, and could not be asked afterwards: it may still land. `record` is
+    what it would write; the caller remembers it and settles it once the registry answers (proxy/unsettled.py)."""
+
+    key: str
+    record: InstanceRecord
+    error: str
+
+
+Applied = Written | NotWritten | Unknown
 
 
 class FunctionEntry(msgspec.Struct, frozen=True):
@@ -108,6 +144,76 @@ class Registry:
         except KeyWrongLastSequenceError:
             log.debug("lost race updating %s at revision %d", key, entry_revision)
             return None
+
+    async def apply(
+        self,
+        key: str,
+        change: Callable[[InstanceRecord], InstanceRecord],
+        *,
+        entry: InstanceEntry | None = None,
+        attempts: int = 5,
+    ) -> Applied:
+        """Apply a lifecycle transition to the entry at `key` by compare-and-set.
+
+        `change` builds the new record from the current one (a function of `instance_lifecycle`); when it raises
+        `instance_lifecycle.Refused`, nothing is written. Starts from `entry` when given (the revision a decision was
+        made on), else from a fresh read. A lost race re-reads and tries again, `attempts` writes in all: one for a
+        claim, which had rather try another instance than wait for this one.
+
+        A write that times out (NATS away, a leader change) may have landed or may still land (nats-py resends what
+        it buffered on reconnect). So it is never guessed: the entry is read again; if it shows the record written,
+        the write won; if it is still at the revision the write named, the same record is written back at that
+        revision, which moves the revision on so the lost write can never land; if it changed otherwise, the write
+        lost. Only when the registry cannot be read either is the outcome `Unknown`. A read that fails before any
+        write raises (nothing was written).
+        """
+        current = entry if entry is not None else await self.get_instance(key)
+        tries = 0
+        while current is not None:
+            try:
+                new = change(current.record)
+            except instance_lifecycle.Refused as e:
+                return NotWritten(current, e.why)
+            tries += 1
+            try:
+                revision = await self.instances_kv.update(key, encode(new), last=current.revision)
+            except KeyWrongLastSequenceError:
+                log.debug("lost race writing %s at revision %d", key, current.revision)
+                if tries >= attempts:
+                    return NotWritten(current, f"changed by another writer ({tries} tries)")
+                current = await self.get_instance(key)
+                continue
+            except REGISTRY_ERRORS as e:
+                return await self._outcome_of(current, new, e)
+            return Written(InstanceEntry(key, revision, new))
+        return NotWritten(None, "the entry is gone")
+
+    async def _outcome_of(self, before: InstanceEntry, new: InstanceRecord, error: Exception) -> Applied:
+        """Learn what became of a write that timed out (see `apply`); Unknown if the registry stays silent."""
+        try:
+            now = await self.get_instance(before.key)
+            if now is not None and now.revision > before.revision and now.record == new:
+                return Written(now)
+            if now is None or now.revision != before.revision:
+                return NotWritten(now, "changed while the write's outcome was unknown")
+            # Fence: rewrite the same record at the revision the lost write named, so it can never land.
+            await self.instances_kv.update(before.key, encode(before.record), last=before.revision)
+            return NotWritten(before, "the write did not land (fenced)")
+        except KeyWrongLastSequenceError:
+            # The revision moved between the read and the fence: the delayed write itself, or someone else's.
+            return await self._outcome_of_changed(before, new, error)
+        except REGISTRY_ERRORS as e:
+            log.debug("outcome of a write to %s unknown: %s, then %s", before.key, error, e)
+            return Unknown(before.key, new, str(error) or type(error).__name__)
+
+    async def _outcome_of_changed(self, before: InstanceEntry, new: InstanceRecord, error: Exception) -> Applied:
+        try:
+            now = await self.get_instance(before.key)
+        except REGISTRY_ERRORS:
+            return Unknown(before.key, new, str(error) or type(error).__name__)
+        if now is not None and now.record == new:
+            return Written(now)
+        return NotWritten(now, "changed while the write's outcome was unknown")
 
     async def delete_instance(self, key: str, revision: int | None = None) -> bool:
         """Delete (at `revision` if given); False if the entry changed meanwhile."""

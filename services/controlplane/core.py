@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,7 @@ from aube.controlplane.health import wait_healthy
 from aube.controlplane.objects import fetch_object
 from aube.controlplane.runtimes.base import InstanceSpec, Runtime, StartedInstance
 from aube.shared import addresses, names, natsconn
+from aube.shared import instance_lifecycle as lifecycle
 from aube.shared import tenants as tenancy
 from aube.shared.errors import (
     AubeError,
@@ -39,7 +41,7 @@ from aube.shared.errors import (
     UnknownFunction,
 )
 from aube.shared.redact import MAX_LINE_BYTES, platform_redactor, url_passwords
-from aube.shared.registry import FunctionEntry, InstanceEntry, Registry
+from aube.shared.registry import FunctionEntry, InstanceEntry, Registry, Written
 from aube.shared.schemas import (
     DeleteReply,
     DeleteRequest,
@@ -446,18 +448,17 @@ class ControlPlane:
                 lambda: self.runtime.is_alive(handle),
                 secret,
             )
-            record = msgspec.structs.replace(
-                record,
-                address=started.address,
-                handle=started.handle,
-                state="free" if claimable else "starting",
-                last_used=time.time(),
-            )
-            new_revision = await self.registry.update_instance(revision, record)
-            if new_revision is None:
+            address, handle = started.address, started.handle
+
+            def healthy(rec: InstanceRecord) -> InstanceRecord:
+                rec = lifecycle.started(rec, address, handle, instance_id=instance_id)
+                return lifecycle.mark_free(rec, time.time()) if claimable else rec
+
+            outcome = await self.registry.apply(key, healthy, entry=InstanceEntry(key, revision, record))
+            if not isinstance(outcome, Written):
                 raise AubeError(f"instance slot {key} was taken over while starting", code="conflict")
             log.info("instance %s of %s v%d healthy at %s", instance_id, name, version, started.address)
-            return InstanceEntry(key, new_revision, record)
+            return outcome.entry
         except BaseException:
             with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
                 if started is not None:
@@ -470,8 +471,8 @@ class ControlPlane:
             self.in_flight.discard(instance_id)
 
     async def _mark_free(self, entry: InstanceEntry) -> bool:
-        record = msgspec.structs.replace(entry.record, state="free", last_used=time.time())
-        return await self.registry.update_instance(entry.revision, record) is not None
+        mark_free = partial(lifecycle.mark_free, now=time.time(), instance_id=entry.record.instance_id)
+        return isinstance(await self.registry.apply(entry.key, mark_free, entry=entry), Written)
 
     async def _stop_entry(self, entry: InstanceEntry, *, reason: str) -> None:
         """Stop an instance and drop its entry. Callers have ensured no stream uses it (or its grace is over)."""
@@ -486,15 +487,13 @@ class ControlPlane:
         await self.registry.delete_instance(entry.key, entry.revision)
         log.info("instance %s of %s v%d stopped: %s", r.instance_id, r.function, r.version, reason)
 
-    async def _drain_and_stop(self, entry: InstanceEntry, *, reason: str) -> bool:
-        """free/unhealthy -> draining by compare-and-set, then stop. False if a proxy claimed it meanwhile."""
-        if entry.record.state not in ("draining",):
-            draining = msgspec.structs.replace(entry.record, state="draining")
-            revision = await self.registry.update_instance(entry.revision, draining)
-            if revision is None:
-                return False
-            entry = InstanceEntry(entry.key, revision, draining)
-        await self._stop_entry(entry, reason=reason)
+    async def _drain_and_stop(self, entry: InstanceEntry, *, reason: str, busy_ok: bool = False) -> bool:
+        """-> draining by compare-and-set, then stop. False if a proxy claimed it meanwhile (or it is gone)."""
+        drain = partial(lifecycle.drain, busy_ok=busy_ok, instance_id=entry.record.instance_id)
+        outcome = await self.registry.apply(entry.key, drain, entry=entry)
+        if not isinstance(outcome, Written):
+            return False
+        await self._stop_entry(outcome.entry, reason=reason)
         return True
 
     async def _retire_old_versions(self, name: str, *, current: int | None, deadline: float | None) -> tuple[int, int]:
@@ -508,26 +507,23 @@ class ControlPlane:
                 streaming += outcome == "streaming"
         return stopped, streaming
 
-    async def _retire(self, entry: InstanceEntry | None, deadline: float | None) -> str:
-        """Stop the instance, or mark it to stop once its stream ends. A proxy may claim or release it between
-        our read and our write; each lost compare-and-set re-reads and decides again."""
-        instance_id = entry.record.instance_id if entry else ""
+    async def _retire(self, entry: InstanceEntry, deadline: float | None) -> str:
+        """Stop the instance, or mark it to stop once its stream ends. A proxy may claim or release it between our
+        read and our write; `Registry.apply` re-reads and decides again."""
+        instance_id = entry.record.instance_id
         for _ in range(5):
-            if entry is None or entry.record.instance_id != instance_id:
-                return "gone"
             if entry.record.state != "busy":
                 if await self._drain_and_stop(entry, reason="retired"):
                     return "stopped"
             else:
-                # An earlier deadline stands: a re-upload (deadline None) during a delete's grace must not let the
-                # deleted version stream on for ever (the name may even be another tenant's by now).
-                kept = entry.record.retire_deadline
-                if kept is not None:
-                    deadline = kept if deadline is None else min(kept, deadline)
-                marked = msgspec.structs.replace(entry.record, retire=True, retire_deadline=deadline)
-                if await self.registry.update_instance(entry.revision, marked) is not None:
+                retire = partial(lifecycle.retire, deadline=deadline, instance_id=instance_id)
+                outcome = await self.registry.apply(entry.key, retire, entry=entry, attempts=1)
+                if isinstance(outcome, Written):
                     return "streaming"
-            entry = await self.registry.get_instance(entry.key)
+            got = await self.registry.get_instance(entry.key)
+            if got is None or got.record.instance_id != instance_id:
+                return "gone"
+            entry = got
         # Still changing under us: retirement (retire_pass) finishes the job on its next round.
         return "streaming"
 
@@ -678,7 +674,7 @@ class ControlPlane:
                     entry.record.instance_id,
                     entry.record.function,
                 )
-                await self._stop_entry(entry, reason="delete grace period over")
+                await self._drain_and_stop(entry, reason="delete grace period over", busy_ok=True)
             else:
                 await self._drain_and_stop(entry, reason="retired")
         for name in plan.finished_deletes:

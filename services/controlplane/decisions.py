@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 import msgspec
 
 from aube.controlplane.runtimes.base import Artifact, RunningInstance
+from aube.shared import instance_lifecycle as lifecycle
 from aube.shared.registry import FunctionEntry, InstanceEntry
 
 
@@ -105,25 +106,25 @@ def plan_retirement(
     """Which retired instances to stop now (invariant 3: never one with a live stream, except after delete's
     documented grace), and which deletions are complete.
 
-    A "draining" or "unhealthy" entry is normally stopped by whoever drained it (proxy, reaper); one left at the
-    same revision longer than `stale_after` (`first_seen` maps (key, revision) to when this control plane first saw
-    it) lost its stop request and is stopped here.
+    This control plane is the one place where a lost stop request is recovered: a "draining" or "unhealthy" entry is
+    normally stopped at the request of whoever drained it (proxy, reaper); one left at the same revision longer than
+    `stale_after` (`first_seen` maps (key, revision) to when this control plane first saw it) lost that request and is
+    stopped here, by the owner of the instance, the only service that can stop it.
     """
-    deleting = {f.record.name for f in functions if f.record.deleting}
-    current = {f.record.name: f.record.version for f in functions}
+    records = {f.record.name: f.record for f in functions}
+    deleting = {name for name, fn in records.items() if fn.deleting}
     stop: list[InstanceEntry] = []
     for e in entries:
         r = e.record
         if r.owner != owner or r.instance_id in in_flight or r.state == "starting":
             continue
-        orphaned = r.function not in current or r.function in deleting
-        retired = r.retire or orphaned or r.version != current.get(r.function)
+        fn = records.get(r.function)
         if r.state == "busy":
             if r.retire_deadline is not None and now >= r.retire_deadline:
                 stop.append(e)
-        elif (r.state == "free" and retired) or (
-            r.state in ("draining", "unhealthy")
-            and (orphaned or now - first_seen.get((e.key, e.revision), now) > stale_after)
+        elif (r.state == "free" and lifecycle.obsolete(r, fn)) or (
+            lifecycle.awaiting_stop(r)
+            and (r.function in deleting or now - first_seen.get((e.key, e.revision), now) > stale_after)
         ):
             stop.append(e)
     with_instances = {e.record.function for e in entries}
@@ -173,11 +174,7 @@ def plan_top_up(
         if fn.deleting or fn.name in skip or fn.runtime != runtime or hold_until.get(fn.name, 0.0) > now:
             continue
         mine = by_function.get(fn.name, [])
-        warm = sum(
-            1
-            for e in mine
-            if e.record.version == fn.version and not e.record.retire and e.record.state in ("free", "starting")
-        )
+        warm = sum(1 for e in mine if lifecycle.warm(fn, e.record))
         scaling = fn.manifest.scaling
         count = min(scaling.min_free - warm, scaling.max_instances - len(mine))
         if count > 0:

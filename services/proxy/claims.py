@@ -1,85 +1,33 @@
-"""Pure claim and scale decisions: which instances a proxy may try, what a claim and a release write, when to scale.
+"""Pure claim and scale decisions: which instances a proxy may try, in which order, and when to scale.
 
-No I/O here: the service feeds in its local view of the registry (kept by a KV watch) and `now`, and performs
-the compare-and-set writes these functions describe. Exclusivity does not rest on this module: a stale view
-only costs a lost compare-and-set, after which the next candidate is tried.
+No I/O here: the service feeds in its local view of the registry (kept by a KV watch), and writes each claim by
+compare-and-set (`Registry.apply` with `instance_lifecycle.claim`). Exclusivity does not rest on this module: a
+stale view only costs a lost compare-and-set, after which the next candidate is tried.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Literal
 
 import msgspec
 
-from aube.shared.schemas import FunctionRecord, InstanceRecord
-
-
-class Slot(msgspec.Struct, frozen=True):
-    """One registry entry as the proxy last saw it: the revision is what a compare-and-set must match."""
-
-    key: str
-    revision: int
-    record: InstanceRecord
-
-
-def claimable(fn: FunctionRecord, rec: InstanceRecord) -> bool:
-    return (
-        not fn.deleting
-        and rec.function == fn.name
-        and rec.state == "free"
-        and rec.version == fn.version
-        and not rec.retire
-        and bool(rec.address)
-    )
+from aube.shared.instance_lifecycle import claimable, warm
+from aube.shared.registry import InstanceEntry
+from aube.shared.schemas import FunctionRecord
 
 
 def candidates(
-    fn: FunctionRecord, slots: Iterable[Slot], *, salt: str, skip: frozenset[str] = frozenset()
-) -> list[Slot]:
-    """Claimable slots in the order to try them.
+    fn: FunctionRecord, entries: Iterable[InstanceEntry], *, salt: str, skip: frozenset[str] = frozenset()
+) -> list[InstanceEntry]:
+    """Claimable entries in the order to try them.
 
     The order is a hash of (salt, key): with a fresh salt per claim, concurrent claimers (in this replica and in
     others) start on different instances instead of all racing for the first one.
     """
-    found = [s for s in slots if s.key not in skip and claimable(fn, s.record)]
-    found.sort(key=lambda s: hashlib.blake2s(f"{salt}/{s.key}".encode(), digest_size=8).digest())
+    found = [e for e in entries if e.key not in skip and claimable(fn, e.record)]
+    found.sort(key=lambda e: hashlib.blake2s(f"{salt}/{e.key}".encode(), digest_size=8).digest())
     return found
-
-
-def claimed(rec: InstanceRecord, proxy_id: str, now: float) -> InstanceRecord:
-    return msgspec.structs.replace(rec, state="busy", claimed_by=proxy_id, claimed_at=now)
-
-
-def unhealthy(rec: InstanceRecord) -> InstanceRecord:
-    return msgspec.structs.replace(rec, state="unhealthy", claimed_by=None, claimed_at=None)
-
-
-ReleaseKind = Literal["free", "draining"]
-
-
-def release(
-    rec: InstanceRecord, fn: FunctionRecord | None, now: float, *, used: bool = True
-) -> tuple[ReleaseKind, InstanceRecord]:
-    """What a busy instance becomes when its stream ends.
-
-    It goes back to "free" unless it must not serve again: its function is gone or being deleted, a newer
-    version is current, it was told to retire, or the function wants a fresh instance per stream (only when
-    the stream actually reached it: `used`). A "draining" instance is then stopped by the control plane.
-    """
-    stale = fn is None or fn.deleting or fn.version != rec.version or rec.retire
-    fresh = fn is not None and fn.manifest.scaling.fresh_per_stream and used
-    if stale or fresh:
-        return "draining", msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None)
-    return "free", msgspec.structs.replace(
-        rec,
-        state="free",
-        claimed_by=None,
-        claimed_at=None,
-        last_used=now,
-        streams_served=rec.streams_served + (1 if used else 0),
-    )
 
 
 class PoolCounts(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,16 +36,16 @@ class PoolCounts(msgspec.Struct, frozen=True, kw_only=True):
     total: int = 0  # every slot of the function, in any state (slots count against max_instances)
 
 
-def counts(fn: FunctionRecord, slots: Iterable[Slot]) -> PoolCounts:
+def counts(fn: FunctionRecord, entries: Iterable[InstanceEntry]) -> PoolCounts:
     free = starting = total = 0
-    for s in slots:
-        rec = s.record
+    for e in entries:
+        rec = e.record
         if rec.function != fn.name:
             continue
         total += 1
         if claimable(fn, rec):
             free += 1
-        elif rec.state == "starting" and rec.version == fn.version and not rec.retire:
+        elif warm(fn, rec):  # not free, so starting: it will become free
             starting += 1
     return PoolCounts(free=free, starting=starting, total=total)
 

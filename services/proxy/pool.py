@@ -14,9 +14,8 @@ import logging
 import anyio
 from anyio.abc import TaskStatus
 
-from aube.proxy.claims import Slot
 from aube.shared import records
-from aube.shared.registry import Registry
+from aube.shared.registry import InstanceEntry, Registry
 from aube.shared.schemas import FunctionRecord
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ log = logging.getLogger(__name__)
 class Pool:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.slots: dict[str, Slot] = {}
+        self.entries: dict[str, InstanceEntry] = {}
         self.functions: dict[str, FunctionRecord] = {}
         self.changed = asyncio.Event()
 
@@ -37,9 +36,9 @@ class Pool:
         fn = self.functions.get(name)
         return None if fn is None or fn.deleting else fn
 
-    def slots_of(self, name: str) -> list[Slot]:
+    def entries_of(self, name: str) -> list[InstanceEntry]:
         prefix = name + "."
-        return [s for k, s in self.slots.items() if k.startswith(prefix)]
+        return [e for k, e in self.entries.items() if k.startswith(prefix)]
 
     async def watch_instances(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         ready = False
@@ -50,13 +49,13 @@ class Pool:
                     task_status.started()
                 continue
             if change.record is None:
-                self.slots.pop(change.key, None)
+                self.entries.pop(change.key, None)
             else:
-                old = self.slots.get(change.key)
+                old = self.entries.get(change.key)
                 # The watch delivers in revision order, but a key deleted and re-created restarts nothing:
                 # revisions are stream sequences, so they only grow.
                 if old is None or old.revision < change.revision:
-                    self.slots[change.key] = Slot(change.key, change.revision, change.record)
+                    self.entries[change.key] = InstanceEntry(change.key, change.revision, change.record)
             if ready:
                 self._notify()
 

@@ -35,23 +35,23 @@ import socket
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
 
 from aube.proxy import claims, handshake, sockopts
-from aube.proxy.claims import Slot
 from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
-from aube.proxy.unsettled import Unsettled
+from aube.proxy.unsettled import Pending, Unsettled
 from aube.shared import addresses, bus, instance_health, names, natsconn
+from aube.shared import instance_lifecycle as lifecycle
 from aube.shared.errors import AubeError, CapacityExhausted
-from aube.shared.registry import Registry
+from aube.shared.registry import REGISTRY_ERRORS, InstanceEntry, NotWritten, Registry, Unknown, Written
 from aube.shared.schemas import (
     FunctionRecord,
     InstanceRecord,
@@ -111,7 +111,7 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                         f":{port}",
                     )
                     await tg.start(proxy.pool.watch_instances)
-                    tg.start_soon(proxy.unsettled.run, registry, proxy.held, proxy.release_settled)
+                    tg.start_soon(proxy.unsettled.run, registry, proxy.held, proxy.settle)
                     await tg.start(proxy.pool.watch_functions)
                     tg.start_soon(proxy.accept_loop, sock, tg)
                     if operator_sock is not None:
@@ -163,10 +163,6 @@ async def _wait_any(*events: asyncio.Event) -> None:
 _NOT_FOUND = handshake.HeadError(status=404, reason="not_found", message="not found")
 
 
-# What a registry write raises when NATS is away or slow (a lost race is not one of them: that is a None).
-REGISTRY_ERRORS = (NatsError, TimeoutError, OSError)
-
-
 class RegistryUnreachable(Exception):
     """Internal: a claim could not be written (its outcome is unknown and settled later)."""
 
@@ -200,7 +196,7 @@ class Proxy:
         self.registry = registry
         self.pool = Pool(registry)
         self.metrics = Metrics()
-        self.held: dict[str, Slot] = {}  # instances this replica has claimed, by key
+        self.held: dict[str, InstanceEntry] = {}  # instances this replica has claimed, by key
         self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
         self.waiting: defaultdict[str, int] = defaultdict(int)  # clients waiting for an instance, by function
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
@@ -403,7 +399,7 @@ class Proxy:
                         return "instance_silent"
         return "max_duration"
 
-    async def _claim_and_connect(self, client: ClientSide, name: str) -> tuple[Slot, UpstreamSide] | None:
+    async def _claim_and_connect(self, client: ClientSide, name: str) -> tuple[InstanceEntry, UpstreamSide] | None:
         """Claim a free instance and connect to it, waiting (watch-driven) up to the claim timeout."""
         failed: set[str] = set()
         waiting = False
@@ -457,29 +453,34 @@ class Proxy:
         self._reject(client, handshake.HeadError(status=503, reason="no_instance", message=message), retry_after=retry)
         return None  # pragma: no cover - _reject raises
 
-    async def _claim(self, fn: FunctionRecord, failed: set[str]) -> Slot | None:
+    async def _claim(self, fn: FunctionRecord, failed: set[str]) -> InstanceEntry | None:
         skip = frozenset(failed | self.held.keys())
-        for cand in claims.candidates(fn, self.pool.slots_of(fn.name), salt=uuid.uuid4().hex, skip=skip):
-            rec = claims.claimed(cand.record, self.proxy_id, time.time())
+        for cand in claims.candidates(fn, self.pool.entries_of(fn.name), salt=uuid.uuid4().hex, skip=skip):
+            claim = partial(
+                lifecycle.claim, proxy_id=self.proxy_id, now=time.time(), instance_id=cand.record.instance_id
+            )
             # Shielded: a claim written but not recorded here (cancelled awaiting the reply) would stay busy.
             with anyio.CancelScope(shield=True):
                 try:
-                    rev = await self.registry.update_instance(cand.revision, rec)
-                except REGISTRY_ERRORS as e:
-                    # The write may still land: never guessed, settled once the registry answers (unsettled.py).
-                    self.unsettled.add(cand.key, rec, used=False)
+                    # One write: a lost race is better spent on the next candidate than on re-reading this one.
+                    outcome = await self.registry.apply(cand.key, claim, entry=cand, attempts=1)
+                except REGISTRY_ERRORS as e:  # nothing was written (apply raises only before its write)
                     raise RegistryUnreachable(str(e)) from e
-            if rev is None:
+            if isinstance(outcome, Unknown):
+                # The write may still land: never guessed, settled once the registry answers (unsettled.py).
+                self.unsettled.add(cand.key, outcome.record, used=False)
+                raise RegistryUnreachable(outcome.error)
+            if isinstance(outcome, NotWritten):
                 self.metrics.claims_total[(fn.name, "lost_race")] += 1
                 continue
-            slot = Slot(cand.key, rev, rec)
-            self.held[cand.key] = slot
+            entry = outcome.entry
+            self.held[cand.key] = entry
             self.metrics.claims_total[(fn.name, "claimed")] += 1
-            log.debug("claimed %s (%s) at revision %d", cand.key, rec.instance_id, rev)
-            return slot
+            log.debug("claimed %s (%s) at revision %d", cand.key, entry.record.instance_id, entry.revision)
+            return entry
         return None
 
-    async def _connect(self, client: ClientSide, slot: Slot) -> UpstreamSide | None:
+    async def _connect(self, client: ClientSide, slot: InstanceEntry) -> UpstreamSide | None:
         rec = slot.record
         try:
             with anyio.fail_after(self.settings.connect_timeout):
@@ -499,69 +500,72 @@ class Proxy:
 
     # -- registry transitions ------------------------------------------------------------------------------
 
-    async def _current(self, slot: Slot) -> Slot | None:
-        """The entry re-read, if this replica still holds its claim."""
-        got = await self.registry.get_instance(slot.key)
-        if got is None:
-            return None
-        rec = got.record
-        if rec.state != "busy" or rec.claimed_by != self.proxy_id or rec.instance_id != slot.record.instance_id:
-            return None
-        return Slot(got.key, got.revision, rec)
-
-    async def _release(self, slot: Slot, *, used: bool) -> None:
+    async def _release(self, slot: InstanceEntry, *, used: bool) -> None:
         """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again.
 
         A registry that does not answer leaves the outcome unknown: the claim is settled once it answers again."""
-        current: Slot | None = slot
-        try:
-            for _ in range(5):
-                if current is None:
-                    log.debug("%s no longer held by %s: nothing to release", slot.key, self.proxy_id)
-                    return
-                kind, rec = claims.release(
-                    current.record, self.pool.functions.get(current.record.function), time.time(), used=used
-                )
-                try:
-                    written = await self.registry.update_instance(current.revision, rec)
-                    if written is None:
-                        current = await self._current(slot)  # e.g. the control plane set `retire` meanwhile
-                        continue
-                except REGISTRY_ERRORS as e:
-                    log.warning("release of %s failed (%s); settled once the registry answers", slot.key, e)
-                    self.unsettled.add(slot.key, (current or slot).record, used=used)
-                    return
-                log.debug("released %s -> %s", slot.key, kind)
-                if kind == "draining":
-                    await self._stop(rec, "fresh_per_stream" if not rec.retire else "retired")
-                return
-            log.warning("could not release %s after repeated lost races", slot.key)
-        finally:
-            self.held.pop(slot.key, None)
+        claim = slot.record
 
-    async def release_settled(self, key: str, revision: int, record: InstanceRecord, used: bool) -> None:
-        """Release an entry that still showed a claim of ours whose outcome was unknown (unsettled.py)."""
-        slot = Slot(key, revision, record)
-        self.held[key] = slot
-        await self._release(slot, used=used)
+        def release(rec: InstanceRecord) -> InstanceRecord:
+            if not lifecycle.holds(rec, claim):
+                raise lifecycle.Refused("release", rec, "it no longer shows this replica's claim")
+            fn = self.pool.functions.get(rec.function)
+            return lifecycle.release(rec, fn, time.time(), by=self.proxy_id, used=used)
 
-    async def _mark_unhealthy(self, slot: Slot, reason: str = "unreachable") -> None:
-        current: Slot | None = slot
         try:
-            for _ in range(5):
-                if current is None:
-                    return
-                rec = claims.unhealthy(current.record)
-                if await self.registry.update_instance(current.revision, rec) is not None:
-                    break
-                current = await self._current(slot)
+            outcome = await self._apply(slot, release)
+            if isinstance(outcome, Unknown):
+                log.warning("release of %s failed (%s); settled once the registry answers", slot.key, outcome.error)
+                self.unsettled.add(slot.key, claim, used=used)
+            elif isinstance(outcome, NotWritten):
+                log.debug("%s not released (%s): nothing to do", slot.key, outcome.why)
+            elif outcome.entry.record.state == "draining":
+                rec = outcome.entry.record
+                log.debug("released %s -> draining", slot.key)
+                await self._stop(rec, "retired" if rec.retire else "fresh_per_stream")
             else:
-                return
+                log.debug("released %s -> free", slot.key)
         finally:
             self.held.pop(slot.key, None)
+
+    async def _apply(
+        self, slot: InstanceEntry, change: Callable[[InstanceRecord], InstanceRecord]
+    ) -> Written | NotWritten | Unknown:
+        """`Registry.apply` from the entry as this replica holds it; a registry that cannot even be read is Unknown."""
+        try:
+            return await self.registry.apply(slot.key, change, entry=slot)
+        except REGISTRY_ERRORS as e:
+            return Unknown(slot.key, slot.record, str(e) or type(e).__name__)
+
+    async def settle(self, pending: Pending, revision: int, record: InstanceRecord) -> None:
+        """Finish an entry that still showed a claim of ours whose outcome was unknown (unsettled.py)."""
+        slot = InstanceEntry(pending.key, revision, record)
+        self.held[pending.key] = slot
+        if pending.then == "unhealthy":
+            await self._mark_unhealthy(slot, "unreachable (settled after a registry outage)")
+        else:
+            await self._release(slot, used=pending.used)
+
+    async def _mark_unhealthy(self, slot: InstanceEntry, reason: str = "unreachable") -> None:
+        claim = slot.record
+
+        def unhealthy(rec: InstanceRecord) -> InstanceRecord:
+            if not lifecycle.holds(rec, claim):
+                raise lifecycle.Refused("mark_unhealthy", rec, "it no longer shows this replica's claim")
+            return lifecycle.mark_unhealthy(rec, by=self.proxy_id)
+
+        try:
+            outcome = await self._apply(slot, unhealthy)
+        finally:
+            self.held.pop(slot.key, None)
+        if isinstance(outcome, Unknown):
+            self.unsettled.add(slot.key, claim, used=True, then="unhealthy")
+            return
+        if not isinstance(outcome, Written):
+            return
         # The client goes on to another instance meanwhile; the stop request runs beside it.
         if self._tg is not None:
-            self._tg.start_soon(self._stop, rec, reason)
+            self._tg.start_soon(self._stop, outcome.entry.record, reason)
 
     async def _stop(self, rec: InstanceRecord, reason: str) -> None:
         body = StopInstanceRequest(name=rec.function, slot=rec.slot, instance_id=rec.instance_id, reason=reason)
@@ -574,8 +578,8 @@ class Proxy:
 
     def _maybe_scale(self, fn: FunctionRecord) -> None:
         # Our own fresh claims may not be in the view yet (the watch lags): count them as the busy ones they are.
-        slots = [self.held.get(s.key, s) for s in self.pool.slots_of(fn.name)]
-        count = claims.scale_count(fn, claims.counts(fn, slots), self.waiting[fn.name])
+        entries = [self.held.get(e.key, e) for e in self.pool.entries_of(fn.name)]
+        count = claims.scale_count(fn, claims.counts(fn, entries), self.waiting[fn.name])
         if count <= 0 or self._tg is None:
             return
         now = anyio.current_time()

@@ -4,7 +4,8 @@ A compare-and-set that times out (NATS away, or a leader change) may still land 
 would leave an instance `busy` with no stream for as long as this replica's lease lives (reliability finding 3:
 12 minutes and more, until the proxy stopped), and a release that failed leaves it busy as well. So neither is
 guessed: each is remembered here with the exact claim it concerns (`claimed_by`, `claimed_at`), and once the
-registry can be read, an entry that still shows that claim, and is not a stream this replica carries, is released.
+registry can be read, an entry that still shows that claim, and is not a stream this replica carries, is released
+(or marked unhealthy, when that was the write whose outcome was lost).
 An entry showing anything else (the write never landed, or someone moved on) is forgotten.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Container
+from typing import Literal
 
 import anyio
 import msgspec
 
+from aube.shared.instance_lifecycle import holds
 from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord
 
@@ -24,38 +27,38 @@ log = logging.getLogger(__name__)
 SETTLE_INTERVAL = 1.0
 
 
-class Unknown(msgspec.Struct, frozen=True, kw_only=True):
+# What a claim still showing in the registry becomes: released (to free, or draining when it must not serve
+# again), or marked unhealthy (the proxy could not reach the instance, or its handler did not finish).
+Settlement = Literal["release", "unhealthy"]
+
+
+class Pending(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     claim: InstanceRecord  # the entry as this replica wrote (or would have written) its claim
     used: bool  # a stream ran on it (a failed release) or not (a claim that may have landed unseen)
+    then: Settlement = "release"
 
 
-def still_ours(current: InstanceRecord | None, unknown: Unknown) -> bool:
+def still_ours(current: InstanceRecord | None, pending: Pending) -> bool:
     """Whether the entry read now still carries the claim whose outcome was unknown."""
-    return (
-        current is not None
-        and current.state == "busy"
-        and current.instance_id == unknown.claim.instance_id
-        and current.claimed_by == unknown.claim.claimed_by
-        and current.claimed_at == unknown.claim.claimed_at
-    )
+    return current is not None and holds(current, pending.claim)
 
 
 class Unsettled:
     def __init__(self) -> None:
-        self.pending: dict[str, Unknown] = {}
+        self.pending: dict[str, Pending] = {}
 
-    def add(self, key: str, claim: InstanceRecord, *, used: bool) -> None:
-        self.pending[key] = Unknown(key=key, claim=claim, used=used)
+    def add(self, key: str, claim: InstanceRecord, *, used: bool, then: Settlement = "release") -> None:
+        self.pending[key] = Pending(key=key, claim=claim, used=used, then=then)
 
-    async def settle(
+    async def settle_once(
         self,
         registry: Registry,
         held: Container[str],
-        release: Callable[[str, int, InstanceRecord, bool], Awaitable[None]],
+        settle: Callable[[Pending, int, InstanceRecord], Awaitable[None]],
     ) -> None:
         """One pass: release what still shows an unknown claim; keep what cannot be read yet."""
-        for key, unknown in list(self.pending.items()):
+        for key, pending in list(self.pending.items()):
             if key in held:  # a new claim of this replica's on the same key: not ours to settle
                 self.pending.pop(key, None)
                 continue
@@ -65,20 +68,20 @@ class Unsettled:
                 log.debug("cannot settle %s yet: %s", key, e)
                 return
             self.pending.pop(key, None)
-            if entry is not None and still_ours(entry.record, unknown):
-                log.info("settling %s: a claim whose outcome was unknown had landed; releasing it", key)
-                await release(key, entry.revision, entry.record, unknown.used)
+            if entry is not None and still_ours(entry.record, pending):
+                log.info("settling %s: a claim whose outcome was unknown had landed (%s)", key, pending.then)
+                await settle(pending, entry.revision, entry.record)
 
     async def run(
         self,
         registry: Registry,
         held: Container[str],
-        release: Callable[[str, int, InstanceRecord, bool], Awaitable[None]],
+        settle: Callable[[Pending, int, InstanceRecord], Awaitable[None]],
     ) -> None:
         while True:
             await anyio.sleep(SETTLE_INTERVAL)
             if self.pending:
                 try:
-                    await self.settle(registry, held, release)
+                    await self.settle_once(registry, held, settle)
                 except Exception:  # a bug must not end the loop that keeps instances from staying stuck
                     log.exception("settling unknown claims failed")

@@ -7,25 +7,27 @@ claiming the instance meanwhile, or a second reaper acting on the same snapshot,
 (logged at DEBUG), and any number of reapers can run at once.
 
 Logging policy: INFO for every reap (function, instance, reason), DEBUG for lost races, WARNING when the
-registry or the control plane fails (the pass is retried on the next tick; a lost stop request is sent again
-by `decisions.stale_stops`).
+registry or the control plane fails (the pass is retried on the next tick; an instance left draining by a lost stop
+request is stopped by its control plane, which owns that recovery).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import anyio
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
-from aube.reaper.decisions import Action, AskStop, DeleteLease, Drain, Instance, Lease, Plan, Policy, Seen, Snapshot
+from aube.reaper.decisions import Action, DeleteLease, Drain, Plan, Policy, Seen, Snapshot
 from aube.reaper.decisions import plan as make_plan
 from aube.shared import bus, names, natsconn
+from aube.shared import instance_lifecycle as lifecycle
 from aube.shared.errors import AubeError
-from aube.shared.registry import Registry
+from aube.shared.registry import Registry, Written
 from aube.shared.schemas import InstanceRecord, StopInstanceReply, StopInstanceRequest
 from aube.shared.settings import ReaperSettings
 
@@ -33,8 +35,6 @@ log = logging.getLogger(__name__)
 
 # A stop request is answered once the instance is gone; a container stop can take its engine's full grace.
 STOP_TIMEOUT = 30.0
-# A draining/unhealthy entry unchanged for this many intervals lost its stop request.
-STALE_INTERVALS = 10
 # Actions of one pass run side by side, but not as a flood at the control plane.
 MAX_CONCURRENT_ACTIONS = 8
 # Passes further apart than this many intervals (plus the slack, for slow snapshots) mean the reaper could not
@@ -44,7 +44,7 @@ OUTAGE_GAP_SLACK = 2.0
 
 
 def policy_for(settings: ReaperSettings) -> Policy:
-    return Policy(lease_grace=settings.lease_ttl, stale_after=STALE_INTERVALS * settings.reap_interval)
+    return Policy(lease_grace=settings.lease_ttl)
 
 
 async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -70,7 +70,7 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
 
 
 class Reaper:
-    """One reaper's loop and its memory of how long entries have stayed draining (see decisions.stale_stops)."""
+    """One reaper's loop and its memory of when it first saw each lease revision (see decisions.dead_leases)."""
 
     def __init__(self, nc: NATS, registry: Registry, policy: Policy, *, reaper_id: str = "") -> None:
         self.nc = nc
@@ -122,8 +122,8 @@ class Reaper:
         # lease is in the later read; only a claim racing a proxy's very first lease can miss it, and
         # Policy.lease_grace covers that.
         functions = {e.key: e.record for e in await self.registry.functions()}
-        instances = [Instance(key=e.key, revision=e.revision, record=e.record) for e in await self.registry.instances()]
-        leases = [Lease(key=e.key, revision=e.revision, record=e.record) for e in await self.registry.leases()]
+        instances = await self.registry.instances()
+        leases = await self.registry.leases()
         return Snapshot(functions=functions, instances=instances, leases=leases)
 
     async def _act(self, action: Action) -> None:
@@ -133,8 +133,6 @@ class Reaper:
                     await self._delete_lease(action)
                 elif isinstance(action, Drain):
                     await self._drain(action)
-                elif isinstance(action, AskStop):
-                    await self._ask_stop(action)
             except (NatsError, OSError) as e:
                 log.warning("reaper action %s failed, retrying later: %s", type(action).__name__, e)
             except Exception:
@@ -147,23 +145,17 @@ class Reaper:
             log.debug("lease of proxy %s was renewed meanwhile; kept", action.proxy_id)
 
     async def _drain(self, action: Drain) -> None:
-        rec = action.record
+        entry = action.entry
+        drain = partial(lifecycle.drain, busy_ok=action.busy_ok, instance_id=entry.record.instance_id)
+        outcome = await self.registry.apply(entry.key, drain, entry=entry, attempts=1)
+        rec = entry.record
         ilog = _instance_log(rec)
-        revision = await self.registry.update_instance(action.revision, rec)
-        if revision is None:
-            # A proxy claimed it, or another reaper drained it first: either way it is not ours to stop.
-            ilog.debug(
-                "lost race draining %s at revision %d (%s); left alone", action.key, action.revision, action.reason
-            )
+        if not isinstance(outcome, Written):
+            # A proxy claimed it, or another reaper drained it first (or the write's outcome is unknown, and the next
+            # pass sees what became of it): either way it is not ours to stop now.
+            ilog.debug("drain of %s at revision %d not written (%s): left alone", entry.key, entry.revision, outcome)
             return
         ilog.info("reaping %s instance %s (%s)", rec.function, rec.instance_id, action.reason)
-        await self._stop(rec, action.reason)
-
-    async def _ask_stop(self, action: AskStop) -> None:
-        rec = action.record
-        _instance_log(rec).info(
-            "asking again to stop %s instance %s, %s (%s)", rec.function, rec.instance_id, rec.state, action.reason
-        )
         await self._stop(rec, action.reason)
 
     async def _stop(self, rec: InstanceRecord, reason: str) -> None:
@@ -172,7 +164,7 @@ class Reaper:
         try:
             reply = await bus.request(self.nc, names.SUBJECT_STOP_INSTANCE, request, StopInstanceReply, STOP_TIMEOUT)
         except AubeError as e:
-            # The entry stays draining, so stale_stops asks again after Policy.stale_after.
+            # The entry stays draining: its control plane stops it once it has stayed so too long.
             ilog.warning(
                 "stop request for %s instance %s failed (%s); will ask again", rec.function, rec.instance_id, e
             )

@@ -14,8 +14,10 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -23,10 +25,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from support import instance_ws, nats_client, zip_base64
 
+from aube.controlplane.core import STALE_DRAINING_SECONDS
+from aube.shared import instance_lifecycle as lifecycle
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.errors import AubeError, CapacityExhausted, InvalidBundle, InvalidName, UnknownFunction
-from aube.shared.registry import Registry
+from aube.shared.registry import Registry, Written
 from aube.shared.schemas import (
     DeleteReply,
     DeleteRequest,
@@ -458,3 +462,40 @@ async def test_reupload_of_a_single_instance_function_takes_the_free_slot(platfo
         (entry,) = await registry.instances("single")
         assert (entry.record.version, entry.record.state) == (second.version, "free")
         assert await echo(entry.record, "one slot") == "tols eno"
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_an_instance_whose_stop_request_was_lost_is_stopped_by_its_control_plane(  # type: ignore[no-untyped-def]
+    platform, tmp_path: Path
+) -> None:
+    """Lost-stop recovery has one owner: a reaper (or proxy) drained the entry and its stop request never arrived;
+    the control plane that owns the instance stops it once the entry has stayed draining too long."""
+    folder = tmp_path / "lost"
+    folder.mkdir()
+    (folder / "fn.py").write_text((EXAMPLES / "reverse-async" / "fn.py").read_text())
+    (folder / "aube.toml").write_text("[scaling]\nmin_free = 2\nmax_instances = 4\n")
+    await platform.start_controlplane()
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "lost", folder)
+        victim = (await registry.instances("lost"))[0]
+        outcome = await registry.apply(victim.key, partial(lifecycle.drain), entry=victim)
+        assert isinstance(outcome, Written)  # drained, and no stop request sent: as if it was lost
+        drained_at = time.monotonic()
+        runtime = await _runtime(platform)
+        try:
+            with anyio.fail_after(STALE_DRAINING_SECONDS + 45):
+                while True:
+                    entry = await registry.get_instance(victim.key)
+                    running = {r.instance_id for r in await runtime.instances(platform.owner) if r.alive}
+                    if (entry is None or entry.record.instance_id != victim.record.instance_id) and (
+                        victim.record.instance_id not in running
+                    ):
+                        break
+                    await anyio.sleep(0.2)
+        finally:
+            await runtime.close()
+        print(f"lost stop recovered after {time.monotonic() - drained_at:.1f}s")
+        # The warm pool is kept meanwhile.
+        with anyio.fail_after(60):
+            while len(await free_instances(registry, "lost")) < 2:
+                await anyio.sleep(0.2)

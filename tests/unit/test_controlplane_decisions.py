@@ -150,3 +150,19 @@ def test_starting_and_in_flight_are_never_retired() -> None:
         [entry(0, "starting", version=1), entry(1, "free", version=1)], [function(version=2)], in_flight={"f-i1"}
     )
     assert plan.stop == []
+
+
+def test_retirement_and_the_reaper_agree_on_what_is_obsolete() -> None:
+    """One rule (instance_lifecycle.obsolete): a free instance of a version newer than the record (an upload still
+    publishing it) and one whose function has no readable record are not stopped; the reaper's idle timeout applies."""
+    newer = entry(0, "free", version=3)
+    unknown = entry(1, "free", fn="g", version=1)
+    assert retire([newer, unknown], [function(version=2)]).stop == []
+
+
+def test_an_unhealthy_entry_whose_stop_was_lost_is_stopped_here() -> None:
+    unhealthy = entry(0, "unhealthy")
+    assert retire([unhealthy], [function()], first_seen={("f.0", 10): NOW - 1}).stop == []
+    assert [e.key for e in retire([unhealthy], [function()], first_seen={("f.0", 10): NOW - 11}).stop] == ["f.0"]
+    # A deleted function's leftovers go at once.
+    assert [e.key for e in retire([unhealthy], [function(deleting=True)]).stop] == ["f.0"]

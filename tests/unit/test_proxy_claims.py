@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 
 from aube.proxy import claims
-from aube.proxy.claims import PoolCounts, Slot
+from aube.proxy.claims import PoolCounts
+from aube.shared.registry import InstanceEntry
 from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ScalingSection
 
 
@@ -22,7 +23,7 @@ def _fn(version: int = 2, *, min_free: int = 1, max_instances: int = 10, fresh: 
     )
 
 
-def _slot(slot: int, state: str = "free", version: int = 2, **kw: object) -> Slot:
+def _slot(slot: int, state: str = "free", version: int = 2, **kw: object) -> InstanceEntry:
     rec = InstanceRecord(
         function="f",
         slot=slot,
@@ -33,7 +34,7 @@ def _slot(slot: int, state: str = "free", version: int = 2, **kw: object) -> Slo
         owner="o",
         address=f"127.0.0.1:{9000 + slot}",
     )
-    return Slot(f"f.{slot}", 10 + slot, msgspec.structs.replace(rec, **kw))
+    return InstanceEntry(f"f.{slot}", 10 + slot, msgspec.structs.replace(rec, **kw))
 
 
 def test_only_free_current_unretired_instances_are_candidates() -> None:
@@ -56,29 +57,6 @@ def test_candidate_order_depends_on_the_salt() -> None:
     slots = [_slot(i) for i in range(8)]
     orders = {tuple(s.key for s in claims.candidates(_fn(), slots, salt=str(n))) for n in range(10)}
     assert len(orders) > 1
-
-
-def test_claim_marks_busy_by_proxy() -> None:
-    rec = claims.claimed(_slot(0).record, "p1", 123.0)
-    assert (rec.state, rec.claimed_by, rec.claimed_at) == ("busy", "p1", 123.0)
-
-
-def test_release_returns_to_free_with_last_used() -> None:
-    busy = claims.claimed(_slot(0).record, "p1", 1.0)
-    kind, rec = claims.release(busy, _fn(), 50.0)
-    assert kind == "free"
-    assert (rec.state, rec.claimed_by, rec.last_used, rec.streams_served) == ("free", None, 50.0, 1)
-
-
-def test_release_drains_fresh_retired_outdated_or_deleted() -> None:
-    busy = claims.claimed(_slot(0).record, "p1", 1.0)
-    assert claims.release(busy, _fn(fresh=True), 5.0)[0] == "draining"
-    assert claims.release(msgspec.structs.replace(busy, retire=True), _fn(), 5.0)[0] == "draining"
-    assert claims.release(busy, _fn(version=3), 5.0)[0] == "draining"
-    assert claims.release(busy, None, 5.0)[0] == "draining"
-    assert claims.release(busy, msgspec.structs.replace(_fn(), deleting=True), 5.0)[0] == "draining"
-    # A claim whose stream never reached the instance leaves a fresh instance fresh.
-    assert claims.release(busy, _fn(fresh=True), 5.0, used=False)[0] == "free"
 
 
 def test_counts() -> None:

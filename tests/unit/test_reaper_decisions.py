@@ -8,21 +8,19 @@ import msgspec
 
 from aube.reaper.decisions import (
     LEASE_MEMORY,
-    AskStop,
     DeleteLease,
     Drain,
-    Instance,
-    Lease,
     Plan,
     Policy,
     Seen,
     Snapshot,
     plan,
 )
+from aube.shared.registry import InstanceEntry, LeaseEntry
 from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ProxyLease, ScalingSection
 
 NOW = 10_000.0
-POLICY = Policy(lease_grace=6.0, stale_after=5.0)
+POLICY = Policy(lease_grace=6.0)
 
 
 def fn(
@@ -37,7 +35,7 @@ def fn(
 
 def inst(
     slot: int, *, function: str = "echo", version: int = 2, state: str = "free", revision: int | None = None, **kw: Any
-) -> Instance:
+) -> InstanceEntry:
     kw.setdefault("created_at", 0.0)
     record = msgspec.convert(
         {
@@ -52,21 +50,21 @@ def inst(
         },
         InstanceRecord,
     )
-    return Instance(key=f"{function}.{slot}", revision=revision if revision is not None else 100 + slot, record=record)
+    return InstanceEntry(f"{function}.{slot}", revision if revision is not None else 100 + slot, record)
 
 
-def lease(proxy_id: str, *, renewed_at: float, ttl: float = 6.0, revision: int = 7) -> Lease:
-    return Lease(
-        key=proxy_id,
-        revision=revision,
-        record=ProxyLease(proxy_id=proxy_id, started_at=0.0, renewed_at=renewed_at, ttl=ttl),
+def lease(proxy_id: str, *, renewed_at: float, ttl: float = 6.0, revision: int = 7) -> LeaseEntry:
+    return LeaseEntry(
+        proxy_id,
+        revision,
+        ProxyLease(proxy_id=proxy_id, started_at=0.0, renewed_at=renewed_at, ttl=ttl),
     )
 
 
 def run(
-    instances: list[Instance],
+    instances: list[InstanceEntry],
     functions: list[FunctionRecord] | None = None,
-    leases: list[Lease] | None = None,
+    leases: list[LeaseEntry] | None = None,
     *,
     seen: dict[str, Seen] | None = None,
     now: float = NOW,
@@ -76,14 +74,14 @@ def run(
     return plan(snap, seen or {}, now, POLICY)
 
 
-def watched(leases: list[Lease], since: float = NOW - 1000) -> dict[str, Seen]:
+def watched(leases: list[LeaseEntry], since: float = NOW - 1000) -> dict[str, Seen]:
     """A reaper memory in which every lease has been seen, unchanged, since `since` (passes all succeeded)."""
     return {LEASE_MEMORY + le.key: Seen(revision=le.revision, since=since) for le in leases}
 
 
 def drained(p: Plan) -> dict[str, str]:
     """key -> reason of every Drain in the plan."""
-    return {a.key: a.reason for a in p.actions if isinstance(a, Drain)}
+    return {a.entry.key: a.reason for a in p.actions if isinstance(a, Drain)}
 
 
 # -- idle reaping --------------------------------------------------------------------------------------------
@@ -96,8 +94,8 @@ def test_free_instance_idle_longer_than_timeout_is_drained_at_its_revision() -> 
     assert drained(p) == {"echo.2": "idle"}
     (action,) = p.actions
     assert isinstance(action, Drain)
-    assert action.revision == 42
-    assert action.record == msgspec.structs.replace(idle.record, state="draining")
+    assert action.entry == idle  # decided on revision 42: any change since makes the drain lose
+    assert not action.busy_ok
 
 
 def test_free_instance_within_idle_timeout_is_kept() -> None:
@@ -210,8 +208,8 @@ def test_busy_instances_of_a_dead_proxy_are_recycled() -> None:
     p = run(instances, leases=leases, seen=watched(leases))
     assert drained(p) == {"echo.1": "dead_proxy"}
     (drain,) = (a for a in p.actions if isinstance(a, Drain))
-    assert drain.revision == 51
-    assert drain.record.state == "draining"
+    assert drain.entry.revision == 51
+    assert drain.busy_ok  # its proxy is dead: the one case a busy instance is drained
 
 
 def test_busy_instance_of_a_proxy_without_any_lease_is_recycled_after_the_grace() -> None:
@@ -252,42 +250,19 @@ def test_busy_without_claim_info_counts_from_creation() -> None:
     assert drained(run(instances)) == {"echo.1": "dead_proxy"}
 
 
-# -- lost stop requests --------------------------------------------------------------------------------------
+# -- lost stop requests ------------------------------------------------------------------------------------
 
 
-def test_draining_entry_is_asked_again_only_after_staying_at_one_revision() -> None:
-    entry = inst(1, state="draining", revision=30)
-    first = run([entry], now=NOW)
-    assert first.actions == []
-    assert first.seen == {"echo.1": Seen(revision=30, since=NOW)}
-
-    early = run([entry], seen=first.seen, now=NOW + POLICY.stale_after - 0.1)
-    assert early.actions == []
-
-    late = run([entry], seen=early.seen, now=NOW + POLICY.stale_after)
-    assert late.actions == [AskStop(key="echo.1", record=entry.record, reason="stale_draining")]
-    # Asking restarts the clock: the next pass does not ask again at once.
-    assert late.seen == {"echo.1": Seen(revision=30, since=NOW + POLICY.stale_after)}
-    assert run([entry], seen=late.seen, now=NOW + POLICY.stale_after + 1).actions == []
+def test_entries_awaiting_their_stop_are_left_to_the_control_plane_however_long() -> None:
+    """Lost-stop recovery has one owner, the control plane (controlplane/decisions.plan_retirement)."""
+    entries = [inst(1, state="draining", revision=30), inst(2, state="unhealthy", revision=31)]
+    assert run(entries, now=NOW).actions == []
+    assert run(entries, now=NOW + 10_000).actions == []
 
 
-def test_unhealthy_entry_is_asked_again_too() -> None:
-    entry = inst(1, state="unhealthy")
-    seen = {"echo.1": Seen(revision=entry.revision, since=NOW - 10)}
-    assert run([entry], seen=seen).actions == [AskStop(key="echo.1", record=entry.record, reason="stale_unhealthy")]
-
-
-def test_a_new_revision_restarts_the_stale_clock() -> None:
-    entry = inst(1, state="draining", revision=31)
-    p = run([entry], seen={"echo.1": Seen(revision=30, since=NOW - 100)})
-    assert p.actions == []
-    assert p.seen == {"echo.1": Seen(revision=31, since=NOW)}
-
-
-def test_memory_forgets_entries_that_are_gone_or_no_longer_draining() -> None:
-    seen = {"echo.1": Seen(revision=1, since=0.0), "echo.2": Seen(revision=2, since=0.0)}
-    p = run([inst(2, state="free", revision=3, last_used=NOW)], seen=seen)
-    assert p.seen == {}
+def test_memory_holds_only_leases() -> None:
+    p = run([inst(2, state="draining", revision=3)], leases=[lease("p", renewed_at=NOW)])
+    assert set(p.seen) == {LEASE_MEMORY + "p"}
 
 
 def test_plan_of_an_empty_registry_is_empty() -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import msgspec
 
-from aube.proxy.unsettled import Unknown, still_ours
+from aube.proxy.unsettled import Pending, still_ours
 from aube.shared.schemas import InstanceRecord
 
 
@@ -15,7 +15,7 @@ def record(**kw: object) -> InstanceRecord:
 
 
 def test_only_the_exact_claim_whose_outcome_was_unknown_is_settled() -> None:
-    unknown = Unknown(key="f.0", claim=record(), used=False)
+    unknown = Pending(key="f.0", claim=record(), used=False)
     assert still_ours(record(), unknown)
     assert not still_ours(None, unknown)  # the entry is gone
     assert not still_ours(record(state="free"), unknown)  # the write never landed

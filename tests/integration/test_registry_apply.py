@@ -1,0 +1,161 @@
+"""`Registry.apply`, the one compare-and-set loop of the instance lifecycle, against a real nats-server.
+
+A write that times out is the case that matters (reliability finding 3): the timeout is injected at the client's
+edge, either before the write leaves (it never lands) or after the server took it (it landed), because the two
+cannot be told apart from the outside; the server, the revisions and the fence are real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.js.errors import KeyWrongLastSequenceError
+
+from aube.shared import instance_lifecycle as lifecycle
+from aube.shared.natsserver import LocalNatsServer
+from aube.shared.registry import InstanceEntry, NotWritten, Registry, Unknown, Written
+from aube.shared.schemas import InstanceRecord, encode
+
+pytestmark = pytest.mark.anyio
+
+KEY = "f.0"
+
+
+def record(**kw: object) -> InstanceRecord:
+    base: dict[str, object] = dict(
+        function="f", slot=0, instance_id="i0", version=1, state="free", runtime="process", owner="o", address="a:1"
+    )
+    base.update(kw)
+    return msgspec.convert(base, InstanceRecord)
+
+
+@pytest.fixture
+async def registry(nats_server: LocalNatsServer) -> AsyncIterator[Registry]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        reg = await Registry.open(nc.jetstream())
+        for entry in await reg.instances():
+            await reg.delete_instance(entry.key)
+        yield reg
+    finally:
+        await nc.close()
+
+
+async def entry_now(registry: Registry) -> InstanceEntry:
+    got = await registry.get_instance(KEY)
+    assert got is not None
+    return got
+
+
+async def test_a_transition_is_written_at_the_revision_it_was_decided_on(registry: Registry) -> None:
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    claim = partial(lifecycle.claim, proxy_id="p1", now=5.0)
+    outcome = await registry.apply(KEY, claim, entry=InstanceEntry(KEY, rev, record()), attempts=1)
+    assert isinstance(outcome, Written)
+    assert (await entry_now(registry)) == outcome.entry
+    # The same decision made on the old revision now loses, and a claim of a busy instance is refused outright.
+    stale = await registry.apply(KEY, claim, entry=InstanceEntry(KEY, rev, record()), attempts=1)
+    assert isinstance(stale, NotWritten) and "another writer" in stale.why
+    refused = await registry.apply(KEY, partial(lifecycle.claim, proxy_id="p2", now=6.0))
+    assert isinstance(refused, NotWritten) and "not allowed from busy" in refused.why
+    assert (await entry_now(registry)).record.claimed_by == "p1"
+
+
+async def test_a_lost_race_is_decided_again_on_a_fresh_read(registry: Registry) -> None:
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    stale = InstanceEntry(KEY, rev, record())
+    await registry.update_instance(rev, record(retire=True))  # the control plane retires it meanwhile
+    outcome = await registry.apply(KEY, partial(lifecycle.drain), entry=stale)
+    assert isinstance(outcome, Written)
+    assert outcome.entry.record.state == "draining" and outcome.entry.record.retire  # built from the fresh read
+    # Gone, or another instance in the slot: nothing written.
+    await registry.delete_instance(KEY)
+    assert await registry.apply(KEY, lifecycle.drain) == NotWritten(None, "the entry is gone")
+    await registry.create_instance(record(instance_id="i1"))
+    other = await registry.apply(KEY, partial(lifecycle.drain, instance_id="i0"))
+    assert isinstance(other, NotWritten) and "now holds instance i1" in other.why
+
+
+def fail_update(registry: Registry, *, after_sending: bool, times: int = 1) -> list[tuple[Any, ...]]:
+    """Make the next `times` instance updates time out, before or after the server got them."""
+    real = registry.instances_kv.update
+    calls: list[tuple[Any, ...]] = []
+
+    async def update(key: str, value: bytes, last: int | None = None) -> int:
+        calls.append((key, value, last))
+        if len(calls) <= times:
+            if after_sending:
+                await real(key, value, last=last)
+            raise TimeoutError("injected: no answer from JetStream")
+        return await real(key, value, last=last)
+
+    registry.instances_kv.update = update  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_timed_out_claim_that_landed_counts_as_won(registry: Registry) -> None:
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    fail_update(registry, after_sending=True)
+    outcome = await registry.apply(KEY, partial(lifecycle.claim, proxy_id="p1", now=5.0), attempts=1)
+    assert isinstance(outcome, Written)
+    assert outcome.entry.record.claimed_by == "p1" and outcome.entry.revision > rev
+
+
+async def test_a_timed_out_claim_that_did_not_land_is_fenced_so_it_never_lands_later(registry: Registry) -> None:
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    calls = fail_update(registry, after_sending=False)
+    outcome = await registry.apply(KEY, partial(lifecycle.claim, proxy_id="p1", now=5.0), attempts=1)
+    assert isinstance(outcome, NotWritten) and "fenced" in outcome.why
+    after = await entry_now(registry)
+    assert after.record == record() and after.revision > rev  # unchanged, at a new revision
+    # The lost write, delivered late (as nats-py does with what it buffered during a reconnect), cannot land.
+    key, value, last = calls[0]
+    assert last == rev
+    with pytest.raises(KeyWrongLastSequenceError):
+        await registry.instances_kv.update(key, value, last=last)
+    assert (await entry_now(registry)).record.state == "free"
+
+
+async def test_when_the_registry_stays_silent_the_outcome_is_unknown(registry: Registry) -> None:
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    fail_update(registry, after_sending=False)
+
+    async def silent_get(key: str) -> None:
+        raise TimeoutError("injected: no answer")
+
+    registry.get_instance = silent_get  # type: ignore[assignment,method-assign]
+    claim = partial(lifecycle.claim, proxy_id="p1", now=5.0)
+    outcome = await registry.apply(KEY, claim, entry=InstanceEntry(KEY, rev, record()), attempts=1)
+    assert isinstance(outcome, Unknown)
+    assert outcome.record == lifecycle.claim(record(), "p1", 5.0)  # what to settle later
+
+
+async def test_a_fence_that_meets_the_late_write_itself_counts_it_as_won(registry: Registry) -> None:
+    """The timed-out write lands between the re-read and the fence: the fence loses, the claim is seen as won."""
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    real_update = registry.instances_kv.update
+    claimed = lifecycle.claim(record(), "p1", 5.0)
+    state = {"calls": 0}
+
+    async def update(key: str, value: bytes, last: int | None = None) -> int:
+        state["calls"] += 1
+        if state["calls"] == 1:
+            raise TimeoutError("injected")
+        if state["calls"] == 2:  # the fence: the late write lands just before it
+            await real_update(key, encode(claimed), last=last)
+        return await real_update(key, value, last=last)
+
+    registry.instances_kv.update = update  # type: ignore[method-assign]
+    outcome = await registry.apply(KEY, partial(lifecycle.claim, proxy_id="p1", now=5.0), attempts=1)
+    assert isinstance(outcome, Written) and outcome.entry.record == claimed

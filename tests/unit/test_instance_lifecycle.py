@@ -1,0 +1,152 @@
+"""The instance lifecycle's transition table and what each transition writes (pure; no registry)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import get_args
+
+import msgspec
+import pytest
+
+from aube.shared import instance_lifecycle as lifecycle
+from aube.shared.schemas import FunctionRecord, InstanceRecord, InstanceState, Manifest, ScalingSection
+
+STATES: tuple[InstanceState, ...] = get_args(InstanceState)
+
+
+def fn(version: int = 2, *, fresh: bool = False, deleting: bool = False) -> FunctionRecord:
+    return FunctionRecord(
+        name="f",
+        version=version,
+        manifest=Manifest(scaling=ScalingSection(fresh_per_stream=fresh)),
+        artifact="x",
+        runtime="process",
+        created_at=0,
+        updated_at=0,
+        deleting=deleting,
+    )
+
+
+def rec(state: InstanceState = "free", **kw: object) -> InstanceRecord:
+    base = InstanceRecord(
+        function="f", slot=0, instance_id="i", version=2, state=state, runtime="process", owner="o", address="a:1"
+    )
+    if state == "busy":
+        base = msgspec.structs.replace(base, claimed_by="p1", claimed_at=1.0)
+    return msgspec.structs.replace(base, **kw)
+
+
+def attempt(transition: lifecycle.Transition, r: InstanceRecord, instance_id: str | None = None) -> InstanceRecord:
+    """Take `transition` with arguments that satisfy everything but the state rule (and `instance_id`)."""
+    if transition == "started":
+        return lifecycle.started(r, "a:1", "h", instance_id=instance_id)
+    if transition == "mark_free":
+        return lifecycle.mark_free(r, 5.0, instance_id=instance_id)
+    if transition == "claim":
+        return lifecycle.claim(r, "p1", 5.0, instance_id=instance_id)
+    if transition == "release":
+        return lifecycle.release(r, fn(), 5.0, by="p1", instance_id=instance_id)
+    if transition == "drain":
+        return lifecycle.drain(r, busy_ok=True, instance_id=instance_id)
+    if transition == "mark_unhealthy":
+        return lifecycle.mark_unhealthy(r, by="p1", instance_id=instance_id)
+    return lifecycle.retire(r, None, instance_id=instance_id)
+
+
+@pytest.mark.parametrize(("transition", "state"), list(itertools.product(get_args(lifecycle.Transition), STATES)))
+def test_every_transition_follows_the_table(transition: lifecycle.Transition, state: InstanceState) -> None:
+    r = rec(state)
+    if state in lifecycle.ALLOWED[transition]:
+        attempt(transition, r)
+    else:
+        with pytest.raises(lifecycle.Refused):
+            attempt(transition, r)
+
+
+def test_every_transition_is_refused_on_another_instance_in_the_slot() -> None:
+    for transition in get_args(lifecycle.Transition):
+        for state in lifecycle.ALLOWED[transition]:
+            attempt(transition, rec(state), instance_id="i")  # the same instance: allowed
+            with pytest.raises(lifecycle.Refused, match="now holds instance"):
+                attempt(transition, rec(state), instance_id="other")
+
+
+def test_claim_marks_busy_by_proxy_and_holds_tells_that_claim_apart() -> None:
+    claimed = lifecycle.claim(rec("free"), "p1", 123.0)
+    assert (claimed.state, claimed.claimed_by, claimed.claimed_at) == ("busy", "p1", 123.0)
+    assert lifecycle.holds(claimed, claimed)
+    assert not lifecycle.holds(lifecycle.claim(rec("free"), "p1", 124.0), claimed)  # a later claim of ours
+    assert not lifecycle.holds(lifecycle.claim(rec("free"), "p2", 123.0), claimed)  # another replica's
+    assert not lifecycle.holds(rec("free"), claimed)  # the claim never landed
+
+
+def test_release_frees_with_last_used_and_counts_the_stream() -> None:
+    freed = lifecycle.release(rec("busy"), fn(), 50.0, by="p1")
+    assert (freed.state, freed.claimed_by, freed.claimed_at, freed.last_used, freed.streams_served) == (
+        "free",
+        None,
+        None,
+        50.0,
+        1,
+    )
+
+
+def test_release_drains_what_must_not_serve_again() -> None:
+    busy = rec("busy")
+    assert lifecycle.release(busy, fn(fresh=True), 5.0, by="p1").state == "draining"
+    assert lifecycle.release(msgspec.structs.replace(busy, retire=True), fn(), 5.0, by="p1").state == "draining"
+    assert lifecycle.release(busy, fn(version=3), 5.0, by="p1").state == "draining"
+    assert lifecycle.release(busy, None, 5.0, by="p1").state == "draining"
+    assert lifecycle.release(busy, fn(deleting=True), 5.0, by="p1").state == "draining"
+    # fresh_per_stream only counts a stream that reached the instance.
+    assert lifecycle.release(busy, fn(fresh=True), 5.0, by="p1", used=False).state == "free"
+
+
+def test_only_the_claiming_proxy_releases_or_marks_a_busy_instance_unhealthy() -> None:
+    with pytest.raises(lifecycle.Refused, match="claimed by p1"):
+        lifecycle.release(rec("busy"), fn(), 1.0, by="p2")
+    with pytest.raises(lifecycle.Refused, match="claimed by p1"):
+        lifecycle.mark_unhealthy(rec("busy"), by="p2")
+    assert lifecycle.mark_unhealthy(rec("free")).state == "unhealthy"
+
+
+def test_a_stream_is_drained_only_when_asked_for_explicitly() -> None:
+    with pytest.raises(lifecycle.Refused, match="carrying a stream"):
+        lifecycle.drain(rec("busy"))
+    drained = lifecycle.drain(rec("busy"), busy_ok=True)
+    assert (drained.state, drained.claimed_by) == ("draining", None)
+
+
+def test_mark_free_needs_an_address() -> None:
+    with pytest.raises(lifecycle.Refused, match="no address"):
+        lifecycle.mark_free(rec("starting", address=""), 1.0)
+    started = lifecycle.started(rec("starting", address=""), "a:9", "h9")
+    assert lifecycle.mark_free(started, 7.0).state == "free"
+
+
+def test_the_earlier_retire_deadline_stands() -> None:
+    assert lifecycle.retire(rec("busy"), 100.0).retire_deadline == 100.0
+    assert lifecycle.retire(rec("busy", retire_deadline=50.0), 100.0).retire_deadline == 50.0
+    assert lifecycle.retire(rec("busy", retire_deadline=50.0), None).retire_deadline == 50.0
+    assert lifecycle.retire(rec("busy", retire_deadline=50.0), 10.0).retire_deadline == 10.0
+
+
+def test_obsolete_is_one_rule_for_every_service() -> None:
+    assert lifecycle.obsolete(rec(retire=True), fn())
+    assert lifecycle.obsolete(rec(retire=True), None)
+    assert lifecycle.obsolete(rec(version=1), fn(version=2))
+    assert lifecycle.obsolete(rec(), fn(deleting=True))
+    assert not lifecycle.obsolete(rec(), fn())
+    # A version newer than the record (an upload still publishing it), or a record nobody can read: not obsolete.
+    assert not lifecycle.obsolete(rec(version=3), fn(version=2))
+    assert not lifecycle.obsolete(rec(), None)
+
+
+def test_claimable_and_warm() -> None:
+    assert lifecycle.claimable(fn(), rec("free"))
+    assert not lifecycle.claimable(fn(), rec("free", address=""))
+    assert not lifecycle.claimable(fn(), rec("free", retire=True))
+    assert not lifecycle.claimable(fn(version=3), rec("free"))
+    assert not lifecycle.claimable(fn(deleting=True), rec("free"))
+    assert lifecycle.warm(fn(), rec("starting")) and lifecycle.warm(fn(), rec("free"))
+    assert not lifecycle.warm(fn(), rec("busy")) and not lifecycle.warm(fn(version=3), rec("free"))
