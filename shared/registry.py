@@ -137,7 +137,8 @@ class Registry:
             return None
 
     async def update_instance(self, entry_revision: int, record: InstanceRecord) -> int | None:
-        """Replace the record if it is still at `entry_revision`; None on a lost race."""
+        """Replace the record if it is still at `entry_revision`; None on a lost race. A raw write, for tests and
+        repairs: services change an instance's state only through `apply` and a transition of `instance_lifecycle`."""
         key = names.instance_key(record.function, record.slot)
         try:
             return await self.instances_kv.update(key, encode(record), last=entry_revision)
