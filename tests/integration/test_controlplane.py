@@ -25,7 +25,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from support import instance_ws, nats_client, zip_base64
 
-from aube.controlplane.core import STALE_DRAINING_SECONDS
+from aube.controlplane.housekeeping import STALE_DRAINING_SECONDS
 from aube.shared import instance_lifecycle as lifecycle
 from aube.shared import names
 from aube.shared.bus import request

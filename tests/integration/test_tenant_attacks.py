@@ -434,7 +434,7 @@ async def test_a_name_another_control_plane_gave_a_tenant_meanwhile_is_not_deplo
         assert await registry.put_function(alices, None) is not None
         try:
             with pytest.raises(NameTaken):
-                await cp._deploy("taken", root, manifest, "deployer")
+                await cp.uploads._deploy("taken", root, manifest, "deployer")
             entry = await registry.get_function("taken")
             assert entry is not None and entry.record == alices  # Alice's function is untouched
             assert await registry.instances("taken") == []
