@@ -344,25 +344,25 @@ def test_zip_bomb_with_lying_header(dest: Path) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_writer_counts_actual_bytes(fmt: Fmt, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Even when the declared-size check is fooled, the writer stops at the limit on what it really wrote."""
-    real_plan = bundle._plan
+    real_plan = bundle.plan_members
     generous = msgspec.structs.replace(LIMITS, max_extracted_bytes=1 << 40)
 
     def fooled(members: Sequence[MemberInfo], limits: BundleLimits) -> list[tuple[int, tuple[str, ...], MemberInfo]]:
         return real_plan(members, generous)
 
-    monkeypatch.setattr(bundle, "_plan", fooled)
+    monkeypatch.setattr(bundle, "plan_members", fooled)
     data = make(fmt, [f("fn.py", FN), f("zeros.bin", bytes(3 << 20))])
     err = refused(data, dest, "bundle_too_large")
     assert "zeros.bin" in err.message
 
 
 def test_writer_refuses_more_data_than_declared(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_plan = bundle._plan
+    real_plan = bundle.plan_members
 
     def shrunk(members: Sequence[MemberInfo], limits: BundleLimits) -> list[tuple[int, tuple[str, ...], MemberInfo]]:
         return [(i, p, msgspec.structs.replace(m, size=min(m.size, 10))) for i, p, m in real_plan(members, limits)]
 
-    monkeypatch.setattr(bundle, "_plan", shrunk)
+    monkeypatch.setattr(bundle, "plan_members", shrunk)
     err = refused(make_zip([f("fn.py", FN), f("big.bin", bytes(1000))]), dest, "bundle_corrupt")
     assert "more data than its header" in err.message
 
