@@ -13,7 +13,8 @@ from typing import Literal
 
 import msgspec
 
-from aube.shared.schemas import FunctionRecord, InstanceRecord
+from aube.shared import names
+from aube.shared.schemas import FunctionRecord, InstanceRecord, ScaleIntent
 
 
 class Slot(msgspec.Struct, frozen=True):
@@ -114,3 +115,13 @@ def scale_count(fn: FunctionRecord, pool: PoolCounts, waiting: int) -> int:
     want = scaling.min_free + waiting - pool.free - pool.starting
     room = scaling.max_instances - pool.total
     return max(0, min(want, room))
+
+
+def scale_intent(function: str, proxy_id: str, now: float, cooldown: float) -> ScaleIntent:
+    """The intent a replica writes before asking to scale `function`: no other replica asks for `cooldown` seconds.
+
+    The window is kept within what the scale-intents bucket holds (names.SCALE_INTENT_MAX_AGE), so every reader
+    trusts it (records.py); a cooldown of 0 or less holds no window at all.
+    """
+    window = min(max(cooldown, 0.0), names.SCALE_INTENT_MAX_AGE)
+    return ScaleIntent(function=function, proxy_id=proxy_id, asked_at=now, expires_at=now + window)
