@@ -43,7 +43,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
 from aube.proxy import claims, handshake, sockopts
-from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
+from aube.proxy.leases import RenewSignal, keep_lease
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
@@ -590,7 +590,8 @@ class Proxy:
 
     async def _scale(self, name: str, count: int) -> None:
         try:
-            if not await take_scale_intent(self.registry, name, self.proxy_id, self.settings.scale_cooldown):
+            intent = claims.scale_intent(name, self.proxy_id, time.time(), self.settings.scale_cooldown)
+            if not await self.registry.take_scale_intent(intent):
                 log.debug("scale of %s already asked for by another replica", name)
                 return
             self.metrics.scale_requests_total[name] += 1

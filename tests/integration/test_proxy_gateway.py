@@ -29,7 +29,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from aube.proxy.leases import scale_intent_key
 from aube.proxy.service import serve
 from aube.shared import names
 from aube.shared.natsserver import LocalNatsServer, free_port
@@ -528,7 +527,9 @@ async def test_cold_start_asks_the_control_plane_once_and_waits(nats_server: Loc
             assert len(requests) == 1  # the scale intent kept the second replica from asking too
             assert requests[0].name == "reverse"
             assert requests[0].requested_by in (s1.proxy_id, s2.proxy_id)
-            assert await env.registry.leases_kv.get(scale_intent_key("reverse"))
+            intent = await env.registry.get_scale_intent("reverse")
+            assert intent is not None and intent.record.proxy_id == requests[0].requested_by
+            assert await env.registry.leases() == []  # both proxies stopped; the intent was never a lease
 
 
 async def test_two_replicas_never_share_an_instance(nats_server: LocalNatsServer) -> None:
