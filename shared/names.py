@@ -28,8 +28,12 @@ QUEUE_CONTROLPLANE = "aube-controlplane"
 BUCKET_INSTANCES = "aube-instances"  # key "<function>.<slot>" -> InstanceRecord
 BUCKET_FUNCTIONS = "aube-functions"  # key "<function>" -> FunctionRecord
 BUCKET_LEASES = "aube-leases"  # key "<proxy id>" -> ProxyLease, renewed by its proxy
-# In BUCKET_LEASES too: "scale-intent.<function>" lets one proxy replica per cooldown window ask for a scale-out.
-SCALE_INTENT_PREFIX = "scale-intent."
+BUCKET_SCALE_INTENTS = "aube-scale-intents"  # key "<function>" -> ScaleIntent: one replica per window asks to scale
+# The scale-intents bucket's max_age, in seconds: an intent nobody takes over (its function deleted, the platform
+# stopped) vanishes this long after it was written, whatever the writers' clocks said. Also the longest window an
+# intent may hold (records.py). Part of the bucket's configuration, which every service creating the bucket must
+# spell alike: the server refuses to create a stream again with a different one.
+SCALE_INTENT_MAX_AGE = 600.0
 BUCKET_BUNDLES = "aube-bundles"  # object store for uploads above the NATS max payload
 
 # Docker labels and process-runtime markers. Everything Aube creates carries LABEL_MANAGED.

@@ -3,8 +3,8 @@ written, before anything acts on it.
 
 The registry is written only by the platform's own NATS users (deploy/nats.conf), but a record is still input: a
 buggy or newer writer, or anyone holding a leaked service password, could put anything there. A record that does
-not decode, whose key does not match its contents, or that names an impossible function, slot, version, tenant or
-address is logged and skipped (as if absent), never trusted and never a crash. Pure: no I/O.
+not decode, whose key does not match its contents, or that names an impossible function, slot, version, tenant,
+address or scale window is logged and skipped (as if absent), never trusted and never a crash. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import msgspec
 
 from aube.shared import names
 from aube.shared import tenants as tenancy
-from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, decode_record
+from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent, decode_record
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T", FunctionRecord, InstanceRecord, ProxyLease)
+T = TypeVar("T", FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent)
+Record = FunctionRecord | InstanceRecord | ProxyLease | ScaleIntent
 
 # Far above any operator's max_instances limit, far below what would make a key or a loop absurd.
 MAX_SLOT = 100_000
@@ -40,7 +41,7 @@ def valid_address(address: str) -> bool:
     return match is not None and 0 < int(match.group(2)) < 65536
 
 
-def problem(key: str, record: FunctionRecord | InstanceRecord | ProxyLease) -> str | None:
+def problem(key: str, record: Record) -> str | None:
     """Why `record` under `key` cannot be trusted, or None if it can."""
     if isinstance(record, FunctionRecord):
         if not names.NAME_PATTERN.fullmatch(record.name) or key != record.name:
@@ -59,6 +60,16 @@ def problem(key: str, record: FunctionRecord | InstanceRecord | ProxyLease) -> s
             return f"version {record.version}"
         if not valid_address(record.address):
             return f"address {record.address[:80]!r}"
+        return None
+    if isinstance(record, ScaleIntent):
+        if not names.NAME_PATTERN.fullmatch(record.function) or key != record.function:
+            return f"scale intent under {key!r} names {record.function[:80]!r}"
+        if not _PROXY_ID.fullmatch(record.proxy_id):
+            return f"scale intent by {record.proxy_id[:80]!r}"
+        # A window longer than the bucket keeps an intent would block scaling for longer than any asker may.
+        window = record.expires_at - record.asked_at
+        if not 0 <= window <= names.SCALE_INTENT_MAX_AGE:  # also false for NaN
+            return f"scale intent window {window}"
         return None
     if not _PROXY_ID.fullmatch(record.proxy_id) or key != record.proxy_id or record.ttl <= 0:
         return f"lease under {key!r} for {record.proxy_id[:80]!r} (ttl {record.ttl})"

@@ -1,5 +1,12 @@
 """The instance registry: typed access to the JetStream KV buckets every service shares.
 
+Buckets (names.py): instances, functions, proxy leases, and the proxies' scale intents. Only the proxies (and the
+control plane, which owns the account) may use the scale-intents bucket: the reaper opens the registry without it
+and its NATS user has no permission on it (deploy/nats.conf). Proxies before that bucket kept their intents in the
+leases bucket, as fake leases under `scale-intent.<function>`; one left behind after an upgrade decodes as the lease
+of a proxy that never renews and holds no claims, so the reaper deletes it like any dead lease, and nothing else
+needs to know about it.
+
 Every write that can race is a compare-and-set on the entry's revision (`kv.create` for absent keys,
 `kv.update(..., last=revision)` otherwise). A lost race is a normal outcome: the methods return None and log
 at DEBUG; callers re-read and decide again.
@@ -21,7 +28,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from aube.shared import instance_lifecycle, kvread, names, records
-from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, encode
+from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent, encode
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,12 @@ class LeaseEntry(msgspec.Struct, frozen=True):
     record: ProxyLease
 
 
+class ScaleIntentEntry(msgspec.Struct, frozen=True):
+    key: str
+    revision: int
+    record: ScaleIntent
+
+
 class InstanceChange(msgspec.Struct, frozen=True):
     """One event from `watch_instances`: `record` is None when the key was deleted."""
 
@@ -92,20 +105,34 @@ class InstanceChange(msgspec.Struct, frozen=True):
 
 
 class Registry:
-    def __init__(self, js: JetStreamContext, instances: KeyValue, functions: KeyValue, leases: KeyValue) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        instances: KeyValue,
+        functions: KeyValue,
+        leases: KeyValue,
+        scale_intents: KeyValue | None = None,
+    ) -> None:
         self.js = js
         self.instances_kv = instances
         self.functions_kv = functions
         self.leases_kv = leases
+        self.scale_intents_kv = scale_intents
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> Registry:
-        """Bind the buckets, creating them on first use (creation with the same config is idempotent)."""
+    async def open(cls, js: JetStreamContext, *, scale_intents: bool = True) -> Registry:
+        """Bind the buckets, creating them on first use (creation with the same config is idempotent).
+
+        `scale_intents=False` leaves the scale-intents bucket alone, for a service whose NATS user may not use it
+        (the reaper); its scale-intent methods then raise RuntimeError."""
         return cls(
             js,
             await js.create_key_value(bucket=names.BUCKET_INSTANCES, history=1),
             await js.create_key_value(bucket=names.BUCKET_FUNCTIONS, history=1),
             await js.create_key_value(bucket=names.BUCKET_LEASES, history=1),
+            await js.create_key_value(bucket=names.BUCKET_SCALE_INTENTS, history=1, ttl=names.SCALE_INTENT_MAX_AGE)
+            if scale_intents
+            else None,
         )
 
     async def _snapshot(self, bucket: str, key_filter: str = ">") -> list[tuple[str, int, bytes]]:
@@ -292,6 +319,48 @@ class Registry:
                 raise
             return False
         return True
+
+    # -- scale intents -----------------------------------------------------------------------------------
+
+    def _intents(self) -> KeyValue:
+        if self.scale_intents_kv is None:
+            raise RuntimeError("registry opened without the scale-intents bucket")
+        return self.scale_intents_kv
+
+    async def get_scale_intent(self, function: str) -> ScaleIntentEntry | None:
+        got = await _get(self._intents(), function)
+        record = None if got is None else records.read(function, got[1], ScaleIntent)
+        return None if got is None or record is None else ScaleIntentEntry(function, got[0], record)
+
+    async def take_scale_intent(self, intent: ScaleIntent) -> bool:
+        """True if `intent` now holds its function's window: written where there was none, or over one no longer in
+        force at `intent.asked_at` (or untrustworthy) by compare-and-set on the revision read. False if another
+        replica's intent is in force, or another replica won the takeover: exactly one writer wins each window."""
+        kv = self._intents()
+        key = intent.function
+        value = encode(intent)
+        # Twice at most: an intent can vanish (max_age) between the refused create and the read.
+        for _ in range(2):
+            try:
+                await kv.create(key, value)
+                return True
+            except KeyWrongLastSequenceError:
+                pass
+            got = await _get(kv, key)
+            if got is None:
+                continue
+            revision, held_value = got
+            held = records.read(key, held_value, ScaleIntent)  # an unreadable one is taken over like an expired one
+            if held is not None and held.in_force(intent.asked_at):
+                log.debug("scale intent for %s held by %s until %.3f", key, held.proxy_id, held.expires_at)
+                return False
+            try:
+                await kv.update(key, value, last=revision)
+                return True
+            except KeyWrongLastSequenceError:
+                log.debug("lost race taking over the scale intent for %s at revision %d", key, revision)
+                return False
+        return False
 
 
 async def _get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:

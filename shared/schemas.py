@@ -126,6 +126,28 @@ class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):
     address: str = ""
 
 
+class ScaleIntent(msgspec.Struct, frozen=True, kw_only=True):
+    """Key `<function>` in BUCKET_SCALE_INTENTS: proxy `proxy_id` asked the control plane to scale `function` at
+    `asked_at`, and no other replica asks before `expires_at` (asked_at + the asker's scale cooldown; seconds since
+    the epoch, on the asker's clock).
+
+    One replica wins each window: an intent is created absent-only, and one no longer in force is taken over by
+    compare-and-set on its revision (Registry.take_scale_intent), so a crashed asker blocks nobody past its window.
+    An absolute `expires_at` rather than a ttl: whoever reads the intent judges it without knowing the asker's
+    cooldown. The bucket's max_age (names.SCALE_INTENT_MAX_AGE) removes intents nobody takes over, and bounds how
+    long a writer with a clock far ahead can hold a window.
+    """
+
+    function: str
+    proxy_id: str
+    asked_at: float
+    expires_at: float
+
+    def in_force(self, now: float) -> bool:
+        """Whether the window is still held at `now` (so a replica asking at `now` stands back)."""
+        return now < self.expires_at
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Requests.
 

@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 import msgspec
 
+from aube.shared import names
 from aube.shared.instance_lifecycle import claimable, warm
 from aube.shared.registry import InstanceEntry
-from aube.shared.schemas import FunctionRecord
+from aube.shared.schemas import FunctionRecord, ScaleIntent
 
 
 def candidates(
@@ -62,3 +63,13 @@ def scale_count(fn: FunctionRecord, pool: PoolCounts, waiting: int) -> int:
     want = scaling.min_free + waiting - pool.free - pool.starting
     room = scaling.max_instances - pool.total
     return max(0, min(want, room))
+
+
+def scale_intent(function: str, proxy_id: str, now: float, cooldown: float) -> ScaleIntent:
+    """The intent a replica writes before asking to scale `function`: no other replica asks for `cooldown` seconds.
+
+    The window is kept within what the scale-intents bucket holds (names.SCALE_INTENT_MAX_AGE), so every reader
+    trusts it (records.py); a cooldown of 0 or less holds no window at all.
+    """
+    window = min(max(cooldown, 0.0), names.SCALE_INTENT_MAX_AGE)
+    return ScaleIntent(function=function, proxy_id=proxy_id, asked_at=now, expires_at=now + window)

@@ -230,3 +230,21 @@ def error_response(error: HeadError, *, retry_after: float | None = None) -> byt
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     return response(error.status, error.message + "\n", headers=headers)
+
+
+InstanceAnswer = Literal["upgraded", "busy", "refused", "broken"]
+
+
+def instance_answer(head: bytes) -> InstanceAnswer:
+    """What an instance's response head says: the upgrade happened ("upgraded"), the instance is busy with another
+    stream ("busy": its platform server answers 503 before any function code runs, so no function can fake it, and
+    the client goes to another instance), it refused this request itself ("refused", e.g. 400 for a subprotocol it
+    does not speak: the client gets that answer), or it is no HTTP response at all ("broken")."""
+    line, _, _ = bytes(head).partition(b"\r\n")
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() or b"\r\n\r\n" not in head:
+        return "broken"
+    status = int(parts[1])
+    if status == 101:
+        return "upgraded"
+    return "busy" if status == 503 else "refused"

@@ -1,13 +1,8 @@
-"""The proxy's lease and its per-function scale intents, both kept in BUCKET_LEASES.
+"""The proxy's lease, kept in BUCKET_LEASES.
 
 The lease says "this replica is alive": put before serving, renewed every ttl/3, deleted on clean shutdown.
 A replica whose lease expires is dead to the reaper, which recycles the instances it had claimed.
-
-A scale intent (key `scale-intent.<function>`) lets one replica per cooldown window ask the control plane for
-instances, instead of every replica asking at once. It is created with `kv.create` (absent only), so exactly
-one replica wins a window. Its value is a ProxyLease with ttl = cooldown, so anything that reads the bucket as
-leases (the reaper) decodes it, sees it expire and may delete it; and a replica that finds an expired intent
-takes it over by compare-and-set, so a crashed asker never blocks scaling for longer than one cooldown.
+(Scale intents have a bucket of their own: Registry.take_scale_intent.)
 """
 
 from __future__ import annotations
@@ -17,17 +12,11 @@ import time
 
 import anyio
 from anyio.abc import TaskStatus
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from aube.shared import names, records
 from aube.shared.registry import Registry
-from aube.shared.schemas import ProxyLease, encode
+from aube.shared.schemas import ProxyLease
 
 log = logging.getLogger(__name__)
-
-
-def scale_intent_key(function: str) -> str:
-    return names.SCALE_INTENT_PREFIX + function
 
 
 class RenewSignal:
@@ -82,29 +71,3 @@ async def keep_lease(
         with anyio.move_on_after(5, shield=True):
             await registry.delete_lease(proxy_id)
             log.info("lease %s deleted", proxy_id)
-
-
-async def take_scale_intent(registry: Registry, function: str, proxy_id: str, cooldown: float) -> bool:
-    """True if this replica may ask to scale `function` now; False if another asked within the cooldown."""
-    kv = registry.leases_kv
-    key = scale_intent_key(function)
-    now = time.time()
-    value = encode(ProxyLease(proxy_id=key, started_at=now, renewed_at=now, ttl=cooldown, address=proxy_id))
-    try:
-        await kv.create(key, value)
-        return True
-    except KeyWrongLastSequenceError:
-        pass
-    try:
-        entry = await kv.get(key)
-    except (KeyNotFoundError, NotFoundError):  # deleted meanwhile (the reaper): next time create wins
-        return False
-    held = records.read(key, entry.value, ProxyLease) if entry.value else None
-    if held is not None and held.renewed_at + held.ttl > now:
-        return False
-    try:
-        await kv.update(key, value, last=entry.revision)
-        return True
-    except KeyWrongLastSequenceError:
-        log.debug("lost race taking over scale intent %s", key)
-        return False

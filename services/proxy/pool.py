@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskStatus
@@ -27,10 +28,14 @@ class Pool:
         self.entries: dict[str, InstanceEntry] = {}
         self.functions: dict[str, FunctionRecord] = {}
         self.changed = asyncio.Event()
+        # Called on every change once caught up (the proxy offers newly free instances to waiting clients).
+        self.listeners: list[Callable[[], None]] = []
 
     def _notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+        for listener in self.listeners:
+            listener()
 
     def function(self, name: str) -> FunctionRecord | None:
         fn = self.functions.get(name)

@@ -10,6 +10,11 @@ Per chunk the only Python work is one write and two integer adds (the stream's a
 Events are asyncio's, not anyio's: protocols are built in loop callbacks, outside any task, where anyio cannot
 tell which backend runs. The service only runs on asyncio (or uvloop), whose transports these are.
 
+The instance's side starts in head mode too: its response head is held back (`head`, `head_done`) until the
+service has read it, because an instance that answers "busy" (503) must not reach the client: the client is sent to
+another instance instead, over a new connection. Only `start_relay` forwards the head and switches to relay mode;
+until then the instance closing does not touch the client.
+
 Closing: EOF or loss on either side closes the other one (`close` flushes what is buffered first); the
 service waits for both sides with a bounded grace and aborts what will not close.
 """
@@ -22,6 +27,7 @@ from typing import cast
 from aube.proxy.metrics import Metrics
 
 WRITE_HIGH_WATER = 256 * 1024
+MAX_RESPONSE_HEAD = 16 * 1024  # an instance's response head is the platform's own few lines; more is not a head
 
 
 class ClientSide(asyncio.Protocol):
@@ -123,46 +129,69 @@ class ClientSide(asyncio.Protocol):
 
 
 class UpstreamSide(asyncio.Protocol):
-    """The proxy's connection to an instance; every byte it receives goes to the client."""
+    """The proxy's connection to an instance: its response head is held until `start_relay`, then every byte it
+    receives goes to the client."""
 
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.metrics = client.metrics
         self.bytes_out = 0  # instance -> client
-        self._to_client = client.transport
+        self._to_client: asyncio.Transport | None = None  # set by start_relay
         self.lost = asyncio.Event()
         self.eof_from_instance = False
         self._transport: asyncio.Transport | None = None
+        self.head = bytearray()  # the instance's response, held until the service has read its head
+        self.head_done = asyncio.Event()  # the head is complete, too long, or the instance went away
 
     @property
     def transport(self) -> asyncio.Transport:
         assert self._transport is not None
         return self._transport
 
+    @property
+    def relaying(self) -> bool:
+        return self._to_client is not None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
+    def start_relay(self) -> None:
+        """Forward the held response to the client and relay everything after it."""
+        self._to_client = self.client.transport
+        held = bytes(self.head)
+        self.head.clear()
+        if held:
+            self.data_received(held)
+        if (self.eof_from_instance or self.lost.is_set()) and self._to_client is not None:
+            self._to_client.close()
+            self.client.ended.set()
+
     def data_received(self, data: bytes) -> None:
+        to_client = self._to_client
+        if to_client is None:
+            self.head += data
+            if b"\r\n\r\n" in self.head or len(self.head) > MAX_RESPONSE_HEAD:
+                self.head_done.set()
+            return
         n = len(data)
         self.bytes_out += n
         self.metrics.bytes_instance_to_client += n
-        if self._to_client is not None:
-            self._to_client.write(data)
+        to_client.write(data)
 
     def eof_received(self) -> bool:
         self.eof_from_instance = True
-        ct = self.client.transport
-        if ct is not None:
-            ct.close()
+        self.head_done.set()
+        if self._to_client is not None:
+            self._to_client.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
-        self.client.ended.set()
-        ct = self.client.transport
-        if ct is not None:
-            ct.close()
+        self.head_done.set()
+        if self._to_client is not None:
+            self.client.ended.set()
+            self._to_client.close()
 
     def pause_writing(self) -> None:
         ct = self.client.transport

@@ -34,7 +34,6 @@ import logging
 import socket
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 
@@ -43,11 +42,12 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
 from aube.proxy import claims, handshake, sockopts
-from aube.proxy.leases import RenewSignal, keep_lease, take_scale_intent
+from aube.proxy.leases import RenewSignal, keep_lease
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
 from aube.proxy.unsettled import Pending, Unsettled
+from aube.proxy.waiting import Waiter, WaitingClients
 from aube.shared import addresses, bus, instance_health, names, natsconn
 from aube.shared import instance_lifecycle as lifecycle
 from aube.shared.errors import AubeError, CapacityExhausted
@@ -70,6 +70,9 @@ REQUEST_TIMEOUT = 5.0  # stop requests: the control plane replies once the insta
 # slow reply is not a failure; only a silent control plane is.
 SCALE_TIMEOUT = 120.0
 CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is aborted
+# How long an instance may take to answer a client's head. Its server answers at once, unless the last stream's
+# cleanup still runs there (a command being stopped), which it waits for; an instance silent for longer is broken.
+ANSWER_TIMEOUT = 15.0
 
 
 async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -195,10 +198,11 @@ class Proxy:
         self.nc = nc
         self.registry = registry
         self.pool = Pool(registry)
+        self.pool.listeners.append(self._dispatch)
         self.metrics = Metrics()
         self.held: dict[str, InstanceEntry] = {}  # instances this replica has claimed, by key
         self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
-        self.waiting: defaultdict[str, int] = defaultdict(int)  # clients waiting for an instance, by function
+        self.waiting = WaitingClients()  # clients waiting for an instance, per function, in arrival order
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
         self._tg: TaskGroup | None = None
         self.operator_port: int | None = None  # the operator listener's port, once bound
@@ -300,7 +304,7 @@ class Proxy:
 
     async def _stream(self, client: ClientSide, name: str, raw_head: bytes, head_len: int) -> None:
         started = anyio.current_time()
-        got = await self._claim_and_connect(client, name)
+        got = await self._claim_and_connect(client, name, raw_head)
         if got is None:
             return
         slot, upstream = got
@@ -312,10 +316,10 @@ class Proxy:
         relay_started = anyio.current_time()
         self.metrics.streams_open[name] += 1
         try:
-            # No await between these lines: bytes that arrived after the head must follow it, in order.
-            upstream.transport.write(
-                handshake.forward_head(raw_head, client.client_ip, rec.secret) + bytes(client.buffer[head_len:])
-            )
+            # The instance accepted the head (or refused it itself): its answer goes to the client, then whatever the
+            # client sent after its head. No await between these lines: bytes must follow each other in order.
+            upstream.start_relay()
+            upstream.transport.write(bytes(client.buffer[head_len:]))
             client.buffer.clear()
             client.attach(upstream)
             if client.ended.is_set():
@@ -340,12 +344,8 @@ class Proxy:
                     client.transport.close()
                 if reason == "instance_silent":
                     await self._mark_unhealthy(slot, "hung")
-                elif await instance_done(rec, self.settings.handler_grace):
-                    await self._release(slot, used=True)
                 else:
-                    # Free means free (reliability finding 5): an instance whose handler still runs would answer
-                    # the next client with its own 503. It is not handed out again; the control plane stops it.
-                    await self._mark_unhealthy(slot, "handler still running after its stream")
+                    await self._release_when_done(slot)
             log.info(
                 "stream function=%s instance=%s slot=%d client=%s duration=%.3f bytes_in=%d bytes_out=%d close=%s",
                 name,
@@ -399,46 +399,52 @@ class Proxy:
                         return "instance_silent"
         return "max_duration"
 
-    async def _claim_and_connect(self, client: ClientSide, name: str) -> tuple[InstanceEntry, UpstreamSide] | None:
-        """Claim a free instance and connect to it, waiting (watch-driven) up to the claim timeout."""
+    async def _claim_and_connect(
+        self, client: ClientSide, name: str, raw_head: bytes
+    ) -> tuple[InstanceEntry, UpstreamSide] | None:
+        """Claim a free instance, connect to it and hand it the client's head, waiting up to the claim timeout.
+
+        The first client finding no one waiting tries every free instance; a client that must wait joins the
+        function's queue (waiting.py) and tries only the instance offered to it, first come, first served. An
+        instance that answers "busy" or cannot be reached is set aside and the next one is tried: the client never
+        sees an instance's own 503."""
         failed: set[str] = set()
-        waiting = False
         unreachable = False
-        try:
-            with anyio.move_on_after(self.settings.claim_timeout):
-                while not client.ended.is_set():
-                    changed = self.pool.changed  # taken before looking, so no change slips between
-                    fn = self.pool.function(name)
-                    if fn is None:
-                        msg = f"unknown function {name!r}"
-                        self._reject(client, handshake.HeadError(status=404, reason="unknown_function", message=msg))
-                    assert fn is not None
-                    try:
-                        slot = await self._claim(fn, failed)
-                    except RegistryUnreachable as e:
-                        # NATS is away (reliability finding 4: the client's connection was closed unanswered).
-                        log.warning("claim for %s failed, the registry is unreachable: %s", name, e)
-                        self.metrics.claims_total[(name, "registry_unreachable")] += 1
-                        unreachable = True
-                        break
-                    if slot is not None:
+        with contextlib.ExitStack() as in_line:
+            waiter: Waiter | None = None
+            try:
+                with anyio.move_on_after(self.settings.claim_timeout):
+                    while not client.ended.is_set():
+                        fn = self.pool.function(name)
+                        if fn is None:
+                            msg = f"unknown function {name!r}"
+                            self._reject(
+                                client, handshake.HeadError(status=404, reason="unknown_function", message=msg)
+                            )
+                        assert fn is not None
+                        try:
+                            slot, waiter = await self._next_claim(fn, waiter, failed, in_line)
+                        except RegistryUnreachable as e:
+                            # NATS is away (reliability finding 4: the client's connection was closed unanswered).
+                            log.warning("claim for %s failed, the registry is unreachable: %s", name, e)
+                            self.metrics.claims_total[(name, "registry_unreachable")] += 1
+                            unreachable = True
+                            break
                         self._maybe_scale(fn)
-                        upstream = await self._connect(client, slot)
-                        if upstream is not None:
-                            return slot, upstream
-                        failed.add(slot.key)
-                        continue
-                    if not waiting:
-                        waiting = True
-                        self.waiting[name] += 1
-                    self._maybe_scale(fn)
-                    # Wake on any registry change, the client leaving, or the end of a scale cooldown (to ask
-                    # again if the last ask was lost); this is no polling: nothing is read until a wake-up.
-                    with anyio.move_on_after(max(self.settings.scale_cooldown, 0.1)):
-                        await _wait_any(changed, client.ended)
-        finally:
-            if waiting:
-                self.waiting[name] -= 1
+                        if slot is not None:
+                            upstream = await self._open(client, slot, raw_head)
+                            if upstream is not None:
+                                return slot, upstream
+                            failed.add(slot.key)
+                            continue
+                        if waiter is not None and waiter.offer is None:
+                            # Wake on an offer, the client leaving, or the end of a scale cooldown (to ask again if
+                            # the last ask was lost); this is no polling: nothing is read until a wake-up.
+                            with anyio.move_on_after(max(self.settings.scale_cooldown, 0.1)):
+                                await _wait_any(waiter.offered, client.ended)
+            finally:
+                in_line.close()  # leave the queue first: an instance offered to this client goes to the next one
+                self._dispatch(name)
         if unreachable:
             message = "the platform's registry is unreachable; retry shortly"
             self._reject(
@@ -453,9 +459,39 @@ class Proxy:
         self._reject(client, handshake.HeadError(status=503, reason="no_instance", message=message), retry_after=retry)
         return None  # pragma: no cover - _reject raises
 
-    async def _claim(self, fn: FunctionRecord, failed: set[str]) -> InstanceEntry | None:
+    async def _next_claim(
+        self, fn: FunctionRecord, waiter: Waiter | None, failed: set[str], in_line: contextlib.ExitStack
+    ) -> tuple[InstanceEntry | None, Waiter | None]:
+        """One claim attempt: any free instance while nobody waits; else, in line, only the one offered to us."""
+        if waiter is None and not self.waiting.queued(fn.name):
+            slot = await self._claim(fn, self._candidates(fn, failed))
+            if slot is not None:
+                return slot, None
+        if waiter is None:
+            waiter = in_line.enter_context(self.waiting.join(fn.name))
+        self._dispatch(fn.name)
+        offer = waiter.take()
+        if offer is None:
+            return None, waiter
+        try:
+            return await self._claim(fn, [offer] if lifecycle.claimable(fn, offer.record) else []), waiter
+        finally:
+            self.waiting.tried(waiter)
+            self._dispatch(fn.name)
+
+    def _candidates(self, fn: FunctionRecord, failed: set[str]) -> list[InstanceEntry]:
         skip = frozenset(failed | self.held.keys())
-        for cand in claims.candidates(fn, self.pool.entries_of(fn.name), salt=uuid.uuid4().hex, skip=skip):
+        return claims.candidates(fn, self.pool.entries_of(fn.name), salt=uuid.uuid4().hex, skip=skip)
+
+    def _dispatch(self, name: str | None = None) -> None:
+        """Offer the free instances of the view to waiting clients (of every function with a queue when None)."""
+        for function in [name] if name is not None else self.waiting.functions():
+            fn = self.pool.function(function)
+            if fn is not None and self.waiting.queued(function):
+                self.waiting.dispatch(function, self._candidates(fn, set()))
+
+    async def _claim(self, fn: FunctionRecord, candidates: list[InstanceEntry]) -> InstanceEntry | None:
+        for cand in candidates:
             claim = partial(
                 lifecycle.claim, proxy_id=self.proxy_id, now=time.time(), instance_id=cand.record.instance_id
             )
@@ -479,6 +515,49 @@ class Proxy:
             log.debug("claimed %s (%s) at revision %d", cand.key, entry.record.instance_id, entry.revision)
             return entry
         return None
+
+    async def _open(self, client: ClientSide, slot: InstanceEntry, raw_head: bytes) -> UpstreamSide | None:
+        """Connect to the claimed instance, send it the client's head and read its answer. None when it cannot serve
+        (unreachable, no answer, busy): the claim is dealt with here and the caller tries another instance."""
+        upstream = await self._connect(client, slot)
+        if upstream is None:
+            return None
+        rec = slot.record
+        try:
+            upstream.transport.write(handshake.forward_head(raw_head, client.client_ip, rec.secret))
+            with anyio.move_on_after(ANSWER_TIMEOUT):
+                await upstream.head_done.wait()
+        except BaseException:
+            # Cancelled (claim timeout, client gone, shutdown) before the answer: the instance may have taken the
+            # stream, so it returns to the pool only once it says its handler is done.
+            upstream.transport.abort()
+            with anyio.CancelScope(shield=True):
+                await self._release_when_done(slot)
+            raise
+        answer = handshake.instance_answer(bytes(upstream.head)) if upstream.head_done.is_set() else "broken"
+        if answer in ("upgraded", "refused"):
+            return upstream
+        upstream.transport.abort()
+        if answer == "busy":
+            # Free in the registry, busy in fact (a stream this replica did not send there): set aside until it says
+            # its handler is done (then back to the pool), else recycled; the client goes on meanwhile.
+            log.warning("instance %s (%s) answered busy; trying another", slot.key, rec.instance_id)
+            self.metrics.claims_total[(rec.function, "instance_busy")] += 1
+            if self._tg is not None:
+                self._tg.start_soon(self._release_when_done, slot)
+            return None
+        log.warning("instance %s (%s) gave no valid answer to the head; trying another", slot.key, rec.instance_id)
+        self.metrics.claims_total[(rec.function, "unreachable")] += 1
+        await self._mark_unhealthy(slot, "no answer to a request head")
+        return None
+
+    async def _release_when_done(self, slot: InstanceEntry) -> None:
+        """Free means free (reliability finding 5): the instance goes back to the pool only once it says its
+        stream's handler has returned; one still busy after the grace (or silent) is never handed out again."""
+        if await instance_done(slot.record, self.settings.handler_grace):
+            await self._release(slot, used=True)
+        else:
+            await self._mark_unhealthy(slot, "handler still running after its stream")
 
     async def _connect(self, client: ClientSide, slot: InstanceEntry) -> UpstreamSide | None:
         rec = slot.record
@@ -579,7 +658,7 @@ class Proxy:
     def _maybe_scale(self, fn: FunctionRecord) -> None:
         # Our own fresh claims may not be in the view yet (the watch lags): count them as the busy ones they are.
         entries = [self.held.get(e.key, e) for e in self.pool.entries_of(fn.name)]
-        count = claims.scale_count(fn, claims.counts(fn, entries), self.waiting[fn.name])
+        count = claims.scale_count(fn, claims.counts(fn, entries), self.waiting.count(fn.name))
         if count <= 0 or self._tg is None:
             return
         now = anyio.current_time()
@@ -590,7 +669,8 @@ class Proxy:
 
     async def _scale(self, name: str, count: int) -> None:
         try:
-            if not await take_scale_intent(self.registry, name, self.proxy_id, self.settings.scale_cooldown):
+            intent = claims.scale_intent(name, self.proxy_id, time.time(), self.settings.scale_cooldown)
+            if not await self.registry.take_scale_intent(intent):
                 log.debug("scale of %s already asked for by another replica", name)
                 return
             self.metrics.scale_requests_total[name] += 1

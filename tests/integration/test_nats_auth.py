@@ -12,12 +12,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -28,6 +30,7 @@ from websockets.asyncio.client import connect
 from aube.shared import credentials, names
 from aube.shared.natsserver import LocalNatsServer, find_nats_server, free_port, write_run_config
 from aube.shared.registry import Registry
+from aube.shared.schemas import ScaleIntent, encode
 
 pytestmark = pytest.mark.anyio
 
@@ -271,6 +274,61 @@ async def test_services_have_only_their_subjects(secured: Secured) -> None:
             while len(errors) < 3:
                 await anyio.sleep(0.05)
         assert all("permissions violation" in e.lower() for e in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_only_proxies_write_scale_intents(tmp_path: Path) -> None:
+    """The scale-intents bucket is the proxies': a proxy opens the registry and takes an intent as its own NATS user;
+    the reaper's user is refused any write to it (and still opens the registry it needs), and a tenant's write lands
+    in its own account at most, never in the platform's bucket."""
+    with accounts_server(tmp_path / "data-nats", tenants=["alice"]) as accounts:
+        errors: dict[str, list[str]] = {"proxy": [], "reaper": []}
+
+        async def connect_as(service: str) -> NATS:
+            async def on_error(e: Exception) -> None:
+                errors[service].append(str(e))
+
+            login = accounts.secrets.service_login(service)
+            return await nats.connect(accounts.url, user=login.user, password=login.password, error_cb=on_error)
+
+        proxy_nc, reaper_nc = await connect_as("proxy"), await connect_as("reaper")
+        try:
+            proxy = await Registry.open(proxy_nc.jetstream())
+            now = time.time()
+            crashed = ScaleIntent(function="fa", proxy_id="proxy-0", asked_at=now - 10, expires_at=now - 8)
+            mine = ScaleIntent(function="fa", proxy_id="proxy-1", asked_at=now, expires_at=now + 60)
+            assert await proxy.take_scale_intent(crashed)  # created
+            assert await proxy.take_scale_intent(mine)  # taken over by compare-and-set
+            assert not await proxy.take_scale_intent(msgspec.structs.replace(mine, proxy_id="proxy-2"))
+
+            reaper = await Registry.open(reaper_nc.jetstream(), scale_intents=False)
+            assert await reaper.leases() == []
+            forged = encode(ScaleIntent(function="fa", proxy_id="reaper", asked_at=now, expires_at=now + 1))
+            await reaper_nc.publish(f"$KV.{names.BUCKET_SCALE_INTENTS}.fa", forged)
+            await reaper_nc.publish(f"$JS.API.STREAM.PURGE.KV_{names.BUCKET_SCALE_INTENTS}", b"{}")
+            await reaper_nc.flush()
+            async with tenant_connection(accounts, "alice") as alice:
+                await alice.publish(f"$KV.{names.BUCKET_SCALE_INTENTS}.fa", forged)
+                await alice.flush()
+            with anyio.move_on_after(5):
+                while len(errors["reaper"]) < 2:
+                    await anyio.sleep(0.05)
+            entry = await proxy.get_scale_intent("fa")
+            assert entry is not None and entry.record == mine
+            assert len(errors["reaper"]) == 2, errors
+            assert all("permissions violation" in e.lower() for e in errors["reaper"]), errors
+            assert errors["proxy"] == []
+        finally:
+            await proxy_nc.close()
+            await reaper_nc.close()
+
+
+@asynccontextmanager
+async def tenant_connection(accounts: AccountsServer, name: str) -> AsyncIterator[NATS]:
+    nc = await nats.connect(accounts.url, **accounts.options(name))
+    try:
+        yield nc
     finally:
         await nc.close()
 

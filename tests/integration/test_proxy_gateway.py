@@ -29,7 +29,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from aube.proxy.leases import scale_intent_key
 from aube.proxy.service import serve
 from aube.shared import names
 from aube.shared.natsserver import LocalNatsServer, free_port
@@ -528,7 +527,9 @@ async def test_cold_start_asks_the_control_plane_once_and_waits(nats_server: Loc
             assert len(requests) == 1  # the scale intent kept the second replica from asking too
             assert requests[0].name == "reverse"
             assert requests[0].requested_by in (s1.proxy_id, s2.proxy_id)
-            assert await env.registry.leases_kv.get(scale_intent_key("reverse"))
+            intent = await env.registry.get_scale_intent("reverse")
+            assert intent is not None and intent.record.proxy_id == requests[0].requested_by
+            assert await env.registry.leases() == []  # both proxies stopped; the intent was never a lease
 
 
 async def test_two_replicas_never_share_an_instance(nats_server: LocalNatsServer) -> None:
@@ -690,3 +691,75 @@ async def test_stream_max_duration_ends_even_a_busy_stream(nats_server: LocalNat
                 with anyio.fail_after(15), pytest.raises(ConnectionClosed):
                     await chatter()
             await env.wait_state(key, "free")
+
+
+async def metric(settings: ProxySettings, line: str) -> int:
+    assert settings.operator_port is not None
+    text = (await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\n\r\n")).decode()
+    found = [int(float(m.rsplit(" ", 1)[1])) for m in text.splitlines() if m.startswith(line + " ")]
+    return found[0] if found else 0
+
+
+async def test_waiting_clients_are_served_first_come_first_served_without_a_stampede(
+    nats_server: LocalNatsServer,
+) -> None:
+    """Reliability finding 9: every waiting client raced for every instance that turned free. Now each free instance
+    is offered to one client, the one waiting longest: in order, and with one replica, no claim race is lost."""
+    settings = proxy_settings(nats_server, claim_timeout=60.0, scale_cooldown=30.0)
+    with instance_servers(WHOAMI, 1) as (inst,):
+        async with environment(nats_server) as env:
+            await env.add_function("one", scaling=ScalingSection(min_free=0, max_instances=1))
+            await env.add_instance("one", 0, inst)
+            async with running_proxy(settings) as port:
+                url = f"ws://127.0.0.1:{port}/one"
+                served: list[int] = []
+                holder = await connect(url, proxy=None)
+                await holder.send("hold")
+                await holder.recv()
+
+                async def client(n: int) -> None:
+                    async with connect(url, proxy=None, open_timeout=60) as ws:
+                        served.append(n)
+                        await ws.send(str(n))
+                        await ws.recv()
+
+                async with anyio.create_task_group() as tg:
+                    for n in range(8):
+                        tg.start_soon(client, n)
+                        await anyio.sleep(0.15)  # a defined arrival order
+                    await holder.close()
+                assert served == list(range(8))
+                assert await metric(settings, 'aube_claims_total{function="one",result="claimed"}') == 9
+                assert await metric(settings, 'aube_claims_total{function="one",result="lost_race"}') == 0
+
+
+async def test_an_instance_that_answers_busy_is_set_aside_and_the_client_served_by_another(
+    nats_server: LocalNatsServer,
+) -> None:
+    """Free in the registry but busy in fact (here: a connection the platform did not make): its own 503 never
+    reaches the client, who gets the next instance; the busy one is not handed out again while busy."""
+    settings = proxy_settings(nats_server, claim_timeout=30.0, scale_cooldown=30.0, handler_grace=1.0)
+    with instance_servers(WHOAMI, 2) as (taken, spare):
+        async with environment(nats_server) as env:
+            await env.add_function("who", scaling=ScalingSection(min_free=0, max_instances=2))
+            taken_key = await env.add_instance("who", 0, taken)
+            async with connect(f"ws://{taken.address}/who", proxy=None) as squatter, running_proxy(settings) as port:
+                await squatter.send("x")
+                await squatter.recv()
+                async with anyio.create_task_group() as tg:
+
+                    async def add_spare_once_busy_was_met() -> None:
+                        with anyio.fail_after(20):
+                            while (
+                                await metric(settings, 'aube_claims_total{function="who",result="instance_busy"}') < 1
+                            ):
+                                await anyio.sleep(0.05)
+                        await env.add_instance("who", 1, spare)
+
+                    tg.start_soon(add_spare_once_busy_was_met)
+                    async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=30) as ws:
+                        await ws.send("hi")
+                        assert json.loads(await ws.recv())["instance"] == spare.id
+                # Still busy after the handler grace: never handed to a client again, recycled instead.
+                await env.wait_state(taken_key, "unhealthy")
+                assert await metric(settings, 'aube_claims_total{function="who",result="instance_busy"}') == 1

@@ -32,7 +32,7 @@ from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.reaper.decisions import LEASE_MEMORY, Drain, Policy, Seen
 from aube.reaper.decisions import plan as make_plan
 from aube.reaper.service import Reaper, serve
-from aube.shared import bus, names
+from aube.shared import bus, kvread, names
 from aube.shared.errors import RuntimeFailure
 from aube.shared.natsserver import LocalNatsServer
 from aube.shared.registry import Registry
@@ -41,6 +41,7 @@ from aube.shared.schemas import (
     InstanceRecord,
     Manifest,
     ProxyLease,
+    ScaleIntent,
     ScaleReply,
     ScaleRequest,
     ScalingSection,
@@ -325,6 +326,37 @@ async def test_expired_lease_is_deleted_and_its_busy_instances_recycled(world: W
     assert [lease.key for lease in await reg.leases()] == ["p-live"]
     await anyio.sleep(5 * INTERVAL)
     assert await states(reg) == {"fn.3": "busy", "fn.4": "busy"}
+
+
+async def test_an_older_proxys_scale_intent_in_the_leases_bucket_is_deleted_and_touches_nothing(world: World) -> None:
+    """Upgrade: proxies before the scale-intents bucket kept each intent in the leases bucket as a fake lease. One left
+    behind is a lease nobody renews and that holds no claims: the reaper deletes it, and nothing else changes."""
+    now = time.time()
+    reg = world.registry
+    # Byte for byte what such a proxy wrote (ttl = its cooldown, the asking proxy in `address`).
+    legacy = f'{{"proxy_id":"scale-intent.fn","started_at":{now},"renewed_at":{now},"ttl":2.0,"address":"proxy-old"}}'
+    await reg.leases_kv.put("scale-intent.fn", legacy.encode())
+    await put(
+        reg,
+        function("fn", min_free=5, idle_timeout=3600),
+        ProxyLease(proxy_id="p-live", started_at=now, renewed_at=now, ttl=3600),
+        instance("fn", 1, state="busy", claimed_by="p-live", claimed_at=now - 200),
+        instance("fn", 2),
+    )
+    await world.start_reaper()
+
+    async def only_live_left() -> bool:  # in the bucket itself, not only in what Registry.leases() trusts
+        stored = await kvread.snapshot(reg.js, names.BUCKET_LEASES)
+        return [e.key for e in stored if e.value is not None] == ["p-live"]
+
+    await until(only_live_left)
+    gone = time.time() - now
+    print(f"legacy intent deleted after {gone:.1f}s")
+    await anyio.sleep(5 * INTERVAL)
+    assert await states(reg) == {"fn.1": "busy", "fn.2": "free"}
+    assert world.stand_in.stops == []
+    # The function's scale intent proper is in its own bucket, which the leftover never blocked.
+    assert await reg.take_scale_intent(ScaleIntent(function="fn", proxy_id="p-live", asked_at=now, expires_at=now + 9))
 
 
 async def test_after_an_outage_a_proxy_that_renews_keeps_its_streams(world: World) -> None:

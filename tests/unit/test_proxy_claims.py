@@ -6,6 +6,7 @@ import msgspec
 
 from aube.proxy import claims
 from aube.proxy.claims import PoolCounts
+from aube.shared import names, records
 from aube.shared.registry import InstanceEntry
 from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ScalingSection
 
@@ -74,3 +75,16 @@ def test_scale_count() -> None:
     cold = _fn(min_free=0)
     assert claims.scale_count(cold, PoolCounts(), waiting=0) == 0
     assert claims.scale_count(cold, PoolCounts(), waiting=1) == 1  # min_free 0: a stream is a cold start
+
+
+def test_a_scale_intent_holds_its_cooldown_within_what_the_bucket_keeps() -> None:
+    intent = claims.scale_intent("f", "p1", 1000.0, 2.0)
+    assert (intent.function, intent.proxy_id, intent.asked_at, intent.expires_at) == ("f", "p1", 1000.0, 1002.0)
+    assert intent.in_force(1001.999) and not intent.in_force(1002.0)
+    # A cooldown longer than the bucket keeps an intent is cut to it, so every reader trusts the record.
+    assert claims.scale_intent("f", "p1", 1000.0, 1e9).expires_at == 1000.0 + names.SCALE_INTENT_MAX_AGE
+    # No cooldown, no window: the next asker is never held back.
+    assert not claims.scale_intent("f", "p1", 1000.0, -5.0).in_force(1000.0)
+    for cooldown in (1e9, -5.0, 0.0, 2.0):
+        intent = claims.scale_intent("f", "p1", 1000.0, cooldown)
+        assert records.problem("f", intent) is None

@@ -3,8 +3,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from aube.shared import records
-from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ProxyLease
+from aube.shared import names, records
+from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ProxyLease, ScaleIntent
 
 
 def instance(**kw: object) -> InstanceRecord:
@@ -50,6 +50,23 @@ def test_records_whose_key_contradicts_them_or_that_name_the_impossible_are_refu
     lease = ProxyLease(proxy_id="p-1", started_at=0, renewed_at=0)
     assert records.problem("p-1", lease) is None
     assert records.problem("p-2", lease) is not None
+
+
+def test_scale_intents_under_another_key_by_an_impossible_proxy_or_holding_too_long_are_refused() -> None:
+    intent = ScaleIntent(function="f", proxy_id="proxy-0-12", asked_at=100.0, expires_at=102.0)
+    assert records.problem("f", intent) is None
+    assert records.problem("g", intent) is not None
+    assert records.problem("scale-intent.f", intent) is not None  # the old leases-bucket key is no intent's key
+    assert records.problem("F_", msgspec.structs.replace(intent, function="F_")) is not None
+    assert records.problem("f", msgspec.structs.replace(intent, proxy_id="a b")) is not None
+    assert records.problem("f", msgspec.structs.replace(intent, expires_at=99.0)) is not None  # ends before it began
+    longest = msgspec.structs.replace(intent, expires_at=100.0 + names.SCALE_INTENT_MAX_AGE)
+    assert records.problem("f", longest) is None
+    assert records.problem("f", msgspec.structs.replace(longest, expires_at=longest.expires_at + 1)) is not None
+    assert records.problem("f", msgspec.structs.replace(intent, expires_at=float("nan"))) is not None
+    assert records.problem("f", msgspec.structs.replace(intent, expires_at=float("inf"))) is not None
+    assert records.read("f", msgspec.json.encode(intent), ScaleIntent) == intent
+    assert records.read("f", b'{"function": "f", "proxy_id": "p"}', ScaleIntent) is None
 
 
 def test_read_skips_what_does_not_decode() -> None:
