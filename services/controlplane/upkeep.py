@@ -5,7 +5,7 @@ process) the moment it ends. Its registry entry is then deleted by compare-and-s
 - free, starting (not started by this process), unhealthy, draining: nothing may be sent there any more;
 - busy: the stream it carried ended with the instance, so its proxy has nothing left to release. Deleting it
   lets the reaper and the keeper see the slot as it is; the proxy's release then finds no entry of that instance
-  and has nothing to do (proxy/service.py `_release`). A claim racing the delete makes the delete lose; the entry
+  and has nothing to do (proxy/holdings.py `release`). A claim racing the delete makes the delete lose; the entry
   is read again and deleted at its new revision, so a claimed dead instance does not stay in the registry either.
 The dead instance's leftovers (a stopped container, a cgroup) are removed afterwards, except for a starting or
 draining one: whoever started or drained it is removing it already. Reconcile stays the backstop for an exit the

@@ -14,7 +14,7 @@ Two kernel mechanisms end it within a bounded time, with no work per message in 
 
 Neither notices a peer whose process is hung but whose kernel still answers (a SIGSTOPped process, a blocked event
 loop): that kernel acknowledges every segment and every probe. That case is the per-function ping policy's
-(`[limits] ping_interval`, see `aube.proxy.service`). Unix-socket legs (sandboxed process instances on this host)
+(`[limits] ping_interval`, see `aube.proxy.streams`). Unix-socket legs (sandboxed process instances on this host)
 get no options at all: there is no network between the ends, so there is no peer host that can vanish, and the
 kernel reports a process that exits at once.
 

@@ -1,0 +1,168 @@
+"""The instances this replica has claimed, and every registry write about them: claim, release, mark unhealthy.
+
+Each is a compare-and-set through `Registry.apply` with a transition of `aube.shared.instance_lifecycle`, made only
+while the entry still shows this replica's own claim. A write whose outcome is unknown (NATS away, a leader change)
+is never guessed: it is remembered in `Unsettled` and settled once the registry answers (unsettled.py).
+
+Free means free (reliability finding 5): after a stream, or a head the instance may have taken, the instance goes
+back to the pool only once it says its handler has returned (`instance_done`); one still busy after the grace, or
+silent, is marked unhealthy and stopped, never handed to the next client. An instance that must not serve again
+(retired, fresh per stream, unhealthy) gets a stop request to the control plane, which runs beside the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+
+import anyio
+from anyio.abc import TaskGroup
+from nats.aio.client import Client as NATS
+
+from aube.proxy.pool import Pool
+from aube.proxy.unsettled import Pending, Unsettled
+from aube.shared import bus, instance_health, names
+from aube.shared import instance_lifecycle as lifecycle
+from aube.shared.errors import AubeError
+from aube.shared.registry import REGISTRY_ERRORS, InstanceEntry, NotWritten, Registry, Unknown, Written
+from aube.shared.schemas import InstanceRecord, StopInstanceReply, StopInstanceRequest
+from aube.shared.settings import ProxySettings
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 5.0  # stop requests: the control plane replies once the instance is gone
+HANDLER_POLL = 0.05  # how often a proxy asks a finished stream's instance whether its handler has returned
+
+
+class RegistryUnreachable(Exception):
+    """A claim could not be written (its outcome is unknown and settled later)."""
+
+
+async def instance_done(rec: InstanceRecord, grace: float) -> bool:
+    """Whether the instance says, within `grace`, that its slot is free: the stream's handler has returned. False
+    if it stays busy or cannot be asked (it is gone), so it is never handed to the next client in that state."""
+    with anyio.move_on_after(grace):
+        while True:
+            answer = await instance_health.read(rec.address, rec.secret, timeout=REQUEST_TIMEOUT)
+            if answer is None:
+                return False
+            if answer.get("busy") is False:
+                return True
+            await anyio.sleep(HANDLER_POLL)
+    return False
+
+
+class Holdings:
+    def __init__(self, settings: ProxySettings, nc: NATS, registry: Registry, pool: Pool, tg: TaskGroup) -> None:
+        self.settings = settings
+        self.proxy_id = settings.proxy_id
+        self.nc = nc
+        self.registry = registry
+        self.pool = pool
+        self.tg = tg  # stop requests run beside the client that met the instance
+        self.held: dict[str, InstanceEntry] = {}  # instances this replica has claimed, by key
+        self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
+
+    async def claim(self, cand: InstanceEntry) -> InstanceEntry | None:
+        """free -> busy for this replica, in one write: the entry now held, or None when the race was lost.
+
+        Raises RegistryUnreachable when nothing could be written, or the write's outcome is unknown."""
+        claim = partial(lifecycle.claim, proxy_id=self.proxy_id, now=time.time(), instance_id=cand.record.instance_id)
+        # Shielded: a claim written but not recorded here (cancelled awaiting the reply) would stay busy.
+        with anyio.CancelScope(shield=True):
+            try:
+                # One write: a lost race is better spent on the next candidate than on re-reading this one.
+                outcome = await self.registry.apply(cand.key, claim, entry=cand, attempts=1)
+            except REGISTRY_ERRORS as e:  # nothing was written (apply raises only before its write)
+                raise RegistryUnreachable(str(e)) from e
+        if isinstance(outcome, Unknown):
+            # The write may still land: never guessed, settled once the registry answers (unsettled.py).
+            self.unsettled.add(cand.key, outcome.record, used=False)
+            raise RegistryUnreachable(outcome.error)
+        if isinstance(outcome, NotWritten):
+            return None
+        self.held[cand.key] = outcome.entry
+        return outcome.entry
+
+    async def release_when_done(self, slot: InstanceEntry) -> None:
+        """Free means free (reliability finding 5): the instance goes back to the pool only once it says its
+        stream's handler has returned; one still busy after the grace (or silent) is never handed out again."""
+        if await instance_done(slot.record, self.settings.handler_grace):
+            await self.release(slot, used=True)
+        else:
+            await self.mark_unhealthy(slot, "handler still running after its stream")
+
+    async def release(self, slot: InstanceEntry, *, used: bool) -> None:
+        """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again.
+
+        A registry that does not answer leaves the outcome unknown: the claim is settled once it answers again."""
+        claim = slot.record
+
+        def release(rec: InstanceRecord) -> InstanceRecord:
+            if not lifecycle.holds(rec, claim):
+                raise lifecycle.Refused("release", rec, "it no longer shows this replica's claim")
+            fn = self.pool.functions.get(rec.function)
+            return lifecycle.release(rec, fn, time.time(), by=self.proxy_id, used=used)
+
+        try:
+            outcome = await self._apply(slot, release)
+            if isinstance(outcome, Unknown):
+                log.warning("release of %s failed (%s); settled once the registry answers", slot.key, outcome.error)
+                self.unsettled.add(slot.key, claim, used=used)
+            elif isinstance(outcome, NotWritten):
+                log.debug("%s not released (%s): nothing to do", slot.key, outcome.why)
+            elif outcome.entry.record.state == "draining":
+                rec = outcome.entry.record
+                log.debug("released %s -> draining", slot.key)
+                await self._stop(rec, "retired" if rec.retire else "fresh_per_stream")
+            else:
+                log.debug("released %s -> free", slot.key)
+        finally:
+            self.held.pop(slot.key, None)
+
+    async def _apply(
+        self, slot: InstanceEntry, change: Callable[[InstanceRecord], InstanceRecord]
+    ) -> Written | NotWritten | Unknown:
+        """`Registry.apply` from the entry as this replica holds it; a registry that cannot even be read is Unknown."""
+        try:
+            return await self.registry.apply(slot.key, change, entry=slot)
+        except REGISTRY_ERRORS as e:
+            return Unknown(slot.key, slot.record, str(e) or type(e).__name__)
+
+    async def settle(self, pending: Pending, revision: int, record: InstanceRecord) -> None:
+        """Finish an entry that still showed a claim of ours whose outcome was unknown (unsettled.py)."""
+        slot = InstanceEntry(pending.key, revision, record)
+        self.held[pending.key] = slot
+        if pending.then == "unhealthy":
+            await self.mark_unhealthy(slot, "unreachable (settled after a registry outage)")
+        else:
+            await self.release(slot, used=pending.used)
+
+    async def mark_unhealthy(self, slot: InstanceEntry, reason: str = "unreachable") -> None:
+        claim = slot.record
+
+        def unhealthy(rec: InstanceRecord) -> InstanceRecord:
+            if not lifecycle.holds(rec, claim):
+                raise lifecycle.Refused("mark_unhealthy", rec, "it no longer shows this replica's claim")
+            return lifecycle.mark_unhealthy(rec, by=self.proxy_id)
+
+        try:
+            outcome = await self._apply(slot, unhealthy)
+        finally:
+            self.held.pop(slot.key, None)
+        if isinstance(outcome, Unknown):
+            self.unsettled.add(slot.key, claim, used=True, then="unhealthy")
+            return
+        if not isinstance(outcome, Written):
+            return
+        # The client goes on to another instance meanwhile; the stop request runs beside it.
+        self.tg.start_soon(self._stop, outcome.entry.record, reason)
+
+    async def _stop(self, rec: InstanceRecord, reason: str) -> None:
+        body = StopInstanceRequest(name=rec.function, slot=rec.slot, instance_id=rec.instance_id, reason=reason)
+        try:
+            await bus.request(self.nc, names.SUBJECT_STOP_INSTANCE, body, StopInstanceReply, REQUEST_TIMEOUT)
+        except AubeError as e:
+            log.warning("stop request for %s.%d (%s) failed: %s", rec.function, rec.slot, rec.instance_id, e)

@@ -1,0 +1,135 @@
+"""Relay supervision: one claimed stream from the instance's answer to its end, and the instance's return.
+
+Bytes move in the protocols (relay.py), not here: this module starts the relay, then only watches why the stream
+ends (either side closing, `[limits] stream_idle_timeout`, `stream_max_duration`, a silent instance, shutdown),
+closes both legs, hands the instance back (`Holdings.release_when_done`), and writes the one canonical log line
+per stream. The release runs in the stream's `finally` under a shielded, bounded scope, so cancelling the proxy
+still releases every instance it carries.
+
+Hung peers: both TCP legs get keepalive and `TCP_USER_TIMEOUT` (`aube.proxy.sockopts`), which end a stream whose
+peer's host vanished. A peer whose process hangs while its kernel still answers is the ping policy's: with
+`[limits] ping_interval` set, the instance's server pings the client (an unanswered ping ends the stream at the
+instance, which the proxy sees as the instance closing), and since a live instance then sends at least one frame
+every `ping_interval`, an instance that sent nothing for `ping_interval + ping_timeout` while the client leg could
+take its bytes is hung: the stream ends (`close=instance_silent`) and the instance is marked unhealthy and stopped,
+never handed to the next client. This costs no per-message work: the relay's byte counter is sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+
+from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings
+from aube.proxy.metrics import Metrics
+from aube.proxy.pool import Pool
+from aube.proxy.relay import ClientSide, UpstreamSide
+from aube.shared.registry import InstanceEntry
+from aube.shared.settings import ProxySettings
+
+log = logging.getLogger(__name__)
+
+CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is aborted
+
+
+class Streams:
+    def __init__(self, settings: ProxySettings, pool: Pool, metrics: Metrics, holdings: Holdings) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.holdings = holdings
+
+    async def carry(
+        self, client: ClientSide, name: str, slot: InstanceEntry, upstream: UpstreamSide, head_len: int
+    ) -> None:
+        """Relay the stream the instance at `slot` answered until it ends; then hand the instance back."""
+        rec = slot.record
+        fn = self.pool.functions.get(name)
+        limits = fn.manifest.limits if fn is not None else None
+        reason = "shutdown"
+        relay_started = anyio.current_time()
+        self.metrics.streams_open[name] += 1
+        try:
+            # The instance accepted the head (or refused it itself): its answer goes to the client, then whatever the
+            # client sent after its head. No await between these lines: bytes must follow each other in order.
+            upstream.start_relay()
+            upstream.transport.write(bytes(client.buffer[head_len:]))
+            client.buffer.clear()
+            client.attach(upstream)
+            if client.ended.is_set():
+                upstream.transport.close()
+            idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
+            longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
+            # Only an instance started under this manifest pings; an older version's may be silent by right.
+            pings = limits is not None and limits.ping_interval > 0 and fn is not None and fn.version == rec.version
+            silent = limits.ping_interval + limits.ping_timeout if pings and limits else None
+            reason = await self._relay(client, upstream, idle, longest, silent)
+        finally:
+            self.metrics.streams_open[name] -= 1
+            bound = CLOSE_GRACE + self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
+            with anyio.move_on_after(bound, shield=True):
+                if not upstream.lost.is_set():
+                    upstream.transport.close()
+                    with anyio.move_on_after(CLOSE_GRACE):
+                        await upstream.lost.wait()
+                    if not upstream.lost.is_set():
+                        upstream.transport.abort()
+                if client.transport is not None:
+                    client.transport.close()
+                if reason == "instance_silent":
+                    await self.holdings.mark_unhealthy(slot, "hung")
+                else:
+                    await self.holdings.release_when_done(slot)
+            log.info(
+                "stream function=%s instance=%s slot=%d client=%s duration=%.3f bytes_in=%d bytes_out=%d close=%s",
+                name,
+                rec.instance_id,
+                rec.slot,
+                client.client_ip,
+                anyio.current_time() - relay_started,
+                client.bytes_in,
+                upstream.bytes_out,
+                reason,
+            )
+
+    async def _relay(
+        self,
+        client: ClientSide,
+        upstream: UpstreamSide,
+        idle: float | None,
+        longest: float | None,
+        silent: float | None = None,
+    ) -> str:
+        """Wait for the stream to end; why it ended. Bytes move in the protocols, not here.
+
+        `silent`: the instance pings, so it sending nothing for this long (while the client leg took bytes) means
+        it hangs."""
+        with anyio.move_on_after(longest):
+            last_total = last_out = -1
+            last_change = last_out_change = anyio.current_time()
+            windows = [w / 4 for w in (idle, silent) if w]
+            while True:
+                # Idle detection samples the byte counters a few times per window instead of taking the time
+                # per chunk: a stream is never closed before `idle` seconds without traffic.
+                with anyio.move_on_after(min(windows) if windows else None):
+                    await client.ended.wait()
+                if upstream.lost.is_set() or upstream.eof_from_instance:
+                    return "instance_closed"
+                if client.lost.is_set() or client.eof:
+                    return "client_closed"
+                now = anyio.current_time()
+                if idle:
+                    total = client.bytes_in + upstream.bytes_out
+                    if total != last_total:
+                        last_total, last_change = total, now
+                    elif now - last_change >= idle:
+                        return "idle_timeout"
+                if silent:
+                    # While the client leg is full the proxy stops reading the instance: its silence is then ours.
+                    if upstream.bytes_out != last_out or client.writing_paused:
+                        last_out, last_out_change = upstream.bytes_out, now
+                    elif now - last_out_change >= silent:
+                        log.warning("instance sent nothing for %.1fs though it pings: hung", now - last_out_change)
+                        return "instance_silent"
+        return "max_duration"
