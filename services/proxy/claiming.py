@@ -1,6 +1,6 @@
 """Claiming: getting a client an instance that has taken its head, or the reason it gets none.
 
-The first client finding no one waiting tries every free instance (in the order `claims.candidates` gives); a client
+The first client finding no one waiting tries every free instance (in the order `decisions.candidates` gives); a client
 that must wait joins the function's queue (waiting.py) and tries only the instance offered to it, first come, first
 served. Each try is a compare-and-set claim (`Holdings.claim`), then a connection to the instance, which is sent the
 client's head unchanged (plus X-Forwarded-For and the instance credential). The instance's own 101 answer (or its
@@ -9,7 +9,7 @@ answers "busy" or cannot be reached is set aside and the next one is tried: the 
 503. No instance within the claim timeout, or a registry that cannot be written, is a `Refusal` (503 with
 Retry-After) for the gateway to send.
 
-Scale asks: whenever a client claims or waits, the pure `claims.scale_count` says whether the function needs more
+Scale asks: whenever a client claims or waits, the pure `decisions.scale_count` says whether the function needs more
 instances; one ask per function per cooldown, across replicas (a scale intent in the registry), runs beside the
 waiting clients, who claim each new instance as it turns free.
 """
@@ -27,7 +27,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 
-from aube.proxy import claims, handshake, sockopts
+from aube.proxy import decisions, handshake, sockopts
 from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings, RegistryUnreachable
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
@@ -174,7 +174,7 @@ class Claimer:
 
     def _candidates(self, fn: FunctionRecord, failed: set[str]) -> list[InstanceEntry]:
         skip = frozenset(failed | self.holdings.held.keys())
-        return claims.candidates(fn, self.pool.entries_of(fn.name), salt=uuid.uuid4().hex, skip=skip)
+        return decisions.candidates(fn, self.pool.entries_of(fn.name), salt=uuid.uuid4().hex, skip=skip)
 
     def dispatch(self, name: str | None = None) -> None:
         """Offer the free instances of the view to waiting clients (of every function with a queue when None)."""
@@ -252,7 +252,7 @@ class Claimer:
         # Our own fresh claims may not be in the view yet (the watch lags): count them as the busy ones they are.
         held = self.holdings.held
         entries = [held.get(e.key, e) for e in self.pool.entries_of(fn.name)]
-        count = claims.scale_count(fn, claims.counts(fn, entries), self.waiting.count(fn.name))
+        count = decisions.scale_count(fn, decisions.counts(fn, entries), self.waiting.count(fn.name))
         if count <= 0:
             return
         now = anyio.current_time()
@@ -263,7 +263,7 @@ class Claimer:
 
     async def _scale(self, name: str, count: int) -> None:
         try:
-            intent = claims.scale_intent(name, self.proxy_id, time.time(), self.settings.scale_cooldown)
+            intent = decisions.scale_intent(name, self.proxy_id, time.time(), self.settings.scale_cooldown)
             if not await self.registry.take_scale_intent(intent):
                 log.debug("scale of %s already asked for by another replica", name)
                 return

@@ -15,7 +15,7 @@ import msgspec
 import nats
 import pytest
 
-from aube.proxy import claims
+from aube.proxy import decisions
 from aube.shared import kvread, names
 from aube.shared.natsserver import LocalNatsServer
 from aube.shared.registry import Registry
@@ -46,7 +46,7 @@ async def race(registries: dict[str, Registry], function: str) -> list[str]:
 
     async def ask(proxy_id: str) -> None:
         await go.wait()
-        intent = claims.scale_intent(function, proxy_id, time.time(), WINDOW)
+        intent = decisions.scale_intent(function, proxy_id, time.time(), WINDOW)
         if await registries[proxy_id].take_scale_intent(intent):
             winners.append(proxy_id)
 
@@ -87,11 +87,11 @@ async def test_an_expired_intent_is_taken_over_and_a_fresh_one_is_not(registries
     assert await p1.take_scale_intent(ScaleIntent(function="fn", proxy_id="p1", asked_at=now - 10, expires_at=now - 8))
     crashed = await p2.get_scale_intent("fn")
     assert crashed is not None
-    assert await p2.take_scale_intent(claims.scale_intent("fn", "p2", time.time(), 30.0))
+    assert await p2.take_scale_intent(decisions.scale_intent("fn", "p2", time.time(), 30.0))
     taken = await p1.get_scale_intent("fn")
     assert taken is not None and taken.record.proxy_id == "p2" and taken.revision > crashed.revision
     # p2's window is in force: p1 stands back, and the entry stays p2's.
-    assert not await p1.take_scale_intent(claims.scale_intent("fn", "p1", time.time(), 30.0))
+    assert not await p1.take_scale_intent(decisions.scale_intent("fn", "p1", time.time(), 30.0))
     kept = await p1.get_scale_intent("fn")
     assert kept == taken
 
@@ -107,7 +107,7 @@ async def test_an_untrustworthy_intent_is_taken_over_not_obeyed(registries: dict
     for bad in (encode(forever), b"{not json"):
         await kv.put("fn", bad)
         assert await p1.get_scale_intent("fn") is None
-        assert await p1.take_scale_intent(claims.scale_intent("fn", "p1", time.time(), 30.0))
+        assert await p1.take_scale_intent(decisions.scale_intent("fn", "p1", time.time(), 30.0))
         entry = await p1.get_scale_intent("fn")
         assert entry is not None and entry.record.proxy_id == "p1"
         await kv.purge("fn")
@@ -124,7 +124,7 @@ async def test_the_bucket_forgets_intents_on_its_own_and_a_reaper_registry_has_n
     nc = await nats.connect(nats_server.url)
     try:
         reaper_view = await Registry.open(nc.jetstream(), scale_intents=False)
-        intent = claims.scale_intent("fn", "r1", time.time(), 1.0)
+        intent = decisions.scale_intent("fn", "r1", time.time(), 1.0)
         with pytest.raises(RuntimeError, match="without the scale-intents bucket"):
             await reaper_view.take_scale_intent(intent)
         with pytest.raises(RuntimeError):

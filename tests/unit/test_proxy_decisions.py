@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from aube.proxy import claims
-from aube.proxy.claims import PoolCounts
+from aube.proxy import decisions
+from aube.proxy.decisions import PoolCounts
 from aube.shared import names, records
 from aube.shared.registry import InstanceEntry
 from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ScalingSection
@@ -48,43 +48,43 @@ def test_only_free_current_unretired_instances_are_candidates() -> None:
         _slot(5, state="starting"),
         _slot(6),
     ]
-    got = claims.candidates(_fn(), slots, salt="s")
+    got = decisions.candidates(_fn(), slots, salt="s")
     assert sorted(s.key for s in got) == ["f.0", "f.6"]
-    assert claims.candidates(_fn(), slots, salt="s", skip=frozenset({"f.0"})) == [slots[6]]
-    assert claims.candidates(msgspec.structs.replace(_fn(), deleting=True), slots, salt="s") == []
+    assert decisions.candidates(_fn(), slots, salt="s", skip=frozenset({"f.0"})) == [slots[6]]
+    assert decisions.candidates(msgspec.structs.replace(_fn(), deleting=True), slots, salt="s") == []
 
 
 def test_candidate_order_depends_on_the_salt() -> None:
     slots = [_slot(i) for i in range(8)]
-    orders = {tuple(s.key for s in claims.candidates(_fn(), slots, salt=str(n))) for n in range(10)}
+    orders = {tuple(s.key for s in decisions.candidates(_fn(), slots, salt=str(n))) for n in range(10)}
     assert len(orders) > 1
 
 
 def test_counts() -> None:
     slots = [_slot(0), _slot(1, state="busy"), _slot(2, state="starting"), _slot(3, version=1), _slot(4, retire=True)]
-    assert claims.counts(_fn(), slots) == PoolCounts(free=1, starting=1, total=5)
+    assert decisions.counts(_fn(), slots) == PoolCounts(free=1, starting=1, total=5)
 
 
 def test_scale_count() -> None:
     fn = _fn(min_free=1, max_instances=4)
-    assert claims.scale_count(fn, PoolCounts(free=0, starting=0, total=1), waiting=0) == 1
-    assert claims.scale_count(fn, PoolCounts(free=1, starting=0, total=2), waiting=0) == 0
-    assert claims.scale_count(fn, PoolCounts(free=0, starting=1, total=2), waiting=0) == 0
-    assert claims.scale_count(fn, PoolCounts(free=0, starting=0, total=1), waiting=2) == 3
-    assert claims.scale_count(fn, PoolCounts(free=0, starting=0, total=4), waiting=2) == 0  # at max_instances
+    assert decisions.scale_count(fn, PoolCounts(free=0, starting=0, total=1), waiting=0) == 1
+    assert decisions.scale_count(fn, PoolCounts(free=1, starting=0, total=2), waiting=0) == 0
+    assert decisions.scale_count(fn, PoolCounts(free=0, starting=1, total=2), waiting=0) == 0
+    assert decisions.scale_count(fn, PoolCounts(free=0, starting=0, total=1), waiting=2) == 3
+    assert decisions.scale_count(fn, PoolCounts(free=0, starting=0, total=4), waiting=2) == 0  # at max_instances
     cold = _fn(min_free=0)
-    assert claims.scale_count(cold, PoolCounts(), waiting=0) == 0
-    assert claims.scale_count(cold, PoolCounts(), waiting=1) == 1  # min_free 0: a stream is a cold start
+    assert decisions.scale_count(cold, PoolCounts(), waiting=0) == 0
+    assert decisions.scale_count(cold, PoolCounts(), waiting=1) == 1  # min_free 0: a stream is a cold start
 
 
 def test_a_scale_intent_holds_its_cooldown_within_what_the_bucket_keeps() -> None:
-    intent = claims.scale_intent("f", "p1", 1000.0, 2.0)
+    intent = decisions.scale_intent("f", "p1", 1000.0, 2.0)
     assert (intent.function, intent.proxy_id, intent.asked_at, intent.expires_at) == ("f", "p1", 1000.0, 1002.0)
     assert intent.in_force(1001.999) and not intent.in_force(1002.0)
     # A cooldown longer than the bucket keeps an intent is cut to it, so every reader trusts the record.
-    assert claims.scale_intent("f", "p1", 1000.0, 1e9).expires_at == 1000.0 + names.SCALE_INTENT_MAX_AGE
+    assert decisions.scale_intent("f", "p1", 1000.0, 1e9).expires_at == 1000.0 + names.SCALE_INTENT_MAX_AGE
     # No cooldown, no window: the next asker is never held back.
-    assert not claims.scale_intent("f", "p1", 1000.0, -5.0).in_force(1000.0)
+    assert not decisions.scale_intent("f", "p1", 1000.0, -5.0).in_force(1000.0)
     for cooldown in (1e9, -5.0, 0.0, 2.0):
-        intent = claims.scale_intent("f", "p1", 1000.0, cooldown)
+        intent = decisions.scale_intent("f", "p1", 1000.0, cooldown)
         assert records.problem("f", intent) is None
