@@ -60,6 +60,13 @@ class SyncStreamConnection(sserver.ServerConnection):
 
     messages_in = 0
     messages_out = 0
+    slot: StreamSlot | None = None  # the slot this connection claimed at its handshake (`HttpSide._claimed`)
+
+    def close_socket(self) -> None:
+        super().close_socket()
+        # Also called when the handshake died after the claim, where no handler will run to release it.
+        if self.slot is not None:
+            self.slot.abandon(self)
 
     def recv(self, *args: Any, **kwargs: Any) -> Any:
         message = super().recv(*args, **kwargs)
@@ -76,6 +83,13 @@ class AsyncStreamConnection(aserver.ServerConnection):
 
     messages_in = 0
     messages_out = 0
+    slot: StreamSlot | None = None  # the slot this connection claimed at its handshake (`HttpSide._claimed`)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # Also when the handshake died after the claim, where no handler will run to release it.
+        if self.slot is not None:
+            self.slot.abandon(self)
 
     async def recv(self, *args: Any, **kwargs: Any) -> Any:
         message = await super().recv(*args, **kwargs)
@@ -174,6 +188,7 @@ class HttpSide:
             if not self._finishing() or time.monotonic() > deadline:
                 return self._busy(connection)
             time.sleep(CLEANUP_POLL)
+        self._claimed(connection)
         return None
 
     async def process_response_async(
@@ -186,7 +201,17 @@ class HttpSide:
             if not self._finishing() or time.monotonic() > deadline:
                 return self._busy(connection)
             await asyncio.sleep(CLEANUP_POLL)
+        self._claimed(connection)
         return None
+
+    def _claimed(self, connection: object) -> None:
+        """The connection gives its claim back if it closes before its handler starts: a peer that sent its request
+        and left at once (a client that gave up waiting) held the slot for the whole pending timeout, its instance
+        counted busy meanwhile, and the proxy then stopped the instance as still busy."""
+        if isinstance(connection, (SyncStreamConnection, AsyncStreamConnection)):
+            connection.slot = self.slot
+            if isinstance(connection, AsyncStreamConnection) and connection.connection_lost_waiter.done():
+                self.slot.abandon(connection)  # lost before the claim: its connection_lost has run already
 
 
 def close_code_of(protocol: WsProtocol) -> tuple[int, str]:

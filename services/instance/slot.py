@@ -2,9 +2,10 @@
 
 A stream claims the slot during its opening handshake, once the server knows it will answer 101, and holds it
 until its handler has returned and the connection is closed. Between the claim and the handler starting the
-claim is "pending"; should the handshake die there (the 101 could not be sent), no handler ever releases it,
-so a pending claim older than `pending_timeout` counts as free. This is a backstop only: the proxy's
-registry claim is the real exclusivity.
+claim is "pending"; should the handshake die there (the peer sent its request and left at once), no handler ever
+releases it: its connection gives it back when it closes (`abandon`), and a pending claim older than
+`pending_timeout` counts as free in any case. This is a backstop only: the proxy's registry claim is the real
+exclusivity.
 
 Pure logic (no I/O); a lock makes it safe for the thread-per-connection sync server.
 """
@@ -77,6 +78,14 @@ class StreamSlot:
     def release(self, owner: object) -> None:
         with self._lock:
             if self._owner is owner:
+                self._owner = None
+                self._pending_since = None
+
+    def abandon(self, owner: object) -> None:
+        """`owner`'s connection closed: a claim of it still pending (its handshake died, so no handler will run)
+        is released now rather than when it expires. A claim whose handler runs is the handler's to release."""
+        with self._lock:
+            if self._owner is owner and self._pending_since is not None:
                 self._owner = None
                 self._pending_since = None
 

@@ -2,17 +2,23 @@
 
 The proxy used to mark the instance free the moment the client left; the next client was sent there and got the
 instance's own `503 instance busy`. Now an instance goes back to the pool only once it says its handler returned.
+
+And a client that leaves before its stream starts (it sends its request and closes, as a client that gave up
+waiting does) costs nothing: found by the SIGSTOP fault test, whose clients gave up on a paused replica.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
 import anyio
 import pytest
-from support import nats_client, wait_http, zip_base64
+from support import REPO, exchange, nats_client, wait_http, zip_base64
 from websockets.asyncio.client import connect
 
 from aube.shared import names
@@ -90,3 +96,43 @@ async def test_the_next_client_never_meets_an_instance_whose_handler_still_runs(
                 if states.get(left) == "free":
                     break
                 await anyio.sleep(0.2)
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_client_gone_before_its_stream_starts_leaves_its_instance_free(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    port = free_port()
+    platform.start(
+        "aube.proxy", AUBE_PROXY_PORT=str(port), AUBE_PROXY_HOST="127.0.0.1", AUBE_PROXY_ID=f"proxy-{port}",
+        AUBE_OPERATOR_PORT="off",
+    )  # fmt: skip
+    await wait_http(port)
+    manifest = "[scaling]\nmin_free = 1\nmax_instances = 1\n"  # one instance: the next client needs that one
+    async with nats_client(platform.nats_url) as (nc, registry):
+        body = UploadRequest(name="who", zip=zip_base64(REPO / "examples" / "whoami", {"aube.toml": manifest}))
+        await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+        with anyio.fail_after(60):
+            while not (free := [e.record for e in await registry.instances("who") if e.record.state == "free"]):
+                await anyio.sleep(0.2)
+        await anyio.sleep(1)  # the proxy's view follows the registry
+
+        # The request and the end of the connection arrive together (a client that gave up waiting for an answer):
+        # the proxy learns the client is gone only while it claims an instance, and sends the instance the request
+        # all the same. Before the fix the instance's claim of its stream slot for that request outlived the
+        # connection by its 10 s pending timeout; meanwhile the entry stayed busy, and the proxy then stopped the
+        # instance as still busy. Each round the next client must get the same instance at once.
+        for round_ in range(5):
+            key = base64.b64encode(os.urandom(16)).decode()
+            head = (
+                f"GET /who HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            with socket.create_connection(("127.0.0.1", port)) as gone:
+                gone.sendall(head.encode())
+                gone.shutdown(socket.SHUT_WR)
+                left_at = time.monotonic()
+                async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=30) as ws:
+                    reply = await exchange(ws, "next")
+            waited = time.monotonic() - left_at
+            print(f"round {round_}: the next client was served {waited:.2f}s after the first one left")
+            assert reply["instance"] == free[0].instance_id and waited < 5

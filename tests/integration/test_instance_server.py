@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -9,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -215,6 +217,32 @@ async def test_health_while_busy_and_503_for_a_second_stream(
     async with connect(instance.url(), proxy=None) as ws:
         await ws.send("ok")
         assert await ws.recv() == "ko"
+
+
+@pytest.mark.parametrize("example", ["reverse", "reverse-async"])
+@pytest.mark.parametrize("leaves", ["fin", "rst"])
+def test_a_request_whose_peer_left_at_once_frees_the_slot_at_once(
+    start_instance: Callable[..., Instance], example: str, leaves: str
+) -> None:
+    # A client that gave up waiting sends its request and leaves: the handshake dies after the slot was claimed.
+    # The claim used to last its whole 10 s pending timeout: the instance said busy, and the proxy stopped it.
+    instance = start_instance(EXAMPLES / example)
+    for _ in range(3):
+        key = base64.b64encode(os.urandom(16)).decode()
+        head = (
+            "GET /fn HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", instance.port)) as peer:
+            peer.sendall(head.encode())
+            if leaves == "fin":
+                peer.shutdown(socket.SHUT_WR)
+            else:
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        left_at = time.monotonic()
+        while instance.health()["busy"] is not False:
+            assert time.monotonic() - left_at < 2, "the slot stayed claimed for a connection that is gone"
+            time.sleep(0.02)
 
 
 @pytest.mark.anyio

@@ -70,3 +70,19 @@ def test_health_body() -> None:
     assert slot.health("i-1") == {"status": "ok", "busy": True, "streams_served": 1, "instance": "i-1"}
     slot.release(a)
     assert slot.health("i-1")["busy"] is False
+
+
+def test_a_closed_connection_gives_back_a_pending_claim_only() -> None:
+    slot = StreamSlot()
+    a, b = object(), object()
+    assert slot.try_claim(a)
+    slot.abandon(b)  # not the holder: no effect
+    assert busy(slot)
+    slot.abandon(a)  # its handshake died: no handler will release it
+    assert not busy(slot)
+    assert slot.try_claim(b) and slot.start(b)
+    slot.abandon(b)  # its handler runs (the client left, the function may not have returned): the handler releases
+    assert busy(slot)
+    assert not slot.start(a)  # the abandoned one's handler, should it start after all, does not get the slot
+    slot.release(b)
+    assert not busy(slot)
