@@ -169,9 +169,14 @@ class AubeStart:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
+        """Stop the platform if a failed test left it running: the services run in sessions of their own, so killing
+        `aube start` alone would leave them (and the instances they keep topping up) behind."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            try:
+                self.interrupt()
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._log.close()
 
 
