@@ -100,10 +100,11 @@ class Upload:
 class Soak:
     markers: list[str]
     started: float = field(default_factory=time.monotonic)
-    streams: list[Stream] = field(default_factory=list)
+    # Out of the repr: a failure's traceback shows the soak, and thousands of streams would bury it.
+    streams: list[Stream] = field(default_factory=list, repr=False)
     errors: list[str] = field(default_factory=list)
     uploads: list[Upload] = field(default_factory=list)
-    samples: list[tuple[float, int, dict[str, int]]] = field(default_factory=list)  # (t, streams done, RSS KiB)
+    samples: list[tuple[float, int, dict[str, int]]] = field(default_factory=list, repr=False)  # t, streams, RSS
     stop: anyio.Event = field(default_factory=anyio.Event)
 
     def error(self, stream: Stream, what: str) -> None:
