@@ -165,7 +165,11 @@ class Instances:
         log.info("instance %s of %s v%d stopped: %s", r.instance_id, r.function, r.version, reason)
 
     async def drain_and_stop(self, entry: InstanceEntry, *, reason: str, busy_ok: bool = False) -> bool:
-        """-> draining by compare-and-set, then stop. False if a proxy claimed it meanwhile (or it is gone)."""
+        """-> draining by compare-and-set, then stop. False if a proxy claimed it meanwhile (or it is gone). An entry
+        already draining is stopped as it is: whoever drained it asked for this stop."""
+        if entry.record.state == "draining":
+            await self.stop_entry(entry, reason=reason)
+            return True
         drain = partial(lifecycle.drain, busy_ok=busy_ok, instance_id=entry.record.instance_id)
         outcome = await self.ctx.registry.apply(entry.key, drain, entry=entry)
         if not isinstance(outcome, Written):
