@@ -43,6 +43,7 @@ SERVICE_USERS = {
     "controlplane": ("aube-controlplane", "AUBE_NATS_CONTROLPLANE_PASSWORD"),
     "proxy": ("aube-proxy", "AUBE_NATS_PROXY_PASSWORD"),
     "reaper": ("aube-reaper", "AUBE_NATS_REAPER_PASSWORD"),
+    "agent": ("aube-agent", "AUBE_NATS_AGENT_PASSWORD"),
 }
 ENV_FETCH_PASSWORD = tenancy.ENV_FETCH_PASSWORD
 

@@ -71,10 +71,12 @@ def mark_free(rec: InstanceRecord, now: float, *, instance_id: str | None = None
     return msgspec.structs.replace(rec, state="free", last_used=now)
 
 
-def started(rec: InstanceRecord, address: str, handle: str, *, instance_id: str | None = None) -> InstanceRecord:
-    """starting -> starting, now with the address and handle the runtime gave it (not claimable yet)."""
+def started(
+    rec: InstanceRecord, address: str, handle: str, *, host: str = "", instance_id: str | None = None
+) -> InstanceRecord:
+    """starting -> starting, now with the address, handle and host the runtime gave it (not claimable yet)."""
     _check("started", rec, instance_id)
-    return msgspec.structs.replace(rec, address=address, handle=handle)
+    return msgspec.structs.replace(rec, address=address, handle=handle, host=host)
 
 
 def claim(rec: InstanceRecord, proxy_id: str, now: float, *, instance_id: str | None = None) -> InstanceRecord:

@@ -35,6 +35,14 @@ BUCKET_SCALE_INTENTS = "aube-scale-intents"  # key "<function>" -> ScaleIntent: 
 # spell alike: the server refuses to create a stream again with a different one.
 SCALE_INTENT_MAX_AGE = 600.0
 BUCKET_BUNDLES = "aube-bundles"  # object store for uploads above the NATS max payload
+BUCKET_HOSTS = "aube-hosts"  # key "<host id>" -> HostLease, renewed by that host's agent
+BUCKET_ARTIFACTS = "aube-artifacts"  # object store: validated function folders, which each host prepares itself
+
+# Host agents (services/agent): each answers `aube.host.<host id>.<operation>` and publishes the exits it sees on
+# `aube.host.<host id>.exited`.
+SUBJECT_HOST_PREFIX = "aube.host"
+HOST_EXITS = "exited"
+HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 # Docker labels and process-runtime markers. Everything Aube creates carries LABEL_MANAGED.
 LABEL_MANAGED = "aube.managed"
@@ -84,6 +92,17 @@ def validate_name(name: object) -> str:
 
 def events_subject(name: str) -> str:
     return f"{SUBJECT_EVENTS_PREFIX}.{name}"
+
+
+def host_subject(host_id: str, operation: str) -> str:
+    return f"{SUBJECT_HOST_PREFIX}.{host_id}.{operation}"
+
+
+def validate_host_id(host_id: str) -> str:
+    """A host id is a subject token and a key: lower-case letters, digits and dashes, at most 32."""
+    if not HOST_ID_PATTERN.fullmatch(host_id):
+        raise InvalidName(f"host id {host_id[:80]!r} must be 1-32 lower-case letters, digits or dashes")
+    return host_id
 
 
 def instance_key(function: str, slot: int) -> str:

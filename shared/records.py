@@ -17,12 +17,12 @@ import msgspec
 
 from aube.shared import names
 from aube.shared import tenants as tenancy
-from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent, decode_record
+from aube.shared.schemas import FunctionRecord, HostLease, InstanceRecord, ProxyLease, ScaleIntent, decode_record
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T", FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent)
-Record = FunctionRecord | InstanceRecord | ProxyLease | ScaleIntent
+T = TypeVar("T", FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent, HostLease)
+Record = FunctionRecord | InstanceRecord | ProxyLease | ScaleIntent | HostLease
 
 # Far above any operator's max_instances limit, far below what would make a key or a loop absurd.
 MAX_SLOT = 100_000
@@ -60,6 +60,14 @@ def problem(key: str, record: Record) -> str | None:
             return f"version {record.version}"
         if not valid_address(record.address):
             return f"address {record.address[:80]!r}"
+        if record.host and not names.HOST_ID_PATTERN.fullmatch(record.host):
+            return f"host {record.host[:40]!r}"
+        return None
+    if isinstance(record, HostLease):
+        if not names.HOST_ID_PATTERN.fullmatch(record.host_id) or key != record.host_id:
+            return f"host lease under {key!r} for {record.host_id[:40]!r}"
+        if record.ttl <= 0 or record.capacity < 0:
+            return f"host lease of {record.host_id} with ttl {record.ttl}, capacity {record.capacity}"
         return None
     if isinstance(record, ScaleIntent):
         if not names.NAME_PATTERN.fullmatch(record.function) or key != record.function:

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 WRONG_LAST_SEQUENCE = 10071
 
 
-def _lost_race(e: APIError) -> bool:
+def lost_race(e: APIError) -> bool:
+    """Whether a compare-and-set write or delete failed because the entry had moved on."""
     return isinstance(e, KeyWrongLastSequenceError) or e.err_code == WRONG_LAST_SEQUENCE
 
 
@@ -248,7 +249,7 @@ class Registry:
         try:
             await self.instances_kv.delete(key, last=revision)
         except APIError as e:
-            if not _lost_race(e):
+            if not lost_race(e):
                 raise
             log.debug("lost race deleting %s at revision %s", key, revision)
             return False
@@ -315,7 +316,7 @@ class Registry:
         try:
             await self.leases_kv.delete(proxy_id, last=revision)
         except APIError as e:
-            if not _lost_race(e):
+            if not lost_race(e):
                 raise
             return False
         return True

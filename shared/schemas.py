@@ -110,6 +110,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # The instance credential the proxy and the health probe present (see docs/security.md). Only platform services
     # read the registry; never logged, never in a reply or an event. Empty for instances started before it existed.
     secret: str = ""
+    # The host agent running it (services/agent), when the control plane places instances on hosts; "" = the control
+    # plane's own runtime (a single machine). A host whose lease expires takes its instances with it (the reaper).
+    host: str = ""
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,6 +149,20 @@ class ScaleIntent(msgspec.Struct, frozen=True, kw_only=True):
     def in_force(self, now: float) -> bool:
         """Whether the window is still held at `now` (so a replica asking at `now` stands back)."""
         return now < self.expires_at
+
+
+class HostLease(msgspec.Struct, frozen=True, kw_only=True):
+    """Key `<host id>` in BUCKET_HOSTS, renewed by the host's agent every ttl/3: the host is alive and can run
+    `capacity` instances of the `runtime` kind. Judged like a proxy's lease (reaper/decisions.py); when it dies, its
+    instances' entries are recycled and the warm pool is rebuilt on the other hosts."""
+
+    host_id: str
+    runtime: RuntimeKind
+    capacity: int  # instances this host takes at most
+    running: int = 0  # instances it ran at its last renewal
+    started_at: float
+    renewed_at: float
+    ttl: float = 6.0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,7 +39,14 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The password of the `aube-fetch-<tenant>` users, with which the control plane reads a bundle a tenant put in
     # its own object store; empty: bundles are read from the control plane's own account (no tenant accounts).
     nats_fetch_password: str = ""
-    runtime: Literal["auto", "docker", "process"] = "auto"
+    # Where instances run: this machine's Docker engine or processes (`auto`: Docker when an engine answers), or
+    # `hosts`: on the hosts whose agents (services/agent) hold a lease, placed across them (a cluster).
+    runtime: Literal["auto", "docker", "process", "hosts"] = "auto"
+    # With `runtime = hosts`: the kind of runtime the hosts must run (a function's record names it).
+    host_runtime: Literal["docker", "process"] = "docker"
+    # With `runtime = hosts`: how long a host may take to answer a request (a start includes the instance's start and,
+    # on a host that lacks the version, its build).
+    host_timeout: float = 300.0
     # Scope of this control plane's instances (labels, registry `owner`): reconcile only touches its own, so
     # several platforms (or test runs) can share one Docker engine.
     owner: str = "default"
@@ -131,6 +138,25 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # After a stream, how long its instance may take to finish the function's handler (the client may leave while
     # it still runs) before it goes back to the pool; an instance still busy then is stopped instead of reused.
     handler_grace: float = 10.0
+
+
+def _default_host_id() -> str:
+    """The machine's name as a host id (lower-case letters, digits and dashes), else a random one."""
+    cleaned = "".join(c if c.isalnum() else "-" for c in socket.gethostname().lower()).strip("-")[:32].strip("-")
+    return cleaned or f"host-{uuid.uuid4().hex[:8]}"
+
+
+class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The host agent's own settings; the runtime it runs takes the control plane's (`ControlPlaneSettings`: runtime,
+    data_dir, publish_host, advertise_host, owner-independent limits), read from the same environment."""
+
+    nats_url: str = DEFAULT_NATS_URL
+    nats_user: str = ""
+    nats_password: str = ""
+    host_id: str = msgspec.field(default_factory=_default_host_id)
+    capacity: int = 50  # instances this host takes at most
+    lease_ttl: float = 6.0
+    reconcile_interval: float = 10.0
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):

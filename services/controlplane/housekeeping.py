@@ -89,7 +89,7 @@ class Housekeeping:
         self.ctx.in_flight_during_pass = set(self.ctx.in_flight)
         running = await self.ctx.runtime.instances(self.ctx.owner)
         artifacts = await self.ctx.runtime.artifacts(self.ctx.owner)
-        entries = await self.ctx.registry.instances()
+        entries = [e for e in await self.ctx.registry.instances() if self.ctx.runtime.covers(e.record.host)]
         functions = await self.ctx.registry.functions()
         plan = decisions.plan_reconcile(
             owner=self.ctx.owner,

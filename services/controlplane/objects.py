@@ -109,12 +109,19 @@ def _expected_digest(meta: ObjectMeta) -> bytes | None:
 
 
 async def fetch_object(
-    js: JetStreamContext, bucket: str, key: str, dest: Path, max_bytes: int, *, stream: str | None = None
+    js: JetStreamContext,
+    bucket: str,
+    key: str,
+    dest: Path,
+    max_bytes: int,
+    *,
+    stream: str | None = None,
+    keep: bool = False,
 ) -> FetchedObject:
     """Write the object `key` of `bucket` to the new file `dest`; at most `max_bytes` bytes, or bundle_too_large.
 
-    The object is removed from the store afterwards, read or refused. On any error `dest` may hold a partial
-    copy: the caller removes its folder.
+    The object is removed from the store afterwards, read or refused, unless `keep` (a version's folder, which every
+    host reads). On any error `dest` may hold a partial copy: the caller removes its folder.
     """
     stream = stream or STREAM_TEMPLATE.format(bucket=bucket)
     if not key or len(key) > MAX_KEY_CHARS:
@@ -127,8 +134,9 @@ async def fetch_object(
         return await _copy_chunks(js, stream, chunk_subj, dest, max_bytes, meta)
     finally:
         # Shielded: a cancelled upload must not leave its bundle in the store.
-        with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
-            await _discard(js, stream, meta_subj, chunk_subj)
+        if not keep:
+            with anyio.move_on_after(REQUEST_TIMEOUT, shield=True):
+                await _discard(js, stream, meta_subj, chunk_subj)
 
 
 async def _read_meta(js: JetStreamContext, stream: str, subject: str, bucket: str, key: str) -> ObjectMeta:

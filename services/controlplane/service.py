@@ -19,11 +19,12 @@ from nats.aio.subscription import Subscription
 from aube.controlplane.bundle import BundleLimits
 from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
+from aube.controlplane.runtimes.local import select_local_runtime
 from aube.controlplane.upkeep import Upkeep
 from aube.shared import names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
-from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure, TooManyRequests
+from aube.shared.errors import AubeError, InvalidRequest, TooManyRequests
 from aube.shared.redact import Redactor
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -45,19 +46,8 @@ RETIRE_INTERVAL = 1.0
 
 
 async def select_runtime(settings: ControlPlaneSettings) -> Runtime:
-    """`auto` prefers Docker and falls back to processes when no engine answers."""
-    if settings.runtime in ("auto", "docker"):
-        from aube.controlplane.runtimes.docker import DockerRuntime
-
-        try:
-            return await DockerRuntime.connect(settings)
-        except RuntimeFailure as e:
-            if settings.runtime == "docker":
-                raise
-            log.warning("the Docker runtime is unavailable (%s): instances run as local processes", e)
-    from aube.controlplane.runtimes.process import ProcessRuntime
-
-    return ProcessRuntime(settings)
+    """This machine's runtime (runtimes/local.py); with `hosts`, chosen after NATS is reached (`serve`)."""
+    return await select_local_runtime(settings)
 
 
 Handler = Callable[[Any], Awaitable[msgspec.Struct]]
@@ -81,7 +71,9 @@ async def serve(
         BundleLimits.from_settings(settings)  # an unusable AUBE_*_MIN/_MAX stops the start before anything runs
     except ValueError as e:
         raise InvalidRequest(f"bad setting: {e}") from e
-    runtime = runtime if runtime is not None else await select_runtime(settings)
+    on_hosts = runtime is None and settings.runtime == "hosts"
+    if runtime is None and not on_hosts:
+        runtime = await select_runtime(settings)
     nc = await natsconn.connect(
         settings.nats_url,
         user=settings.nats_user,
@@ -93,6 +85,11 @@ async def serve(
     try:
         js = nc.jetstream()
         registry = await Registry.open(js)
+        if on_hosts:
+            from aube.controlplane.runtimes.hosts import HostsRuntime
+
+            runtime = await HostsRuntime.connect(settings, nc, registry)
+        assert runtime is not None
         bundles = await js.create_object_store(names.BUCKET_BUNDLES)
         cp = ControlPlane(settings, nc, registry, runtime, bundles)
         await cp.reconcile(startup=True)
@@ -135,7 +132,8 @@ async def serve(
                 await cp.stop_everything()
         with anyio.move_on_after(5, shield=True):
             await nc.drain()
-            await runtime.close()
+            if runtime is not None:
+                await runtime.close()
 
 
 class RequestGate:

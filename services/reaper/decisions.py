@@ -32,6 +32,7 @@ from typing import Literal
 import msgspec
 
 from aube.shared import instance_lifecycle as lifecycle
+from aube.shared.hostbook import HostEntry
 from aube.shared.registry import InstanceEntry, LeaseEntry
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, ScalingSection
 
@@ -42,6 +43,7 @@ Reason = Literal[
     "function_deleted",  # the function record says deleting
     "dead_proxy",  # busy, claimed by a proxy without a live lease
     "lease_expired",  # a proxy lease past renewed_at + ttl
+    "dead_host",  # placed on a host whose agent's lease expired (or is gone): the instance went with its host
 ]
 
 _DEFAULT_SCALING = ScalingSection()
@@ -51,6 +53,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     functions: dict[str, FunctionRecord] = msgspec.field(default_factory=dict)
     instances: list[InstanceEntry] = msgspec.field(default_factory=list)
     leases: list[LeaseEntry] = msgspec.field(default_factory=list)
+    hosts: list[HostEntry] = msgspec.field(default_factory=list)
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,30 +83,60 @@ class Drain(msgspec.Struct, frozen=True, kw_only=True, tag="drain"):
     busy_ok: bool = False  # a busy one is drained only when its proxy is dead
 
 
-Action = DeleteLease | Drain
+class DeleteHost(msgspec.Struct, frozen=True, kw_only=True, tag="delete_host"):
+    """Delete a dead host's lease at the revision judged dead (a renewal meanwhile keeps it)."""
+
+    host_id: str
+    revision: int
+
+
+class Forget(msgspec.Struct, frozen=True, kw_only=True, tag="forget"):
+    """Delete the entry of an instance whose host is dead, at the revision decided on. No stop request: the instance
+    went with its host; if the host comes back, its agent stops what no entry knows (services/agent)."""
+
+    entry: InstanceEntry
+    reason: Reason = "dead_host"
+
+
+Action = DeleteLease | Drain | DeleteHost | Forget
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
     actions: list[Action]
-    # The memory to pass to the next plan(): LEASE_MEMORY + proxy id -> when that lease revision was first seen.
+    # The memory to pass to the next plan(): LEASE_MEMORY + proxy id and HOST_MEMORY + host id -> when that lease
+    # revision was first seen.
     seen: dict[str, Seen]
 
 
-LEASE_MEMORY = "lease:"  # prefix of a lease's entry in `seen`
+LEASE_MEMORY = "lease:"  # prefix of a proxy lease's entry in `seen`
+HOST_MEMORY = "host:"  # prefix of a host lease's entry in `seen`
 
 
 def plan(snapshot: Snapshot, seen: dict[str, Seen], now: float, policy: Policy) -> Plan:
     """Everything one reaper pass should do, and the memory to carry to the next pass."""
     dead, lease_memory = dead_leases(snapshot.leases, seen, now)
     live = {lease.key for lease in snapshot.leases} - {lease.key for lease in dead}
+    gone_hosts, host_memory = dead_hosts(snapshot.hosts, seen, now)
+    live_hosts = {h.key for h in snapshot.hosts} - {h.key for h in gone_hosts}
     actions: list[Action] = [DeleteLease(proxy_id=lease.key, revision=lease.revision) for lease in dead]
-    actions.extend(idle_reaps(snapshot.functions, snapshot.instances, now))
-    actions.extend(orphaned_claims(snapshot.instances, live, now, policy.lease_grace))
-    return Plan(actions=actions, seen=lease_memory)
+    actions.extend(DeleteHost(host_id=h.key, revision=h.revision) for h in gone_hosts)
+    lost = lost_with_their_host(snapshot.instances, live_hosts, now, policy.lease_grace)
+    actions.extend(lost)
+    forgotten = {f.entry.key for f in lost}
+    remaining = [i for i in snapshot.instances if i.key not in forgotten]
+    actions.extend(idle_reaps(snapshot.functions, remaining, now))
+    actions.extend(orphaned_claims(remaining, live, now, policy.lease_grace))
+    return Plan(actions=actions, seen={**lease_memory, **host_memory})
 
 
 def lease_expired(lease: ProxyLease, now: float) -> bool:
     return lease.renewed_at + lease.ttl < now
+
+
+def _watched(key: str, revision: int, seen: dict[str, Seen], now: float) -> Seen:
+    """When this reaper first saw this revision of a lease (memory under `key`): now, if it is new."""
+    before = seen.get(key)
+    return before if before is not None and before.revision == revision else Seen(revision=revision, since=now)
 
 
 def dead_leases(
@@ -114,16 +147,34 @@ def dead_leases(
     dead: list[LeaseEntry] = []
     memory: dict[str, Seen] = {}
     for lease in leases:
-        before = seen.get(LEASE_MEMORY + lease.key)
-        first = (
-            before
-            if before is not None and before.revision == lease.revision
-            else Seen(revision=lease.revision, since=now)
-        )
-        memory[LEASE_MEMORY + lease.key] = first
+        first = memory[LEASE_MEMORY + lease.key] = _watched(LEASE_MEMORY + lease.key, lease.revision, seen, now)
         if lease_expired(lease.record, now) and now - first.since > lease.record.ttl:
             dead.append(lease)
     return dead, memory
+
+
+def dead_hosts(hosts: list[HostEntry], seen: dict[str, Seen], now: float) -> tuple[list[HostEntry], dict[str, Seen]]:
+    """Host leases dead by the same rule as proxies' (expired, and watched unchanged for longer than their ttl)."""
+    dead: list[HostEntry] = []
+    memory: dict[str, Seen] = {}
+    for host in hosts:
+        first = memory[HOST_MEMORY + host.key] = _watched(HOST_MEMORY + host.key, host.revision, seen, now)
+        expired = host.record.renewed_at + host.record.ttl < now
+        if expired and now - first.since > host.record.ttl:
+            dead.append(host)
+    return dead, memory
+
+
+def lost_with_their_host(
+    instances: list[InstanceEntry], live_hosts: set[str], now: float, grace: float
+) -> list[Forget]:
+    """Entries placed on a host without a live lease, in any state: their instance and its stream are gone. One younger
+    than `grace` is left alone (its host may have just started and not yet shown its first lease)."""
+    return [
+        Forget(entry=inst)
+        for inst in instances
+        if inst.record.host and inst.record.host not in live_hosts and now - inst.record.created_at > grace
+    ]
 
 
 def idle_since(record: InstanceRecord) -> float:

@@ -22,11 +22,12 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
-from aube.reaper.decisions import Action, DeleteLease, Drain, Plan, Policy, Seen, Snapshot
+from aube.reaper.decisions import Action, DeleteHost, DeleteLease, Drain, Forget, Plan, Policy, Seen, Snapshot
 from aube.reaper.decisions import plan as make_plan
 from aube.shared import bus, names, natsconn
 from aube.shared import instance_lifecycle as lifecycle
 from aube.shared.errors import AubeError
+from aube.shared.hostbook import HostBook
 from aube.shared.registry import Registry, Written
 from aube.shared.schemas import InstanceRecord, StopInstanceReply, StopInstanceRequest
 from aube.shared.settings import ReaperSettings
@@ -60,7 +61,8 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
     try:
         # Scale intents are the proxies' business: the reaper's NATS user may not even read them.
         registry = await Registry.open(nc.jetstream(), scale_intents=False)
-        reaper = Reaper(nc, registry, policy_for(settings), reaper_id=settings.reaper_id)
+        hosts = await HostBook.open(nc.jetstream())
+        reaper = Reaper(nc, registry, policy_for(settings), reaper_id=settings.reaper_id, hosts=hosts)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reaper.run, settings.reap_interval)
             log.info("reaper %s running (every %gs)", settings.reaper_id, settings.reap_interval)
@@ -73,9 +75,12 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
 class Reaper:
     """One reaper's loop and its memory of when it first saw each lease revision (see decisions.dead_leases)."""
 
-    def __init__(self, nc: NATS, registry: Registry, policy: Policy, *, reaper_id: str = "") -> None:
+    def __init__(
+        self, nc: NATS, registry: Registry, policy: Policy, *, reaper_id: str = "", hosts: HostBook | None = None
+    ) -> None:
         self.nc = nc
         self.registry = registry
+        self.hosts = hosts  # None: a platform without host agents (tests of the proxies' side)
         self.policy = policy
         self.reaper_id = reaper_id
         self.seen: dict[str, Seen] = {}
@@ -125,7 +130,8 @@ class Reaper:
         functions = {e.key: e.record for e in await self.registry.functions()}
         instances = await self.registry.instances()
         leases = await self.registry.leases()
-        return Snapshot(functions=functions, instances=instances, leases=leases)
+        hosts = await self.hosts.leases() if self.hosts is not None else []
+        return Snapshot(functions=functions, instances=instances, leases=leases, hosts=hosts)
 
     async def _act(self, action: Action) -> None:
         async with self._limiter:
@@ -134,6 +140,10 @@ class Reaper:
                     await self._delete_lease(action)
                 elif isinstance(action, Drain):
                     await self._drain(action)
+                elif isinstance(action, DeleteHost):
+                    await self._delete_host(action)
+                elif isinstance(action, Forget):
+                    await self._forget(action)
             except (NatsError, OSError) as e:
                 log.warning("reaper action %s failed, retrying later: %s", type(action).__name__, e)
             except Exception:
@@ -144,6 +154,23 @@ class Reaper:
             log.info("deleted expired lease of proxy %s", action.proxy_id)
         else:
             log.debug("lease of proxy %s was renewed meanwhile; kept", action.proxy_id)
+
+    async def _delete_host(self, action: DeleteHost) -> None:
+        assert self.hosts is not None
+        if await self.hosts.delete(action.host_id, action.revision):
+            log.warning("host %s is dead (its agent's lease expired): its instances are recycled", action.host_id)
+        else:
+            log.debug("lease of host %s was renewed meanwhile; kept", action.host_id)
+
+    async def _forget(self, action: Forget) -> None:
+        entry = action.entry
+        if await self.registry.delete_instance(entry.key, entry.revision):
+            _instance_log(entry.record).info(
+                "dropped %s instance %s of dead host %s",
+                entry.record.function,
+                entry.record.instance_id,
+                entry.record.host,
+            )
 
     async def _drain(self, action: Drain) -> None:
         entry = action.entry

@@ -16,7 +16,7 @@ def test_platform_secrets_are_created_once_private_and_kept(tmp_path: Path) -> N
     assert credentials.platform_secrets(tmp_path) == first
     path = tmp_path / credentials.PLATFORM_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(set(first.passwords.values())) == 4  # one per service and the fetch user
+    assert len(set(first.passwords.values())) == 5  # one per service (and the host agents) and the fetch user
     assert first.service_login("proxy").user == "aube-proxy"
 
 

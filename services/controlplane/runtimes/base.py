@@ -42,6 +42,7 @@ class StartedInstance(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str
     handle: str  # container id or pid
     address: str  # "host:port" reachable from the proxies
+    host: str = ""  # the host agent running it (the `hosts` runtime); "" = this machine
 
 
 class RunningInstance(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,6 +90,10 @@ class Runtime(Protocol):
     async def is_alive(self, handle: str) -> bool: ...
 
     async def instances(self, owner: str) -> list[RunningInstance]: ...
+
+    def covers(self, host: str) -> bool:
+        """Whether `instances` lists what runs on `host` (an InstanceRecord's): reconcile judges only those entries."""
+        ...
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
         """Call `exited(handle)` as soon as an instance of `owner` ends (killed, crashed or stopped), until cancelled.

@@ -346,6 +346,9 @@ class DockerRuntime:
         state = info.get("State") or {}
         return bool(state.get("Running")) and not state.get("Restarting") and not state.get("Dead")
 
+    def covers(self, host: str) -> bool:
+        return not host  # this machine's instances only
+
     async def instances(self, owner: str) -> list[RunningInstance]:
         found = await self._call(
             "listing containers",

@@ -264,6 +264,9 @@ class ProcessRuntime:
             _reap(pid, starttime)
         return not gone
 
+    def covers(self, host: str) -> bool:
+        return not host  # this machine's instances only
+
     async def instances(self, owner: str) -> list[RunningInstance]:
         # An instance spawned after the scan below began is not in it: `_fresh` keeps it from being taken for a
         # leftover, until a listing that began after its spawn (which therefore saw it) is done.

@@ -1,0 +1,54 @@
+"""The hosts bucket: each host agent's lease (`HostLease`), which the control plane places instances by and the
+reaper judges (a host whose lease expires is dead, and its instances' entries are recycled)."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+from nats.js.kv import KeyValue
+
+from aube.shared import kvread, names, records
+from aube.shared.registry import lost_race
+from aube.shared.schemas import HostLease, encode
+
+log = logging.getLogger(__name__)
+
+
+class HostEntry(msgspec.Struct, frozen=True):
+    key: str  # the host id
+    revision: int
+    record: HostLease
+
+
+class HostBook:
+    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+        self.js = js
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> HostBook:
+        return cls(js, await js.create_key_value(bucket=names.BUCKET_HOSTS, history=1))
+
+    async def leases(self) -> list[HostEntry]:
+        """Every trustworthy host lease, expired ones included (judging them is the reader's business)."""
+        return [
+            HostEntry(e.key, e.revision, lease)
+            for e in await kvread.snapshot(self.js, names.BUCKET_HOSTS)
+            if e.value and (lease := records.read(e.key, e.value, HostLease)) is not None
+        ]
+
+    async def put(self, lease: HostLease) -> int:
+        return await self.kv.put(lease.host_id, encode(lease))
+
+    async def delete(self, host_id: str, revision: int | None = None) -> bool:
+        """Delete (at `revision` if given); False if the lease was renewed meanwhile."""
+        try:
+            await self.kv.delete(host_id, last=revision)
+        except APIError as e:
+            if not lost_race(e):
+                raise
+            return False
+        return True
