@@ -1,0 +1,131 @@
+"""Instances placed on host agents (issue 10): real agents, control plane, reaper and proxy processes on the real
+deploy/nats.conf, each agent running the process runtime under its own host id and data folder, as hosts would.
+
+The cluster rig (tests/cluster) runs the same on Docker-in-Docker hosts; this test keeps the logic in `make test`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from conftest import Platform, _stop_process_instances
+from support import REPO, accounts_server
+from websockets.asyncio.client import connect
+
+from aube.shared import names
+from aube.shared.bus import request
+from aube.shared.natsserver import free_port
+from aube.shared.registry import Registry
+from aube.shared.schemas import UploadReply, UploadRequest
+
+pytestmark = pytest.mark.anyio
+
+HOSTS = ("h1", "h2")
+LEASE_TTL = 2.0
+
+
+def whoami_zip(manifest: str) -> str:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("fn.py", (REPO / "examples" / "whoami" / "fn.py").read_text())
+        z.writestr("aube.toml", manifest)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def hosts_of(registry: Registry, function: str, state: str = "free") -> Counter[str]:
+    return Counter(e.record.host for e in await registry.instances(function) if e.record.state == state)
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_instances_spread_over_hosts_and_a_dead_hosts_pool_is_rebuilt_on_the_others(
+    runtime_kind: str, test_owner: str, tmp_path: Path
+) -> None:
+    with accounts_server(tmp_path / "nats") as server:
+        platform = Platform(server.url, test_owner, "hosts", tmp_path)
+        data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
+        try:
+            agents = {
+                h: platform.start(
+                    "aube.agent",
+                    AUBE_HOST_ID=h,
+                    AUBE_RUNTIME="process",
+                    AUBE_DATA_DIR=data[h],
+                    AUBE_LEASE_TTL=str(LEASE_TTL),
+                    AUBE_RECONCILE_INTERVAL="1",
+                    **server.service_env("agent"),
+                )
+                for h in HOSTS
+            }
+            await platform.start_controlplane(AUBE_HOST_RUNTIME="process", **server.service_env("controlplane"))
+            platform.start("aube.reaper", AUBE_LEASE_TTL=str(LEASE_TTL), **server.service_env("reaper"))
+            port = free_port()
+            platform.start(
+                "aube.proxy",
+                AUBE_PROXY_PORT=str(port),
+                AUBE_OPERATOR_PORT=str(free_port()),
+                **server.service_env("proxy"),
+            )
+            nc = await nats.connect(server.url, **server.options("deployer"))
+            ops = await nats.connect(server.url, **platform.login)
+            try:
+                registry = await Registry.open(ops.jetstream())
+                manifest = "[scaling]\nmin_free = 4\nmax_instances = 8\n"
+                body = UploadRequest(name="who", zip=whoami_zip(manifest))
+                reply = await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+                assert reply.instances == 4
+                assert await hosts_of(registry, "who") == {"h1": 2, "h2": 2}  # spread
+
+                # Streams through the proxy reach both hosts.
+                seen: set[str] = set()
+                async with anyio.create_task_group() as tg:
+
+                    async def stream() -> None:
+                        async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=30) as ws:
+                            await ws.send("hi")
+                            seen.add(await ws.recv())  # type: ignore[arg-type]
+                            await anyio.sleep(1)
+
+                    for _ in range(4):
+                        tg.start_soon(stream)
+                by_id = {e.record.instance_id: e.record.host for e in await registry.instances("who")}
+                import json
+
+                assert {by_id.get(json.loads(s)["instance"]) for s in seen} == {"h1", "h2"}
+
+                # h2 dies with its instances: its entries go within a lease TTL plus 4 s, and min_free is warm again
+                # on h1 without a client.
+                agents["h2"].kill9()
+                _stop_process_instances(f"{test_owner}-h2", data["h2"])
+                died = anyio.current_time()
+                with anyio.fail_after(LEASE_TTL * 2 + 4 + 10):
+                    while (await hosts_of(registry, "who", "free")).get("h2") or any(
+                        e.record.host == "h2" for e in await registry.instances("who")
+                    ):
+                        await anyio.sleep(0.1)
+                gone_after = anyio.current_time() - died
+                print(f"dead host's entries gone after {gone_after:.1f}s")
+                assert gone_after < LEASE_TTL + 4 + 3  # + a margin for this loaded machine
+                with anyio.fail_after(30):
+                    while (await hosts_of(registry, "who")).get("h1", 0) < 4:
+                        await anyio.sleep(0.2)
+                print(f"min_free warm again on h1 after {anyio.current_time() - died:.1f}s")
+                assert anyio.current_time() - died < 15 + 5
+                async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=30) as ws:
+                    await ws.send("after")
+                    assert json.loads(await ws.recv())["instance"] in {  # type: ignore[arg-type]
+                        e.record.instance_id for e in await registry.instances("who") if e.record.host == "h1"
+                    }
+            finally:
+                await nc.close()
+                await ops.close()
+        finally:
+            platform.stop_all()
+            for h in HOSTS:
+                _stop_process_instances(f"{test_owner}-{h}", data[h])
