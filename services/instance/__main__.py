@@ -47,7 +47,7 @@ sys.dont_write_bytecode = True
 
 from websockets.asyncio.server import ServerConnection  # noqa: E402
 
-from aube.instance import command, handlers, server  # noqa: E402 - after dont_write_bytecode on purpose
+from aube.instance import command, handlers, server, shutdown  # noqa: E402 - after dont_write_bytecode on purpose
 from aube.instance.config import ConfigError, InstanceConfig  # noqa: E402
 
 logger = logging.getLogger("aube.instance")
@@ -70,7 +70,7 @@ def main() -> int:
     except ConfigError as e:
         logger.error("bad configuration: %s", e)  # noqa: TRY400 - no traceback for bad input
         return 2
-    stopper = server.Stopper(config.shutdown_grace)
+    stopper = shutdown.Stopper(config.shutdown_grace)
     if config.runtime == "command":
         stopper.install()
         after = command.reap_orphans if os.getpid() == 1 else None

@@ -1,5 +1,6 @@
 """Serving one function: the HTTP side (health, 503 when busy, subprotocols), the stream slot, the per-stream
-log line, and the two servers: threads (`websockets.sync`) for `def fn(websocket)`, asyncio for the rest.
+log line, and the two servers: threads (`websockets.sync`) for `def fn(websocket)`, asyncio for the rest. Both stop
+when `shutdown.Stopper` says so.
 
 Only the standard library and websockets here: this module ships into every function image.
 """
@@ -7,19 +8,14 @@ Only the standard library and websockets here: this module ships into every func
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, Protocol
 
 import websockets.asyncio.server as aserver
@@ -32,6 +28,7 @@ from websockets.typing import Subprotocol
 
 from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
+from aube.instance.shutdown import Stopper
 from aube.instance.slot import StreamSlot
 
 logger = logging.getLogger(__name__)
@@ -264,54 +261,6 @@ def _closed_by(protocol: WsProtocol) -> str:
     if protocol.close_rcvd is None and protocol.close_sent is None:
         return "network"
     return "client" if protocol.close_rcvd_then_sent or protocol.close_sent is None else "server"
-
-
-class Stopper:
-    """SIGTERM/SIGINT: ask the server to stop, and exit regardless once `grace` has passed.
-
-    The signal handler only sets a flag, runs the registered wake-up and writes one byte to a pipe: it takes
-    no lock, since it interrupts whatever the main thread holds. A watchdog thread blocked on that pipe ends
-    the process if the server does not come down in time (a function stuck in a loop or in a blocking call).
-    """
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.requested = False
-        self.wake: Callable[[], object] | None = None
-        self._r, self._w = os.pipe()
-        threading.Thread(target=self._watchdog, name="aube-watchdog", daemon=True).start()
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            self._exit_now()
-        self.requested = True
-        os.write(self._w, b"x")
-        if self.wake is not None:
-            self.wake()
-
-    def _watchdog(self) -> None:
-        os.read(self._r, 1)
-        time.sleep(self.grace)
-        self._exit_now()
-
-    @staticmethod
-    def _exit_now() -> None:
-        from aube.instance.command import kill_all
-
-        kill_all()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(0)
-
-    def wait(self) -> None:
-        # A plain sleep loop: the handler runs between two sleeps; an Event would need a lock it may hold.
-        while not self.requested:
-            time.sleep(0.1)
 
 
 def serve_sync(

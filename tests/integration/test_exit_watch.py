@@ -16,7 +16,8 @@ import anyio
 import pytest
 
 from aube.controlplane.runtimes import sandbox
-from aube.controlplane.runtimes.process import ProcessRuntime, _ExitWatch, _read_stat
+from aube.controlplane.runtimes.leaders import ExitWatch, read_stat
+from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.shared import names
 from aube.shared.settings import DEFAULT_BASE_IMAGE, ControlPlaneSettings
 
@@ -105,14 +106,14 @@ async def test_docker_reports_an_exit_that_happened_while_its_event_stream_was_d
 
 
 def sleeper_handle(proc_pid: int) -> str:
-    stat = _read_stat(proc_pid)
+    stat = read_stat(proc_pid)
     assert stat is not None
     return sandbox.format_handle(proc_pid, stat.starttime)
 
 
 async def test_a_pidfd_reports_children_adopted_processes_and_processes_already_gone(tmp_path: Path) -> None:
     reported: list[str] = []
-    watch = _ExitWatch(__import__("asyncio").get_running_loop(), reported.append)
+    watch = ExitWatch(__import__("asyncio").get_running_loop(), reported.append)
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
     # Not our child: started by a shell that exits at once, like an instance left by a control plane that died.
     orphan_pid = int(subprocess.check_output(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 & echo $!"]).strip())

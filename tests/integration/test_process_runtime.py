@@ -477,11 +477,11 @@ async def test_a_listing_that_began_before_a_start_leaves_the_new_instance_alone
     """A listing whose process scan ran before an instance was spawned does not see it; it must not take that
     instance's socket folder for a leftover. Seen in a full run: the folder went while bubblewrap was about to bind
     it ("Can't bind mount ... No such file or directory") and the upload failed."""
-    from aube.controlplane.runtimes import process
+    from aube.controlplane.runtimes import leaders
 
     ref = await bwrap_runtime.prepare("echo", 1, _function(tmp_path, ECHO), Manifest(), test_owner, lambda _: None)
     scanned, release = anyio.Event(), anyio.Event()
-    real_scan = process._scan_leaders
+    real_scan = leaders.scan_leaders
 
     def held_scan() -> object:
         snapshot = real_scan()
@@ -489,11 +489,11 @@ async def test_a_listing_that_began_before_a_start_leaves_the_new_instance_alone
         anyio.from_thread.run(release.wait)  # the listing goes on only after the start below has spawned
         return snapshot
 
-    monkeypatch.setattr(process, "_scan_leaders", held_scan)
+    monkeypatch.setattr(leaders, "scan_leaders", held_scan)
     async with anyio.create_task_group() as tg:
         tg.start_soon(bwrap_runtime.instances, test_owner)
         await scanned.wait()
-        monkeypatch.setattr(process, "_scan_leaders", real_scan)
+        monkeypatch.setattr(leaders, "scan_leaders", real_scan)
         started = await bwrap_runtime.start(_spec(ref, test_owner))
         release.set()
     assert await _ask(started, "still here") == "still here"

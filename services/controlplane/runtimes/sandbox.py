@@ -1,7 +1,7 @@
 """The process runtime's decisions without I/O: the bubblewrap argv, rlimit values, and reading /proc.
 
 Everything here takes text or values and returns values, so it is unit-tested without processes; the
-process runtime (`process.py`) does the spawning, signalling and /proc reading around it.
+process runtime does the spawning (`launch.py`), signalling and /proc reading (`leaders.py`) around it.
 
 How an instance looks from /proc (what `find_leaders` and `signal_targets` rely on):
 
