@@ -20,7 +20,8 @@ async def request(nc: NATS, subject: str, body: msgspec.Struct, reply_kind: type
     try:
         msg = await nc.request(subject, encode(body), timeout=timeout)
     except NoRespondersError as e:
-        raise ServiceUnavailable(f"no service is answering on {subject} (is the control plane running?)") from e
+        who = "its host agent" if subject.startswith("aube.host.") else "the control plane"
+        raise ServiceUnavailable(f"no service is answering on {subject} (is {who} running?)") from e
     except NatsTimeoutError as e:
         raise ServiceUnavailable(f"no reply on {subject} within {timeout:g}s") from e
     return decode_reply(msg.data, reply_kind)
