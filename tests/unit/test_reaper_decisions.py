@@ -7,17 +7,21 @@ from typing import Any
 import msgspec
 
 from aube.reaper.decisions import (
+    HOST_MEMORY,
     LEASE_MEMORY,
+    DeleteHost,
     DeleteLease,
     Drain,
+    Forget,
     Plan,
     Policy,
     Seen,
     Snapshot,
     plan,
 )
+from aube.shared.hostbook import HostEntry
 from aube.shared.registry import InstanceEntry, LeaseEntry
-from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ProxyLease, ScalingSection
+from aube.shared.schemas import FunctionRecord, HostLease, InstanceRecord, Manifest, ProxyLease, ScalingSection
 
 NOW = 10_000.0
 POLICY = Policy(lease_grace=6.0)
@@ -267,3 +271,49 @@ def test_memory_holds_only_leases() -> None:
 
 def test_plan_of_an_empty_registry_is_empty() -> None:
     assert run([], functions=[]) == Plan(actions=[], seen={})
+
+
+# -- dead hosts ---------------------------------------------------------------------------------------------
+
+
+def host_lease(host_id: str, *, renewed_at: float, revision: int = 3) -> HostEntry:
+    return HostEntry(
+        host_id,
+        revision,
+        HostLease(host_id=host_id, runtime="docker", capacity=10, started_at=0.0, renewed_at=renewed_at, ttl=6.0),
+    )
+
+
+def run_hosts(instances: list[InstanceEntry], hosts: list[HostEntry], seen: dict[str, Seen]) -> Plan:
+    snap = Snapshot(functions={"echo": fn()}, instances=instances, hosts=hosts)
+    return plan(snap, seen, NOW, POLICY)
+
+
+def test_a_dead_hosts_lease_goes_and_its_entries_are_forgotten_in_any_state() -> None:
+    hosts = [host_lease("h1", renewed_at=NOW - 100), host_lease("h2", renewed_at=NOW)]
+    watched_since = {HOST_MEMORY + h.key: Seen(revision=h.revision, since=NOW - 100) for h in hosts}
+    instances = [
+        inst(1, state="busy", host="h1", claimed_by="p", claimed_at=NOW - 50),
+        inst(2, state="free", host="h1", last_used=NOW),
+        inst(3, state="free", host="h2", last_used=NOW),
+        inst(4, state="free", last_used=NOW),  # the control plane's own runtime: no host
+    ]
+    p = run_hosts(instances, hosts, watched_since)
+    assert DeleteHost(host_id="h1", revision=3) in p.actions
+    assert sorted(a.entry.key for a in p.actions if isinstance(a, Forget)) == ["echo.1", "echo.2"]
+    assert not [a for a in p.actions if isinstance(a, Drain)]  # forgotten, not drained: no stop request
+
+
+def test_an_outage_is_not_a_hosts_death_either() -> None:
+    """Just as for proxies: an expired host lease is dead only once watched unchanged for longer than its ttl."""
+    hosts = [host_lease("h1", renewed_at=NOW - 100)]
+    first = run_hosts([inst(1, host="h1", last_used=NOW)], hosts, {})
+    assert first.actions == []
+    assert first.seen[HOST_MEMORY + "h1"] == Seen(revision=3, since=NOW)
+
+
+def test_entries_of_a_host_without_any_lease_are_forgotten_after_the_grace() -> None:
+    young = inst(1, host="gone", created_at=NOW - 1, last_used=NOW)
+    old = inst(2, host="gone", created_at=NOW - 100, last_used=NOW)
+    p = run_hosts([young, old], [], {})
+    assert [a.entry.key for a in p.actions if isinstance(a, Forget)] == ["echo.2"]
