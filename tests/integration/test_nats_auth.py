@@ -27,10 +27,11 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from support import AccountsServer, accounts_server, zip_base64
 from websockets.asyncio.client import connect
 
-from aube.shared import credentials, names
+from aube.shared import credentials, kvread, names
+from aube.shared.hostbook import HostBook
 from aube.shared.natsserver import LocalNatsServer, find_nats_server, free_port, write_run_config
 from aube.shared.registry import Registry
-from aube.shared.schemas import ScaleIntent, encode
+from aube.shared.schemas import HostLease, ScaleIntent, encode
 
 pytestmark = pytest.mark.anyio
 
@@ -383,3 +384,48 @@ def test_deploy_nats_conf_accepts_every_generated_password(tmp_path: Path) -> No
             timeout=30,
         )
         assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
+async def test_host_agents_keep_their_lease_and_read_but_write_no_registry_entry(tmp_path: Path) -> None:
+    """An agent runs other people's code on its host: it may keep its host lease, read the instances and the versions'
+    folders, and answer its requests, but a compromised one cannot rewrite entries or function records, deploy, ask
+    for stops, nor answer as the control plane; a tenant cannot reach the host subjects at all."""
+    with accounts_server(tmp_path / "data-nats", tenants=["alice"]) as accounts:
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        cp_login = accounts.secrets.service_login("controlplane")
+        cp = await nats.connect(accounts.url, user=cp_login.user, password=cp_login.password)
+        await Registry.open(cp.jetstream())  # the control plane creates the registry's buckets
+        await cp.close()
+        login = accounts.secrets.service_login("agent")
+        nc = await nats.connect(accounts.url, user=login.user, password=login.password, error_cb=on_error)
+        try:
+            book = await HostBook.open(nc.jetstream())
+            now = time.time()
+            await book.put(HostLease(host_id="h1", runtime="docker", capacity=5, started_at=now, renewed_at=now))
+            assert (await book.kv.get("h1")).value is not None
+            assert await kvread.snapshot(nc.jetstream(), names.BUCKET_INSTANCES) == []  # it reads the instances
+            forbidden = [
+                f"$KV.{names.BUCKET_INSTANCES}.fa.0",
+                f"$KV.{names.BUCKET_FUNCTIONS}.fa",
+                f"$KV.{names.BUCKET_LEASES}.p1",
+                names.SUBJECT_UPLOAD,
+                names.SUBJECT_STOP_INSTANCE,
+                names.SUBJECT_SCALE,
+            ]
+            for subject in forbidden:
+                await nc.publish(subject, b"{}")
+            await nc.flush()
+            with anyio.move_on_after(5):
+                while len(errors) < len(forbidden):
+                    await anyio.sleep(0.05)
+            assert len(errors) == len(forbidden), errors
+            assert all("permissions violation" in e.lower() for e in errors), errors
+        finally:
+            await nc.close()
+        async with tenant_connection(accounts, "alice") as alice:
+            with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
+                await alice.request(names.host_subject("h1", "list"), b"{}", timeout=2)
