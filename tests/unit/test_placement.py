@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aube.controlplane.placement import choose_host, live
 from aube.controlplane.runtimes import hostwire
 from aube.shared.schemas import HostLease
@@ -62,3 +64,46 @@ def test_handles_and_artifact_refs_round_trip() -> None:
     assert hostwire.parse_artifact_ref(hostwire.artifact_ref("my-fn", 12)) == ("my-fn", 12)
     for bad in ("aube-fn-x:v1", "hosts:", "hosts:f:vx", "hosts::v1", "hosts:f"):
         assert hostwire.parse_artifact_ref(bad) is None
+
+
+def test_a_hosts_extraction_keeps_files_inside_and_refuses_anything_else(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    import pytest
+
+    from aube.agent.service import extract_plain
+    from aube.shared.errors import RuntimeFailure
+
+    def tar_of(*members: tuple[tarfile.TarInfo, bytes]) -> tarfile.TarFile:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for info, data in members:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        buf.seek(0)
+        return tarfile.open(fileobj=buf)
+
+    good = tarfile.TarInfo("./pkg/fn.py")
+    run = tarfile.TarInfo("./run.sh")
+    run.mode = 0o755
+    dest = tmp_path / "ok"
+    dest.mkdir()
+    extract_plain(tar_of((good, b"x = 1\n"), (run, b"#!/bin/sh\n")), dest)
+    assert (dest / "pkg" / "fn.py").read_text() == "x = 1\n"
+    assert (dest / "run.sh").stat().st_mode & 0o111
+    cases = (
+        ("../escape", tarfile.REGTYPE),
+        ("../bad0", tarfile.REGTYPE),
+        ("/etc/x", tarfile.REGTYPE),
+        ("l", tarfile.SYMTYPE),
+    )
+    for n, (name, kind) in enumerate(cases):
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = "/etc/passwd"
+        bad = tmp_path / f"bad{n}"
+        bad.mkdir()
+        with pytest.raises(RuntimeFailure):
+            extract_plain(tar_of((info, b"")), bad)
+    assert not (tmp_path / "escape").exists()
