@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from rig import containers, docker, images, layout, state, status
@@ -61,34 +62,33 @@ def up() -> None:
             )
             say(f"{node.name}: {did}")
         for node in layout.NATS_NODES:
-            url = f"http://127.0.0.1:{node.monitor_port}/healthz"
             containers.wait_until(
                 f"{node.name} current with a JetStream meta leader",
-                lambda url=url: containers.http_status(url) == 200,  # type: ignore[misc]
+                partial(containers.answers, f"http://127.0.0.1:{node.monitor_port}/healthz"),
                 NATS_READY_TIMEOUT,
                 container=node.name,
             )
     with phase("boxes", timings):
         for box in layout.BOXES:
             args = containers.box_args(box, host_image, prepared.state, CHECKOUT)
-            did = containers.ensure(box.name, args, host_image, [*(prepared.state / box.name).iterdir()])
+            healthy = partial(containers.engine_ready, box) if box.engine else None
+            did = containers.ensure(box.name, args, host_image, [*(prepared.state / box.name).iterdir()], healthy)
             say(f"{box.name}: {did}")
     hosts = [box for box in layout.BOXES if box.engine]
     with phase("inner engines", timings):
         for box in hosts:
             containers.wait_until(
                 f"{box.name}'s inner engine",
-                lambda box=box: containers.engine_ready(box),  # type: ignore[misc]
+                partial(containers.engine_ready, box),
                 ENGINE_READY_TIMEOUT,
                 container=box.name,
             )
         containers.load_base_image(hosts, say)
     with phase("proxies", timings):
         for box in hosts:
-            url = f"http://127.0.0.1:{box.proxy_port}/_aube/health"
             containers.wait_until(
                 f"{box.name}'s proxy",
-                lambda url=url: containers.http_status(url) == 200,  # type: ignore[misc]
+                partial(containers.answers, f"http://127.0.0.1:{box.proxy_port}/_aube/health"),
                 PROXY_READY_TIMEOUT,
                 container=box.name,
             )

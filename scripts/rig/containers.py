@@ -56,17 +56,25 @@ def box_args(box: Box, image: str, state: Path, checkout: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def ensure(name: str, args: list[str], image: str, files: list[Path]) -> str:
+def ensure(
+    name: str, args: list[str], image: str, files: list[Path], healthy: Callable[[], bool] | None = None
+) -> str:
     """Run the container `docker run -d <args>` unless it already runs with the same spec: the arguments, the
-    id of its `image` and the content of `files` (its configuration). Returns what was done."""
+    id of its `image` and the content of `files` (its configuration). One that runs as wanted but fails `healthy`
+    (a fault test killed its inner engine, say) is restarted. Returns what was done."""
     image_id = (docker.inspect("image", image) or {}).get("Id", "")
     h = hashlib.sha256(json.dumps([args, image_id]).encode())
     h.update(state_digest(files).encode())
     spec = h.hexdigest()[:16]
     current = docker.inspect("container", name)
     if current is not None and current["Config"]["Labels"].get(layout.SPEC_LABEL) == spec:
-        if current["State"]["Running"]:
+        if current["State"].get("Paused"):  # a fault test's `docker pause`
+            docker.run(["unpause", name])
+        if current["State"]["Running"] and (healthy is None or healthy()):
             return "running"
+        if current["State"]["Running"]:
+            docker.run(["restart", "-t", "2", name])
+            return "restarted (unhealthy)"
         docker.run(["start", name])
         return "started again"
     if current is not None:
@@ -92,6 +100,10 @@ def http_status(url: str) -> int | None:
         return int(e.code)
     except OSError:
         return None
+
+
+def answers(url: str) -> bool:
+    return http_status(url) == 200
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float, *, container: str) -> None:

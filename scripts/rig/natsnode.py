@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import string
 from pathlib import Path
-from typing import Any
 
 from aube.shared import natsserver
 from rig.layout import NATS_CLIENT_PORT, NATS_CLUSTER_PORT, NATS_MONITOR_PORT, NATS_NODES, NATS_STORE
 
 NODE_CONFIG = "node.conf"
 ROUTE_USER = "aube-route"
+JETSTREAM_STORE = NATS_STORE  # the node's volume (nats-server keeps its files in a `jetstream` folder there)
 
 FALLBACK_TEMPLATE = """\
 # One node of the rig's NATS cluster, rendered by scripts/rig/natsnode.py (a stand-in for deploy/cluster/node.conf).
@@ -52,14 +52,27 @@ def write_node_configs(checkout: Path, state: Path, tenant_hashes: dict[str, str
     includes); returns which template was used, for the log."""
     nats_conf = checkout / "deploy" / "nats.conf"
     template = checkout / "deploy" / "cluster" / NODE_CONFIG
-    shared = getattr(natsserver, "write_cluster_node_config", None)
+    # Looked up, not imported: the checkout may predate them.
+    write_shared = getattr(natsserver, "write_cluster_node_config", None)
+    node_type = getattr(natsserver, "ClusterNode", None)
+    shared = template.exists() and write_shared is not None and node_type is not None
     for node in NATS_NODES:
         run_dir = state / node.name
-        if template.exists() and shared is not None:
-            _write_shared(shared, node.name, nats_conf, template, run_dir, tenant_hashes, route_password)
+        if shared:
+            nodes = [node_type(**_addresses(n.name)) for n in NATS_NODES]  # type: ignore[misc]
+            write_shared(  # type: ignore[misc]
+                nats_conf,
+                template,
+                run_dir,
+                tenant_hashes,
+                next(n for n in nodes if n.name == node.name),
+                nodes,
+                store_dir=JETSTREAM_STORE,
+                route_password=route_password,
+            )
         else:
             _write_fallback(node.name, nats_conf, run_dir, tenant_hashes, route_password)
-    return str(template.relative_to(checkout)) if shared is not None and template.exists() else "the rig's stand-in"
+    return str(template.relative_to(checkout)) if shared else "the rig's stand-in for deploy/cluster/node.conf"
 
 
 def _addresses(name: str) -> dict[str, str]:
@@ -70,29 +83,6 @@ def _addresses(name: str) -> dict[str, str]:
         "cluster_listen": f"0.0.0.0:{NATS_CLUSTER_PORT}",
         "route": f"{name}:{NATS_CLUSTER_PORT}",  # the node's name on the rig network
     }
-
-
-def _write_shared(
-    write: Any,
-    name: str,
-    nats_conf: Path,
-    template: Path,
-    run_dir: Path,
-    tenant_hashes: dict[str, str],
-    route_password: str,
-) -> None:
-    cluster_node = getattr(natsserver, "ClusterNode", None)
-    nodes = [cluster_node(**_addresses(n.name)) for n in NATS_NODES]  # type: ignore[misc]
-    write(
-        nats_conf,
-        template,
-        run_dir,
-        tenant_hashes,
-        next(n for n in nodes if n.name == name),
-        nodes,
-        store_dir=f"{NATS_STORE}/jetstream",
-        route_password=route_password,
-    )
 
 
 def _write_fallback(
@@ -108,7 +98,7 @@ def _write_fallback(
         client=me["client"],
         monitor=me["monitor"],
         cluster=me["cluster_listen"],
-        store_dir=f"{NATS_STORE}/jetstream",
+        store_dir=JETSTREAM_STORE,
         route_user=ROUTE_USER,
         route_password=route_password,
         routes=routes,

@@ -66,8 +66,11 @@ def box_line(box: Box) -> str:
     if box.engine:
         inner = docker.exec_in(box.name, ["docker", "ps", "-q"])
         base = docker.exec_in(box.name, ["docker", "image", "inspect", layout.BASE_IMAGE]).returncode == 0
-        count = len(inner.stdout.split()) if inner.returncode == 0 else "down"
-        line += f"  inner engine: {count} containers, {layout.BASE_IMAGE} {'loaded' if base else 'missing'}"
+        if inner.returncode == 0:
+            loaded = "loaded" if base else "missing"
+            line += f"  inner engine: {len(inner.stdout.split())} containers, {layout.BASE_IMAGE} {loaded}"
+        else:
+            line += "  inner engine: not answering"
     if box.proxy_port is not None:
         health = http_status(f"http://127.0.0.1:{box.proxy_port}/_aube/health")
         line += f"  proxy 127.0.0.1:{box.proxy_port}: {'ok' if health == 200 else health}"

@@ -17,7 +17,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
+from nats.aio.client import Client as NATS
 from rig import layout
 from rig import state as rig_state
 
@@ -71,34 +73,43 @@ def test_nats_nodes_form_one_cluster(cluster: Path) -> None:
     assert len(leaders) == 1 and leaders <= names, f"the nodes name different JetStream leaders: {leaders}"
 
 
+async def _connect(url: str, login: credentials.Login) -> NATS:
+    """Bounded: a node that is down fails the test instead of being retried for ever."""
+    return await natsconn.connect(
+        url, user=login.user, password=login.password, name="rig-smoke", connect_timeout=5, max_reconnect_attempts=2
+    )
+
+
 async def test_a_three_replica_write_is_acknowledged_and_read_on_every_node(cluster: Path) -> None:
     """With the platform's own control-plane login (the NATS configuration is the platform's, accounts and all)."""
     login = credentials.platform_secrets(cluster).service_login("controlplane")
     bucket = f"rig-smoke-{uuid.uuid4().hex[:8]}"
-    nc = await natsconn.connect(layout.client_url(), user=login.user, password=login.password, name="rig-smoke")
-    try:
-        js = nc.jetstream(timeout=10)
-        kv = await js.create_key_value(bucket=bucket, replicas=3)
-        started = time.monotonic()
-        revision = await kv.put("key", b"written")
-        print(f"R3 put acknowledged in {1000 * (time.monotonic() - started):.1f} ms")
-        assert revision == 1
-        info = await js.stream_info(f"KV_{bucket}")
-        assert info.config.num_replicas == 3
-        assert info.cluster is not None
-        assert len(info.cluster.replicas or []) == 2, info.cluster
-        for node in layout.NATS_NODES:  # each node on its own: every one serves the replicated bucket
-            one = await natsconn.connect(node.url, user=login.user, password=login.password, name="rig-smoke-node")
-            try:
-                entry = await (await one.jetstream(timeout=10).key_value(bucket)).get("key")
-                assert entry.value == b"written", node.name
-            finally:
-                await one.close()
-    finally:
+    with anyio.fail_after(60):
+        nc = await _connect(layout.client_url(), login)
         try:
-            await nc.jetstream(timeout=10).delete_key_value(bucket)
+            js = nc.jetstream(timeout=10)
+            kv = await js.create_key_value(bucket=bucket, replicas=3)
+            started = time.monotonic()
+            revision = await kv.put("key", b"written")
+            print(f"R3 put acknowledged in {1000 * (time.monotonic() - started):.1f} ms")
+            assert revision == 1
+            info = await js.stream_info(f"KV_{bucket}")
+            assert info.config.num_replicas == 3
+            assert info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2, info.cluster
+            for node in layout.NATS_NODES:  # each node on its own: every one serves the replicated bucket
+                one = await _connect(node.url, login)
+                try:
+                    entry = await (await one.jetstream(timeout=10).key_value(bucket)).get("key")
+                    assert entry.value == b"written", node.name
+                finally:
+                    await one.close()
         finally:
-            await nc.close()
+            with anyio.move_on_after(15, shield=True):
+                try:
+                    await nc.jetstream(timeout=10).delete_key_value(bucket)
+                finally:
+                    await nc.close()
 
 
 def _aube_ls(credentials_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
