@@ -56,9 +56,7 @@ def box_args(box: Box, image: str, state: Path, checkout: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def ensure(
-    name: str, args: list[str], image: str, files: list[Path], healthy: Callable[[], bool] | None = None
-) -> str:
+def ensure(name: str, args: list[str], image: str, files: list[Path], healthy: Callable[[], bool] | None = None) -> str:
     """Run the container `docker run -d <args>` unless it already runs with the same spec: the arguments, the
     id of its `image` and the content of `files` (its configuration). One that runs as wanted but fails `healthy`
     (a fault test killed its inner engine, say) is restarted. Returns what was done."""
