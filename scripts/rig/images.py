@@ -49,6 +49,16 @@ def _exists(ref: str) -> bool:
     return docker.run(["image", "inspect", ref], check=False).returncode == 0
 
 
+def _drop_older(ref: str, say: docker.Say) -> None:
+    """Remove the repository's other tags once `ref` is built: each rebuild would leave one behind (an image a
+    container still uses stays)."""
+    repository, _, tag = ref.partition(":")
+    listed = docker.run(["images", repository, "--format", "{{.Tag}}"]).stdout.split()
+    for old in (t for t in listed if t != tag):
+        if docker.run(["rmi", f"{repository}:{old}"], check=False).returncode == 0:
+            say(f"removed the older {repository}:{old}")
+
+
 # -- NATS -----------------------------------------------------------------------------------------------------------
 
 
@@ -71,6 +81,7 @@ def nats_image(say: docker.Say) -> str:
         tar.addfile(info, io.BytesIO(data))
     changes = ['ENTRYPOINT ["/nats-server"]', f"WORKDIR /{NATS_WORKDIR}", f"LABEL {LABEL}=true"]
     _import(buf.getvalue(), ref, changes)
+    _drop_older(ref, say)
     return ref
 
 
@@ -145,6 +156,7 @@ def host_image(python: str, say: docker.Say, timings: dict[str, float]) -> str:
         argv = ["docker", "import", *(a for c in changes for a in ("--change", c)), str(rootfs), ref]
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
         timings["host image: import"] = time.monotonic() - started
+    _drop_older(ref, say)
     return ref
 
 
