@@ -1,7 +1,7 @@
 # Aube: `make start` runs the whole platform in the foreground (Ctrl-C stops it); `make test` runs the tests.
 PROXIES ?= 1
 
-.PHONY: start test test-fast lint setup bench bench-smoke clean
+.PHONY: start test test-fast lint setup bench bench-smoke clean cluster cluster-down cluster-status test-cluster
 
 setup:
 	@scripts/setup.sh
@@ -14,6 +14,20 @@ test: setup
 
 test-fast: setup
 	.venv/bin/pytest tests/unit
+
+# The test rig on one machine (scripts/cluster.sh): three NATS nodes, three Docker-in-Docker hosts, the plane.
+cluster:
+	scripts/cluster.sh up
+
+cluster-down:
+	scripts/cluster.sh down
+
+cluster-status:
+	scripts/cluster.sh status
+
+# The rig's suite: brings the rig up (or reuses it; one it started is taken down after).
+test-cluster: setup
+	.venv/bin/pytest -m cluster tests/cluster
 
 lint: setup
 	.venv/bin/ruff check .

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # mypy --strict over the installed names. The card's folders (shared/, services/<name>/, cli/) become `aube.*`
 # only when installed, and mypy cannot follow setuptools' editable import hook, so this lays a view of
-# symlinks named as installed (.typecheck/aube/...) and checks that.
+# symlinks named as installed (.typecheck/aube/...) and checks that, and the test rig's `rig` (scripts/rig).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -13,6 +13,6 @@ for svc in services/*/; do
   svc=${svc%/}
   ln -s "../../$svc" "$view/${svc#services/}"
 done
-export MYPYPATH=.typecheck
+export MYPYPATH=.typecheck:scripts
 exec "$PY" -m mypy --strict --explicit-package-bases --namespace-packages \
-  --config-file pyproject.toml "$view" "$@"
+  --config-file pyproject.toml "$view" scripts/rig "$@"
