@@ -251,6 +251,11 @@ class Registry:
             return Unknown(before.key, new, str(error) or type(error).__name__)
         if now is not None and now.record == new:
             return Written(now)
+        if now is not None and now.revision == before.revision:
+            # Refused, yet unchanged: JetStream holds a write for the entry that it has not committed, most likely
+            # ours. Seen on a cluster that lost its quorum: the leader checks a compare-and-set against every write
+            # it accepted, a read shows only committed ones, and the pending write lands once the quorum is back.
+            return Unknown(before.key, new, str(error) or type(error).__name__)
         return NotWritten(now, "changed while the write's outcome was unknown")
 
     async def delete_instance(self, key: str, revision: int | None = None) -> bool:
