@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from websockets.asyncio.client import connect, unix_connect
 
 from aube.shared import addresses, credentials, names
+from aube.shared.natscluster import LocalNatsCluster
 from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord
@@ -53,9 +54,12 @@ async def nats_client(url: str) -> AsyncIterator[tuple[NATS, Registry]]:
 
 
 class AccountsServer:
-    """A nats-server on the real deploy/nats.conf (accounts: the platform's, `deployer`'s and any other tenant's)."""
+    """A nats-server on the real deploy/nats.conf (accounts: the platform's, `deployer`'s and any other tenant's),
+    or a cluster of them (deploy/cluster/node.conf; `url` then lists every node)."""
 
-    def __init__(self, server: LocalNatsServer, secrets: credentials.PlatformSecrets, data: Path) -> None:
+    def __init__(
+        self, server: LocalNatsServer | LocalNatsCluster, secrets: credentials.PlatformSecrets, data: Path
+    ) -> None:
         self.server = server
         self.secrets = secrets
         self.data = data
@@ -96,6 +100,24 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
     with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
         yield AccountsServer(s, secrets, data)
+
+
+@contextmanager
+def accounts_cluster(data: Path, tenants: Sequence[str] = (), size: int = 3) -> Iterator[AccountsServer]:
+    """`accounts_server` as a cluster of `size` local nodes (natscluster.LocalNatsCluster)."""
+    secrets = credentials.platform_secrets(data)
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    for tenant in tenants:
+        credentials.add_tenant(data, tenant)
+    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
+    with LocalNatsCluster(
+        config=REPO / "deploy" / "nats.conf",
+        node_template=REPO / "deploy" / "cluster" / "node.conf",
+        size=size,
+        env=secrets.environment(),
+        tenant_hashes=hashes,
+    ) as cluster:
+        yield AccountsServer(cluster, secrets, data)
 
 
 async def wait_http(port: int, timeout: float = 30) -> None:
