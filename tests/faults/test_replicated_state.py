@@ -296,7 +296,7 @@ async def test_a_client_given_one_server_moves_to_a_discovered_one_with_its_logi
     them too. (With them in the URL, nats-py sends them to that URL's server only, and the reconnect fails.)"""
     await replicated_registry(cluster)
     async with service_client(cluster, "reaper", nodes(cluster).nodes[0].url) as nc:
-        assert len(nc.discovered_servers) == 2
+        assert len(nc.discovered_servers) >= 2  # learnt from the server it connected to
         registry = await Registry.open(nc.jetstream(timeout=2), scale_intents=False)
         nodes(cluster).kill(0)
         killed = time.monotonic()
