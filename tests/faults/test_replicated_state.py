@@ -387,3 +387,27 @@ async def test_a_bundle_put_through_one_node_is_read_whole_through_another(
     finally:
         for nc in [writer, *readers]:
             await nc.close()
+
+
+async def test_a_snapshot_taken_through_another_node_holds_the_write_just_acknowledged(cluster: AccountsServer) -> None:
+    """The registry's snapshots (kvread) read through a new consumer, which may live on another server than the
+    client's (its first fetch then met "no responders": 17 of 300) or on a replica behind its leader (the snapshot
+    missed the write just acknowledged: 1 of 300)."""
+    from aube.shared import kvread
+
+    login = cluster.secrets.service_login("controlplane")
+    urls = [node.url for node in nodes(cluster).nodes]
+    writer = await natsconn.connect(urls[0], user=login.user, password=login.password, name="test-writer")
+    readers = [
+        await natsconn.connect(u, user=login.user, password=login.password, name="test-reader") for u in urls[1:]
+    ]
+    try:
+        bucket = names.BUCKET_FUNCTIONS
+        kv = await buckets.open_kv(writer.jetstream(timeout=10), bucket, replicas=3, resize=buckets.Resize.EXACT)
+        for i in range(300):
+            revision = await kv.put(f"f{i % 20}", str(i).encode())
+            entries = await kvread.snapshot(readers[i % 2].jetstream(timeout=5), bucket)
+            assert any(e.key == f"f{i % 20}" and e.revision == revision for e in entries), i
+    finally:
+        for nc in [writer, *readers]:
+            await nc.close()
