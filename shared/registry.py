@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from aube.shared import instance_lifecycle, kvread, names, records
+from aube.shared import buckets, instance_lifecycle, kvread, names, records
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, ScaleIntent, encode
 
 log = logging.getLogger(__name__)
@@ -121,19 +121,29 @@ class Registry:
         self.scale_intents_kv = scale_intents
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, scale_intents: bool = True) -> Registry:
-        """Bind the buckets, creating them on first use (creation with the same config is idempotent).
+    async def open(
+        cls,
+        js: JetStreamContext,
+        *,
+        scale_intents: bool = True,
+        replicas: int = 1,
+        resize: buckets.Resize = buckets.Resize.NEVER,
+    ) -> Registry:
+        """Bind the buckets, creating a missing one with `replicas` copies; an existing one's count is changed only
+        as `resize` allows (buckets.py: the control plane's `EXACT`; other services use a bucket as it is).
 
         `scale_intents=False` leaves the scale-intents bucket alone, for a service whose NATS user may not use it
         (the reaper); its scale-intent methods then raise RuntimeError."""
+
+        async def kv(bucket: str, ttl: float | None = None) -> KeyValue:
+            return await buckets.open_kv(js, bucket, replicas=replicas, resize=resize, history=1, ttl=ttl)
+
         return cls(
             js,
-            await js.create_key_value(bucket=names.BUCKET_INSTANCES, history=1),
-            await js.create_key_value(bucket=names.BUCKET_FUNCTIONS, history=1),
-            await js.create_key_value(bucket=names.BUCKET_LEASES, history=1),
-            await js.create_key_value(bucket=names.BUCKET_SCALE_INTENTS, history=1, ttl=names.SCALE_INTENT_MAX_AGE)
-            if scale_intents
-            else None,
+            await kv(names.BUCKET_INSTANCES),
+            await kv(names.BUCKET_FUNCTIONS),
+            await kv(names.BUCKET_LEASES),
+            await kv(names.BUCKET_SCALE_INTENTS, ttl=names.SCALE_INTENT_MAX_AGE) if scale_intents else None,
         )
 
     async def _snapshot(self, bucket: str, key_filter: str = ">") -> list[tuple[str, int, bytes]]:
@@ -242,6 +252,11 @@ class Registry:
             return Unknown(before.key, new, str(error) or type(error).__name__)
         if now is not None and now.record == new:
             return Written(now)
+        if now is not None and now.revision == before.revision:
+            # Refused, yet unchanged: JetStream holds a write for the entry that it has not committed, most likely
+            # ours. Seen on a cluster that lost its quorum: the leader checks a compare-and-set against every write
+            # it accepted, a read shows only committed ones, and the pending write lands once the quorum is back.
+            return Unknown(before.key, new, str(error) or type(error).__name__)
         return NotWritten(now, "changed while the write's outcome was unknown")
 
     async def delete_instance(self, key: str, revision: int | None = None) -> bool:

@@ -11,7 +11,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -23,6 +23,11 @@ DEFAULT_PROXY_PORT = 8093
 DEFAULT_OPERATOR_PORT = 9093
 DEFAULT_BASE_IMAGE = "aube-base:bookworm"
 
+# How many copies JetStream keeps of each bucket (the registry's KV buckets, the bundle store): 1 on a single
+# server, 3 in a cluster (deploy/cluster/), where a bucket then survives the loss of one node. JetStream allows 1-5,
+# and a count above the cluster's size refuses to create the bucket.
+KvReplicas = Annotated[int, msgspec.Meta(ge=1, le=5)]
+
 
 def _default_data_dir() -> str:
     return str(Path.home() / ".local" / "share" / "aube")
@@ -33,9 +38,12 @@ def _default_node_id() -> str:
 
 
 class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
-    nats_url: str = DEFAULT_NATS_URL  # one server, or several separated by commas
+    nats_url: str = DEFAULT_NATS_URL  # one server, or several separated by commas (a cluster's members)
     nats_user: str = ""  # empty: connect without credentials (a development server without accounts)
     nats_password: str = ""
+    # The control plane sets the buckets' replica count: it creates them with it and updates an existing bucket's
+    # count in place (aube.shared.buckets); only its NATS user may update streams.
+    kv_replicas: KvReplicas = 1
     # The password of the `aube-fetch-<tenant>` users, with which the control plane reads a bundle a tenant put in
     # its own object store; empty: bundles are read from the control plane's own account (no tenant accounts).
     nats_fetch_password: str = ""
@@ -111,9 +119,11 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
-    nats_url: str = DEFAULT_NATS_URL
+    nats_url: str = DEFAULT_NATS_URL  # one server, or several separated by commas
     nats_user: str = ""
     nats_password: str = ""
+    # Used when this service is the first to create a bucket; an existing bucket is used at whatever count it has.
+    kv_replicas: KvReplicas = 1
     proxy_host: str = "0.0.0.0"
     proxy_port: int = DEFAULT_PROXY_PORT
     proxy_id: str = msgspec.field(default_factory=_default_node_id)
@@ -155,14 +165,17 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_password: str = ""
     host_id: str = msgspec.field(default_factory=_default_host_id)
     capacity: int = 50  # instances this host takes at most
+    kv_replicas: KvReplicas = 1  # used only to create the hosts bucket when missing; the control plane sets the count
     lease_ttl: float = 6.0
     reconcile_interval: float = 10.0
 
 
 class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):
-    nats_url: str = DEFAULT_NATS_URL
+    nats_url: str = DEFAULT_NATS_URL  # one server, or several separated by commas
     nats_user: str = ""
     nats_password: str = ""
+    # Used when this service is the first to create a bucket; an existing bucket is used at whatever count it has.
+    kv_replicas: KvReplicas = 1
     reaper_id: str = msgspec.field(default_factory=_default_node_id)
     reap_interval: float = 1.0
     lease_ttl: float = 6.0

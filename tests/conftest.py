@@ -233,9 +233,10 @@ class Platform:
         from aube.shared import names as n
         from aube.shared.bus import request
         from aube.shared.errors import ServiceUnavailable
+        from aube.shared.natsconn import server_list
         from aube.shared.schemas import ListReply, ListRequest
 
-        nc = await nats.connect(self.nats_url, **self.login)
+        nc = await nats.connect(servers=server_list(self.nats_url), **self.login)  # a cluster's list too
         try:
             deadline = time.monotonic() + timeout
             while True:

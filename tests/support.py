@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import InvalidStatus
 
 from aube.shared import addresses, credentials, names
+from aube.shared.natscluster import LocalNatsCluster
 from aube.shared.natsserver import LocalNatsServer, free_port
 from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord
@@ -60,9 +61,12 @@ async def nats_client(url: str, **options: Any) -> AsyncIterator[tuple[NATS, Reg
 
 
 class AccountsServer:
-    """A nats-server on the real deploy/nats.conf (accounts: the platform's, `deployer`'s and any other tenant's)."""
+    """A nats-server on the real deploy/nats.conf (accounts: the platform's, `deployer`'s and any other tenant's),
+    or a cluster of them (deploy/cluster/node.conf; `url` then lists every node)."""
 
-    def __init__(self, server: LocalNatsServer, secrets: credentials.PlatformSecrets, data: Path) -> None:
+    def __init__(
+        self, server: LocalNatsServer | LocalNatsCluster, secrets: credentials.PlatformSecrets, data: Path
+    ) -> None:
         self.server = server
         self.secrets = secrets
         self.data = data
@@ -103,6 +107,24 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
     with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
         yield AccountsServer(s, secrets, data)
+
+
+@contextmanager
+def accounts_cluster(data: Path, tenants: Sequence[str] = (), size: int = 3) -> Iterator[AccountsServer]:
+    """`accounts_server` as a cluster of `size` local nodes (natscluster.LocalNatsCluster)."""
+    secrets = credentials.platform_secrets(data)
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    for tenant in tenants:
+        credentials.add_tenant(data, tenant)
+    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
+    with LocalNatsCluster(
+        config=REPO / "deploy" / "nats.conf",
+        node_template=REPO / "deploy" / "cluster" / "node.conf",
+        size=size,
+        env=secrets.environment(),
+        tenant_hashes=hashes,
+    ) as cluster:
+        yield AccountsServer(cluster, secrets, data)
 
 
 async def wait_http(port: int, timeout: float = 30) -> None:

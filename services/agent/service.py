@@ -65,7 +65,7 @@ async def serve(
         max_reconnect_attempts=-1,
     )
     try:
-        hosts_kv, _ = await open_host_buckets(nc)
+        hosts_kv, _ = await open_host_buckets(nc, replicas=settings.kv_replicas)
         agent = Agent(settings, runtime_settings, runtime, nc)
         async with anyio.create_task_group() as tg:
             await tg.start(agent.keep_lease, hosts_kv)

@@ -21,7 +21,7 @@ from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
 from aube.controlplane.runtimes.local import select_local_runtime
 from aube.controlplane.upkeep import Upkeep
-from aube.shared import names, natsconn
+from aube.shared import buckets, names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, InvalidRequest, TooManyRequests
@@ -84,13 +84,15 @@ async def serve(
     cp: ControlPlane | None = None
     try:
         js = nc.jetstream()
-        registry = await Registry.open(js)
+        # The control plane sets the buckets' replica count (AUBE_KV_REPLICAS): existing ones are updated in place.
+        replicas, resize = settings.kv_replicas, buckets.Resize.EXACT
+        registry = await Registry.open(js, replicas=replicas, resize=resize)
         if on_hosts:
             from aube.controlplane.runtimes.hosts import HostsRuntime
 
             runtime = await HostsRuntime.connect(settings, nc, registry)
         assert runtime is not None
-        bundles = await js.create_object_store(names.BUCKET_BUNDLES)
+        bundles = await buckets.open_object_store(js, names.BUCKET_BUNDLES, replicas=replicas, resize=resize)
         cp = ControlPlane(settings, nc, registry, runtime, bundles)
         await cp.reconcile(startup=True)
         # Deployers' requests arrive on the contract's subjects from the platform account itself, and as

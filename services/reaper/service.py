@@ -60,8 +60,8 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
     )
     try:
         # Scale intents are the proxies' business: the reaper's NATS user may not even read them.
-        registry = await Registry.open(nc.jetstream(), scale_intents=False)
-        hosts = await HostBook.open(nc.jetstream())
+        registry = await Registry.open(nc.jetstream(), scale_intents=False, replicas=settings.kv_replicas)
+        hosts = await HostBook.open(nc.jetstream(), replicas=settings.kv_replicas)
         reaper = Reaper(nc, registry, policy_for(settings), reaper_id=settings.reaper_id, hosts=hosts)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reaper.run, settings.reap_interval)

@@ -159,3 +159,28 @@ async def test_a_fence_that_meets_the_late_write_itself_counts_it_as_won(registr
     registry.instances_kv.update = update  # type: ignore[method-assign]
     outcome = await registry.apply(KEY, partial(lifecycle.claim, proxy_id="p1", now=5.0), attempts=1)
     assert isinstance(outcome, Written) and outcome.entry.record == claimed
+
+
+async def test_a_fence_refused_while_the_entry_has_not_moved_leaves_the_outcome_unknown(registry: Registry) -> None:
+    """The fence is refused but a read shows the entry unchanged: a write is pending in JetStream, not committed
+    yet, and may still land (on a 3-node cluster that lost 2 nodes, the leader refused the fence because of the
+    timed-out write it held, which landed once a node came back: tests/faults/test_replicated_state.py). Injected
+    here at the client's edge: the timed-out write is held back and the fence refused as the leader refused it."""
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    real_update = registry.instances_kv.update
+    held: list[tuple[str, bytes, int | None]] = []
+
+    async def update(key: str, value: bytes, last: int | None = None) -> int:
+        if not held:
+            held.append((key, value, last))  # accepted by a leader without quorum: no answer, not committed
+            raise TimeoutError("injected: no answer from JetStream")
+        raise KeyWrongLastSequenceError(description="wrong last sequence: pending write")
+
+    registry.instances_kv.update = update  # type: ignore[method-assign]
+    claim = partial(lifecycle.claim, proxy_id="p1", now=5.0)
+    outcome = await registry.apply(KEY, claim, attempts=1)
+    assert isinstance(outcome, Unknown), outcome  # not NotWritten: the held write may still land
+    key, value, last = held[0]
+    await real_update(key, value, last=last)  # the quorum is back: it lands
+    assert (await entry_now(registry)).record == outcome.record

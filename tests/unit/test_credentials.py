@@ -74,3 +74,11 @@ def test_rendered_accounts_export_each_tenants_subjects_to_that_tenant_only() ->
     assert "aube.t.bob" not in accounts.split("bob: {")[0]  # alice's account imports nothing of bob's
     with pytest.raises(InvalidRequest, match="malformed"):
         tenants.render_accounts({"eve": 'x"}]}'}, ["aube.fn.upload"], "aube.events.fn", "aube-bundles", "1MB")
+
+
+def test_a_server_list_is_redacted_url_by_url() -> None:
+    # Parsed as one URL, a cluster's list kept the second password, and one with a password first raised.
+    assert credentials.redact("nats://a:4222, nats://u:pw2@b:4223") == "nats://a:4222,nats://u:***@b:4223"
+    assert credentials.redact("nats://u:pw1@a:4222,nats://u:pw2@b:4223") == "nats://u:***@a:4222,nats://u:***@b:4223"
+    assert credentials.redact("nats://a:4222,nats://b:4223") == "nats://a:4222,nats://b:4223"
+    assert "pw" not in credentials.redact("nats://u:pw@a:99999")

@@ -42,7 +42,7 @@ from aube.controlplane.runtimes.base import (
     RunningInstance,
     StartedInstance,
 )
-from aube.shared import bus, names
+from aube.shared import buckets, bus, names
 from aube.shared.errors import AubeError, BuildFailed, RuntimeFailure
 from aube.shared.hostbook import HostBook
 from aube.shared.registry import Registry
@@ -56,9 +56,14 @@ QUICK_TIMEOUT = 10.0  # stop, liveness, listings: a live agent answers these at 
 MAX_START_ATTEMPTS = 3  # hosts tried for one instance before the start fails
 
 
-async def open_host_buckets(nc: NATS) -> tuple[HostBook, ObjectStore]:
+async def open_host_buckets(
+    nc: NATS, *, replicas: int = 1, resize: buckets.Resize = buckets.Resize.NEVER
+) -> tuple[HostBook, ObjectStore]:
+    """The hosts bucket and the versions' store, replicated like the registry (the control plane sets the count)."""
     js = nc.jetstream()
-    return await HostBook.open(js), await js.create_object_store(names.BUCKET_ARTIFACTS)
+    book = await HostBook.open(js, replicas=replicas, resize=resize)
+    store = await buckets.open_object_store(js, names.BUCKET_ARTIFACTS, replicas=replicas, resize=resize)
+    return book, store
 
 
 class HostsRuntime:
@@ -83,7 +88,7 @@ class HostsRuntime:
 
     @classmethod
     async def connect(cls, settings: ControlPlaneSettings, nc: NATS, registry: Registry) -> HostsRuntime:
-        hosts, artifacts = await open_host_buckets(nc)
+        hosts, artifacts = await open_host_buckets(nc, replicas=settings.kv_replicas, resize=buckets.Resize.EXACT)
         return cls(settings, nc, registry, hosts, artifacts)
 
     # -- hosts ---------------------------------------------------------------------------------------------
