@@ -18,7 +18,6 @@ this class through the same Runtime protocol as to a local engine; each call bec
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tarfile
 import tempfile
@@ -276,4 +275,4 @@ class HostsRuntime:
                 await sub.unsubscribe()
 
     async def close(self) -> None:
-        await asyncio.sleep(0)
+        """Nothing of its own to close: the NATS connection is the service's."""
