@@ -57,7 +57,9 @@ def _entry(bucket: str, subject: str, revision: int, headers: dict[str, str] | N
 async def snapshot(js: JetStreamContext, bucket: str, key_filter: str = ">") -> list[KvEntry]:
     """The latest state of every key under `key_filter`, deletions included (value None), in stream order.
 
-    Complete: every write acknowledged before the call is in it (later ones may be too)."""
+    Complete: every write acknowledged before the call is in it (later ones may be too). Each key once: the consumer
+    goes on past its start with messages written meanwhile, so a key changed after it was read comes again; the
+    later message is its state (seen as one instance listed twice, starting and free)."""
     stream = stream_name(bucket)
     info = await js.add_consumer(
         stream,
@@ -70,7 +72,7 @@ async def snapshot(js: JetStreamContext, bucket: str, key_filter: str = ">") -> 
         ),
     )
     assert info.name is not None  # the server names every consumer it creates
-    entries: list[KvEntry] = []
+    latest: dict[str, KvEntry] = {}
     try:
         pending = info.num_pending or 0
         if pending:
@@ -79,14 +81,16 @@ async def snapshot(js: JetStreamContext, bucket: str, key_filter: str = ">") -> 
                 while pending > 0:
                     for msg in await sub.fetch(min(pending, SNAPSHOT_BATCH), timeout=FETCH_TIMEOUT):
                         meta = msg.metadata
-                        entries.append(_entry(bucket, msg.subject, meta.sequence.stream, msg.headers, msg.data))
+                        entry = _entry(bucket, msg.subject, meta.sequence.stream, msg.headers, msg.data)
+                        latest.pop(entry.key, None)  # keeps the order of stream positions
+                        latest[entry.key] = entry
                         pending = meta.num_pending
             finally:
                 await sub.unsubscribe()
     finally:
         with anyio.move_on_after(FETCH_TIMEOUT, shield=True), contextlib.suppress(Exception):
             await js.delete_consumer(stream, info.name)
-    return entries
+    return list(latest.values())
 
 
 async def follow(js: JetStreamContext, kv: KeyValue, bucket: str) -> AsyncIterator[KvEntry | None]:
