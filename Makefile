@@ -13,7 +13,7 @@ test: setup
 	.venv/bin/pytest
 
 test-fast: setup
-	.venv/bin/pytest tests/unit
+	.venv/bin/pytest tests/unit tests/controlplane
 
 lint: setup
 	.venv/bin/ruff check .
