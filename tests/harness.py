@@ -78,9 +78,9 @@ async def deploy(
 
 
 @asynccontextmanager
-async def nats_client(url: str, **login: str) -> AsyncIterator[tuple[NATS, Registry]]:
-    """`async with nats_client(url) as (nc, registry)`: a connection and the registry on it, closed after."""
-    nc = await nats.connect(url, **login)
+async def nats_client(url: str, **options: Any) -> AsyncIterator[tuple[NATS, Registry]]:
+    """A connection (`options`: nats.connect's, e.g. a login) and the registry read through it, closed after."""
+    nc = await nats.connect(url, **options)
     try:
         yield nc, await Registry.open(nc.jetstream())
     finally:
@@ -157,7 +157,11 @@ def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[Account
 
 def proc_status_kib(pid: int, field: str) -> int:
     """A /proc/<pid>/status field in KiB (VmRSS: resident now; VmHWM: the peak since the process started)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as e:
+        raise AssertionError(f"process {pid} is gone (it exited)") from e
+    for line in status.splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} for {pid}")

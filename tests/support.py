@@ -23,7 +23,6 @@ from typing import Any
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
-
 from harness import REPO as REPO
 from harness import AccountsServer as AccountsServer
 from harness import accounts_server as accounts_server
