@@ -193,6 +193,9 @@ class FakeRuntime:
             if i.spec.owner == owner
         ]
 
+    def covers(self, host: str) -> bool:
+        return host == ""  # every fake instance runs on "this machine"
+
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
         self.calls.append(Call("watch_exits", (owner,)))
         if self.watch_fails:

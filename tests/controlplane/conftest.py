@@ -19,13 +19,20 @@ from aube.shared.settings import ControlPlaneSettings
 
 
 @pytest.fixture
-def settings(nats_server: LocalNatsServer, tmp_path: Path) -> ControlPlaneSettings:
+def health_timeout() -> float:
+    """How long a start may take to pass its health check (fake instances pass at once); a test about a start that
+    never passes parametrizes it shorter."""
+    return 1.0
+
+
+@pytest.fixture
+def settings(nats_server: LocalNatsServer, tmp_path: Path, health_timeout: float) -> ControlPlaneSettings:
     return ControlPlaneSettings(
         nats_url=nats_server.url,
         runtime="process",
         owner=f"t{uuid.uuid4().hex[:10]}",
         data_dir=str(tmp_path / "data"),
-        health_timeout=1.0,
+        health_timeout=health_timeout,
         delete_grace=30.0,
     )
 
