@@ -13,7 +13,7 @@ test: setup
 	.venv/bin/pytest
 
 test-fast: setup
-	.venv/bin/pytest tests/unit
+	.venv/bin/pytest tests/unit tests/controlplane
 
 # The test rig on one machine (scripts/cluster.sh): three NATS nodes, three Docker-in-Docker hosts, the plane.
 cluster:

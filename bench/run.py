@@ -12,29 +12,25 @@ Everything started is stopped at the end: services, nginx (own prefix and config
 from __future__ import annotations
 
 import argparse
-import base64
-import io
+import functools
 import json
 import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-import zipfile
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractAsyncContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import nats
 
 from aube.shared import names
 from aube.shared.bus import request
@@ -44,8 +40,6 @@ from aube.shared.registry import Registry
 from aube.shared.schemas import (
     DeleteReply,
     DeleteRequest,
-    ListReply,
-    ListRequest,
     ScaleReply,
     ScaleRequest,
     StopInstanceReply,
@@ -62,7 +56,15 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts, not a package
+sys.path.insert(1, str(REPO / "tests"))  # the platform harness the tests run on too (tests/harness.py)
+import harness  # noqa: E402
 import loadgen as lg  # noqa: E402
+from harness import http_status  # noqa: E402
+
+# The services' settings in a benchmark run, beyond the harness's own. Direct connections are the baseline:
+# instances on loopback TCP, which sandboxed process instances (no network; a Unix socket) are not. The sandbox is
+# not what these figures are about.
+SERVICE_ENV = {"AUBE_LOG_LEVEL": "INFO", "AUBE_HEALTH_TIMEOUT": "120", "AUBE_SANDBOX": "none"}
 
 # Instance credentials by address, for the baselines that dial instances straight (direct, nginx): instances answer
 # the platform only, and these stand in for the proxy. Filled from the registry as instances are found.
@@ -109,127 +111,30 @@ def median(values: list[float]) -> float:
 # Processes
 
 
-class Service:
-    """`python -m <module>` with an AUBE_* environment, logging to a file."""
-
-    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
-        self.module = module
-        self._log = log_path.open("ab")
-        self.proc = subprocess.Popen([PY, "-m", module], env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 class Stack:
-    """One platform: its own nats-server, a control plane on one runtime, optionally a proxy replica."""
+    """One platform: its own nats-server, a control plane on one runtime, optionally a proxy replica (harness.py)."""
 
     def __init__(self, work: Path, runtime: str, owner: str, stack: ExitStack) -> None:
-        self.work = work / runtime
-        self.work.mkdir(parents=True, exist_ok=True)
         self.runtime = runtime
         self.owner = owner
         self.nats = stack.enter_context(LocalNatsServer())
-        self.data_dir = str(self.work / "data")
-        self.services: list[Service] = []
-        stack.callback(self.stop)
-        self.controlplane = self._start("aube.controlplane")
-        self.proxy: Service | None = None
+        self.platform = harness.Platform(self.nats.url, owner, runtime, work / runtime, env_defaults=SERVICE_ENV)
+        self.work = self.platform.tmp
+        stack.callback(self.platform.stop_all, show_logs=False)
+        self.controlplane = self.platform.start("aube.controlplane")
+        self.proxy: harness.ServiceProcess | None = None
         self.proxy_port = 0
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AUBE_")}
-        env.update(
-            AUBE_NATS_URL=self.nats.url,
-            AUBE_OWNER=self.owner,
-            AUBE_RUNTIME=self.runtime,
-            AUBE_DATA_DIR=self.data_dir,
-            AUBE_LOG_LEVEL="INFO",
-            AUBE_HEALTH_TIMEOUT="120",
-            AUBE_STOP_INSTANCES_ON_EXIT="true",
-            # Direct connections are the baseline: instances on loopback TCP, which sandboxed process instances
-            # (no network; a Unix socket) are not. The sandbox is not what these figures are about.
-            AUBE_SANDBOX="none",
-        )
-        env.update(extra)
-        return env
-
-    def _start(self, module: str, **extra: str) -> Service:
-        name = module.rsplit(".", 1)[-1]
-        service = Service(module, self.env(**extra), self.work / f"{name}-{len(self.services)}.log")
-        self.services.append(service)
-        return service
-
     def start_proxy(self) -> None:
-        self.proxy_port = free_port()
-        self.proxy = self._start(
-            "aube.proxy",
-            AUBE_PROXY_PORT=str(self.proxy_port),
-            AUBE_PROXY_HOST="127.0.0.1",
-            AUBE_PROXY_ID=f"bench-{self.proxy_port}",
-            # Metrics are on the operator port only; a free one, so a running platform's 9093 is no obstacle.
-            AUBE_OPERATOR_PORT=str(free_port()),
-        )
-        wait_until(lambda: http_status("127.0.0.1", self.proxy_port, names.PATH_HEALTH) == 200, 60, "proxy health")
+        port = free_port()
+        start = functools.partial(self.platform.start_proxy, AUBE_PROXY_PORT=str(port), AUBE_PROXY_ID=f"bench-{port}")
+        self.proxy_port, self.proxy = anyio.run(start)
 
     async def wait_ready(self) -> None:
-        async with self.client() as (nc, _):
-            with anyio.fail_after(120):
-                while True:
-                    if self.controlplane.proc.poll() is not None:
-                        raise RuntimeError(f"control plane exited, see {self.work}")
-                    try:
-                        await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 1.0)
-                        return
-                    except Exception:
-                        await anyio.sleep(0.1)
+        await self.platform.wait_ready(self.controlplane)
 
-    def client(self) -> Any:
-        return nats_client(self.nats.url)
-
-    def stop(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-        if self.runtime == "process":
-            _sweep_process_instances(self.owner, self.data_dir)
-
-
-class nats_client:
-    """`async with nats_client(url) as (nc, registry)`."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    async def __aenter__(self) -> tuple[Any, Registry]:
-        self.nc = await nats.connect(self.url)
-        return self.nc, await Registry.open(self.nc.jetstream())
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.nc.close()
-
-
-def _sweep_process_instances(owner: str, data_dir: str) -> None:
-    from aube.controlplane.runtimes.process import ProcessRuntime
-    from aube.shared.settings import ControlPlaneSettings
-
-    async def sweep() -> None:
-        runtime = ProcessRuntime(ControlPlaneSettings(owner=owner, data_dir=data_dir))
-        for instance in await runtime.instances(owner):
-            await runtime.stop(instance.handle)
-        await runtime.close()
-
-    anyio.run(sweep)
+    def client(self) -> AbstractAsyncContextManager[tuple[Any, Registry]]:
+        return harness.nats_client(self.nats.url)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.002) -> float:
@@ -240,17 +145,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(interval)
-
-
-def http_status(host: str, port: int, path: str) -> int | None:
-    """Status of a GET, or None while nothing answers."""
-    try:
-        with socket.create_connection((host, port), timeout=2) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = s.recv(256)
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else None
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def loadgen(*args: str, timeout: float = 300) -> dict[str, Any]:
@@ -264,17 +158,6 @@ def loadgen(*args: str, timeout: float = 300) -> dict[str, Any]:
     return result
 
 
-def zipped(folder: Path, extra: dict[str, str]) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.name not in extra:
-                z.write(path, str(path.relative_to(folder)))
-        for name, text in extra.items():
-            z.writestr(name, text)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def manifest(min_free: int, max_instances: int) -> str:
     # Both cores for the echo instance: the data path measures the proxy, so the echo must not be throttled by the
     # default limit of half a core (which both runtimes enforce).
@@ -285,7 +168,7 @@ async def upload(stack: Stack, name: str, toml: str, code_suffix: str = "") -> t
     extra = {"aube.toml": toml}
     if code_suffix:
         extra["fn.py"] = (ECHO / "fn.py").read_text() + code_suffix
-    body = UploadRequest(name=name, zip=zipped(ECHO, extra))
+    body = UploadRequest(name=name, zip=harness.zip_base64(ECHO, extra))
     async with stack.client() as (nc, _):
         t0 = time.perf_counter()
         reply = await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 900)
@@ -308,16 +191,9 @@ async def delete(stack: Stack, name: str) -> None:
 
 async def free_addresses(stack: Stack, name: str, want: int, timeout: float = 120) -> list[str]:
     async with stack.client() as (_, registry):
-        with anyio.fail_after(timeout):
-            while True:
-                entries = await registry.instances(name)
-                free = sorted(
-                    (e.record.slot, e.record.address) for e in entries if e.record.state == "free" and e.record.address
-                )
-                CREDENTIALS.update((e.record.address, e.record.secret) for e in entries if e.record.secret)
-                if len(free) >= want:
-                    return [a for _, a in free[:want]]
-                await anyio.sleep(0.1)
+        free = (await harness.wait_free(registry, name, want, timeout))[:want]
+    CREDENTIALS.update((e.record.address, e.record.secret) for e in free if e.record.secret)
+    return [e.record.address for e in free]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1043,11 +919,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                     results["notes"].append(f"The Docker scenarios failed: `{e!r}`.")
     finally:
         if docker_client is not None:
-            label = f"{names.LABEL_OWNER}={owner}"
-            for c in docker_client.containers.list(all=True, filters={"label": label}):
-                c.remove(force=True)
-            for image in docker_client.images.list(filters={"label": label}):
-                docker_client.images.remove(image.id, force=True)
+            harness.remove_labelled(docker_client, owner)
             docker_client.close()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

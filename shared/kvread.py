@@ -66,7 +66,9 @@ async def snapshot(js: JetStreamContext, bucket: str, key_filter: str = ">") -> 
     """The latest state of every key under `key_filter`, deletions included (value None), in stream order.
 
     Complete: every write acknowledged before the call is in it (later ones may be too). Raises TimeoutError when the
-    consumers stay behind the newest message (a replica far behind its leader)."""
+    consumers stay behind the newest message (a replica far behind its leader). Each key once: the consumer goes on
+    past its start with messages written meanwhile, so a key changed after it was read comes again; the later message
+    is its state (seen as one instance listed twice, starting and free)."""
     stream = stream_name(bucket)
     subject = f"$KV.{bucket}.{key_filter}"
     try:
@@ -93,7 +95,7 @@ async def _read_through_consumer(js: JetStreamContext, stream: str, bucket: str,
         ),
     )
     assert info.name is not None  # the server names every consumer it creates
-    entries: list[KvEntry] = []
+    latest: dict[str, KvEntry] = {}
     try:
         pending = info.num_pending or 0
         if pending:
@@ -105,20 +107,22 @@ async def _read_through_consumer(js: JetStreamContext, stream: str, bucket: str,
                         batch = await sub.fetch(min(pending, SNAPSHOT_BATCH), timeout=FETCH_TIMEOUT)
                     except ServiceUnavailableError:  # "no responders": the consumer is not known here yet
                         fetched += 1
-                        if entries or fetched >= FIRST_FETCH_ATTEMPTS:
+                        if latest or fetched >= FIRST_FETCH_ATTEMPTS:
                             raise
                         await anyio.sleep(0.05)
                         continue
                     for msg in batch:
                         meta = msg.metadata
-                        entries.append(_entry(bucket, msg.subject, meta.sequence.stream, msg.headers, msg.data))
+                        entry = _entry(bucket, msg.subject, meta.sequence.stream, msg.headers, msg.data)
+                        latest.pop(entry.key, None)  # keeps the order of stream positions
+                        latest[entry.key] = entry
                         pending = meta.num_pending
             finally:
                 await sub.unsubscribe()
     finally:
         with anyio.move_on_after(FETCH_TIMEOUT, shield=True), contextlib.suppress(Exception):
             await js.delete_consumer(stream, info.name)
-    return entries
+    return list(latest.values())
 
 
 async def follow(js: JetStreamContext, kv: KeyValue, bucket: str) -> AsyncIterator[KvEntry | None]:

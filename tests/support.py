@@ -1,10 +1,13 @@
-"""Helpers the integration tests share (fixtures live in conftest.py; these are plain functions)."""
+"""Helpers the integration tests share (fixtures live in conftest.py; these are plain functions).
+
+What the benchmark needs too (nats-server, services as processes, deploying, waiting, RSS, sweeping) lives in
+harness.py; the names tests have always imported from here (REPO, zip_base64, nats_client, accounts_server,
+AccountsServer, wait_http) are re-exported.
+"""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import os
 import re
@@ -13,132 +16,27 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
-import nats
 from anyio.abc import TaskStatus
-from nats.aio.client import Client as NATS
+from harness import REPO as REPO
+from harness import AccountsServer as AccountsServer
+from harness import accounts_cluster as accounts_cluster
+from harness import accounts_server as accounts_server
+from harness import nats_client as nats_client
+from harness import wait_http as wait_http
+from harness import zip_base64 as zip_base64
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import InvalidStatus
 
 from aube.shared import addresses, credentials, names
-from aube.shared.natscluster import LocalNatsCluster
-from aube.shared.natsserver import LocalNatsServer, free_port
+from aube.shared.natsserver import free_port
 from aube.shared.registry import Registry
 from aube.shared.schemas import InstanceRecord
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def zip_base64(folder: Path, extra: Mapping[str, str] | None = None) -> str:
-    """The folder as AubeFaaS's upload script sent it: a base64 zip with the files at the archive root.
-    `extra` files are added, replacing any of the same name."""
-    extra = extra or {}
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.name not in extra:
-                z.write(path, str(path.relative_to(folder)))
-        for name, text in extra.items():
-            z.writestr(name, text)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-@asynccontextmanager
-async def nats_client(url: str, **options: Any) -> AsyncIterator[tuple[NATS, Registry]]:
-    """A connection (`options`: nats.connect's, e.g. a login) and the registry read through it."""
-    nc = await nats.connect(url, **options)
-    try:
-        yield nc, await Registry.open(nc.jetstream())
-    finally:
-        await nc.close()
-
-
-class AccountsServer:
-    """A nats-server on the real deploy/nats.conf (accounts: the platform's, `deployer`'s and any other tenant's),
-    or a cluster of them (deploy/cluster/node.conf; `url` then lists every node)."""
-
-    def __init__(
-        self, server: LocalNatsServer | LocalNatsCluster, secrets: credentials.PlatformSecrets, data: Path
-    ) -> None:
-        self.server = server
-        self.secrets = secrets
-        self.data = data
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def login(self, tenant: str) -> credentials.Login:
-        path = self.data / ("credentials.env" if tenant == "deployer" else f"tenants/{tenant}.env")
-        login = credentials.load_login(path)
-        assert login is not None
-        return login
-
-    def options(self, tenant: str) -> dict[str, str]:
-        """nats.connect keyword arguments for `tenant`."""
-        login = self.login(tenant)
-        return {"user": login.user, "password": login.password}
-
-    def service_env(self, service: str) -> dict[str, str]:
-        """The AUBE_* variables a service process needs to log in as itself."""
-        login = self.secrets.service_login(service)
-        env = {"AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password}
-        if service == "controlplane":
-            env["AUBE_NATS_FETCH_PASSWORD"] = self.secrets.fetch_password
-        return env
-
-    def all_passwords(self) -> list[str]:
-        return [*self.secrets.passwords.values(), self.login("deployer").password]
-
-
-@contextmanager
-def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[AccountsServer]:
-    secrets = credentials.platform_secrets(data)
-    credentials.ensure_default_tenant(data, data / "credentials.env")
-    for tenant in tenants:
-        credentials.add_tenant(data, tenant)
-    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
-    with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
-        yield AccountsServer(s, secrets, data)
-
-
-@contextmanager
-def accounts_cluster(data: Path, tenants: Sequence[str] = (), size: int = 3) -> Iterator[AccountsServer]:
-    """`accounts_server` as a cluster of `size` local nodes (natscluster.LocalNatsCluster)."""
-    secrets = credentials.platform_secrets(data)
-    credentials.ensure_default_tenant(data, data / "credentials.env")
-    for tenant in tenants:
-        credentials.add_tenant(data, tenant)
-    hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
-    with LocalNatsCluster(
-        config=REPO / "deploy" / "nats.conf",
-        node_template=REPO / "deploy" / "cluster" / "node.conf",
-        size=size,
-        env=secrets.environment(),
-        tenant_hashes=hashes,
-    ) as cluster:
-        yield AccountsServer(cluster, secrets, data)
-
-
-async def wait_http(port: int, timeout: float = 30) -> None:
-    """Until a proxy on 127.0.0.1:`port` answers its health check."""
-    with anyio.fail_after(timeout):
-        while True:
-            try:
-                async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                    await s.send(b"GET /_aube/health HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if b" 200 " in await s.receive():
-                        return
-            except OSError:
-                pass
-            await anyio.sleep(0.1)
 
 
 def consecutive_free_ports(count: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -188,5 +189,49 @@ async def test_malformed_and_forged_entries_are_skipped_never_trusted_never_a_cr
         assert [f.name for f in listed.functions] == ["rev"]
         assert cp.proc is not None and cp.proc.poll() is None
         assert "untrustworthy" in cp.log_text() or "unreadable" in cp.log_text()
+    finally:
+        await nc.close()
+
+
+async def test_a_snapshot_shows_each_key_once_in_its_latest_state_when_it_changes_meanwhile(
+    nats_server: LocalNatsServer,
+) -> None:
+    """A key written after the snapshot has read it is delivered again (the consumer goes on with new messages): the
+    snapshot must show it once, as it is now. Seen as an instance counted twice (starting and free) in the min_free
+    keeper's tests (tests/controlplane/)."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="snapshot-race", history=1)
+        keys = [f"k{i:03}" for i in range(kvread.SNAPSHOT_BATCH + 10)]  # read in two fetches
+        for key in keys:
+            await kv.put(key, b"before")
+
+        class WritesAfterTheFirstFetch:
+            """The JetStream context, but two keys already read change before the snapshot's next fetch."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(js, name)
+
+            async def pull_subscribe_bind(self, *args: Any, **kwargs: Any) -> Any:
+                sub = await js.pull_subscribe_bind(*args, **kwargs)
+                first_fetch = sub.fetch
+
+                async def fetch(*args: Any, **kwargs: Any) -> Any:
+                    batch = await first_fetch(*args, **kwargs)
+                    if sub.fetch is fetch:
+                        sub.fetch = first_fetch
+                        await kv.put(keys[0], b"after")
+                        await kv.delete(keys[1])
+                    return batch
+
+                sub.fetch = fetch
+                return sub
+
+        raw = await kvread.snapshot(WritesAfterTheFirstFetch(), "snapshot-race")  # type: ignore[arg-type]
+
+        assert len(raw) == len(keys) and len({e.key for e in raw}) == len(keys)
+        latest = {e.key: e.value for e in raw}
+        assert latest[keys[0]] == b"after" and latest[keys[1]] is None and latest[keys[2]] == b"before"
     finally:
         await nc.close()

@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import pytest
+from harness import proc_status_kib
 from nats.aio.client import Client as NATS
 from nats.js import api
 from support import nats_client
@@ -57,14 +58,6 @@ async def upload_reply(nc: NATS, body: dict[str, Any], timeout: float = 120) -> 
 def error_of(reply: dict[str, Any]) -> tuple[str, str]:
     assert reply["ok"] is False, reply
     return reply["error"]["code"], reply["error"]["message"]
-
-
-def vm(pid: int, field: str) -> int:
-    """A /proc/<pid>/status field in KiB (VmRSS: resident now; VmHWM: the peak since the process started)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
 
 
 def uploads_left(platform: Any) -> list[str]:
@@ -143,7 +136,7 @@ async def test_object_with_a_lying_size_is_refused_in_bounded_memory_while_other
         await store.put("liar", os.urandom(20 * MIB))  # 160 chunks of 128 KiB, as nats clients write them
         await forge_meta(nc, "liar", size=1000)
         await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 10)  # warm
-        rss_before, peak_before = vm(pid, "VmRSS"), vm(pid, "VmHWM")
+        rss_before, peak_before = proc_status_kib(pid, "VmRSS"), proc_status_kib(pid, "VmHWM")
         slowest = 0.0
         reply: dict[str, Any] = {}
 
@@ -158,7 +151,7 @@ async def test_object_with_a_lying_size_is_refused_in_bounded_memory_while_other
                 await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 30)
                 slowest = max(slowest, time.monotonic() - started)
                 await anyio.sleep(0.02)
-        rss_after, peak_after = vm(pid, "VmRSS"), vm(pid, "VmHWM")
+        rss_after, peak_after = proc_status_kib(pid, "VmRSS"), proc_status_kib(pid, "VmHWM")
         code, message = error_of(reply)
         assert code == "bundle_too_large", message
         print(
@@ -283,7 +276,7 @@ async def test_next_attacks_on_archives_are_refused_in_bounded_memory(platform, 
         ("fn.py too big to compile", {"zip": zip_b64({"fn.py": FN + "x = 1\n" * 100_000})}, "bundle_too_large"),
     ]
     pid = service.proc.pid
-    peak_before = vm(pid, "VmHWM")
+    peak_before = proc_status_kib(pid, "VmHWM")
     async with nats_client(platform.nats_url) as (nc, registry):
         for case, body, expected in cases:
             code, message = error_of(await upload_reply(nc, {"name": "attack", **body}))
@@ -291,8 +284,8 @@ async def test_next_attacks_on_archives_are_refused_in_bounded_memory(platform, 
                 assert code == expected, (case, message)
             else:
                 assert code in ("bundle_invalid_manifest", "bundle_fn_syntax"), (case, message)
-        print(f"control plane peak RSS {peak_before} -> {vm(pid, 'VmHWM')} KiB over the archive attacks")
-        assert vm(pid, "VmHWM") - peak_before < 64 * 1024
+        print(f"control plane peak RSS {peak_before} -> {proc_status_kib(pid, 'VmHWM')} KiB over the archive attacks")
+        assert proc_status_kib(pid, "VmHWM") - peak_before < 64 * 1024
         assert await registry.functions() == []
         assert uploads_left(platform) == []
         await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, 10)
