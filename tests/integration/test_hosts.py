@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
-from conftest import Platform, _stop_process_instances
+from harness import Platform, stop_process_instances
 from support import REPO, accounts_server
 from websockets.asyncio.client import connect
 
@@ -102,7 +102,7 @@ async def test_instances_spread_over_hosts_and_a_dead_hosts_pool_is_rebuilt_on_t
                 # h2 dies with its instances: its entries go within a lease TTL plus 4 s, and min_free is warm again
                 # on h1 without a client.
                 agents["h2"].kill9()
-                _stop_process_instances(f"{test_owner}-h2", data["h2"])
+                stop_process_instances(f"{test_owner}-h2", data["h2"])
                 died = anyio.current_time()
                 with anyio.fail_after(LEASE_TTL * 2 + 4 + 10):
                     while (await hosts_of(registry, "who", "free")).get("h2") or any(
@@ -128,4 +128,4 @@ async def test_instances_spread_over_hosts_and_a_dead_hosts_pool_is_rebuilt_on_t
         finally:
             platform.stop_all()
             for h in HOSTS:
-                _stop_process_instances(f"{test_owner}-{h}", data[h])
+                stop_process_instances(f"{test_owner}-{h}", data[h])
