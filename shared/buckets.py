@@ -131,7 +131,7 @@ async def _open(
         try:
             await create()
         except BadRequestError as e:
-            if e.err_code == STREAM_NAME_IN_USE:
+            if e.err_code == STREAM_NAME_IN_USE and time.monotonic() <= deadline:
                 continue  # created meanwhile by another service: bind to it as it is
             if e.err_code != NO_SUITABLE_PEERS or time.monotonic() > deadline:
                 raise
@@ -191,7 +191,8 @@ async def _resize(js: JetStreamContext, info: StreamInfo, wanted: int, resize: R
         return
     try:
         # The configuration as the server holds it, with only the count changed: nats-py's StreamConfig carries
-        # every field nats-server 2.15 reports for these streams (a round trip changes nothing else; tested).
+        # every field nats-server 2.15 reports for these streams (tests/faults/test_replicated_state.py compares the
+        # server's whole configuration before and after).
         await js.update_stream(config.evolve(num_replicas=target))
     except (NatsError, TimeoutError) as e:
         log.warning("%s: cannot change its %d replicas to %d now (%s); used as it is", config.name, current, target, e)
