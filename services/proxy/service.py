@@ -56,7 +56,7 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
         reconnected_cb=reconnected,
     )
     try:
-        registry = await Registry.open(nc.jetstream())
+        registry = await Registry.open(nc.jetstream(), replicas=settings.kv_replicas)
         sock = _listen_socket(settings.proxy_host, settings.proxy_port, settings.reuse_port)
         with sock, contextlib.ExitStack() as stack:
             port = int(sock.getsockname()[1])
