@@ -123,6 +123,7 @@ SERVICES: dict[str, list[ServiceSpec]] = {
             needs="aube.controlplane.runtimes.hosts",  # the control plane's host placement (`runtime = hosts`)
             env={
                 "AUBE_RUNTIME": "hosts",
+                "AUBE_HOST_RUNTIME": "docker",  # what the hosts' agents run (their AUBE_RUNTIME)
                 "AUBE_DATA_DIR": "/var/lib/aube",
                 "AUBE_PUBLIC_URL": f"ws://localhost:{PROXY_PORT}",
             },

@@ -14,7 +14,6 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -30,25 +29,6 @@ from aube.shared import credentials, natsconn
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio, pytest.mark.timeout(1800)]
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-
-
-def _rig_exists() -> bool:
-    found = subprocess.run(
-        ["docker", "ps", "-a", "-q", "--filter", f"label={layout.LABEL}"], capture_output=True, text=True, check=True
-    )
-    return bool(found.stdout.strip())
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Path]:
-    """The rig's state folder, once `up` has returned (every node current, every proxy healthy)."""
-    existed = _rig_exists()
-    started = time.monotonic()
-    subprocess.run([str(CHECKOUT / "scripts" / "cluster.sh"), "up"], check=True)
-    print(f"rig up in {time.monotonic() - started:.1f}s ({'reused' if existed else 'from nothing'})")
-    yield rig_state.folder(CHECKOUT)
-    if not existed and os.environ.get("AUBE_CLUSTER_KEEP") != "1":
-        subprocess.run([str(CHECKOUT / "scripts" / "cluster.sh"), "down"], check=True)
 
 
 def _monitor(node: layout.NatsNode, path: str) -> dict[str, object]:

@@ -9,6 +9,10 @@ if [ "${AUBE_RIG_ENGINE:-0}" = 1 ]; then
   for mount_point in $(awk '$3 == "cgroup" {print $2}' /proc/self/mounts); do
     mount -o remount,rw,bind "$mount_point"
   done
+  # A host killed and started again (a fault test's `docker kill`, then `up`) keeps its overlay filesystem, with the
+  # killed engine's pid files: dockerd then took a stale containerd.pid for a live containerd (its pid is reused in
+  # the new pid namespace), waited for its socket and never started. Nothing of a previous engine is running here.
+  rm -rf /var/run/docker.pid /var/run/docker/containerd/containerd.pid /run/containerd/containerd.pid
   # /var/lib/docker is a volume (not the container's overlay filesystem): the inner engine runs overlay2 there.
   dockerd --log-level=warn >/var/log/dockerd.log 2>&1 &
   tries=0

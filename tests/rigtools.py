@@ -1,0 +1,103 @@
+"""What the rig's suites (tests/cluster) share: the registry as the platform sees it, functions deployed with
+scripts/upload.sh, whoami clients on the three proxies, faults on the rig's containers and how to undo them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+from rig import layout
+from rig import state as rig_state
+from websockets.asyncio.client import ClientConnection, connect
+
+from aube.shared import credentials, natsconn
+from aube.shared.registry import Registry
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CLUSTER_SH = CHECKOUT / "scripts" / "cluster.sh"
+
+
+def heal() -> None:
+    """Every container back as `up` wants it: started again if killed, unpaused if paused (scripts/rig/containers)."""
+    subprocess.run([str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=600)
+
+
+def docker(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *argv], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def monitor(node: layout.NatsNode, path: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor_port}{path}", timeout=5) as r:
+        found: dict[str, object] = json.loads(r.read())
+        return found
+
+
+async def platform_nats(cluster: Path, url: str | None = None) -> NATS:
+    """A connection with the control plane's login (the registry is the platform account's), 2 s pings."""
+    login = credentials.platform_secrets(cluster).service_login("controlplane")
+    return await natsconn.connect(
+        url or layout.client_url(), user=login.user, password=login.password, name="rig-faults", connect_timeout=5
+    )
+
+
+def deploy(cluster: Path, tmp_path: Path, name: str, manifest: str) -> str:
+    """The whoami example under `name` with `manifest`, deployed as a deployer would: scripts/upload.sh with the
+    rig's credentials file. Returns the printed stream URL."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "fn.py").write_text((CHECKOUT / "examples" / "whoami" / "fn.py").read_text())
+    (folder / "aube.toml").write_text(manifest)
+    path = cluster / rig_state.CREDENTIALS_FILE
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    env = {**os.environ, "AUBE_CREDENTIALS": str(path), "AUBE_NATS_URL": values["AUBE_NATS_URL"]}
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(CHECKOUT / "scripts" / "upload.sh"), str(folder), name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    print(f"{name} deployed in {time.monotonic() - started:.1f}s: {done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def undeploy(cluster: Path, name: str) -> None:
+    path = cluster / rig_state.CREDENTIALS_FILE
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    env = {**os.environ, "AUBE_CREDENTIALS": str(path), "AUBE_NATS_URL": values["AUBE_NATS_URL"]}
+    subprocess.run([str(CHECKOUT / ".venv" / "bin" / "aube"), "delete", name], capture_output=True, env=env, timeout=60)
+
+
+def proxy_url(box: layout.Box, function: str) -> str:
+    return f"ws://127.0.0.1:{box.proxy_port}/{function}"
+
+
+async def open_stream(box: layout.Box, function: str, timeout: float = 15) -> ClientConnection:
+    return await connect(proxy_url(box, function), proxy=None, open_timeout=timeout, ping_interval=None)
+
+
+async def ask(ws: ClientConnection, text: str) -> dict[str, object]:
+    """One whoami round trip: which instance answered and how many streams it carries (1 unless two share it)."""
+    await ws.send(text)
+    reply: dict[str, object] = json.loads(await ws.recv())
+    assert reply["echo"] == text
+    return reply
+
+
+async def hosts_of(registry: Registry, function: str, state: str | None = None) -> Counter[str]:
+    return Counter(
+        e.record.host for e in await registry.instances(function) if state is None or e.record.state == state
+    )
+
+
+async def host_by_instance(registry: Registry, function: str) -> dict[str, str]:
+    return {e.record.instance_id: e.record.host for e in await registry.instances(function)}
