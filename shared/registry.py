@@ -74,6 +74,7 @@ class Unknown(msgspec.Struct, frozen=True):
     key: str
     record: InstanceRecord
     error: str
+    revision: int = 0  # the revision the write named: while the entry stays there, the write may still land
 
 
 Applied = Written | NotWritten | Unknown
@@ -243,21 +244,30 @@ class Registry:
             return await self._outcome_of_changed(before, new, error)
         except REGISTRY_ERRORS as e:
             log.debug("outcome of a write to %s unknown: %s, then %s", before.key, error, e)
-            return Unknown(before.key, new, str(error) or type(error).__name__)
+            return Unknown(before.key, new, str(error) or type(error).__name__, before.revision)
 
     async def _outcome_of_changed(self, before: InstanceEntry, new: InstanceRecord, error: Exception) -> Applied:
         try:
             now = await self.get_instance(before.key)
         except REGISTRY_ERRORS:
-            return Unknown(before.key, new, str(error) or type(error).__name__)
+            return Unknown(before.key, new, str(error) or type(error).__name__, before.revision)
         if now is not None and now.record == new:
             return Written(now)
         if now is not None and now.revision == before.revision:
             # Refused, yet unchanged: JetStream holds a write for the entry that it has not committed, most likely
             # ours. Seen on a cluster that lost its quorum: the leader checks a compare-and-set against every write
             # it accepted, a read shows only committed ones, and the pending write lands once the quorum is back.
-            return Unknown(before.key, new, str(error) or type(error).__name__)
+            return Unknown(before.key, new, str(error) or type(error).__name__, before.revision)
         return NotWritten(now, "changed while the write's outcome was unknown")
+
+    async def fence(self, entry: InstanceEntry) -> bool:
+        """Write the entry back unchanged at its revision, so that a write which named that revision and is still in
+        flight can never land. False if the entry had moved on already (nothing named its old revision can land)."""
+        try:
+            await self.instances_kv.update(entry.key, encode(entry.record), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def delete_instance(self, key: str, revision: int | None = None) -> bool:
         """Delete (at `revision` if given); False if the entry changed meanwhile."""

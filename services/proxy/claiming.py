@@ -49,6 +49,7 @@ SCALE_TIMEOUT = 120.0
 # How long an instance may take to answer a client's head. Its server answers at once, unless the last stream's
 # cleanup still runs there (a command being stopped), which it waits for; an instance silent for longer is broken.
 ANSWER_TIMEOUT = 15.0
+UNREACHABLE_RETRY = 0.25  # a claim that met an unreachable registry is tried again this soon
 
 
 class Refusal(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,12 +119,17 @@ class Claimer:
                             return Refusal(error=error)
                         try:
                             slot, waiter = await self._next_claim(fn, waiter, failed, in_line)
+                            unreachable = False
                         except RegistryUnreachable as e:
-                            # NATS is away (reliability finding 4: the client's connection was closed unanswered).
+                            # NATS is away, or a cluster is electing a new leader for the registry (seconds): the
+                            # client waits and tries again within its claim timeout, and is answered 503 with
+                            # Retry-After only if the registry is still unreachable then (reliability finding 4: it
+                            # used to be closed unanswered).
                             log.warning("claim for %s failed, the registry is unreachable: %s", name, e)
                             self.metrics.claims_total[(name, "registry_unreachable")] += 1
                             unreachable = True
-                            break
+                            await anyio.sleep(UNREACHABLE_RETRY)
+                            continue
                         self.maybe_scale(fn)
                         if slot is not None:
                             upstream = await self._open(client, slot, raw_head)

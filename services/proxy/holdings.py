@@ -79,7 +79,7 @@ class Holdings:
                 raise RegistryUnreachable(str(e)) from e
         if isinstance(outcome, Unknown):
             # The write may still land: never guessed, settled once the registry answers (unsettled.py).
-            self.unsettled.add(cand.key, outcome.record, used=False)
+            self.unsettled.add(cand.key, outcome.record, used=False, revision=outcome.revision)
             raise RegistryUnreachable(outcome.error)
         if isinstance(outcome, NotWritten):
             return None

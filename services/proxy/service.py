@@ -38,6 +38,8 @@ from aube.shared.settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
+REGISTRY_CALL_TIMEOUT = 2.0  # seconds a registry read or write may take before it counts as unanswered
+
 
 async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run one proxy replica until cancelled; `task_status.started(port)` once listening and watching."""
@@ -56,7 +58,9 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
         reconnected_cb=reconnected,
     )
     try:
-        registry = await Registry.open(nc.jetstream(), replicas=settings.kv_replicas)
+        # Short JetStream timeouts: a claim that meets a registry leader change fails fast and is tried again within
+        # the client's claim timeout (claiming.py), instead of waiting out nats-py's 5 s per call.
+        registry = await Registry.open(nc.jetstream(timeout=REGISTRY_CALL_TIMEOUT), replicas=settings.kv_replicas)
         sock = _listen_socket(settings.proxy_host, settings.proxy_port, settings.reuse_port)
         with sock, contextlib.ExitStack() as stack:
             port = int(sock.getsockname()[1])

@@ -37,6 +37,9 @@ class Pending(msgspec.Struct, frozen=True, kw_only=True):
     claim: InstanceRecord  # the entry as this replica wrote (or would have written) its claim
     used: bool  # a stream ran on it (a failed release) or not (a claim that may have landed unseen)
     then: Settlement = "release"
+    # A claim's: the revision its write named. While the entry is still there, the write may land yet (it waits in
+    # nats-py's reconnect buffer, or with a leader that lost its quorum): the entry is fenced so it never does.
+    revision: int | None = None
 
 
 def still_ours(current: InstanceRecord | None, pending: Pending) -> bool:
@@ -46,10 +49,19 @@ def still_ours(current: InstanceRecord | None, pending: Pending) -> bool:
 
 class Unsettled:
     def __init__(self) -> None:
-        self.pending: dict[str, Pending] = {}
+        # By key and claim time: a client retrying through an outage may leave several unknown claims on one key.
+        self.pending: dict[tuple[str, float | None], Pending] = {}
 
-    def add(self, key: str, claim: InstanceRecord, *, used: bool, then: Settlement = "release") -> None:
-        self.pending[key] = Pending(key=key, claim=claim, used=used, then=then)
+    def add(
+        self,
+        key: str,
+        claim: InstanceRecord,
+        *,
+        used: bool,
+        then: Settlement = "release",
+        revision: int | None = None,
+    ) -> None:
+        self.pending[(key, claim.claimed_at)] = Pending(key=key, claim=claim, used=used, then=then, revision=revision)
 
     async def settle_once(
         self,
@@ -57,20 +69,26 @@ class Unsettled:
         held: Container[str],
         settle: Callable[[Pending, int, InstanceRecord], Awaitable[None]],
     ) -> None:
-        """One pass: release what still shows an unknown claim; keep what cannot be read yet."""
-        for key, pending in list(self.pending.items()):
-            if key in held:  # a new claim of this replica's on the same key: not ours to settle
-                self.pending.pop(key, None)
+        """One pass: release what still shows an unknown claim, fence a claim that may still land; keep what cannot
+        be read yet."""
+        for ident, pending in list(self.pending.items()):
+            key = pending.key
+            if key in held:  # a newer claim of this replica's on the same key: nothing older can land any more
+                self.pending.pop(ident, None)
                 continue
             try:
                 entry = await registry.get_instance(key)
+                if entry is not None and still_ours(entry.record, pending):
+                    self.pending.pop(ident, None)
+                    log.info("settling %s: a claim whose outcome was unknown had landed (%s)", key, pending.then)
+                    await settle(pending, entry.revision, entry.record)
+                    continue
+                if entry is not None and entry.revision == pending.revision and not await registry.fence(entry):
+                    continue  # it moved meanwhile (the claim itself, maybe): read again next pass
             except Exception as e:  # still unreachable: next pass
                 log.debug("cannot settle %s yet: %s", key, e)
                 return
-            self.pending.pop(key, None)
-            if entry is not None and still_ours(entry.record, pending):
-                log.info("settling %s: a claim whose outcome was unknown had landed (%s)", key, pending.then)
-                await settle(pending, entry.revision, entry.record)
+            self.pending.pop(ident, None)
 
     async def run(
         self,

@@ -184,3 +184,50 @@ async def test_a_fence_refused_while_the_entry_has_not_moved_leaves_the_outcome_
     key, value, last = held[0]
     await real_update(key, value, last=last)  # the quorum is back: it lands
     assert (await entry_now(registry)).record == outcome.record
+
+
+async def test_unknown_claims_are_settled_each_one_even_several_on_one_key(registry: Registry) -> None:
+    """A client retrying through an outage leaves several unknown claims on one key: the one that landed late is
+    released, and one that has not landed yet is fenced so it never does (reliability finding 3)."""
+    from aube.proxy.unsettled import Pending, Unsettled
+
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    first = lifecycle.claim(record(), "p1", 5.0)
+    second = lifecycle.claim(record(), "p1", 6.0)
+    unsettled = Unsettled()
+    unsettled.add(KEY, first, used=False, revision=rev)
+    unsettled.add(KEY, second, used=False, revision=rev)
+    assert len(unsettled.pending) == 2
+    # The first claim lands late; the second never will.
+    await registry.instances_kv.update(KEY, encode(first), last=rev)
+    settled: list[Pending] = []
+
+    async def settle(pending: Pending, revision: int, current: InstanceRecord) -> None:
+        settled.append(pending)
+        outcome = await registry.apply(KEY, partial(lifecycle.release, fn=None, now=7.0, by="p1"))
+        assert isinstance(outcome, Written)
+
+    await unsettled.settle_once(registry, set(), settle)
+    assert [p.claim.claimed_at for p in settled] == [5.0]
+    assert unsettled.pending == {}
+    assert (await entry_now(registry)).record.state == "draining"  # released (no function record: drained)
+
+
+async def test_a_pending_claim_that_has_not_landed_is_fenced(registry: Registry) -> None:
+    from aube.proxy.unsettled import Pending, Unsettled
+
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    claim = lifecycle.claim(record(), "p1", 5.0)
+    unsettled = Unsettled()
+    unsettled.add(KEY, claim, used=False, revision=rev)
+
+    async def settle(pending: Pending, revision: int, current: InstanceRecord) -> None:
+        raise AssertionError("nothing landed: nothing to settle")
+
+    await unsettled.settle_once(registry, set(), settle)
+    assert unsettled.pending == {}
+    with pytest.raises(KeyWrongLastSequenceError):  # the late write, replayed now, cannot land
+        await registry.instances_kv.update(KEY, encode(claim), last=rev)
+    assert (await entry_now(registry)).record.state == "free"
