@@ -317,6 +317,9 @@ class Platform:
         """Start `python -m <module>`, logging to <work>/<service>-<n>.log; returns at once (no readiness wait)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         name = module.rsplit(".", 1)[-1]
+        if module == "aube.proxy" and "AUBE_OPERATOR_PORT" not in overrides:
+            # Not the default 9093: a platform running on this machine (make start, the rig) holds it.
+            overrides = {**overrides, "AUBE_OPERATOR_PORT": str(free_port())}
         service = ServiceProcess(module, self.env(**overrides), self.tmp / f"{name}-{len(self.services)}.log").start()
         self.services.append(service)
         return service

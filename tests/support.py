@@ -105,9 +105,18 @@ class AubeStart:
         (folder / "aube.toml").write_text(manifest)
         env = {**self.env, "AUBE_CREDENTIALS": str(self.workdir / ".data" / "credentials.env")}
         with anyio.fail_after(300):
-            done = await anyio.run_process(
-                [sys.executable, "-m", "aube.cli", "deploy", str(folder), name], env=env, cwd=self.workdir, check=False
-            )
+            while True:
+                done = await anyio.run_process(
+                    [sys.executable, "-m", "aube.cli", "deploy", str(folder), name],
+                    env=env,
+                    cwd=self.workdir,
+                    check=False,
+                )
+                # The proxies answer before the control plane subscribes (it reconciles first): on a loaded machine a
+                # deploy right after `aube start` may find nobody answering yet.
+                if done.returncode == 0 or b"no service is answering" not in done.stderr:
+                    break
+                await anyio.sleep(0.5)
         assert done.returncode == 0, done.stderr.decode(errors="replace")
 
     def output(self) -> str:

@@ -79,7 +79,11 @@ def spawn(
 async def wait_listening(handle: str, log_path: Path, timeout: float) -> str:
     """Where the instance announced it listens; RuntimeFailure with its output if it exits first."""
     pid, _ = sandbox.parse_handle(handle)
-    proc = CHILDREN[pid]
+    proc = CHILDREN.get(pid)
+    if proc is None:  # it exited at once and a listing or an exit watch reaped it already
+        tail = _tail(log_path)
+        remove_quietly(log_path)
+        raise RuntimeFailure(f"instance exited at start:\n{tail}")
     with anyio.move_on_after(timeout):
         while True:
             announced = await anyio.to_thread.run_sync(_announced, log_path)

@@ -148,7 +148,7 @@ def reap(pid: int, starttime: int, wait: float = 0.0) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait) if wait > 0 else proc.poll()
         if proc.returncode is not None:
-            del CHILDREN[pid]
+            CHILDREN.pop(pid, None)  # another thread may reap the same child at the same moment
         return
     # Not started by this process, but it may still be our child: adopted when this process is a child
     # subreaper (prctl PR_SET_CHILD_SUBREAPER) and the control plane that started it died. Only that process,
@@ -162,4 +162,4 @@ def reap(pid: int, starttime: int, wait: float = 0.0) -> None:
 def reap_all() -> None:
     for pid, proc in list(CHILDREN.items()):
         if proc.poll() is not None:
-            del CHILDREN[pid]
+            CHILDREN.pop(pid, None)
