@@ -17,13 +17,15 @@ def server_list(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-# The services' defaults (reliability issue): reconnect forever, quickly, and notice a hung server within seconds
-# (nats-py's default ping interval is 120 s: a client of a paused server got nothing done for 40 s and more).
+# The services' defaults (reliability issue): reconnect forever, quickly, and notice a dead or hung server within
+# seconds (nats-py's default ping interval is 120 s: a client of a paused server got nothing done for 40 s and more).
+# A killed cluster node sends no FIN (its network is gone with it): two unanswered pings, 2-3 s, are how a service
+# learns it must move to another node, which is most of what a node's loss costs a claim (issue 10: within 5 s).
 SERVICE_DEFAULTS: dict[str, Any] = {
     "max_reconnect_attempts": -1,
     "reconnect_time_wait": 0.5,
-    "ping_interval": 2,
-    "max_outstanding_pings": 3,
+    "ping_interval": 1,
+    "max_outstanding_pings": 2,
 }
 
 

@@ -66,15 +66,17 @@ class Holdings:
         self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
 
     async def claim(self, cand: InstanceEntry) -> InstanceEntry | None:
-        """free -> busy for this replica, in one write: the entry now held, or None when the race was lost.
+        """free -> busy for this replica: the entry now held, or None when the race was lost.
 
         Raises RegistryUnreachable when nothing could be written, or the write's outcome is unknown."""
         claim = partial(lifecycle.claim, proxy_id=self.proxy_id, now=time.time(), instance_id=cand.record.instance_id)
         # Shielded: a claim written but not recorded here (cancelled awaiting the reply) would stay busy.
         with anyio.CancelScope(shield=True):
             try:
-                # One write: a lost race is better spent on the next candidate than on re-reading this one.
-                outcome = await self.registry.apply(cand.key, claim, entry=cand, attempts=1)
+                # At most two writes: a lost race reads the entry once more and, if the instance is still free (this
+                # replica's view was behind: after a registry leader change the watch lags for seconds), claims it at
+                # its fresh revision; if another claim won, the re-read refuses at once and the next candidate is tried.
+                outcome = await self.registry.apply(cand.key, claim, entry=cand, attempts=2)
             except REGISTRY_ERRORS as e:  # nothing was written (apply raises only before its write)
                 raise RegistryUnreachable(str(e)) from e
         if isinstance(outcome, Unknown):
