@@ -140,8 +140,10 @@ async def test_two_nodes_lost_refuse_every_claim_and_claims_resume_with_the_quor
             quorum_at = anyio.current_time()
             await anyio.sleep(20)
             traffic.running = False
-        during = [(b, e) for b, e in traffic.ok if quiet_from <= b < back_from]
-        resumed = traffic.resumed_after(quorum_at)
+        # Served without a quorum: a stream that *ended* well in that window. A client that began then may wait (a proxy
+        # retries an unreachable registry within the claim timeout) and be served once the quorum is back: correct.
+        during = [(b, e) for b, e in traffic.ok if quiet_from <= e < back_from]
+        resumed = min(e for _, e in traffic.ok if e >= quorum_at) - quorum_at
         print(f"{len(during)} claims succeeded without a quorum ({len(traffic.failed)} refused in all);")
         print(f"claims resumed {resumed:.2f}s after {lost[0]} was started again")
         assert not during
