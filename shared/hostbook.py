@@ -7,11 +7,10 @@ import logging
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 
 from aube.shared import buckets, kvread, names, records
-from aube.shared.registry import lost_race
+from aube.shared.registry import delete_at
 from aube.shared.schemas import HostLease, encode
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,4 @@ class HostBook:
 
     async def delete(self, host_id: str, revision: int | None = None) -> bool:
         """Delete (at `revision` if given); False if the lease was renewed meanwhile."""
-        try:
-            await self.kv.delete(host_id, last=revision)
-        except APIError as e:
-            if not lost_race(e):
-                raise
-            return False
-        return True
+        return await delete_at(self.kv, host_id, revision)

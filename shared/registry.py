@@ -271,14 +271,7 @@ class Registry:
 
     async def delete_instance(self, key: str, revision: int | None = None) -> bool:
         """Delete (at `revision` if given); False if the entry changed meanwhile."""
-        try:
-            await self.instances_kv.delete(key, last=revision)
-        except APIError as e:
-            if not lost_race(e):
-                raise
-            log.debug("lost race deleting %s at revision %s", key, revision)
-            return False
-        return True
+        return await delete_at(self.instances_kv, key, revision)
 
     async def watch_instances(self) -> AsyncIterator[InstanceChange | None]:
         """Current entries, then None (caught up), then every change, for as long as the caller iterates."""
@@ -338,13 +331,7 @@ class Registry:
         return await self.leases_kv.put(lease.proxy_id, encode(lease))
 
     async def delete_lease(self, proxy_id: str, revision: int | None = None) -> bool:
-        try:
-            await self.leases_kv.delete(proxy_id, last=revision)
-        except APIError as e:
-            if not lost_race(e):
-                raise
-            return False
-        return True
+        return await delete_at(self.leases_kv, proxy_id, revision)
 
     # -- scale intents -----------------------------------------------------------------------------------
 
@@ -387,6 +374,18 @@ class Registry:
                 log.debug("lost race taking over the scale intent for %s at revision %d", key, revision)
                 return False
         return False
+
+
+async def delete_at(kv: KeyValue, key: str, revision: int | None) -> bool:
+    """Delete `key` (at `revision` if given, by compare-and-set); False if it changed meanwhile."""
+    try:
+        await kv.delete(key, last=revision)
+    except APIError as e:
+        if not lost_race(e):
+            raise
+        log.debug("lost race deleting %s at revision %s", key, revision)
+        return False
+    return True
 
 
 async def _get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:

@@ -23,7 +23,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from aube.shared import names
 from aube.shared.bus import request
-from aube.shared.natsserver import free_port
 from aube.shared.schemas import UploadReply, UploadRequest
 
 pytestmark = pytest.mark.anyio
@@ -49,21 +48,9 @@ async def whoami(conn: ClientConnection, text: str = "x") -> dict[str, object]:
     return json.loads(reply)  # type: ignore[no-any-return]
 
 
-def start_proxy(platform, **overrides: str) -> tuple[int, object]:  # type: ignore[no-untyped-def]
-    port = free_port()
-    env = {
-        "AUBE_PROXY_PORT": str(port),
-        "AUBE_PROXY_HOST": "127.0.0.1",
-        "AUBE_PROXY_ID": f"proxy-{port}",
-        "AUBE_OPERATOR_PORT": str(free_port()),
-    }
-    env.update(overrides)
-    return port, platform.start("aube.proxy", **env)
-
-
 async def test_streams_through_the_proxy_on_both_runtimes(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, _ = start_proxy(platform)
+    port, _ = await platform.start_proxy()
     await wait_http(port)
     async with nats_client(platform.nats_url) as (nc, _registry):
         await upload(nc, "rev", EXAMPLES / "reverse")
@@ -81,7 +68,7 @@ async def test_streams_through_the_proxy_on_both_runtimes(platform) -> None:  # 
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_two_replicas_twenty_clients_twenty_distinct_instances(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    ports = [start_proxy(platform, AUBE_CLAIM_TIMEOUT="120")[0] for _ in range(2)]
+    ports = [(await platform.start_proxy(AUBE_CLAIM_TIMEOUT="120"))[0] for _ in range(2)]
     for port in ports:
         await wait_http(port)
     async with nats_client(platform.nats_url) as (nc, _registry):
@@ -116,8 +103,8 @@ async def test_kill_9_of_a_replica_spares_the_other_and_its_claims_come_back(pla
     lease = 2.0
     await platform.start_controlplane()
     platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.2", AUBE_LEASE_TTL=str(lease))
-    doomed_port, doomed = start_proxy(platform, AUBE_LEASE_TTL=str(lease))
-    healthy_port, _ = start_proxy(platform, AUBE_LEASE_TTL=str(lease))
+    doomed_port, doomed = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
+    healthy_port, _ = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
     await wait_http(doomed_port)
     await wait_http(healthy_port)
     async with nats_client(platform.nats_url) as (nc, registry):
@@ -149,7 +136,7 @@ async def test_kill_9_of_a_replica_spares_the_other_and_its_claims_come_back(pla
 async def test_reaper_scales_to_zero_cold_starts_and_never_reaps_a_busy_instance(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
     platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.3")
-    port, _ = start_proxy(platform, AUBE_CLAIM_TIMEOUT="120")
+    port, _ = await platform.start_proxy(AUBE_CLAIM_TIMEOUT="120")
     await wait_http(port)
     async with nats_client(platform.nats_url) as (nc, registry):
         reply = await upload(nc, "idle", EXAMPLES / "whoami", "[scaling]\nmin_free = 0\nidle_timeout = 2\n")
@@ -181,7 +168,7 @@ async def test_subprotocol_is_negotiated_with_the_function(platform, tmp_path: P
         "        await websocket.send(f'{websocket.subprotocol}:{message}')\n"
     )
     await platform.start_controlplane()
-    port, _ = start_proxy(platform)
+    port, _ = await platform.start_proxy()
     await wait_http(port)
     async with nats_client(platform.nats_url) as (nc, _registry):
         await upload(nc, "chat", fn)
@@ -197,7 +184,7 @@ async def test_subprotocol_is_negotiated_with_the_function(platform, tmp_path: P
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_hostile_clients_do_not_stop_the_proxy(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, _ = start_proxy(platform, AUBE_HEAD_TIMEOUT="1", AUBE_MAX_HEAD_BYTES="4096")
+    port, _ = await platform.start_proxy(AUBE_HEAD_TIMEOUT="1", AUBE_MAX_HEAD_BYTES="4096")
     await wait_http(port)
 
     async def raw(data: bytes, *, slow: bool = False) -> bytes:
@@ -302,7 +289,7 @@ async def test_a_function_with_tokens_opens_streams_only_for_their_bearers(platf
     import hashlib
 
     await platform.start_controlplane()
-    port, _ = start_proxy(platform)
+    port, _ = await platform.start_proxy()
     await wait_http(port)
     digest = hashlib.sha256(b"let-me-in").hexdigest()
     async with nats_client(platform.nats_url) as (nc, _registry):
