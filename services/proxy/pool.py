@@ -30,6 +30,8 @@ class Pool:
         self.changed = asyncio.Event()
         # Called on every change once caught up (the proxy offers newly free instances to waiting clients).
         self.listeners: list[Callable[[], None]] = []
+        # The streams this replica carries, by key: (instance id, what to call once its entry is gone).
+        self._carried: dict[str, tuple[str, Callable[[], None]]] = {}
 
     def _notify(self) -> None:
         self.changed.set()
@@ -44,6 +46,30 @@ class Pool:
     def entries_of(self, name: str) -> list[InstanceEntry]:
         prefix = name + "."
         return [e for k, e in self.entries.items() if k.startswith(prefix)]
+
+    def carried(self, entry: InstanceEntry, on_gone: Callable[[], None]) -> None:
+        """Call `on_gone` once the registry no longer accounts for the instance at `entry`: its entry was deleted or
+        now names another instance. A stream lives only while its claim does: once the entry is gone (its host was
+        judged dead, its instance exited, reconcile dropped it) the platform no longer counts the instance against
+        `max_instances` nor keeps it from the next client, so the stream must end. `forget` when the stream ends.
+
+        Only a delete or a new instance ends it, never a state the view shows: the view may lag behind this
+        replica's own claim (showing the entry still free)."""
+        self._carried[entry.key] = (entry.record.instance_id, on_gone)
+
+    def forget(self, entry: InstanceEntry) -> None:
+        held = self._carried.get(entry.key)
+        if held is not None and held[0] == entry.record.instance_id:
+            del self._carried[entry.key]
+
+    def _check_carried(self, key: str) -> None:
+        held = self._carried.get(key)
+        if held is None:
+            return
+        current = self.entries.get(key)
+        if current is None or current.record.instance_id != held[0]:
+            del self._carried[key]
+            held[1]()
 
     async def watch_instances(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         ready = False
@@ -61,6 +87,7 @@ class Pool:
                 # revisions are stream sequences, so they only grow.
                 if old is None or old.revision < change.revision:
                     self.entries[change.key] = InstanceEntry(change.key, change.revision, change.record)
+            self._check_carried(change.key)
             if ready:
                 self._notify()
 

@@ -17,6 +17,7 @@ never handed to the next client. This costs no per-message work: the relay's byt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import anyio
@@ -50,6 +51,13 @@ class Streams:
         reason = "shutdown"
         relay_started = anyio.current_time()
         self.metrics.streams_open[name] += 1
+        gone = asyncio.Event()
+
+        def instance_gone() -> None:
+            gone.set()
+            client.ended.set()  # wakes `_relay`
+
+        self.pool.carried(slot, instance_gone)
         try:
             # The instance accepted the head (or refused it itself): its answer goes to the client, then whatever the
             # client sent after its head. No await between these lines: bytes must follow each other in order.
@@ -64,8 +72,9 @@ class Streams:
             # Only an instance started under this manifest pings; an older version's may be silent by right.
             pings = limits is not None and limits.ping_interval > 0 and fn is not None and fn.version == rec.version
             silent = limits.ping_interval + limits.ping_timeout if pings and limits else None
-            reason = await self._relay(client, upstream, idle, longest, silent)
+            reason = await self._relay(client, upstream, idle, longest, silent, gone)
         finally:
+            self.pool.forget(slot)
             self.metrics.streams_open[name] -= 1
             bound = CLOSE_GRACE + self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
             with anyio.move_on_after(bound, shield=True):
@@ -100,6 +109,7 @@ class Streams:
         idle: float | None,
         longest: float | None,
         silent: float | None = None,
+        gone: asyncio.Event | None = None,
     ) -> str:
         """Wait for the stream to end; why it ended. Bytes move in the protocols, not here.
 
@@ -114,6 +124,9 @@ class Streams:
                 # per chunk: a stream is never closed before `idle` seconds without traffic.
                 with anyio.move_on_after(min(windows) if windows else None):
                     await client.ended.wait()
+                if gone is not None and gone.is_set():
+                    log.warning("the registry no longer accounts for the instance (its entry is gone): ending")
+                    return "instance_gone"
                 if upstream.lost.is_set() or upstream.eof_from_instance:
                     return "instance_closed"
                 if client.lost.is_set() or client.eof:
