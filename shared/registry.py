@@ -192,6 +192,7 @@ class Registry:
         *,
         entry: InstanceEntry | None = None,
         attempts: int = 5,
+        learn_outcome: bool = True,
     ) -> Applied:
         """Apply a lifecycle transition to the entry at `key` by compare-and-set.
 
@@ -206,6 +207,10 @@ class Registry:
         revision, which moves the revision on so the lost write can never land; if it changed otherwise, the write
         lost. Only when the registry cannot be read either is the outcome `Unknown`. A read that fails before any
         write raises (nothing was written).
+
+        `learn_outcome=False`: a write that times out is `Unknown` at once, for a caller that settles it later off
+        its own critical path (the proxy's claims: during a leader change, write, read and fence would each wait
+        out their timeout while a client waits).
         """
         current = entry if entry is not None else await self.get_instance(key)
         tries = 0
@@ -224,6 +229,8 @@ class Registry:
                 current = await self.get_instance(key)
                 continue
             except REGISTRY_ERRORS as e:
+                if not learn_outcome:
+                    return Unknown(key, new, str(e) or type(e).__name__, current.revision)
                 return await self._outcome_of(current, new, e)
             return Written(InstanceEntry(key, revision, new))
         return NotWritten(None, "the entry is gone")

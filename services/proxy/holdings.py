@@ -76,7 +76,9 @@ class Holdings:
                 # At most two writes: a lost race reads the entry once more and, if the instance is still free (this
                 # replica's view was behind: after a registry leader change the watch lags for seconds), claims it at
                 # its fresh revision; if another claim won, the re-read refuses at once and the next candidate is tried.
-                outcome = await self.registry.apply(cand.key, claim, entry=cand, attempts=2)
+                # A write that times out is settled later (`unsettled`), not while the client waits: during a leader
+                # change, learning its outcome (a read, then a fence) cost the client two more timeouts per attempt.
+                outcome = await self.registry.apply(cand.key, claim, entry=cand, attempts=2, learn_outcome=False)
             except REGISTRY_ERRORS as e:  # nothing was written (apply raises only before its write)
                 raise RegistryUnreachable(str(e)) from e
         if isinstance(outcome, Unknown):

@@ -140,6 +140,28 @@ async def test_when_the_registry_stays_silent_the_outcome_is_unknown(registry: R
     assert outcome.record == lifecycle.claim(record(), "p1", 5.0)  # what to settle later
 
 
+async def test_a_caller_that_settles_later_gets_unknown_at_once_with_no_read_and_no_fence(registry: Registry) -> None:
+    """The proxy's claims: a timed-out write is left to its unsettled book, not learnt while a client waits."""
+    rev = await registry.create_instance(record())
+    assert rev is not None
+    calls = fail_update(registry, after_sending=False)
+    reads: list[str] = []
+    real_get = registry.get_instance
+
+    async def counted_get(key: str) -> InstanceEntry | None:
+        reads.append(key)
+        return await real_get(key)
+
+    registry.get_instance = counted_get  # type: ignore[method-assign]
+    claim = partial(lifecycle.claim, proxy_id="p1", now=5.0)
+    entry = InstanceEntry(KEY, rev, record())
+    outcome = await registry.apply(KEY, claim, entry=entry, attempts=2, learn_outcome=False)
+    assert isinstance(outcome, Unknown) and outcome.revision == rev
+    assert outcome.record == lifecycle.claim(record(), "p1", 5.0)
+    assert reads == [] and len(calls) == 1  # one write, nothing read back, nothing fenced
+    assert (await entry_now(registry)).revision == rev
+
+
 async def test_a_fence_that_meets_the_late_write_itself_counts_it_as_won(registry: Registry) -> None:
     """The timed-out write lands between the re-read and the fence: the fence loses, the claim is seen as won."""
     rev = await registry.create_instance(record())
