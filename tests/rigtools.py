@@ -23,9 +23,60 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 CLUSTER_SH = CHECKOUT / "scripts" / "cluster.sh"
 
 
+PARTITION_MARK = "aube-rig-partition"  # the comment on the rules `partition` adds, so `rejoin` removes only those
+
+
 def heal() -> None:
-    """Every container back as `up` wants it: started again if killed, unpaused if paused (scripts/rig/containers)."""
+    """Every container back as `up` wants it: partitions undone, started again if killed, unpaused if paused
+    (scripts/rig/containers)."""
+    for name in [n.name for n in layout.NATS_NODES] + [b.name for b in layout.BOXES]:
+        rejoin(name)
     subprocess.run([str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=600)
+
+
+def _iptables_in(name: str) -> list[str] | None:
+    """iptables in a running container's network namespace, run from this machine (the NATS image is the binary
+    alone: it has no iptables of its own). None if the container is not running."""
+    found = docker("inspect", "-f", "{{.State.Pid}}", name)
+    pid = found.stdout.strip()
+    if found.returncode != 0 or pid in ("", "0"):
+        return None
+    return ["nsenter", "-t", pid, "-n", "iptables", "-w"]
+
+
+def _partition_rules() -> list[list[str]]:
+    mark = ["-m", "comment", "--comment", PARTITION_MARK, "-j", "DROP"]
+    return [["INPUT", "!", "-i", "lo", *mark], ["OUTPUT", "!", "-o", "lo", *mark]]
+
+
+def partition(name: str) -> None:
+    """Cut a container off the network: every packet into or out of its namespace but loopback's is dropped, with
+    no reset, as when a host's link fails. Its processes run on; `rejoin` undoes it."""
+    iptables = _iptables_in(name)
+    assert iptables is not None, f"{name} is not running"
+    for rule in _partition_rules():
+        subprocess.run([*iptables, "-I", *rule], check=True, capture_output=True, timeout=30)
+
+
+def rejoin(name: str) -> None:
+    """Undo `partition` (every copy of its rules); nothing if the container is not running or was never cut off."""
+    iptables = _iptables_in(name)
+    if iptables is None:
+        return
+    for rule in _partition_rules():
+        while subprocess.run([*iptables, "-D", *rule], capture_output=True, timeout=30, check=False).returncode == 0:
+            pass
+
+
+def inject(fault: str, name: str) -> None:
+    """One fault on a rig container: `kill` (docker kill), `pause` (docker pause: its processes frozen, its kernel
+    still answering TCP) or `partition`."""
+    if fault == "partition":
+        partition(name)
+    else:
+        assert fault in ("kill", "pause"), fault
+        done = docker(fault, name)
+        assert done.returncode == 0, done.stderr
 
 
 def docker(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

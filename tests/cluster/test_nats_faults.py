@@ -1,7 +1,9 @@
 """NATS nodes lost under load (issue 10, acceptance), on the rig: clients stream and connect through all three
-proxies while nodes are killed. One node lost (the aube-instances stream's leader): no acknowledged registry entry
-lost, new claims resume within 5 s, no open stream cut. Two lost: no claim succeeds, none is granted twice, and
-claims resume within 5 s of the quorum's return (timed from the node's `docker start` returning)."""
+proxies while nodes are killed. One node lost (the aube-instances stream's leader, killed, paused or cut off by a
+partition): no acknowledged registry entry lost, new claims resume within 5 s (8 s for a paused or partitioned
+leader, which its peers and clients notice only by silence), no open stream cut. Two lost: no claim succeeds, none
+is granted twice, and claims resume within 5 s of the quorum's return (timed from the node's `docker start`
+returning)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ from pathlib import Path
 import anyio
 import pytest
 from rig import layout
-from rigtools import ask, deploy, docker, heal, open_stream, platform_nats, undeploy
+from rigtools import ask, deploy, docker, heal, inject, open_stream, platform_nats, undeploy
 from websockets.exceptions import ConnectionClosed
 
 from aube.shared import names
 from aube.shared.registry import Registry
 
-pytestmark = [pytest.mark.cluster, pytest.mark.anyio, pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.anyio,
+    pytest.mark.timeout(900),
+    # nats-py leaves a StreamWriter unclosed when a reconnect to a paused node times out (in this test's own client).
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 
 async def _leader(cluster: Path) -> str:
@@ -70,10 +78,15 @@ class Traffic:
         return min(end for began, end in self.ok if began >= at) - at
 
 
-async def test_the_instances_leader_killed_loses_no_entry_cuts_no_stream_and_claims_resume(
-    cluster: Path, registry: Registry, tmp_path: Path
+# The issue's bounds: a killed node's connections reset at once; a paused or cut-off one is noticed by silence.
+RESUME_WITHIN = {"kill": 5.0, "pause": 8.0, "partition": 8.0}
+
+
+@pytest.mark.parametrize("fault", list(RESUME_WITHIN))
+async def test_the_instances_leader_lost_loses_no_entry_cuts_no_stream_and_claims_resume(
+    cluster: Path, registry: Registry, tmp_path: Path, fault: str
 ) -> None:
-    function = "natskill"
+    function = f"nats{fault}"
     deploy(cluster, tmp_path, function, "[scaling]\nmin_free = 6\nmax_instances = 20\n")
     traffic = Traffic(function)
     cut: list[str] = []
@@ -100,17 +113,17 @@ async def test_the_instances_leader_killed_loses_no_entry_cuts_no_stream_and_cla
             before = {e.key: e.revision for e in await registry.instances(function)}
             leader = await _leader(cluster)
             killed_at = anyio.current_time()
-            assert docker("kill", leader).returncode == 0
+            inject(fault, leader)
             await anyio.sleep(20)
             traffic.running = False
             long_streams_done.set()
         last = await _last_sequence(cluster)
         resumed = traffic.resumed_after(killed_at)
         new_leader = await _leader(cluster)
-        print(f"killed {leader} (the instances' leader; now {new_leader}); claims resumed after {resumed:.2f}s;")
+        print(f"{fault}: {leader} (the instances' leader; now {new_leader}); claims resumed after {resumed:.2f}s;")
         print(f"{len(traffic.ok)} short streams served, {len(traffic.failed)} refused; long streams cut: {cut}")
         assert last >= max(before.values()), f"acknowledged revisions {before} above the stream's last {last}"
-        assert resumed < 5
+        assert resumed < RESUME_WITHIN[fault]
         assert not cut
         assert traffic.most_streams == 1
     finally:
