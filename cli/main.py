@@ -7,6 +7,8 @@
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
     aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
     aube tenant rotate <tenant>    operator: give a tenant a new password (the old one stops working)
+    aube host add <host id>        operator: create a host agent's own NATS login (.data/hosts/<id>.env)
+    aube host rotate <host id>     operator: give a host's agent a new password
 
 Exit status 0 on success; on failure a one-line `error: <code>: <message>` on stderr and status 1 (2 for usage).
 """
@@ -176,6 +178,15 @@ def parser() -> argparse.ArgumentParser:
     rotate = tn_sub.add_parser("rotate", help="give a tenant a new password; its credentials file is rewritten")
     rotate.add_argument("name")
     rotate.add_argument("--nats-conf", default="deploy/nats.conf")
+    hs = sub.add_parser("host", help="operator: manage the NATS logins of host agents (a cluster's hosts)")
+    hs_sub = hs.add_subparsers(dest="host_command", required=True)
+    for action, about in (
+        ("add", "create a host agent's login; writes it to .data/hosts/ID.env for that host"),
+        ("rotate", "give a host agent a new password; its file is rewritten"),
+    ):
+        one = hs_sub.add_parser(action, help=about)
+        one.add_argument("name", metavar="host_id")
+        one.add_argument("--nats-conf", default="deploy/nats.conf")
     return p
 
 
@@ -190,17 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         return start_platform(
             proxies=args.proxies, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd(), env=dict(os.environ)
         )
-    if args.command == "tenant":
-        from aube.cli.platform import add_tenant, rotate_tenant
+    if args.command in ("tenant", "host"):
+        from aube.cli import platform
 
-        change = add_tenant if args.tenant_command == "add" else rotate_tenant
+        action = args.tenant_command if args.command == "tenant" else args.host_command
+        change = getattr(platform, f"{action}_{args.command}")
         try:
             path, reloaded = change(args.name, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd())
         except AubeError as e:
             print(f"error: {e.code}: {e.message}", file=sys.stderr)
             return 1
-        done = "created" if args.tenant_command == "add" else "has a new password"
-        print(f"tenant {args.name} {done}; its credentials: {path}")
+        done = "created" if action == "add" else "has a new password"
+        print(f"{args.command} {args.name} {done}; its credentials: {path}")
         print("nats-server reloaded" if reloaded else "takes effect when the platform (re)starts")
         return 0
     try:

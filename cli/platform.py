@@ -39,9 +39,9 @@ def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.
 
 
 def write_tenant_config(nats_conf: Path, data_dir: Path) -> Path:
-    """deploy/nats.conf and its tenant includes, rendered into <data>/nats/conf from the tenant list."""
+    """deploy/nats.conf and its tenant includes, rendered into <data>/nats/conf from the tenant and host lists."""
     hashes = tenancy.TenantFile(data_dir / credentials.TENANT_LIST_FILE).load()
-    return write_run_config(nats_conf, data_dir / "nats" / "conf", hashes)
+    return write_run_config(nats_conf, data_dir / "nats" / "conf", hashes, credentials.host_hashes(data_dir))
 
 
 def is_nats_server(pid: int) -> bool:
@@ -73,6 +73,20 @@ def rotate_tenant(name: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, b
     """`aube tenant rotate NAME`: a new password (the old one, leaked say, stops working at the reload)."""
     data_dir = workdir / ".data"
     _, path = credentials.rotate_tenant(data_dir, name)
+    return path, _reload(nats_conf, data_dir)
+
+
+def add_host(host_id: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
+    """`aube host add ID`: the agent's login file, and whether a running nats-server was reloaded."""
+    data_dir = workdir / ".data"
+    _, path = credentials.add_host(data_dir, host_id)
+    return path, _reload(nats_conf, data_dir)
+
+
+def rotate_host(host_id: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, bool]:
+    """`aube host rotate ID`: a new password for a host's agent (the old one stops working at the reload)."""
+    data_dir = workdir / ".data"
+    _, path = credentials.rotate_host(data_dir, host_id)
     return path, _reload(nats_conf, data_dir)
 
 

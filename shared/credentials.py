@@ -8,6 +8,8 @@
     <data>/tenants/<t>.env   another tenant's credentials, written by `aube tenant add <t>` for the operator to hand
                              over. Same form: AUBE_NATS_USER=<t>, AUBE_NATS_DEPLOYER_PASSWORD=<password>.
     <data>/tenants.json      the tenant list: name -> bcrypt hash (the server's tenants.conf is rendered from it).
+    <data>/hosts/<id>.env    a host agent's login (`aube host add <id>`), mode 0600: AUBE_HOST_ID, AUBE_NATS_USER,
+                             AUBE_NATS_PASSWORD; <data>/hosts.json the host list (aube.shared.agentlogins).
 
 Passwords travel as connect options, never inside a URL (a URL ends up in logs and error messages).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import bcrypt
 import msgspec
 
+from aube.shared import agentlogins
 from aube.shared import tenants as tenancy
 
 DEPLOYER_USER = tenancy.DEFAULT_TENANT
@@ -43,8 +46,8 @@ SERVICE_USERS = {
     "controlplane": ("aube-controlplane", "AUBE_NATS_CONTROLPLANE_PASSWORD"),
     "proxy": ("aube-proxy", "AUBE_NATS_PROXY_PASSWORD"),
     "reaper": ("aube-reaper", "AUBE_NATS_REAPER_PASSWORD"),
-    "agent": ("aube-agent", "AUBE_NATS_AGENT_PASSWORD"),
 }
+# Host agents are not among them: each host has its own user (`host_login`, aube.shared.agentlogins).
 ENV_FETCH_PASSWORD = tenancy.ENV_FETCH_PASSWORD
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,58 @@ def rotate_tenant(data_dir: Path, tenant: str) -> tuple[Login, Path]:
     write_login(path, login)
     tenant_list.save({**known, tenant: hash_password(login.password)})
     return login, path
+
+
+def _host_paths(data_dir: Path, host_id: str) -> tuple[str, agentlogins.HostFile, Path]:
+    host_id = agentlogins.validate_host_id(host_id)
+    host_list = agentlogins.HostFile(data_dir / agentlogins.HOST_LIST_FILE)
+    return host_id, host_list, data_dir / agentlogins.HOST_CREDENTIALS_DIR / f"{host_id}.env"
+
+
+def _new_host_login(data_dir: Path, host_id: str) -> tuple[Login, Path]:
+    host_id, host_list, path = _host_paths(data_dir, host_id)
+    login = Login(user=agentlogins.user(host_id), password=new_password())
+    _write_private(
+        path, f"{agentlogins.ENV_HOST_ID}={host_id}\n{ENV_USER}={login.user}\n{ENV_PASSWORD}={login.password}\n"
+    )
+    host_list.save({**host_list.load(), host_id: hash_password(login.password)})
+    return login, path
+
+
+def add_host(data_dir: Path, host_id: str) -> tuple[Login, Path]:
+    """`aube host add`: a login for `host_id`'s agent, its hash in the host list and the login in a 0600 file
+    (<data>/hosts/<id>.env) for the operator to put on that host. Refuses a host that exists."""
+    host_id, host_list, _ = _host_paths(data_dir, host_id)
+    if host_id in host_list.load():
+        from aube.shared.errors import InvalidRequest
+
+        raise InvalidRequest(f"host {host_id!r} exists already (`aube host rotate {host_id}` gives it a new password)")
+    return _new_host_login(data_dir, host_id)
+
+
+def rotate_host(data_dir: Path, host_id: str) -> tuple[Login, Path]:
+    """A new password for a host's agent: the old one stops working once the server has reloaded."""
+    host_id, host_list, _ = _host_paths(data_dir, host_id)
+    if host_id not in host_list.load():
+        from aube.shared.errors import InvalidRequest
+
+        raise InvalidRequest(f"no host {host_id!r}: `aube host add {host_id}` creates its agent's login")
+    return _new_host_login(data_dir, host_id)
+
+
+def ensure_host(data_dir: Path, host_id: str) -> tuple[Login, Path]:
+    """The login of `host_id`'s agent as its file holds it, created when missing or not matching the host list
+    (the rig's hosts, the tests')."""
+    host_id, host_list, path = _host_paths(data_dir, host_id)
+    password = _read_env_file(path).get(ENV_PASSWORD, "")
+    stored = host_list.load().get(host_id)
+    if stored and SAFE_PASSWORD.fullmatch(password) and bcrypt.checkpw(password.encode(), stored.encode()):
+        return Login(user=agentlogins.user(host_id), password=password), path
+    return _new_host_login(data_dir, host_id)
+
+
+def host_hashes(data_dir: Path) -> dict[str, str]:
+    return agentlogins.HostFile(data_dir / agentlogins.HOST_LIST_FILE).load()
 
 
 def ensure_default_tenant(data_dir: Path, credentials_file: Path) -> Login:

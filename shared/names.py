@@ -42,6 +42,8 @@ BUCKET_ARTIFACTS = "aube-artifacts"  # object store: validated function folders,
 # `aube.host.<host id>.exited`.
 SUBJECT_HOST_PREFIX = "aube.host"
 HOST_EXITS = "exited"
+# What a host's agent answers (the control plane's HostsRuntime asks): aube.host.<host id>.<operation>.
+HOST_OPERATIONS = ("prepare", "start", "stop", "alive", "list", "remove-artifact")
 HOST_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 # Docker labels and process-runtime markers. Everything Aube creates carries LABEL_MANAGED.

@@ -67,6 +67,7 @@ class LocalNatsCluster:
         size: int = 3,
         env: dict[str, str] | None = None,
         tenant_hashes: dict[str, str] | None = None,
+        host_hashes: dict[str, str] | None = None,
     ) -> None:
         """`config` is deploy/nats.conf (its `$AUBE_NATS_*_PASSWORD` variables come from `env`), `node_template`
         deploy/cluster/node.conf."""
@@ -74,6 +75,7 @@ class LocalNatsCluster:
         self.node_template = node_template.resolve()
         self.env = env or {}
         self.tenant_hashes = dict(tenant_hashes or {})
+        self.host_hashes = dict(host_hashes or {})
         self.route_password = credentials.new_password()
         self.root = Path(tempfile.mkdtemp(prefix="aube-nats-cluster-"))
         self.nodes = [_Node(f"aube-nats-{i + 1}", self.root / f"aube-nats-{i + 1}") for i in range(size)]
@@ -157,6 +159,7 @@ class LocalNatsCluster:
             specs,
             store_dir=str(node.folder / "js"),
             route_password=self.route_password,
+            host_hashes=self.host_hashes,
         )
         # deploy/nats.conf's relative pid_file lands in the node's folder, its working directory.
         (node.folder / ".data" / "nats").mkdir(parents=True, exist_ok=True)

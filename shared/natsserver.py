@@ -18,12 +18,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
 import msgspec
 
-from aube.shared import names
+from aube.shared import agentlogins, names
 from aube.shared import tenants as tenancy
 from aube.shared.errors import RuntimeFailure
 
@@ -44,9 +45,12 @@ def find_nats_server() -> str:
     return found
 
 
-def write_run_config(template: Path, run_dir: Path, tenant_hashes: dict[str, str]) -> Path:
+def write_run_config(
+    template: Path, run_dir: Path, tenant_hashes: dict[str, str], host_hashes: Mapping[str, str] | None = None
+) -> Path:
     """Copy deploy/nats.conf (`template`) into `run_dir` beside the two files it includes, rendered from the tenant
-    list, and return the copy's path. Written again on every start and on `aube tenant add` (then reloaded)."""
+    list, with the host agents' users (`host_hashes`, the host list) in place of its marker line; return the copy's
+    path. Written again on every start and on `aube tenant add` or `aube host add` (then reloaded)."""
     # tenants.conf holds every tenant's bcrypt hash: the folder and its files are the server's owner's alone (an
     # earlier version left them readable by every local user; a rewrite closes them).
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -57,10 +61,11 @@ def write_run_config(template: Path, run_dir: Path, tenant_hashes: dict[str, str
     accounts = tenancy.render_accounts(
         tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX, names.BUCKET_BUNDLES, tenancy.DEFAULT_JETSTREAM_QUOTA
     )
+    text = agentlogins.render_config(template.read_text(), host_hashes or {})
     _write_private(run_dir / EXPORTS_FILE, exports)
     _write_private(run_dir / ACCOUNTS_FILE, accounts)
     conf = run_dir / RUN_CONFIG
-    _write_private(conf, template.read_text())
+    _write_private(conf, text)
     return conf
 
 
@@ -119,6 +124,7 @@ def write_cluster_node_config(
     *,
     store_dir: str,
     route_password: str,
+    host_hashes: Mapping[str, str] | None = None,
 ) -> Path:
     """A cluster node's run folder: deploy/nats.conf's run copy and includes (`write_run_config`), and the node's
     configuration rendered from deploy/cluster/node.conf beside them, which includes the copy. Returns the node's
@@ -126,7 +132,7 @@ def write_cluster_node_config(
     text = render_cluster_node(
         node_template.read_text(), node, nodes, store_dir=store_dir, route_password=route_password
     )
-    write_run_config(nats_conf, run_dir, tenant_hashes)
+    write_run_config(nats_conf, run_dir, tenant_hashes, host_hashes)
     conf = run_dir / NODE_CONFIG
     _write_private(conf, text)
     return conf
@@ -168,10 +174,11 @@ class LocalNatsServer:
         config: Path | None = None,
         env: dict[str, str] | None = None,
         tenant_hashes: dict[str, str] | None = None,
+        host_hashes: dict[str, str] | None = None,
     ) -> None:
         """`config`: run a copy of that configuration file (e.g. deploy/nats.conf, with its tenant includes rendered
-        from `tenant_hashes`) instead of a minimal one, on free ports, from the store folder (so a relative
-        `store_dir` in it lands there); `env` adds environment variables."""
+        from `tenant_hashes` and its host agents' users from `host_hashes`) instead of a minimal one, on free ports,
+        from the store folder (so a relative `store_dir` in it lands there); `env` adds environment variables."""
         self.port = free_port()
         self.monitor_port = free_port()
         self._own_store = store_dir is None
@@ -180,6 +187,7 @@ class LocalNatsServer:
         self.config = config
         self.env = env or {}
         self.tenant_hashes = dict(tenant_hashes or {})
+        self.host_hashes = dict(host_hashes or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -201,7 +209,9 @@ class LocalNatsServer:
     def _launch(self, timeout: float) -> bool:
         if self.config is not None:
             # Flags override the file's listen and monitoring ports.
-            run_config = write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes)
+            run_config = write_run_config(
+                self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes, self.host_hashes
+            )
             # The file's relative store_dir and pid_file land in the store folder, the server's working directory.
             (Path(self.store_dir) / ".data" / "nats").mkdir(parents=True, exist_ok=True)
             argv = [find_nats_server(), "-c", str(run_config)]
@@ -238,12 +248,15 @@ class LocalNatsServer:
         self.stop()
         raise RuntimeFailure("nats-server did not become healthy")
 
-    def reload(self, tenant_hashes: dict[str, str] | None = None) -> None:
-        """Render the tenant includes again (from `tenant_hashes`, when given) and make the server reload them."""
+    def reload(self, tenant_hashes: dict[str, str] | None = None, host_hashes: dict[str, str] | None = None) -> None:
+        """Render the configuration again (from `tenant_hashes` and `host_hashes`, when given) and make the server
+        reload it."""
         if tenant_hashes is not None:
             self.tenant_hashes = dict(tenant_hashes)
+        if host_hashes is not None:
+            self.host_hashes = dict(host_hashes)
         if self.config is not None:
-            write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes)
+            write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes, self.host_hashes)
         assert self.process is not None
         signal_reload(self.process.pid)
 

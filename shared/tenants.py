@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aube.shared.errors import InvalidRequest
@@ -182,10 +182,15 @@ def tenants_that_fit(server_config: str, quota: str = DEFAULT_JETSTREAM_QUOTA) -
 
 
 class TenantFile:
-    """The operator's tenant list (`<data>/tenants.json`: name -> bcrypt hash of the tenant's password)."""
+    """The operator's tenant list (`<data>/tenants.json`: name -> bcrypt hash of the tenant's password). The same
+    form holds the host list (`aube.shared.agentlogins.HostFile`), with `validate` for its keys."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, validate: Callable[[object], str] | None = None, what: str = "tenant list"
+    ) -> None:
         self.path = path
+        self.validate = validate or validate_tenant
+        self.what = what
 
     def load(self) -> dict[str, str]:
         try:
@@ -193,10 +198,10 @@ class TenantFile:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            raise InvalidRequest(f"the tenant list {self.path} is unreadable: {e}") from e
+            raise InvalidRequest(f"the {self.what} {self.path} is unreadable: {e}") from e
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise InvalidRequest(f"the tenant list {self.path} is malformed")
-        return {validate_tenant(k): v for k, v in data.items()}
+            raise InvalidRequest(f"the {self.what} {self.path} is malformed")
+        return {self.validate(k): v for k, v in data.items()}
 
     def save(self, tenants: Mapping[str, str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -139,29 +139,49 @@ class AccountsServer:
             env["AUBE_NATS_FETCH_PASSWORD"] = self.secrets.fetch_password
         return env
 
+    def agent_env(self, host_id: str) -> dict[str, str]:
+        """The AUBE_* variables of `host_id`'s agent: its host id and its own login (its file, as an operator
+        would hand it to the host). The host must be among `accounts_server`'s `hosts`."""
+        login, _ = credentials.ensure_host(self.data, host_id)
+        assert host_id in credentials.host_hashes(self.data), f"{host_id} is not one of the server's hosts"
+        return {"AUBE_HOST_ID": host_id, "AUBE_NATS_USER": login.user, "AUBE_NATS_PASSWORD": login.password}
+
     def all_passwords(self) -> list[str]:
         return [*self.secrets.passwords.values(), self.login("deployer").password]
 
 
-@contextmanager
-def accounts_server(data: Path, tenants: Sequence[str] = ()) -> Iterator[AccountsServer]:
-    """The platform's nats-server as `make start` runs it, on free ports, its secrets and tenants made in `data`."""
+def _identities(data: Path, tenants: Sequence[str], hosts: Sequence[str]) -> credentials.PlatformSecrets:
+    """The platform's secrets, its default tenant, `tenants` and `hosts` (agent logins), made in `data`."""
     secrets = credentials.platform_secrets(data)
     credentials.ensure_default_tenant(data, data / "credentials.env")
     for tenant in tenants:
         credentials.add_tenant(data, tenant)
+    for host_id in hosts:
+        credentials.ensure_host(data, host_id)
+    return secrets
+
+
+@contextmanager
+def accounts_server(data: Path, tenants: Sequence[str] = (), hosts: Sequence[str] = ()) -> Iterator[AccountsServer]:
+    """The platform's nats-server as `make start` runs it, on free ports, its secrets, tenants and host agents'
+    logins made in `data`."""
+    secrets = _identities(data, tenants, hosts)
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
-    with LocalNatsServer(config=REPO / "deploy" / "nats.conf", env=secrets.environment(), tenant_hashes=hashes) as s:
+    with LocalNatsServer(
+        config=REPO / "deploy" / "nats.conf",
+        env=secrets.environment(),
+        tenant_hashes=hashes,
+        host_hashes=credentials.host_hashes(data),
+    ) as s:
         yield AccountsServer(s, secrets, data)
 
 
 @contextmanager
-def accounts_cluster(data: Path, tenants: Sequence[str] = (), size: int = 3) -> Iterator[AccountsServer]:
+def accounts_cluster(
+    data: Path, tenants: Sequence[str] = (), size: int = 3, hosts: Sequence[str] = ()
+) -> Iterator[AccountsServer]:
     """`accounts_server` as a cluster of `size` local nodes (natscluster.LocalNatsCluster)."""
-    secrets = credentials.platform_secrets(data)
-    credentials.ensure_default_tenant(data, data / "credentials.env")
-    for tenant in tenants:
-        credentials.add_tenant(data, tenant)
+    secrets = _identities(data, tenants, hosts)
     hashes = json.loads((data / credentials.TENANT_LIST_FILE).read_text())
     with LocalNatsCluster(
         config=REPO / "deploy" / "nats.conf",
@@ -169,6 +189,7 @@ def accounts_cluster(data: Path, tenants: Sequence[str] = (), size: int = 3) -> 
         size=size,
         env=secrets.environment(),
         tenant_hashes=hashes,
+        host_hashes=credentials.host_hashes(data),
     ) as cluster:
         yield AccountsServer(cluster, secrets, data)
 

@@ -158,6 +158,11 @@ class Logins(msgspec.Struct, frozen=True, kw_only=True):
     users: dict[str, tuple[str, str]]  # login -> (NATS user, the platform.env variable holding its password)
     passwords: dict[str, str]  # platform.env
 
+    def with_login(self, login: str, user: str, password: str) -> Logins:
+        """These logins and one more of a container's own (its host's agent), under a variable no other has."""
+        variable = f"AUBE_RIG_LOGIN_{login.upper()}"
+        return Logins(users={**self.users, login: (user, variable)}, passwords={**self.passwords, variable: password})
+
 
 def runnable(spec: ServiceSpec, logins: Logins) -> RunnableService:
     """`spec` with its full environment: NATS servers, its own login and nothing of the other services'."""

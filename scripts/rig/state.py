@@ -73,12 +73,18 @@ def prepare(checkout: Path) -> Prepared:
     login = credentials.ensure_default_tenant(state, state / CREDENTIALS_FILE)
     write_private(state / CREDENTIALS_FILE, layout.deployer_credentials(login.user, login.password))
 
+    # Each host's agent logs in as that host alone (aube.shared.agentlogins): its login made once, kept in the state.
+    agents = {box.name: credentials.ensure_host(state, box.name)[0] for box in layout.HOSTS}
     hashes = tenancy.TenantFile(state / credentials.TENANT_LIST_FILE).load()
-    template = natsnode.write_node_configs(checkout, state, hashes, _route_password(state))
+    template = natsnode.write_node_configs(
+        checkout, state, hashes, _route_password(state), credentials.host_hashes(state)
+    )
 
-    logins = layout.Logins(users=dict(credentials.SERVICE_USERS), passwords=secrets.environment())
     skipped: dict[str, str] = {}
     for box in layout.BOXES:
+        logins = layout.Logins(users=dict(credentials.SERVICE_USERS), passwords=secrets.environment())
+        if box.name in agents:
+            logins = logins.with_login("agent", agents[box.name].user, agents[box.name].password)
         services = []
         for spec in layout.SERVICES[box.role]:
             if spec.needs and not has_module(checkout, spec.needs):

@@ -37,7 +37,7 @@ from aube.controlplane.runtimes import hostwire
 from aube.controlplane.runtimes.base import Artifact, InstanceSpec, Runtime
 from aube.controlplane.runtimes.hosts import open_host_buckets
 from aube.controlplane.runtimes.local import select_local_runtime
-from aube.shared import kvread, names, natsconn, records
+from aube.shared import agentlogins, kvread, names, natsconn, records
 from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure
 from aube.shared.hostbook import HostBook
 from aube.shared.schemas import HostLease, InstanceRecord, decode, encode, error_reply
@@ -63,6 +63,8 @@ async def serve(
         password=settings.nats_password,
         name=f"aube-agent-{host_id}",
         max_reconnect_attempts=-1,
+        # The only inboxes this host's NATS user may subscribe to (aube.shared.agentlogins).
+        inbox_prefix=agentlogins.inbox_prefix(host_id),
     )
     try:
         hosts_kv, _ = await open_host_buckets(nc, replicas=settings.kv_replicas)

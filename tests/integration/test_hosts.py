@@ -47,19 +47,18 @@ async def hosts_of(registry: Registry, function: str, state: str = "free") -> Co
 async def test_instances_spread_over_hosts_and_a_dead_hosts_pool_is_rebuilt_on_the_others(
     runtime_kind: str, test_owner: str, tmp_path: Path
 ) -> None:
-    with accounts_server(tmp_path / "nats") as server:
+    with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
         platform = Platform(server.url, test_owner, "hosts", tmp_path)
         data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
         try:
             agents = {
                 h: platform.start(
                     "aube.agent",
-                    AUBE_HOST_ID=h,
                     AUBE_RUNTIME="process",
                     AUBE_DATA_DIR=data[h],
                     AUBE_LEASE_TTL=str(LEASE_TTL),
                     AUBE_RECONCILE_INTERVAL="1",
-                    **server.service_env("agent"),
+                    **server.agent_env(h),
                 )
                 for h in HOSTS
             }

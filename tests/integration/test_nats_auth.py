@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from support import AccountsServer, accounts_server, zip_base64
 from websockets.asyncio.client import connect
 
-from aube.shared import credentials, kvread, names
+from aube.shared import agentlogins, credentials, kvread, names
 from aube.shared.hostbook import HostBook
 from aube.shared.natsserver import LocalNatsServer, find_nats_server, free_port, write_run_config
 from aube.shared.registry import Registry
@@ -390,7 +391,7 @@ async def test_host_agents_keep_their_lease_and_read_but_write_no_registry_entry
     """An agent runs other people's code on its host: it may keep its host lease, read the instances and the versions'
     folders, and answer its requests, but a compromised one cannot rewrite entries or function records, deploy, ask
     for stops, nor answer as the control plane; a tenant cannot reach the host subjects at all."""
-    with accounts_server(tmp_path / "data-nats", tenants=["alice"]) as accounts:
+    with accounts_server(tmp_path / "data-nats", tenants=["alice"], hosts=["h1"]) as accounts:
         errors: list[str] = []
 
         async def on_error(e: Exception) -> None:
@@ -400,8 +401,7 @@ async def test_host_agents_keep_their_lease_and_read_but_write_no_registry_entry
         cp = await nats.connect(accounts.url, user=cp_login.user, password=cp_login.password)
         await Registry.open(cp.jetstream())  # the control plane creates the registry's buckets
         await cp.close()
-        login = accounts.secrets.service_login("agent")
-        nc = await nats.connect(accounts.url, user=login.user, password=login.password, error_cb=on_error)
+        nc = await agent_connection(accounts, "h1", error_cb=on_error)
         try:
             book = await HostBook.open(nc.jetstream())
             now = time.time()
@@ -429,3 +429,102 @@ async def test_host_agents_keep_their_lease_and_read_but_write_no_registry_entry
         async with tenant_connection(accounts, "alice") as alice:
             with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
                 await alice.request(names.host_subject("h1", "list"), b"{}", timeout=2)
+
+
+async def agent_connection(accounts: AccountsServer, host_id: str, **options: Any) -> NATS:
+    """A connection as `host_id`'s agent logs in: its own user, its own inbox prefix."""
+    env = accounts.agent_env(host_id)
+    return await nats.connect(
+        accounts.url,
+        user=env["AUBE_NATS_USER"],
+        password=env["AUBE_NATS_PASSWORD"],
+        inbox_prefix=agentlogins.inbox_prefix(host_id),
+        **options,
+    )
+
+
+async def test_a_host_agent_cannot_act_for_another_host(tmp_path: Path) -> None:
+    """A host whose root a function reached holds its agent's login. With one login shared by every agent it could
+    answer another host's start requests first (the control plane records the address in the answer: proxies would
+    relay that host's clients to it), read them (each instance's secret), publish exits in another host's name and
+    overwrite its lease, or read every reply in the platform account. Each agent now has its own user."""
+    with accounts_server(tmp_path / "data-nats", hosts=["h1", "h2"]) as accounts:
+        cp_login = accounts.secrets.service_login("controlplane")
+        cp = await nats.connect(accounts.url, user=cp_login.user, password=cp_login.password)
+        await Registry.open(cp.jetstream())
+        await HostBook.open(cp.jetstream())
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        h1 = await agent_connection(accounts, "h1", error_cb=on_error)
+        h2 = await agent_connection(accounts, "h2")
+        try:
+            # What h1 may do, it can: answer its own requests, publish its own exits, keep its own lease.
+            own = await h1.subscribe(names.host_subject("h1", "start"))
+            await h1.flush()
+            reply_to = cp.new_inbox()
+            answers = await cp.subscribe(reply_to)
+            await cp.publish(names.host_subject("h1", "start"), b"{}", reply=reply_to)
+            request = await own.next_msg(timeout=5)
+            await request.respond(b"started")
+            assert (await answers.next_msg(timeout=5)).data == b"started"
+            now = time.time()
+            lease = HostLease(host_id="h1", runtime="docker", capacity=5, started_at=now, renewed_at=now)
+            await (await HostBook.open(h1.jetstream())).put(lease)
+            assert errors == []
+
+            # Another host's requests and every other inbox: refused subscriptions.
+            refused = [
+                await h1.subscribe(subject)
+                for subject in (
+                    names.host_subject("h2", "start"),
+                    "aube.host.*.start",
+                    "aube.host.>",
+                    "_INBOX.>",
+                    f"{agentlogins.inbox_prefix('h2')}.>",
+                    ">",
+                )
+            ]
+            # Another host's exits and lease: refused publishes.
+            forged = HostLease(host_id="h2", runtime="docker", capacity=5, started_at=now, renewed_at=now)
+            await h1.publish(names.host_subject("h2", names.HOST_EXITS), b"{}")
+            await h1.publish(f"$KV.{names.BUCKET_HOSTS}.h2", encode(forged))
+            await h1.flush()
+            with anyio.move_on_after(5):
+                while len(errors) < 8:
+                    await anyio.sleep(0.05)
+            assert len(errors) == 8, errors
+            assert all("permissions violation" in e.lower() for e in errors), errors
+
+            # A start request for h2 reaches h2's agent alone; h1 never sees it.
+            theirs = await h2.subscribe(names.host_subject("h2", "start"))
+            await h2.flush()
+            await cp.publish(names.host_subject("h2", "start"), b"secret-bearing spec")
+            assert (await theirs.next_msg(timeout=5)).data == b"secret-bearing spec"
+            for sub in refused:
+                with pytest.raises(nats.errors.TimeoutError):
+                    await sub.next_msg(timeout=0.2)
+            assert (await (await cp.jetstream().key_value(names.BUCKET_HOSTS)).get("h1")).value is not None
+            with pytest.raises(nats.js.errors.KeyNotFoundError):
+                await (await cp.jetstream().key_value(names.BUCKET_HOSTS)).get("h2")
+        finally:
+            await h1.close()
+            await h2.close()
+            await cp.close()
+        # The login every agent shared once is gone: h1's password under that name is refused too.
+        assert login_refused(accounts.url, "aube-agent", accounts.agent_env("h1")["AUBE_NATS_PASSWORD"])
+        assert not login_refused(accounts.url, "aube-agent-h1", accounts.agent_env("h1")["AUBE_NATS_PASSWORD"])
+
+
+def login_refused(url: str, user: str, password: str) -> bool:
+    """Whether the server refuses this login, asked by hand (nats-py leaks a socket when it is refused)."""
+    host, _, port = url.removeprefix("nats://").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.recv(4096)  # INFO
+        connect = json.dumps({"user": user, "pass": password, "verbose": False, "pedantic": False})
+        conn.sendall(f"CONNECT {connect}\r\nPING\r\n".encode())
+        reply = conn.recv(4096)
+    assert reply.startswith((b"PONG", b"-ERR")), reply
+    return b"Authorization Violation" in reply

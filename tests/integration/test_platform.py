@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import anyio
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from support import AubeStart, nats_client, wait_http, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from aube.shared import names
+from aube.shared import agentlogins, names
 from aube.shared.bus import request
 from aube.shared.schemas import UploadReply, UploadRequest
 
@@ -274,6 +275,31 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
         async with ws(proxy_port, "alice-rev") as conn:
             await conn.send("xyz")
             assert await conn.recv() == "zyx"
+
+        # The operator adds a host: its agent's own login, which works once the running server has reloaded.
+        def aube_host(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "aube.cli", "host", *argv, "--nats-conf", str(conf)],
+                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+
+        added = aube_host("add", "edge-1")
+        assert added.returncode == 0 and "nats-server reloaded" in added.stdout, added.stderr
+        again = aube_host("add", "edge-1")
+        assert again.returncode == 1 and "exists already" in again.stderr
+        agent = dict(line.split("=", 1) for line in (tmp_path / ".data/hosts/edge-1.env").read_text().splitlines())
+        assert agent["AUBE_HOST_ID"] == "edge-1" and agent["AUBE_NATS_USER"] == "aube-agent-edge-1"
+        nc = await nats.connect(
+            start.nats_url,
+            user=agent["AUBE_NATS_USER"],
+            password=agent["AUBE_NATS_PASSWORD"],
+            inbox_prefix=agentlogins.inbox_prefix("edge-1"),
+        )
+        try:
+            await nc.subscribe(names.host_subject("edge-1", "start"))
+            await nc.flush()
+        finally:
+            await nc.close()
         # Ctrl-C in a terminal: SIGINT to the whole foreground process group, not just the supervisor.
         assert start.interrupt() == 0
     finally:

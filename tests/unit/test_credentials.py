@@ -7,8 +7,10 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from aube.shared import credentials, tenants
-from aube.shared.errors import InvalidRequest
+from aube.shared import agentlogins, credentials, tenants
+from aube.shared.errors import AubeError, InvalidRequest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_platform_secrets_are_created_once_private_and_kept(tmp_path: Path) -> None:
@@ -16,7 +18,7 @@ def test_platform_secrets_are_created_once_private_and_kept(tmp_path: Path) -> N
     assert credentials.platform_secrets(tmp_path) == first
     path = tmp_path / credentials.PLATFORM_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(set(first.passwords.values())) == 5  # one per service (and the host agents) and the fetch user
+    assert len(set(first.passwords.values())) == 4  # one per service and the fetch user (agents: per host)
     assert first.service_login("proxy").user == "aube-proxy"
 
 
@@ -82,3 +84,44 @@ def test_a_server_list_is_redacted_url_by_url() -> None:
     assert credentials.redact("nats://u:pw1@a:4222,nats://u:pw2@b:4223") == "nats://u:***@a:4222,nats://u:***@b:4223"
     assert credentials.redact("nats://a:4222,nats://b:4223") == "nats://a:4222,nats://b:4223"
     assert "pw" not in credentials.redact("nats://u:pw@a:99999")
+
+
+def test_each_host_agent_gets_a_user_of_its_own_scoped_to_its_host(tmp_path: Path) -> None:
+    login, path = credentials.add_host(tmp_path, "h1")
+    assert login.user == "aube-agent-h1" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert credentials.ensure_host(tmp_path, "h1") == (login, path)  # kept as it is
+    with pytest.raises(AubeError, match="exists already"):
+        credentials.add_host(tmp_path, "h1")
+    with pytest.raises(AubeError, match="no host"):
+        credentials.rotate_host(tmp_path, "h2")
+    rotated, _ = credentials.rotate_host(tmp_path, "h1")
+    assert rotated.password != login.password
+    credentials.add_host(tmp_path, "h2")
+    template = (REPO / "deploy" / "nats.conf").read_text()
+    assert template.count(agentlogins.MARKER) == 1
+    rendered = agentlogins.render_config(template, credentials.host_hashes(tmp_path))
+    assert agentlogins.MARKER not in rendered
+    h1 = rendered[rendered.index('user: "aube-agent-h1"') : rendered.index('user: "aube-agent-h2"')]
+    assert '"aube.host.h1.start"' in h1 and '"$KV.aube-hosts.h1"' in h1 and '"aube.host.h1.exited"' in h1
+    assert '"_AUBE_AGENT.h1.>"' in h1
+    assert not any(other in h1 for other in ("aube.host.h2", "aube-hosts.h2", "_AUBE_AGENT.h2"))
+    assert "_INBOX" not in h1 and "aube.host.*" not in h1 and "$KV.aube-hosts.>" not in h1
+    assert rotated.password not in rendered  # hashes only
+
+
+@pytest.mark.parametrize(
+    ("hosts", "why"),
+    [
+        ({"H1": "$2b$10$" + "a" * 53}, "host id"),
+        ({"h1 ] }": "$2b$10$" + "a" * 53}, "host id"),
+        ({"h1": 'x" } ] include "/etc/passwd'}, "bcrypt"),
+    ],
+)
+def test_a_host_list_cannot_inject_configuration(hosts: dict[str, str], why: str) -> None:
+    with pytest.raises(AubeError, match=why):
+        agentlogins.render_users(hosts)
+
+
+def test_a_configuration_without_its_marker_is_refused() -> None:
+    with pytest.raises(AubeError, match="host-agents"):
+        agentlogins.render_config("accounts {}\n", {})

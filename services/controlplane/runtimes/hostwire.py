@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from aube.controlplane.runtimes.base import Artifact, InstanceSpec, RunningInstance, StartedInstance
+from aube.shared import names
 from aube.shared.schemas import Manifest
 
 OP_PREPARE = "prepare"
@@ -20,6 +21,8 @@ OP_ALIVE = "alive"
 OP_LIST = "list"
 OP_REMOVE_ARTIFACT = "remove-artifact"
 OPERATIONS = (OP_PREPARE, OP_START, OP_STOP, OP_ALIVE, OP_LIST, OP_REMOVE_ARTIFACT)
+# Each agent's NATS user may subscribe to exactly these (aube.shared.agentlogins).
+assert OPERATIONS == names.HOST_OPERATIONS
 
 ARTIFACT_PREFIX = "hosts:"
 
