@@ -99,11 +99,15 @@ async def follow_events(nc: NATS, name: str) -> None:
         print(msg.data.decode(), flush=True)
 
 
+def _credentials_path() -> Path:
+    return Path(os.environ.get(credentials.ENV_CREDENTIALS_FILE) or credentials.DEFAULT_CREDENTIALS_FILE)
+
+
 def deployer_login() -> credentials.Login | None:
     """The tenant's login from its credentials file ($AUBE_CREDENTIALS, default .data/credentials.env). A file named
     explicitly must exist; without the default file the CLI connects without credentials (a development server)."""
     named = os.environ.get(credentials.ENV_CREDENTIALS_FILE)
-    path = Path(named or credentials.DEFAULT_CREDENTIALS_FILE)
+    path = _credentials_path()
     login = credentials.load_login(path)
     if login is None and named:
         raise InvalidRequest(f"no credentials found at {path} (AUBE_CREDENTIALS): it is missing or holds no password")
@@ -148,8 +152,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aube", description="Aube: functions for streams")
     p.add_argument(
         "--nats",
-        default=os.environ.get("AUBE_NATS_URL", DEFAULT_NATS_URL),
-        help="NATS server URL, or several separated by commas (a cluster's members)",
+        default=os.environ.get("AUBE_NATS_URL") or credentials.servers_of(_credentials_path()) or DEFAULT_NATS_URL,
+        help="NATS server URL, or several separated by commas (a cluster's members); default: $AUBE_NATS_URL, "
+        "else the credentials file's AUBE_NATS_URL (the rig's names its three nodes), else " + DEFAULT_NATS_URL,
     )
     p.add_argument(
         "--kv-replicas",

@@ -129,6 +129,12 @@ def load_login(path: Path) -> Login | None:
     return Login(user=values.get(ENV_USER) or DEPLOYER_USER, password=password)
 
 
+def servers_of(path: Path) -> str:
+    """The AUBE_NATS_URL a credentials file names ("" if none): the rig's file names its three nodes, so a client
+    pointed at it with AUBE_CREDENTIALS alone reaches the rig's servers, not a default one."""
+    return _read_env_file(path).get("AUBE_NATS_URL", "")
+
+
 def hash_password(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode()
 

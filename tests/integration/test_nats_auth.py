@@ -528,3 +528,22 @@ def login_refused(url: str, user: str, password: str) -> bool:
         reply = conn.recv(4096)
     assert reply.startswith((b"PONG", b"-ERR")), reply
     return b"Authorization Violation" in reply
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_the_cli_finds_the_servers_in_the_credentials_file_it_is_given(secured: Secured, tmp_path: Path) -> None:
+    """The rig's credentials file names its NATS servers: `AUBE_CREDENTIALS=<it> aube ls` reaches them without
+    AUBE_NATS_URL (it went to the default server before, which is not the one that knows this login)."""
+    await secured.platform.start_controlplane(**secured.service_env("controlplane"))
+    alice = secured.logins["alice"]
+    creds = tmp_path / "alice-with-servers.env"
+    creds.write_text(
+        f"{credentials.ENV_USER}=alice\n{credentials.ENV_DEPLOYER_PASSWORD}={alice.password}\n"
+        f"AUBE_NATS_URL={secured.server.url}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AUBE_NATS_URL"}
+    env[credentials.ENV_CREDENTIALS_FILE] = str(creds)
+    argv = [sys.executable, "-m", "aube.cli", "ls", "--json"]
+    listed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
