@@ -37,7 +37,7 @@ from aube.controlplane.runtimes import hostwire
 from aube.controlplane.runtimes.base import Artifact, InstanceSpec, Runtime
 from aube.controlplane.runtimes.hosts import open_host_buckets
 from aube.controlplane.runtimes.local import select_local_runtime
-from aube.shared import agentlogins, kvread, names, natsconn, records
+from aube.shared import agentlogins, kvread, leasing, names, natsconn, records
 from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure
 from aube.shared.hostbook import HostBook
 from aube.shared.schemas import HostLease, InstanceRecord, decode, encode, error_reply
@@ -159,12 +159,7 @@ class Agent:
         await put()
         task_status.started()
         try:
-            while True:
-                await anyio.sleep(ttl / 3)
-                try:
-                    await put()
-                except Exception as e:  # a NATS hiccup: the next renewal may succeed before the lease expires
-                    log.warning("host lease renewal failed: %s", e)
+            await leasing.renew_forever(put, ttl, "host lease")
         finally:
             with anyio.move_on_after(5, shield=True):
                 await book.delete(self.host_id)

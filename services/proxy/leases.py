@@ -13,6 +13,7 @@ import time
 import anyio
 from anyio.abc import TaskStatus
 
+from aube.shared import leasing
 from aube.shared.registry import Registry
 from aube.shared.schemas import ProxyLease
 
@@ -54,19 +55,15 @@ async def keep_lease(
         ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=started_at, ttl=ttl, address=address)
     )
     task_status.started()
+
+    async def put() -> None:
+        now = time.time()
+        await registry.put_lease(
+            ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=now, ttl=ttl, address=address)
+        )
+
     try:
-        while True:
-            if renew_now is None:
-                await anyio.sleep(ttl / 3)
-            else:
-                await renew_now.wait(ttl / 3)
-            now = time.time()
-            try:
-                await registry.put_lease(
-                    ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=now, ttl=ttl, address=address)
-                )
-            except Exception as e:  # a NATS hiccup: the next renewal may succeed before the lease expires
-                log.warning("lease renewal failed: %s", e)
+        await leasing.renew_forever(put, ttl, "lease", wait=renew_now.wait if renew_now is not None else anyio.sleep)
     finally:
         with anyio.move_on_after(5, shield=True):
             await registry.delete_lease(proxy_id)

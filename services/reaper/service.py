@@ -72,6 +72,10 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
             await nc.close()
 
 
+class LeasesUnwritable(Exception):
+    """A lease bucket has no leader: no holder can renew its lease, so this time cannot count toward its death."""
+
+
 class Reaper:
     """One reaper's loop and its memory of when it first saw each lease revision (see decisions.dead_leases)."""
 
@@ -96,7 +100,7 @@ class Reaper:
             try:
                 await self.reap_once()
                 last_ok = time.monotonic()
-            except (NatsError, OSError, TimeoutError) as e:  # the registry is away (NATS reconnecting)
+            except (NatsError, OSError, TimeoutError, LeasesUnwritable) as e:  # the registry is away
                 log.warning("reap pass failed, retrying in %gs: %s", interval, e)
                 self.forget_observations("a pass failed")
             except Exception:  # a bug; the next pass may still do useful work, so keep serving
@@ -110,6 +114,7 @@ class Reaper:
 
     async def reap_once(self) -> Plan:
         """One pass: snapshot, decide, act; returns the plan (for tests and logs)."""
+        await self.leases_writable()
         snapshot = await self.snapshot()
         plan = make_plan(snapshot, self.seen, time.time(), self.policy)
         self.seen = plan.seen
@@ -122,6 +127,20 @@ class Reaper:
             async with anyio.create_task_group() as tg:
                 for action in actions:
                     tg.start_soon(self._act, action)
+
+    async def leases_writable(self) -> None:
+        """Raise LeasesUnwritable unless each lease bucket's stream has a leader that answers.
+
+        A pass counts toward a lease's death only if its holder could have renewed it meanwhile. On a cluster the
+        buckets can be read (followers answer direct gets) while no leader takes writes: a partitioned leader left
+        every lease unrenewable for about 6 s, and a reaper that counted that time judged live hosts dead (their
+        entries dropped, their streams ended). A bucket without a leader fails the pass, so observations restart
+        once a leader is back (a single server always has one)."""
+        streams = [f"KV_{names.BUCKET_LEASES}"] + ([f"KV_{names.BUCKET_HOSTS}"] if self.hosts is not None else [])
+        for stream in streams:
+            info = await self.registry.js.stream_info(stream)
+            if info.cluster is not None and not info.cluster.leader:
+                raise LeasesUnwritable(f"{stream} has no leader")
 
     async def snapshot(self) -> Snapshot:
         # Instances before leases: a claim seen here was made after its proxy's lease was written, so that
