@@ -128,3 +128,61 @@ async def test_instances_spread_over_hosts_and_a_dead_hosts_pool_is_rebuilt_on_t
             platform.stop_all()
             for h in HOSTS:
                 stop_process_instances(f"{test_owner}-{h}", data[h])
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_start_on_a_host_that_stopped_answering_goes_elsewhere_once_its_lease_lapses(
+    runtime_kind: str, test_owner: str, tmp_path: Path
+) -> None:
+    """A start may wait minutes for a build (AUBE_HOST_TIMEOUT); a host that dies meanwhile answers nothing, and
+    the server keeps its subscriptions until its own pings fail. The start used to wait out the whole timeout (the
+    keeper could not rebuild the pool for a minute after a host kill on the rig); now it is given up once the host's
+    lease lapses, and the instance is placed on another host."""
+    import os
+    import signal
+
+    from aube.shared.schemas import ScaleReply, ScaleRequest
+
+    with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
+        platform = Platform(server.url, test_owner, "hosts", tmp_path)
+        data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
+        agents = {
+            h: platform.start(
+                "aube.agent",
+                AUBE_RUNTIME="process",
+                AUBE_DATA_DIR=data[h],
+                AUBE_LEASE_TTL=str(LEASE_TTL),
+                **server.agent_env(h),
+            )
+            for h in HOSTS
+        }
+        try:
+            await platform.start_controlplane(
+                AUBE_HOST_RUNTIME="process", AUBE_HOST_TIMEOUT="120", **server.service_env("controlplane")
+            )
+            ops = await nats.connect(server.url, **platform.login)
+            try:
+                registry = await Registry.open(ops.jetstream())
+                body = UploadRequest(name="who", zip=whoami_zip("[scaling]\nmin_free = 0\nmax_instances = 4\n"))
+                await request(ops, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+                paused = agents["h1"].proc
+                assert paused is not None
+                os.kill(paused.pid, signal.SIGSTOP)
+                try:
+                    asked = anyio.current_time()
+                    with anyio.fail_after(60):
+                        reply = await request(
+                            ops, names.SUBJECT_SCALE, ScaleRequest(name="who", count=2), ScaleReply, 120
+                        )
+                    took = anyio.current_time() - asked
+                    print(f"scale of 2 answered after {took:.1f}s with h1 stopped (its lease: {LEASE_TTL}s)")
+                    assert reply.ok
+                    assert await hosts_of(registry, "who") == {"h2": 2}
+                finally:
+                    os.kill(paused.pid, signal.SIGCONT)
+            finally:
+                await ops.close()
+        finally:
+            platform.stop_all()
+            for h in HOSTS:
+                stop_process_instances(f"{test_owner}-{h}", data[h])

@@ -11,6 +11,10 @@ this class through the same Runtime protocol as to a local engine; each call bec
   cannot start it is skipped for the next. The handle names the host: `<host id>/<its handle>`.
 - stop / is_alive: ask the handle's host; a host without a live lease has taken its instances with it (the reaper
   recycles their entries), so a stop there is done and nothing there is alive.
+- A request to one host (prepare, start, stop) is given up as soon as that host's lease stops being live: a start
+  may wait for a build (`AUBE_HOST_TIMEOUT`, 300 s), and a host killed meanwhile answers nothing (the server keeps
+  a dead client's subscriptions until its own pings fail). The keeper waited that long before it rebuilt the pool
+  elsewhere (measured on the rig: min_free not warm again 60 s after a host kill).
 - instances / artifacts: the union over live hosts. A live host that does not answer fails the listing, so that
   reconcile never takes an instance it could not see for a missing one.
 - watch_exits: every agent publishes the exits its engine reports on `aube.host.<id>.exited`.
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 QUICK_TIMEOUT = 10.0  # stop, liveness, listings: a live agent answers these at once
+LIVENESS_POLL = 0.5  # how often a long request to a host checks that the host still holds a live lease
 MAX_START_ATTEMPTS = 3  # hosts tried for one instance before the start fails
 
 
@@ -101,7 +106,36 @@ class HostsRuntime:
         ]
 
     async def _ask(self, host_id: str, operation: str, body: msgspec.Struct, kind: type[T], timeout: float) -> T:
-        return await bus.request(self.nc, names.host_subject(host_id, operation), body, kind, timeout)
+        """One request to one host; a long one is given up (RuntimeFailure) once the host no longer holds a live
+        lease (a quick one's own timeout is short enough)."""
+        subject = names.host_subject(host_id, operation)
+        if timeout <= QUICK_TIMEOUT:
+            return await bus.request(self.nc, subject, body, kind, timeout)
+        answer: list[T] = []
+        async with anyio.create_task_group() as tg:
+
+            async def ask() -> None:
+                answer.append(await bus.request(self.nc, subject, body, kind, timeout))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(ask)
+            await self._until_dead(host_id)
+            tg.cancel_scope.cancel()
+        if not answer:
+            raise RuntimeFailure(f"host {host_id} went away during {operation} (its lease is no longer live)")
+        return answer[0]
+
+    async def _until_dead(self, host_id: str) -> None:
+        """Return once `host_id` is seen without a live lease; a lease that cannot be read proves nothing."""
+        while True:
+            await anyio.sleep(LIVENESS_POLL)
+            try:
+                live = await self.live_hosts()
+            except Exception as e:  # NATS away: the request's own timeout still bounds the wait
+                log.debug("liveness of %s unknown: %s", host_id, e)
+                continue
+            if host_id not in {h.host_id for h in live}:
+                return
 
     async def _each_live_host(self, call: Callable[[str], Awaitable[T]]) -> dict[str, T | AubeError]:
         results: dict[str, T | AubeError] = {}
