@@ -9,8 +9,10 @@ setup:
 start: setup
 	.venv/bin/aube start --proxies $(PROXIES)
 
+# Every suite: the main one, then the cluster rig's (brought up from nothing and removed after, about 5 minutes).
 test: setup
 	.venv/bin/pytest
+	.venv/bin/pytest -m cluster tests/cluster
 
 test-fast: setup
 	.venv/bin/pytest tests/unit tests/controlplane
@@ -25,7 +27,7 @@ cluster-down:
 cluster-status:
 	scripts/cluster.sh status
 
-# The rig's suite: brings the rig up (or reuses it; one it started is taken down after).
+# The rig's suite alone: brings the rig up (or reuses it; one it started is taken down after).
 test-cluster: setup
 	.venv/bin/pytest -m cluster tests/cluster
 

@@ -5,12 +5,11 @@ of the instances whose entries the reaper dropped), the others go on, its regist
 within one lease TTL (the agents' default, 6 s) plus 4 s, and min_free is warm again on the other hosts within 15 s.
 No instance ever carries two streams (whoami reports how many it carries).
 
-Two bounds differ from the issue's, measured on this 2-core machine at a load average of 7.5 (another suite ran):
-- a stream's end is timed from `docker kill` returning: the command itself took about 1 s here, and the kill lands
-  somewhere within it (measured 1.21 s from issuing it);
-- min_free warm again on the survivors: 25 s, not 15 s. Measured 20.1 s from the kill (entries gone at 5.5 s, then
-  six Docker-in-Docker starts on two loaded hosts; the control plane also tried the dead host, whose lease was still
-  live, before the reaper declared it dead). The figure is printed; the issue's 15 s is the target.
+A stream's end is timed from `docker kill` returning: the command itself took up to 1 s on a loaded machine, and
+the kill lands somewhere within it. Measured (rig from nothing, nothing else running): kill: streams ended at
+once, entries gone after 6.3 s, min_free warm on the others after 8.2 s; pause: streams ended after 7.2 s, entries
+gone after 7.3 s, warm after 9.2 s. (Warm took 20-60 s before a start placed on the dying host was given up when
+its lease lapsed: it waited for the host's 300 s build timeout.)
 """
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ async def test_a_lost_host_ends_its_streams_and_its_pool_is_rebuilt_on_the_other
         assert set(ended) == set(victims), f"streams cut: {cut}, on the killed host: {victims}"
         assert max(cut.values()) < ENDED_WITHIN[fault]
         assert gone_after < LEASE_TTL + 4
-        assert warm_after < 25
+        assert warm_after < 15
         assert most_streams == 1, "an instance carried two streams"
         free = await hosts_of(registry, function, "free")
         assert victim.name not in free
