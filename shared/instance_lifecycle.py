@@ -103,9 +103,11 @@ def release(
     by: str,
     used: bool = True,
     instance_id: str | None = None,
+    streams: int = 1,
 ) -> InstanceRecord:
     """busy -> free, or -> draining when it must not serve again: it is obsolete, or the function wants a fresh
-    instance per stream (only when the stream reached it: `used`). Only the proxy holding the claim releases it."""
+    instance per stream (only when the stream reached it: `used`). Only the proxy holding the claim releases it.
+    `streams`: how many streams it carried under this claim (a proxy keeps an instance between streams)."""
     _check("release", rec, instance_id)
     if rec.claimed_by != by:
         raise Refused("release", rec, f"claimed by {rec.claimed_by}, not {by}")
@@ -118,7 +120,7 @@ def release(
         claimed_by=None,
         claimed_at=None,
         last_used=now,
-        streams_served=rec.streams_served + (1 if used else 0),
+        streams_served=rec.streams_served + (streams if used else 0),
     )
 
 
@@ -171,6 +173,20 @@ def claimable(fn: FunctionRecord, rec: InstanceRecord) -> bool:
         not fn.deleting
         and rec.function == fn.name
         and rec.state == "free"
+        and rec.version == fn.version
+        and not rec.retire
+        and bool(rec.address)
+    )
+
+
+def reusable(fn: FunctionRecord | None, rec: InstanceRecord) -> bool:
+    """The replica holding `rec` may hand it to its next client without releasing it (proxy/reserve.py): what
+    `release` would make free, and `claimable` would then allow."""
+    return (
+        fn is not None
+        and not fn.deleting
+        and not fn.manifest.scaling.fresh_per_stream
+        and rec.function == fn.name
         and rec.version == fn.version
         and not rec.retire
         and bool(rec.address)

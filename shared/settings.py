@@ -148,6 +148,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # After a stream, how long its instance may take to finish the function's handler (the client may leave while
     # it still runs) before it goes back to the pool; an instance still busy then is stopped instead of reused.
     handler_grace: float = 10.0
+    # After a stream, its instance stays claimed by this replica this long and goes to the replica's next client of
+    # the function with no registry write (proxy/reserve.py); 0 releases it at once.
+    reserve_seconds: float = 2.0
 
 
 def _default_host_id() -> str:

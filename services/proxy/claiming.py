@@ -32,6 +32,7 @@ from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings, RegistryUnreachable
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
+from aube.proxy.reserve import Reserve
 from aube.proxy.waiting import Waiter, WaitingClients
 from aube.shared import addresses, bus, names
 from aube.shared import instance_lifecycle as lifecycle
@@ -79,6 +80,7 @@ class Claimer:
         pool: Pool,
         metrics: Metrics,
         holdings: Holdings,
+        reserve: Reserve,
         tcp_options: list[sockopts.Option],
         tg: TaskGroup,
     ) -> None:
@@ -89,6 +91,7 @@ class Claimer:
         self.pool = pool
         self.metrics = metrics
         self.holdings = holdings
+        self.reserve = reserve  # instances this replica kept after a stream, for its next client
         self.tg = tg  # scale asks and busy instances' releases run beside the clients
         self.waiting = WaitingClients()  # clients waiting for an instance, per function, in arrival order
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)
@@ -161,7 +164,13 @@ class Claimer:
     async def _next_claim(
         self, fn: FunctionRecord, waiter: Waiter | None, failed: set[str], in_line: contextlib.ExitStack
     ) -> tuple[InstanceEntry | None, Waiter | None]:
-        """One claim attempt: any free instance while nobody waits; else, in line, only the one offered to us."""
+        """One claim attempt: an instance this replica kept after a stream (no registry write), else any free one
+        while nobody waits; else, in line, only the one offered to us (or one kept, when we are woken for it)."""
+        if waiter is not None or not self.waiting.queued(fn.name):
+            kept = self.reserve.take(fn.name)
+            if kept is not None:
+                self.metrics.claims_total[(fn.name, "reserved")] += 1
+                return kept, waiter
         if waiter is None and not self.waiting.queued(fn.name):
             slot = await self._claim(fn, self._candidates(fn, failed))
             if slot is not None:
@@ -258,7 +267,9 @@ class Claimer:
         # Our own fresh claims may not be in the view yet (the watch lags): count them as the busy ones they are.
         held = self.holdings.held
         entries = [held.get(e.key, e) for e in self.pool.entries_of(fn.name)]
-        count = decisions.scale_count(fn, decisions.counts(fn, entries), self.waiting.count(fn.name))
+        pool = decisions.counts(fn, entries)
+        pool = msgspec.structs.replace(pool, free=pool.free + self.reserve.count(fn.name))  # kept ones serve too
+        count = decisions.scale_count(fn, pool, self.waiting.count(fn.name))
         if count <= 0:
             return
         now = anyio.current_time()

@@ -63,6 +63,8 @@ class Holdings:
         self.pool = pool
         self.tg = tg  # stop requests run beside the client that met the instance
         self.held: dict[str, InstanceEntry] = {}  # instances this replica has claimed, by key
+        # Streams carried under each claim held (several when the instance was kept between streams, reserve.py).
+        self.streams_carried: dict[str, int] = {}
         self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
 
     async def claim(self, cand: InstanceEntry) -> InstanceEntry | None:
@@ -90,25 +92,38 @@ class Holdings:
         self.held[cand.key] = outcome.entry
         return outcome.entry
 
-    async def release_when_done(self, slot: InstanceEntry) -> None:
+    async def release_when_done(self, slot: InstanceEntry, keep: Callable[[InstanceEntry], bool] | None = None) -> None:
         """Free means free (reliability finding 5): the instance goes back to the pool only once it says its
-        stream's handler has returned; one still busy after the grace (or silent) is never handed out again."""
+        stream's handler has returned; one still busy after the grace (or silent) is never handed out again.
+        `keep`: offered the instance first once its handler returned (proxy/reserve.py); True keeps it claimed."""
         if await instance_done(slot.record, self.settings.handler_grace):
+            if keep is not None and keep(slot):
+                return
             await self.release(slot, used=True)
         else:
             await self.mark_unhealthy(slot, "handler still running after its stream")
+
+    def carrying(self, slot: InstanceEntry) -> None:
+        """A stream starts on the instance held at `slot` (counted into its `streams_served` at the release)."""
+        self.streams_carried[slot.key] = self.streams_carried.get(slot.key, 0) + 1
+
+    def forget(self, slot: InstanceEntry) -> None:
+        """Stop holding `slot` without a write: its entry is gone, or someone else moved it on."""
+        self.held.pop(slot.key, None)
+        self.streams_carried.pop(slot.key, None)
 
     async def release(self, slot: InstanceEntry, *, used: bool) -> None:
         """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again.
 
         A registry that does not answer leaves the outcome unknown: the claim is settled once it answers again."""
         claim = slot.record
+        streams = self.streams_carried.get(slot.key, 1 if used else 0)
 
         def release(rec: InstanceRecord) -> InstanceRecord:
             if not lifecycle.holds(rec, claim):
                 raise lifecycle.Refused("release", rec, "it no longer shows this replica's claim")
             fn = self.pool.functions.get(rec.function)
-            return lifecycle.release(rec, fn, time.time(), by=self.proxy_id, used=used)
+            return lifecycle.release(rec, fn, time.time(), by=self.proxy_id, used=used, streams=streams)
 
         try:
             outcome = await self._apply(slot, release)
@@ -124,7 +139,7 @@ class Holdings:
             else:
                 log.debug("released %s -> free", slot.key)
         finally:
-            self.held.pop(slot.key, None)
+            self.forget(slot)
 
     async def _apply(
         self, slot: InstanceEntry, change: Callable[[InstanceRecord], InstanceRecord]
@@ -155,7 +170,7 @@ class Holdings:
         try:
             outcome = await self._apply(slot, unhealthy)
         finally:
-            self.held.pop(slot.key, None)
+            self.forget(slot)
         if isinstance(outcome, Unknown):
             self.unsettled.add(slot.key, claim, used=True, then="unhealthy")
             return

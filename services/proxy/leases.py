@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskStatus
@@ -18,6 +19,20 @@ from aube.shared.registry import Registry
 from aube.shared.schemas import ProxyLease
 
 log = logging.getLogger(__name__)
+
+
+class LeaseClock:
+    """When this replica's lease last landed: kept instances (reserve.py) are handed out only while it is fresh."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.last = float("-inf")
+
+    def renewed(self) -> None:
+        self.last = time.monotonic()
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.last < self.ttl / 2
 
 
 class RenewSignal:
@@ -46,14 +61,17 @@ async def keep_lease(
     address: str = "",
     *,
     renew_now: RenewSignal | None = None,
+    renewed: Callable[[], None] | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Put the lease, report started, renew every ttl/3 (and at once when `renew_now` is set) until cancelled,
-    then delete it (shielded, bounded)."""
+    then delete it (shielded, bounded). `renewed` is called after each put that landed."""
     started_at = time.time()
     await registry.put_lease(
         ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=started_at, ttl=ttl, address=address)
     )
+    if renewed is not None:
+        renewed()
     task_status.started()
 
     async def put() -> None:
@@ -61,6 +79,8 @@ async def keep_lease(
         await registry.put_lease(
             ProxyLease(proxy_id=proxy_id, started_at=started_at, renewed_at=now, ttl=ttl, address=address)
         )
+        if renewed is not None:
+            renewed()
 
     try:
         await leasing.renew_forever(put, ttl, "lease", wait=renew_now.wait if renew_now is not None else anyio.sleep)

@@ -28,9 +28,10 @@ from aube.proxy import sockopts
 from aube.proxy.claiming import Claimer
 from aube.proxy.gateway import Gateway
 from aube.proxy.holdings import Holdings
-from aube.proxy.leases import RenewSignal, keep_lease
+from aube.proxy.leases import LeaseClock, RenewSignal, keep_lease
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
+from aube.proxy.reserve import Reserve
 from aube.proxy.streams import Streams
 from aube.shared import natsconn
 from aube.shared.registry import Registry
@@ -76,11 +77,19 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                 async with anyio.create_task_group() as tg:
                     pool, metrics = Pool(registry), Metrics()
                     holdings = Holdings(settings, nc, registry, pool, tg)
-                    claimer = Claimer(settings, nc, registry, pool, metrics, holdings, tcp_options, tg)
-                    streams = Streams(settings, pool, metrics, holdings)
+                    lease_clock = LeaseClock(settings.lease_ttl)
+                    reserve = Reserve(
+                        settings.reserve_seconds,
+                        pool,
+                        holdings,
+                        lease_fresh=lease_clock.fresh,
+                        on_kept=lambda function: claimer.waiting.nudge(function),
+                    )
+                    claimer = Claimer(settings, nc, registry, pool, metrics, holdings, reserve, tcp_options, tg)
+                    streams = Streams(settings, pool, metrics, holdings, reserve)
                     gateway = Gateway(settings, pool, metrics, claimer, streams, tcp_options)
                     await tg.start(
-                        partial(keep_lease, renew_now=renew_now),
+                        partial(keep_lease, renew_now=renew_now, renewed=lease_clock.renewed),
                         registry,
                         settings.proxy_id,
                         settings.lease_ttl,
@@ -88,6 +97,7 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                     )
                     await tg.start(pool.watch_instances)
                     tg.start_soon(holdings.unsettled.run, registry, holdings.held, holdings.settle)
+                    tg.start_soon(reserve.run)
                     await tg.start(pool.watch_functions)
                     tg.start_soon(gateway.accept_loop, sock, tg)
                     if operator_sock is not None:

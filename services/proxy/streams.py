@@ -2,7 +2,8 @@
 
 Bytes move in the protocols (relay.py), not here: this module starts the relay, then only watches why the stream
 ends (either side closing, `[limits] stream_idle_timeout`, `stream_max_duration`, a silent instance, shutdown),
-closes both legs, hands the instance back (`Holdings.release_when_done`), and writes the one canonical log line
+closes both legs, hands the instance back (`Holdings.release_when_done`; kept for this replica's next client when it
+may serve again, `reserve.py`), and writes the one canonical log line
 per stream. The release runs in the stream's `finally` under a shielded, bounded scope, so cancelling the proxy
 still releases every instance it carries.
 
@@ -26,6 +27,7 @@ from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
+from aube.proxy.reserve import Reserve
 from aube.shared.registry import InstanceEntry
 from aube.shared.settings import ProxySettings
 
@@ -35,11 +37,14 @@ CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is abort
 
 
 class Streams:
-    def __init__(self, settings: ProxySettings, pool: Pool, metrics: Metrics, holdings: Holdings) -> None:
+    def __init__(
+        self, settings: ProxySettings, pool: Pool, metrics: Metrics, holdings: Holdings, reserve: Reserve
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.metrics = metrics
         self.holdings = holdings
+        self.reserve = reserve
 
     async def carry(
         self, client: ClientSide, name: str, slot: InstanceEntry, upstream: UpstreamSide, head_len: int
@@ -51,6 +56,7 @@ class Streams:
         reason = "shutdown"
         relay_started = anyio.current_time()
         self.metrics.streams_open[name] += 1
+        self.holdings.carrying(slot)
         gone = asyncio.Event()
 
         def instance_gone() -> None:
@@ -88,8 +94,10 @@ class Streams:
                     client.transport.close()
                 if reason == "instance_silent":
                     await self.holdings.mark_unhealthy(slot, "hung")
+                elif reason == "instance_gone":
+                    self.holdings.forget(slot)  # nothing left to release
                 else:
-                    await self.holdings.release_when_done(slot)
+                    await self.holdings.release_when_done(slot, keep=self.reserve.keep)
             log.info(
                 "stream function=%s instance=%s slot=%d client=%s duration=%.3f bytes_in=%d bytes_out=%d close=%s",
                 name,

@@ -86,6 +86,14 @@ class WaitingClients:
             del self._offered[key]
         waiter.offer = None
 
+    def nudge(self, function: str) -> None:
+        """Wake the longest-waiting client of `function` without an offer: an instance this replica kept after a
+        stream (reserve.py) is there for it to take."""
+        for waiter in self._queues.get(function, ()):
+            if not any(o is waiter for o in self._offered.values()):
+                waiter.offered.set()
+                return
+
     def dispatch(self, function: str, candidates: Sequence[InstanceEntry]) -> int:
         """Offer free instances (`candidates`, in the order to try them) to the longest-waiting clients without an
         offer, one instance per client; returns how many offers were made."""

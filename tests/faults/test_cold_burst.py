@@ -60,7 +60,8 @@ async def test_a_cold_burst_on_two_replicas_loses_fewer_races_than_it_claims(pla
             for result, n in (await claims_of(start.operator_base + replica, "burst")).items():
                 totals[result] = totals.get(result, 0) + n
         print(f"cold burst of {CLIENTS} on 8 instances, two replicas: {totals}")
-        assert totals.get("claimed", 0) >= CLIENTS
+        # A claim is written, or the instance a replica kept after a stream is handed on with no write (reserved).
+        assert totals.get("claimed", 0) + totals.get("reserved", 0) >= CLIENTS
         assert totals.get("lost_race", 0) <= totals["claimed"]
         assert start.interrupt() == 0
     finally:

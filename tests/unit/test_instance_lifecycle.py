@@ -150,3 +150,19 @@ def test_claimable_and_warm() -> None:
     assert not lifecycle.claimable(fn(deleting=True), rec("free"))
     assert lifecycle.warm(fn(), rec("starting")) and lifecycle.warm(fn(), rec("free"))
     assert not lifecycle.warm(fn(), rec("busy")) and not lifecycle.warm(fn(version=3), rec("free"))
+
+
+def test_a_kept_instance_is_reusable_exactly_when_a_release_would_free_it_for_the_current_version() -> None:
+    held = lifecycle.claim(rec(), "p1", 1.0)
+    assert lifecycle.reusable(fn(), held)
+    assert lifecycle.release(held, fn(), 2.0, by="p1").state == "free"
+    for function, kept in [
+        (fn(fresh=True), held),  # a fresh instance per stream
+        (fn(deleting=True), held),  # its function is being deleted
+        (fn(version=3), held),  # a newer version is live
+        (fn(), msgspec.structs.replace(held, retire=True)),  # marked to retire
+        (None, held),  # no readable function record
+    ]:
+        assert not lifecycle.reusable(function, kept)
+    released = lifecycle.release(held, fn(), 2.0, by="p1", streams=3)
+    assert released.streams_served == held.streams_served + 3  # each stream it carried while kept

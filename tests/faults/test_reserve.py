@@ -1,0 +1,134 @@
+"""Instances a proxy keeps claimed between streams (proxy/reserve.py, issue 11's reservations).
+
+After a stream, the proxy keeps its instance for `AUBE_RESERVE_SECONDS` and hands it to its next client with no
+registry write, so a registry between leaders (nats-server waits 4-9 s before it elects another) does not stop
+that client. Real nats-server (stopped with SIGSTOP), control plane, proxies and process instances; whoami reports
+which instance answered and how many streams it carries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from support import nats_client, zip_base64
+from websockets.asyncio.client import ClientConnection, connect
+
+from aube.shared import names
+from aube.shared.bus import request
+from aube.shared.registry import Registry
+from aube.shared.schemas import UploadReply, UploadRequest
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ONE = "[scaling]\nmin_free = 1\nmax_instances = 1\n"
+
+
+@asynccontextmanager
+async def stream(port: int, timeout: float = 15) -> AsyncIterator[ClientConnection]:
+    async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=timeout, ping_interval=None) as ws:
+        yield ws
+
+
+async def ask(ws: ClientConnection, text: str = "hi") -> dict[str, object]:
+    await ws.send(text)
+    reply: dict[str, object] = json.loads(await ws.recv())
+    return reply
+
+
+async def deploy(nc, manifest: str = ONE) -> UploadReply:  # type: ignore[no-untyped-def]
+    body = UploadRequest(name="who", zip=zip_base64(EXAMPLES / "whoami", {"aube.toml": manifest}))
+    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+
+
+async def state_of(registry: Registry, instance_id: str) -> str | None:
+    found = [e.record.state for e in await registry.instances("who") if e.record.instance_id == instance_id]
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_the_next_client_is_served_by_the_kept_instance_while_the_registry_is_stopped(
+    platform, nats_server
+) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    port, _ = await platform.start_proxy()
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await deploy(nc)
+        async with stream(port) as ws:
+            first = (await ask(ws))["instance"]
+        await anyio.sleep(0.3)  # the proxy asks the instance whether its handler returned, then keeps it
+        assert await state_of(registry, str(first)) == "busy"  # still this replica's claim: nobody else's
+        os.kill(nats_server.process.pid, signal.SIGSTOP)
+        try:
+            with anyio.fail_after(5):
+                async with stream(port, timeout=5) as ws:
+                    reply = await ask(ws)
+        finally:
+            os.kill(nats_server.process.pid, signal.SIGCONT)
+        assert reply["instance"] == first and reply["streams"] == 1
+        # Not taken again: released within the reserve's 2 s (and a poll).
+        with anyio.fail_after(10):
+            while await state_of(registry, str(first)) != "free":
+                await anyio.sleep(0.1)
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_another_replica_gets_the_instance_only_once_the_keeper_released_it(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    keeper, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="3")
+    other, _ = await platform.start_proxy()
+    async with nats_client(platform.nats_url) as (nc, _registry):
+        await deploy(nc)
+        async with stream(keeper) as ws:
+            first = (await ask(ws))["instance"]
+        left = anyio.current_time()
+        async with stream(other) as ws:
+            waited = anyio.current_time() - left
+            reply = await ask(ws)
+        print(f"the other replica's client was served {waited:.2f}s after the keeper's client left")
+        assert reply["instance"] == first and reply["streams"] == 1
+        assert waited > 2.5  # the keeper held it for its 3 s; nobody else could claim it meanwhile
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_kept_instance_of_an_older_version_is_not_handed_out(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    port, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="120")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await deploy(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n")
+        async with stream(port) as ws:
+            old = (await ask(ws))["instance"]
+        await anyio.sleep(0.3)
+        assert await state_of(registry, str(old)) == "busy"  # kept
+        await deploy(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n# v2\n")
+        await anyio.sleep(0.5)  # the proxy's view follows the new record
+        async with stream(port) as ws:
+            new = (await ask(ws))["instance"]
+        assert new != old
+        # The old one was released when it could not be handed out (retired: drained and stopped).
+        with anyio.fail_after(15):
+            while await state_of(registry, str(old)) is not None:
+                await anyio.sleep(0.1)
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_stopping_proxy_releases_what_it_kept(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy(AUBE_RESERVE_SECONDS="120")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await deploy(nc)
+        async with stream(port) as ws:
+            first = (await ask(ws))["instance"]
+        await anyio.sleep(0.3)
+        assert await state_of(registry, str(first)) == "busy"
+        proxy.proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(15):
+            while await state_of(registry, str(first)) != "free":
+                await anyio.sleep(0.1)
