@@ -15,8 +15,8 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
-from harness import Platform, stop_process_instances
-from support import REPO, accounts_server
+from harness import Platform, ServiceProcess, stop_process_instances
+from support import REPO, AccountsServer, accounts_server
 from websockets.asyncio.client import connect
 
 from aube.shared import names
@@ -39,6 +39,23 @@ def whoami_zip(manifest: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def start_agents(
+    platform: Platform, server: AccountsServer, data: dict[str, str], **env: str
+) -> dict[str, ServiceProcess]:
+    """One agent per host of HOSTS, each on the process runtime with its own data folder and its own login."""
+    return {
+        h: platform.start(
+            "aube.agent",
+            AUBE_RUNTIME="process",
+            AUBE_DATA_DIR=data[h],
+            AUBE_LEASE_TTL=str(LEASE_TTL),
+            **env,
+            **server.agent_env(h),
+        )
+        for h in HOSTS
+    }
+
+
 async def hosts_of(registry: Registry, function: str, state: str = "free") -> Counter[str]:
     return Counter(e.record.host for e in await registry.instances(function) if e.record.state == state)
 
@@ -51,17 +68,7 @@ async def test_instances_spread_over_hosts_and_a_dead_hosts_pool_is_rebuilt_on_t
         platform = Platform(server.url, test_owner, "hosts", tmp_path)
         data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
         try:
-            agents = {
-                h: platform.start(
-                    "aube.agent",
-                    AUBE_RUNTIME="process",
-                    AUBE_DATA_DIR=data[h],
-                    AUBE_LEASE_TTL=str(LEASE_TTL),
-                    AUBE_RECONCILE_INTERVAL="1",
-                    **server.agent_env(h),
-                )
-                for h in HOSTS
-            }
+            agents = start_agents(platform, server, data, AUBE_RECONCILE_INTERVAL="1")
             await platform.start_controlplane(AUBE_HOST_RUNTIME="process", **server.service_env("controlplane"))
             platform.start("aube.reaper", AUBE_LEASE_TTL=str(LEASE_TTL), **server.service_env("reaper"))
             port = free_port()
@@ -146,16 +153,7 @@ async def test_a_start_on_a_host_that_stopped_answering_goes_elsewhere_once_its_
     with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
         platform = Platform(server.url, test_owner, "hosts", tmp_path)
         data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
-        agents = {
-            h: platform.start(
-                "aube.agent",
-                AUBE_RUNTIME="process",
-                AUBE_DATA_DIR=data[h],
-                AUBE_LEASE_TTL=str(LEASE_TTL),
-                **server.agent_env(h),
-            )
-            for h in HOSTS
-        }
+        agents = start_agents(platform, server, data)
         try:
             await platform.start_controlplane(
                 AUBE_HOST_RUNTIME="process", AUBE_HOST_TIMEOUT="120", **server.service_env("controlplane")
