@@ -184,3 +184,59 @@ async def test_a_start_on_a_host_that_stopped_answering_goes_elsewhere_once_its_
             platform.stop_all()
             for h in HOSTS:
                 stop_process_instances(f"{test_owner}-{h}", data[h])
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_host_agent_that_points_registry_records_at_internal_subjects_changes_nothing(
+    runtime_kind: str, test_owner: str, tmp_path: Path
+) -> None:
+    """An agent reads the instances through a JetStream consumer, and JetStream does not check a push consumer's
+    deliver subject against its creator's permissions: a compromised host can have the server publish every instance
+    record onto any subject of the platform account (the other hosts' exits, the control plane's stop and scale).
+    None of those records reads as such a request (their fields differ, a handle names its own host), so nothing is
+    stopped, dropped or started. This test keeps it so."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from aube.shared import agentlogins
+
+    with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
+        platform = Platform(server.url, test_owner, "hosts", tmp_path)
+        data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
+        start_agents(platform, server, data)
+        try:
+            await platform.start_controlplane(AUBE_HOST_RUNTIME="process", **server.service_env("controlplane"))
+            ops = await nats.connect(server.url, **platform.login)
+            env = server.agent_env("h1")
+            h1 = await nats.connect(
+                server.url,
+                user=env["AUBE_NATS_USER"],
+                password=env["AUBE_NATS_PASSWORD"],
+                inbox_prefix=agentlogins.inbox_prefix("h1"),
+            )
+            try:
+                registry = await Registry.open(ops.jetstream())
+                body = UploadRequest(name="who", zip=whoami_zip("[scaling]\nmin_free = 4\nmax_instances = 4\n"))
+                await request(ops, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+                before = {(e.key, e.record.instance_id, e.record.state) for e in await registry.instances("who")}
+                assert len(before) == 4
+                for target in (
+                    names.host_subject("h2", names.HOST_EXITS),
+                    names.SUBJECT_STOP_INSTANCE,
+                    names.SUBJECT_SCALE,
+                    names.SUBJECT_UPLOAD,
+                    names.SUBJECT_DELETE,
+                ):
+                    for _ in range(3):
+                        config = ConsumerConfig(deliver_subject=target, deliver_policy=DeliverPolicy.ALL)
+                        await h1.jetstream().add_consumer(f"KV_{names.BUCKET_INSTANCES}", config)
+                await anyio.sleep(3)  # the records delivered, the control plane's handlers run
+                after = {(e.key, e.record.instance_id, e.record.state) for e in await registry.instances("who")}
+                assert after == before
+                assert (await registry.get_function("who")) is not None
+            finally:
+                await h1.close()
+                await ops.close()
+        finally:
+            platform.stop_all()
+            for h in HOSTS:
+                stop_process_instances(f"{test_owner}-{h}", data[h])
