@@ -67,6 +67,7 @@ ENV_VERSION = "AUBE_VERSION"
 # The ping policy (`[limits] ping_interval` / `ping_timeout`), read by `aube.instance.config`.
 ENV_PING_INTERVAL = "AUBE_PING_INTERVAL"
 ENV_PING_TIMEOUT = "AUBE_PING_TIMEOUT"
+ENV_MAX_MESSAGE = "AUBE_MAX_MESSAGE"  # bytes
 
 # The instance credential: the proxy and the health probe present the secret in this header; the instance is given
 # only the secret's SHA-256 (hex) in this variable, so function code reading its environment learns nothing it could

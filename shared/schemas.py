@@ -43,6 +43,9 @@ class LimitsSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # hangs). 0 = no pings. Pings are traffic: they keep a stream from ever reaching a longer stream_idle_timeout.
     ping_interval: float = 0.0
     ping_timeout: float = 10.0
+    # The largest message (after reassembly) the instance accepts from a client; a larger one ends the stream with
+    # 1009 (message too big). websockets' own default, 1 MiB, was the hidden limit before it could be set.
+    max_message: str = "1m"
 
 
 class AccessSection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -40,6 +40,18 @@ def memory_bytes(text: str) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
+def message_bytes(limits: LimitsSection) -> int:
+    """`[limits] max_message` in bytes (checked at upload; a record that predates the key has the default)."""
+    try:
+        return memory_bytes(limits.max_message)
+    except ValueError:
+        return memory_bytes(LimitsSection().max_message)
+
+
+MESSAGE_MIN = 1024
+MESSAGE_MAX = 64 * 1024 * 1024
+
+
 def nano_cpus(cpus: float) -> int:
     """Docker's NanoCpus for `cpus`, never under the floor: 0 there means no limit at all, so a record written
     before the floor existed (or any rounding) must not reach the engine as 0."""

@@ -19,10 +19,13 @@ from pathlib import Path
 import msgspec
 
 from aube.controlplane.bounds import (
+    MESSAGE_MAX,
+    MESSAGE_MIN,
     ManifestBounds,
     check_bounds,
     defaults_within,
     memory_bytes,
+    message_bytes,
     reserved_env_reason,
 )
 from aube.shared.errors import InvalidBundle
@@ -38,6 +41,7 @@ __all__ = [
     "check_manifest",
     "load_manifest",
     "memory_bytes",
+    "message_bytes",
     "parse_manifest",
 ]
 
@@ -80,8 +84,10 @@ def parse_manifest(data: bytes | str, bounds: ManifestBounds | None = None) -> M
                 given.setdefault(key, value)
     # A plain number of bytes is a natural way to write a size; the schema keeps the string form.
     limits = raw.get("limits")
-    if isinstance(limits, dict) and type(limits.get("memory")) is int:
-        limits["memory"] = str(limits["memory"])
+    if isinstance(limits, dict):
+        for key in ("memory", "max_message"):
+            if type(limits.get(key)) is int:
+                limits[key] = str(limits[key])
     env = raw.get("env")
     if isinstance(env, dict):  # msgspec's message would not name the key
         for key, value in env.items():
@@ -109,7 +115,7 @@ def check_manifest(manifest: Manifest, bounds: ManifestBounds | None = None) -> 
     problem = check_bounds(manifest.scaling, manifest.limits, bounds or ManifestBounds())
     if problem is not None:
         raise _invalid(problem)
-    problem = ping_problem(manifest.limits)
+    problem = ping_problem(manifest.limits) or message_problem(manifest.limits)
     if problem is not None:
         raise _invalid(problem)
     if fn.runtime == "command":
@@ -136,6 +142,27 @@ def check_manifest(manifest: Manifest, bounds: ManifestBounds | None = None) -> 
 # nothing useful.
 PING_MIN = 1.0
 PING_MAX = 3600.0
+
+
+def message_problem(limits: LimitsSection) -> str | None:
+    """What is wrong with `[limits] max_message`, or None: a size from 1 KiB to 64 MiB, and at most a quarter of the
+    instance's memory (websockets holds a whole message, and a few may wait in its queue)."""
+    try:
+        size = memory_bytes(limits.max_message)
+    except ValueError:
+        return f"limits.max_message {limits.max_message[:40]!r} is not a size like '1m', '256k' or a number of bytes"
+    if not MESSAGE_MIN <= size <= MESSAGE_MAX:
+        return f"limits.max_message must be between 1k and 64m, got {limits.max_message}"
+    try:
+        memory = memory_bytes(limits.memory)
+    except ValueError:
+        return None  # the memory limit's own check names it
+    if size > memory // 4:
+        return (
+            f"limits.max_message {limits.max_message} is more than a quarter of limits.memory {limits.memory}: "
+            "raise the memory or lower the message size"
+        )
+    return None
 
 
 def ping_problem(limits: LimitsSection) -> str | None:

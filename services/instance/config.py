@@ -27,6 +27,8 @@ DEFAULT_SHUTDOWN_GRACE = 5.0
 # The ping policy (`[limits] ping_interval` / `ping_timeout`): 0 = the server sends no pings (websockets' own
 # default of 20 s is not used, so a function's stream_idle_timeout is not defeated by pings it never asked for).
 DEFAULT_PING_TIMEOUT = 10.0
+# `[limits] max_message`: the largest message a client may send (websockets' own default, 1 MiB).
+DEFAULT_MAX_MESSAGE = 1024 * 1024
 
 # The instance credential (aube.shared.names spells them too; a unit test keeps the two in step). The runtime sets
 # the SHA-256 of the secret, never the secret: the function's code can read its environment (and /proc/1/environ),
@@ -59,6 +61,7 @@ class InstanceConfig:
     secret_sha256: str = ""
     ping_interval: float = 0.0
     ping_timeout: float = DEFAULT_PING_TIMEOUT
+    max_message: int = DEFAULT_MAX_MESSAGE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InstanceConfig:
@@ -115,7 +118,15 @@ class InstanceConfig:
             secret_sha256=secret_sha256,
             ping_interval=_seconds(env, "AUBE_PING_INTERVAL", 0.0),
             ping_timeout=_seconds(env, "AUBE_PING_TIMEOUT", DEFAULT_PING_TIMEOUT),
+            max_message=_bytes(env, "AUBE_MAX_MESSAGE", DEFAULT_MAX_MESSAGE),
         )
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name) or str(default)
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{name} must be a positive number of bytes, not {text!r}")
+    return int(text)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

@@ -112,8 +112,13 @@ class Negotiation:
 
 
 def keepalive(config: InstanceConfig) -> dict[str, Any]:
-    """Keyword arguments for either `serve`: the function's ping policy (websockets' keepalive), off at 0."""
-    return {"ping_interval": config.ping_interval or None, "ping_timeout": config.ping_timeout}
+    """Keyword arguments for either `serve`: the function's ping policy (websockets' keepalive), off at 0, and its
+    largest message (`max_size`: a larger one ends the stream with 1009)."""
+    return {
+        "ping_interval": config.ping_interval or None,
+        "ping_timeout": config.ping_timeout,
+        "max_size": config.max_message,
+    }
 
 
 def first_offered(connection: object, offered: Sequence[Subprotocol]) -> Subprotocol | None:

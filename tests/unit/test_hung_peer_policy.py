@@ -96,18 +96,44 @@ def test_a_bad_ping_policy_is_refused_with_the_key_named(text: str, says: str) -
 
 
 def test_the_runtimes_hand_the_policy_to_the_instance_server() -> None:
-    manifest = Manifest(limits=LimitsSection(ping_interval=15, ping_timeout=2.5))
+    manifest = Manifest(limits=LimitsSection(ping_interval=15, ping_timeout=2.5, max_message="4m"))
     spec = InstanceSpec(function="f", version=1, slot=0, instance_id="i", artifact="a", manifest=manifest, owner="o")
     env = instance_environment(spec, 8080)
     assert (env[names.ENV_PING_INTERVAL], env[names.ENV_PING_TIMEOUT]) == ("15", "2.5")
+    assert env[names.ENV_MAX_MESSAGE] == str(4 * 1024 * 1024)
     config = InstanceConfig.from_env({**env, "AUBE_FN_DIR": "/"})
     assert (config.ping_interval, config.ping_timeout) == (15, 2.5)
-    assert keepalive(config) == {"ping_interval": 15, "ping_timeout": 2.5}
+    assert keepalive(config) == {"ping_interval": 15, "ping_timeout": 2.5, "max_size": 4 * 1024 * 1024}
 
 
 def test_an_instance_without_the_policy_sends_no_pings() -> None:
     # websockets pings every 20 s unless told otherwise; those pings would keep any stream from idling out.
     assert keepalive(InstanceConfig.from_env({"AUBE_FN_DIR": "/"}))["ping_interval"] is None
+
+
+def test_an_instance_takes_websockets_default_message_size_unless_told_and_refuses_nonsense() -> None:
+    assert keepalive(InstanceConfig.from_env({"AUBE_FN_DIR": "/"}))["max_size"] == 1024 * 1024
+    for bad in ("-1", "0", "1m", "lots"):
+        with pytest.raises(ConfigError, match="AUBE_MAX_MESSAGE"):
+            InstanceConfig.from_env({"AUBE_FN_DIR": "/", "AUBE_MAX_MESSAGE": bad})
+
+
+@pytest.mark.parametrize(
+    ("limits", "problem"),
+    [
+        ('max_message = "512"', "between 1k and 64m"),
+        ('max_message = "65m"', "between 1k and 64m"),
+        ('max_message = "a lot"', "is not a size"),
+        ('memory = "64m"\nmax_message = "32m"', "more than a quarter of limits.memory"),
+    ],
+)
+def test_a_message_limit_out_of_range_is_refused_at_upload(limits: str, problem: str) -> None:
+    with pytest.raises(InvalidBundle, match=problem):
+        parse_manifest(f"[limits]\n{limits}\n")
+
+
+def test_a_message_limit_may_be_a_number_of_bytes() -> None:
+    assert parse_manifest("[limits]\nmax_message = 2097152\n").limits.max_message == "2097152"
 
 
 def test_the_instance_refuses_a_malformed_policy() -> None:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import msgspec
 
+from aube.controlplane.bounds import message_bytes
 from aube.shared import names
 from aube.shared.schemas import Manifest, RuntimeKind
 
@@ -122,6 +123,7 @@ def instance_environment(spec: InstanceSpec, port: int) -> dict[str, str]:
             "AUBE_FN_MODE": fn.mode,
             names.ENV_PING_INTERVAL: f"{spec.manifest.limits.ping_interval:g}",
             names.ENV_PING_TIMEOUT: f"{spec.manifest.limits.ping_timeout:g}",
+            names.ENV_MAX_MESSAGE: str(message_bytes(spec.manifest.limits)),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
