@@ -129,6 +129,8 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     proxy_id: str = msgspec.field(default_factory=_default_node_id)
     reuse_port: bool = True
     claim_timeout: float = 10.0
+    # While instances of the function are starting, a waiting client waits for them up to this long (proxy/claiming).
+    claim_timeout_max: float = 60.0
     lease_ttl: float = 6.0
     max_head_bytes: int = 16 * 1024
     head_timeout: float | None = 10.0

@@ -101,7 +101,8 @@ class Claimer:
     async def claim_and_connect(
         self, client: ClientSide, name: str, raw_head: bytes
     ) -> tuple[InstanceEntry, UpstreamSide] | Refusal | None:
-        """Claim a free instance, connect to it and hand it the client's head, waiting up to the claim timeout.
+        """Claim a free instance, connect to it and hand it the client's head, waiting up to the claim timeout (and,
+        while instances of the function are starting, up to the claim timeout's ceiling: `_wait_for_starts`).
 
         None when the client left meanwhile. The first client finding no one waiting tries every free instance; a
         client that must wait joins the function's queue (waiting.py) and tries only the instance offered to it,
@@ -113,7 +114,7 @@ class Claimer:
         with contextlib.ExitStack() as in_line:
             waiter: Waiter | None = None
             try:
-                with anyio.move_on_after(self.settings.claim_timeout):
+                with anyio.CancelScope(deadline=started + self.settings.claim_timeout) as waiting:
                     while not client.ended.is_set():
                         fn = self.pool.function(name)
                         if fn is None:
@@ -142,6 +143,7 @@ class Claimer:
                             failed.add(slot.key)
                             continue
                         if waiter is not None and waiter.offer is None:
+                            self._wait_for_starts(fn, waiting, started)
                             # Wake on an offer, the client leaving, or the end of a scale cooldown (to ask again if
                             # the last ask was lost); this is no polling: nothing is read until a wake-up.
                             with anyio.move_on_after(max(self.settings.scale_cooldown, 0.1)):
@@ -158,7 +160,7 @@ class Claimer:
             return None
         self.metrics.claims_total[(name, "timeout")] += 1
         retry = max(1.0, self.settings.scale_cooldown)
-        message = f"no instance of {name!r} available within {self.settings.claim_timeout:g}s"
+        message = f"no instance of {name!r} available within {anyio.current_time() - started:.0f}s"
         return Refusal(error=handshake.HeadError(status=503, reason="no_instance", message=message), retry_after=retry)
 
     async def _next_claim(
@@ -186,6 +188,16 @@ class Claimer:
         finally:
             self.waiting.tried(waiter)
             self.dispatch(fn.name)
+
+    def _wait_for_starts(self, fn: FunctionRecord, waiting: anyio.CancelScope, started: float) -> None:
+        """The adaptive claim timeout: while the view shows instances of `fn` starting (a scale-out, this replica's or
+        another's, or the keeper's), a waiting client keeps waiting for them, `claim_timeout` past now at least, up
+        to `claim_timeout_max` after it arrived. Parallel Docker starts take longer than a fixed 10 s: a burst of 12
+        clients got four 503s while the instances it had asked for were still starting."""
+        if decisions.counts(fn, self.pool.entries_of(fn.name)).starting == 0:
+            return
+        ceiling = started + max(self.settings.claim_timeout_max, self.settings.claim_timeout)
+        waiting.deadline = max(waiting.deadline, min(anyio.current_time() + self.settings.claim_timeout, ceiling))
 
     def _candidates(self, fn: FunctionRecord, failed: set[str]) -> list[InstanceEntry]:
         skip = frozenset(failed | self.holdings.held.keys())
