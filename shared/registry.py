@@ -33,13 +33,14 @@ from aube.shared.schemas import FunctionRecord, InstanceRecord, ProxyLease, Scal
 log = logging.getLogger(__name__)
 
 # JetStream's "wrong last sequence": nats-py raises it as KeyWrongLastSequenceError for create/update, but as a
-# plain BadRequestError for a delete with `last`.
-WRONG_LAST_SEQUENCE = 10071
+# plain BadRequestError for a delete with `last`. A clustered stream's leader answers with the second code (seen on
+# the rig: a control plane's stop failed with "internal error" where it had merely lost a race).
+WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 def lost_race(e: APIError) -> bool:
     """Whether a compare-and-set write or delete failed because the entry had moved on."""
-    return isinstance(e, KeyWrongLastSequenceError) or e.err_code == WRONG_LAST_SEQUENCE
+    return isinstance(e, KeyWrongLastSequenceError) or e.err_code in WRONG_LAST_SEQUENCE
 
 
 # What a registry call raises when NATS is away or slow (a lost race is not one of them: that is an outcome).
