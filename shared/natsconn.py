@@ -26,6 +26,9 @@ SERVICE_DEFAULTS: dict[str, Any] = {
     "reconnect_time_wait": 0.5,
     "ping_interval": 1,
     "max_outstanding_pings": 2,
+    # A reconnect that meets a paused or cut-off server (its kernel accepts the TCP connection, nothing answers)
+    # moves on after this long (nats-py's default; the proxy used to wait 5 s there).
+    "connect_timeout": 2,
 }
 
 

@@ -55,7 +55,6 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
         user=settings.nats_user,
         password=settings.nats_password,
         name=f"aube-proxy-{settings.proxy_id}",
-        connect_timeout=5,
         reconnected_cb=reconnected,
     )
     try:

@@ -17,7 +17,8 @@ Busy instances are only touched when the proxy holding them is dead (invariant 4
 unknown, so they are recycled rather than reused.
 
 When is a proxy dead? Its lease must be past `renewed_at + ttl` by the clock AND this reaper must have seen that
-same lease revision, unchanged, for longer than `ttl` of its own successful passes. The second rule keeps an outage
+same lease revision, unchanged, for longer than `ttl` (plus FAILOVER_GRACE) of its own successful passes, each of
+which found a leader for the lease buckets (`Reaper.leases_writable`). The second rule keeps an outage
 from being judged as a death (invariant 9): after NATS (or the reaper itself) was away, every lease looks old by the
 clock, but the reaper's observation starts again when it can read the registry, and a live proxy renews within
 ttl/3 of that (at once, on reconnect). The service forgets its observations whenever a pass fails or passes were
@@ -110,6 +111,11 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 
 LEASE_MEMORY = "lease:"  # prefix of a proxy lease's entry in `seen`
 HOST_MEMORY = "host:"  # prefix of a host lease's entry in `seen`
+# Seconds of observation beyond a lease's ttl before its holder is judged dead: a holder whose NATS server was paused
+# or cut off first notices (two unanswered 1 s pings) and reconnects elsewhere (a 2 s connect timeout per dead
+# server), and only then renews. Without it the rig saw a live proxy or host judged dead, and its streams cut, when
+# its server was paused while the lease bucket's leader lived elsewhere.
+FAILOVER_GRACE = 2.0
 
 
 def plan(snapshot: Snapshot, seen: dict[str, Seen], now: float, policy: Policy) -> Plan:
@@ -148,7 +154,7 @@ def dead_leases(
     memory: dict[str, Seen] = {}
     for lease in leases:
         first = memory[LEASE_MEMORY + lease.key] = _watched(LEASE_MEMORY + lease.key, lease.revision, seen, now)
-        if lease_expired(lease.record, now) and now - first.since > lease.record.ttl:
+        if lease_expired(lease.record, now) and now - first.since > lease.record.ttl + FAILOVER_GRACE:
             dead.append(lease)
     return dead, memory
 
@@ -160,7 +166,7 @@ def dead_hosts(hosts: list[HostEntry], seen: dict[str, Seen], now: float) -> tup
     for host in hosts:
         first = memory[HOST_MEMORY + host.key] = _watched(HOST_MEMORY + host.key, host.revision, seen, now)
         expired = host.record.renewed_at + host.record.ttl < now
-        if expired and now - first.since > host.record.ttl:
+        if expired and now - first.since > host.record.ttl + FAILOVER_GRACE:
             dead.append(host)
     return dead, memory
 

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from aube.reaper.decisions import (
+    FAILOVER_GRACE,
     HOST_MEMORY,
     LEASE_MEMORY,
     DeleteHost,
@@ -244,8 +245,11 @@ def test_an_outage_is_not_a_death_leases_are_judged_on_time_the_reaper_watched()
     assert later.seen[LEASE_MEMORY + "p"].since == NOW
     renewed = [lease("p", renewed_at=NOW + 2, ttl=6, revision=8)]  # the proxy renews on reconnect
     assert run(busy, leases=renewed, seen=later.seen, now=NOW + 7).actions == []
-    # A proxy that never renews is dead once watched unchanged for longer than its ttl.
-    dead = run(busy, leases=leases, seen=later.seen, now=NOW + 6.5)
+    # A proxy that never renews is dead once watched unchanged for longer than its ttl and the failover grace (the
+    # time a holder whose server was paused needs to notice and reconnect elsewhere).
+    grace = run(busy, leases=leases, seen=later.seen, now=NOW + 6.5)
+    assert grace.actions == []
+    dead = run(busy, leases=leases, seen=later.seen, now=NOW + 6 + FAILOVER_GRACE + 0.5)
     assert DeleteLease(proxy_id="p", revision=7) in dead.actions and drained(dead) == {"echo.1": "dead_proxy"}
 
 
