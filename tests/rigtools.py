@@ -28,10 +28,34 @@ PARTITION_MARK = "aube-rig-partition"  # the comment on the rules `partition` ad
 
 def heal() -> None:
     """Every container back as `up` wants it: partitions undone, started again if killed, unpaused if paused
-    (scripts/rig/containers)."""
+    (scripts/rig/containers); then wait until the platform answers a deployer again (`aube ls`), so the next test
+    starts on a platform that works (a node back from a partition may take a while to be current)."""
     for name in [n.name for n in layout.NATS_NODES] + [b.name for b in layout.BOXES]:
         rejoin(name)
     subprocess.run([str(CLUSTER_SH), "up"], check=True, capture_output=True, timeout=600)
+    started = time.monotonic()
+    while (listed := aube(rig_state.folder(CHECKOUT), "ls")).returncode != 0:
+        assert time.monotonic() - started < 120, f"the platform did not answer after healing: {listed.stderr}"
+        time.sleep(1)
+    print(f"platform answering {time.monotonic() - started:.1f}s after the rig was healed")
+
+
+def _deployer_env(cluster: Path) -> dict[str, str]:
+    path = cluster / rig_state.CREDENTIALS_FILE
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    return {**os.environ, "AUBE_CREDENTIALS": str(path), "AUBE_NATS_URL": values["AUBE_NATS_URL"]}
+
+
+def aube(cluster: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The aube CLI as the rig's deployer."""
+    return subprocess.run(
+        [str(CHECKOUT / ".venv" / "bin" / "aube"), *argv],
+        capture_output=True,
+        text=True,
+        env=_deployer_env(cluster),
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _iptables_in(name: str) -> list[str] | None:
@@ -104,28 +128,27 @@ def deploy(cluster: Path, tmp_path: Path, name: str, manifest: str) -> str:
     folder.mkdir()
     (folder / "fn.py").write_text((CHECKOUT / "examples" / "whoami" / "fn.py").read_text())
     (folder / "aube.toml").write_text(manifest)
-    path = cluster / rig_state.CREDENTIALS_FILE
-    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
-    env = {**os.environ, "AUBE_CREDENTIALS": str(path), "AUBE_NATS_URL": values["AUBE_NATS_URL"]}
     started = time.monotonic()
-    done = subprocess.run(
-        [str(CHECKOUT / "scripts" / "upload.sh"), str(folder), name],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    while True:
+        done = subprocess.run(
+            [str(CHECKOUT / "scripts" / "upload.sh"), str(folder), name],
+            capture_output=True,
+            text=True,
+            env=_deployer_env(cluster),
+            timeout=300,
+            check=False,
+        )
+        # `unavailable` says "retry shortly" (the registry did not answer), and a deployer's script would.
+        if "error: unavailable:" not in done.stderr or time.monotonic() - started > 60:
+            break
+        time.sleep(1)
     assert done.returncode == 0, done.stderr
     print(f"{name} deployed in {time.monotonic() - started:.1f}s: {done.stdout.strip()}")
     return done.stdout.strip()
 
 
 def undeploy(cluster: Path, name: str) -> None:
-    path = cluster / rig_state.CREDENTIALS_FILE
-    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
-    env = {**os.environ, "AUBE_CREDENTIALS": str(path), "AUBE_NATS_URL": values["AUBE_NATS_URL"]}
-    subprocess.run([str(CHECKOUT / ".venv" / "bin" / "aube"), "delete", name], capture_output=True, env=env, timeout=60)
+    aube(cluster, "delete", name)
 
 
 def proxy_url(box: layout.Box, function: str) -> str:

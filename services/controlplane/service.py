@@ -15,6 +15,9 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 
 from aube.controlplane.bundle import BundleLimits
 from aube.controlplane.core import ControlPlane
@@ -24,7 +27,7 @@ from aube.controlplane.upkeep import Upkeep
 from aube.shared import buckets, names, natsconn
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
-from aube.shared.errors import AubeError, InvalidRequest, TooManyRequests
+from aube.shared.errors import AubeError, InvalidRequest, ServiceUnavailable, TooManyRequests
 from aube.shared.redact import Redactor
 from aube.shared.registry import Registry
 from aube.shared.schemas import (
@@ -40,6 +43,9 @@ from aube.shared.schemas import (
 from aube.shared.settings import ControlPlaneSettings
 
 log = logging.getLogger(__name__)
+
+# What a request meets when the registry is between leaders or its server is not current: answered `unavailable`.
+REGISTRY_AWAY = (ServiceUnavailableError, NatsTimeoutError, NoRespondersError, TimeoutError)
 
 # How often retirement runs (delete grace, retired versions, lost stop requests); cheap: two KV snapshots.
 RETIRE_INTERVAL = 1.0
@@ -208,6 +214,11 @@ async def _answer_as(
     except AubeError as e:
         log.info("%s refused: %s (%s)", msg.subject, redactor.for_log(e.message), e.code)
         reply = error_reply(AubeError(redactor.for_deployer(e.message), code=e.code))
+    except REGISTRY_AWAY as e:
+        # A registry between leaders (or a server catching up after a partition) is not a bug: the caller retries.
+        log.warning("%s failed, the registry did not answer: %s", msg.subject, e)
+        message = f"the platform's registry did not answer ({type(e).__name__}); retry shortly"
+        reply = error_reply(ServiceUnavailable(message))
     except Exception as e:
         log.exception("%s failed", msg.subject)
         reply = error_reply(AubeError(redactor.for_deployer(f"internal error: {type(e).__name__}: {e}")))

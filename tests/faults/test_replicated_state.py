@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -411,3 +412,35 @@ async def test_a_snapshot_taken_through_another_node_holds_the_write_just_acknow
     finally:
         for nc in [writer, *readers]:
             await nc.close()
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_request_that_meets_a_registry_without_quorum_is_answered_unavailable(
+    cluster: AccountsServer,
+    platform_on,  # type: ignore[no-untyped-def]
+) -> None:
+    """The control plane answers `unavailable` ("retry shortly"), not `internal` with a nats-py traceback's words,
+    when its registry does not answer: after a partition the rig's deployers met that for a while."""
+    platform = platform_on(cluster.url)
+    await platform.start_controlplane(**cluster.service_env("controlplane"), AUBE_KV_REPLICAS="3")
+    first = nodes(cluster).nodes[0].url
+    deployer = await nats.connect(first, **cluster.options("deployer"))
+    try:
+        listed = json.loads((await deployer.request(names.SUBJECT_LIST, b"{}", timeout=10)).data)
+        assert listed["ok"] is True
+        nodes(cluster).kill(1)
+        nodes(cluster).kill(2)
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    answer = json.loads((await deployer.request(names.SUBJECT_LIST, b"{}", timeout=15)).data)
+                except nats.errors.Error:
+                    await anyio.sleep(0.5)  # the control plane is moving to the node that stays
+                    continue
+                if not answer["ok"]:
+                    break
+                await anyio.sleep(0.5)
+        print(f"answered without a quorum: {answer}")
+        assert answer["error"]["code"] == "unavailable" and "retry shortly" in answer["error"]["message"]
+    finally:
+        await deployer.close()
