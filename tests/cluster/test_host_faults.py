@@ -9,8 +9,8 @@ A stream's end is timed from `docker kill` returning: the command itself took up
 the kill lands somewhere within it. Measured (rig from nothing, nothing else running): kill: streams ended at
 once, entries gone after 6.3 s, min_free warm on the others after 8.2 s; pause: streams ended after 7.2 s, entries
 gone after 7.3 s, warm after 9.2 s. With the reaper's 2 s failover grace (reaper/decisions.py): entries gone after
-7.8 s, warm after 8.1 s; a paused host's streams ended after 8.1 s. (Warm took 20-60 s before a start placed on the dying host was given up when
-its lease lapsed: it waited for the host's 300 s build timeout.)
+7.8 s, warm after 8.1 s; a paused host's streams ended after 8.1 s. (Warm took 20-60 s before a start placed on
+the dying host was given up when its lease lapsed: it waited for the host's 300 s build timeout.)
 """
 
 from __future__ import annotations
