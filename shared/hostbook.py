@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from aube.shared import buckets, kvread, names, records
-from aube.shared.registry import delete_at
+from aube.shared.registry import delete_at, get_latest
 from aube.shared.schemas import HostLease, encode
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ class HostBook:
             for e in await kvread.snapshot(self.js, names.BUCKET_HOSTS)
             if e.value and (lease := records.read(e.key, e.value, HostLease)) is not None
         ]
+
+    async def lease(self, host_id: str) -> HostLease | None:
+        """One host's lease by its key (a single message get, not a snapshot); None if it has none readable."""
+        got = await get_latest(self.kv, host_id)
+        return None if got is None else records.read(host_id, got[1], HostLease)
 
     async def put(self, lease: HostLease) -> int:
         return await self.kv.put(lease.host_id, encode(lease))

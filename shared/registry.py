@@ -163,7 +163,7 @@ class Registry:
         ]
 
     async def get_instance(self, key: str) -> InstanceEntry | None:
-        got = await _get(self.instances_kv, key)
+        got = await get_latest(self.instances_kv, key)
         record = None if got is None else records.read(key, got[1], InstanceRecord)
         return None if got is None or record is None else InstanceEntry(key, got[0], record)
 
@@ -309,7 +309,7 @@ class Registry:
         ]
 
     async def get_function(self, name: str) -> FunctionEntry | None:
-        got = await _get(self.functions_kv, name)
+        got = await get_latest(self.functions_kv, name)
         record = None if got is None else records.read(name, got[1], FunctionRecord)
         return None if got is None or record is None else FunctionEntry(name, got[0], record)
 
@@ -349,7 +349,7 @@ class Registry:
         return self.scale_intents_kv
 
     async def get_scale_intent(self, function: str) -> ScaleIntentEntry | None:
-        got = await _get(self._intents(), function)
+        got = await get_latest(self._intents(), function)
         record = None if got is None else records.read(function, got[1], ScaleIntent)
         return None if got is None or record is None else ScaleIntentEntry(function, got[0], record)
 
@@ -367,7 +367,7 @@ class Registry:
                 return True
             except KeyWrongLastSequenceError:
                 pass
-            got = await _get(kv, key)
+            got = await get_latest(kv, key)
             if got is None:
                 continue
             revision, held_value = got
@@ -396,7 +396,8 @@ async def delete_at(kv: KeyValue, key: str, revision: int | None) -> bool:
     return True
 
 
-async def _get(kv: KeyValue, key: str) -> tuple[int, bytes] | None:
+async def get_latest(kv: KeyValue, key: str) -> tuple[int, bytes] | None:
+    """A key's (revision, value) by one message get; None when it is missing or deleted."""
     try:
         entry = await kv.get(key)
     except (KeyNotFoundError, NotFoundError):  # KeyDeletedError is a KeyNotFoundError

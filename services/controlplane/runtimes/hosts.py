@@ -126,15 +126,16 @@ class HostsRuntime:
         return answer[0]
 
     async def _until_dead(self, host_id: str) -> None:
-        """Return once `host_id` is seen without a live lease; a lease that cannot be read proves nothing."""
+        """Return once `host_id` is seen without a live lease (its own key read, not every lease: each long request
+        polls); a lease that cannot be read proves nothing."""
         while True:
             await anyio.sleep(LIVENESS_POLL)
             try:
-                live = await self.live_hosts()
+                lease = await self.hosts.lease(host_id)
             except Exception as e:  # NATS away: the request's own timeout still bounds the wait
                 log.debug("liveness of %s unknown: %s", host_id, e)
                 continue
-            if host_id not in {h.host_id for h in live}:
+            if lease is None or not placement.live(lease, time.time()):
                 return
 
     async def _each_live_host(self, call: Callable[[str], Awaitable[T]]) -> dict[str, T | AubeError]:
