@@ -72,7 +72,8 @@ BOXES = [PLANE, *HOSTS]
 
 class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     """One Aube service in a rig container: `python -m <module>` as the platform's NATS user `login` (a key of
-    aube.shared.credentials.SERVICE_USERS), with `env` on top of the common environment. In `env`, `{address}`
+    aube.shared.credentials.SERVICE_USERS, or `agent`: each host's own login, added per container by
+    `state.prepare`), with `env` on top of the common environment. In `env`, `{address}`
     is the container's address on the rig network and `{name}` its name (filled in inside the container).
 
     `needs`: a module the checkout must have for the service to run; without it the service is skipped, so a
