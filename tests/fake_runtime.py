@@ -36,6 +36,7 @@ from aube.controlplane.runtimes.base import (
     BuildLog,
     ExitListener,
     InstanceSpec,
+    Inventory,
     RunningInstance,
     StartedInstance,
 )
@@ -193,8 +194,8 @@ class FakeRuntime:
             if i.spec.owner == owner
         ]
 
-    def covers(self, host: str) -> bool:
-        return host == ""  # every fake instance runs on "this machine"
+    async def inventory(self, owner: str) -> Inventory:
+        return Inventory(instances=await self.instances(owner))  # every fake instance runs on "this machine"
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
         self.calls.append(Call("watch_exits", (owner,)))

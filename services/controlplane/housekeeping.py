@@ -87,9 +87,10 @@ class Housekeeping:
         moment of this pass counts as in flight, not just those still starting at the end.
         """
         self.ctx.in_flight_during_pass = set(self.ctx.in_flight)
-        running = await self.ctx.runtime.instances(self.ctx.owner)
+        inventory = await self.ctx.runtime.inventory(self.ctx.owner)
+        running = inventory.instances
         artifacts = await self.ctx.runtime.artifacts(self.ctx.owner)
-        entries = [e for e in await self.ctx.registry.instances() if self.ctx.runtime.covers(e.record.host)]
+        entries = [e for e in await self.ctx.registry.instances() if inventory.covers(e.record.host)]
         functions = await self.ctx.registry.functions()
         plan = decisions.plan_reconcile(
             owner=self.ctx.owner,

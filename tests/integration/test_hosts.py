@@ -19,8 +19,10 @@ from harness import Platform, ServiceProcess, stop_process_instances
 from support import REPO, AccountsServer, accounts_server
 from websockets.asyncio.client import connect
 
+from aube.controlplane.runtimes.hosts import QUICK_TIMEOUT
 from aube.shared import names
 from aube.shared.bus import request
+from aube.shared.hostbook import HostBook
 from aube.shared.natsserver import free_port
 from aube.shared.registry import Registry
 from aube.shared.schemas import UploadReply, UploadRequest
@@ -235,6 +237,56 @@ async def test_a_host_agent_that_points_registry_records_at_internal_subjects_ch
                 assert (await registry.get_function("who")) is not None
             finally:
                 await h1.close()
+                await ops.close()
+        finally:
+            platform.stop_all()
+            for h in HOSTS:
+                stop_process_instances(f"{test_owner}-{h}", data[h])
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_host_whose_lease_only_looks_expired_keeps_its_entries_through_reconcile(
+    runtime_kind: str, test_owner: str, tmp_path: Path
+) -> None:
+    """CI on the rig: a partitioned NATS leader left the hosts' leases unrenewable for seconds, every lease looked
+    expired by the clock, the control plane's reconcile listed no host and took every entry for an instance gone
+    (each long stream on the rig cut). A host missing from the listing says nothing about its instances: only the
+    reaper judges a host dead (after watching its lease, with a leader to renew it on). Here no reaper runs and one
+    agent is stopped past its lease: its entries must survive the control plane's reconcile passes."""
+    import os
+    import signal
+
+    with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
+        platform = Platform(server.url, test_owner, "hosts", tmp_path)
+        data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
+        agents = start_agents(platform, server, data)
+        try:
+            await platform.start_controlplane(
+                AUBE_HOST_RUNTIME="process", AUBE_RECONCILE_INTERVAL="0.5", **server.service_env("controlplane")
+            )
+            ops = await nats.connect(server.url, **platform.login)
+            try:
+                registry = await Registry.open(ops.jetstream())
+                book = await HostBook.open(ops.jetstream())
+                with anyio.fail_after(30):
+                    while {e.key for e in await book.leases()} != set(HOSTS):
+                        await anyio.sleep(0.2)
+                body = UploadRequest(name="who", zip=whoami_zip("[scaling]\nmin_free = 4\nmax_instances = 8\n"))
+                await request(ops, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+                before = {e.key for e in await registry.instances("who") if e.record.host == "h1"}
+                assert before, "nothing placed on h1"
+                paused = agents["h1"].proc
+                assert paused is not None
+                os.kill(paused.pid, signal.SIGSTOP)
+                try:
+                    # Its lease lapses after LEASE_TTL; a listing asked of it before gives up after QUICK_TIMEOUT;
+                    # then reconcile passes list h2 alone, every half second.
+                    await anyio.sleep(LEASE_TTL + QUICK_TIMEOUT + 4)
+                    after = {e.key for e in await registry.instances("who") if e.record.host == "h1"}
+                finally:
+                    os.kill(paused.pid, signal.SIGCONT)
+                assert after == before, f"h1's entries dropped while only its lease looked expired: {before - after}"
+            finally:
                 await ops.close()
         finally:
             platform.stop_all()

@@ -57,6 +57,22 @@ class RunningInstance(msgspec.Struct, frozen=True, kw_only=True):
     alive: bool
 
 
+class Inventory(msgspec.Struct, frozen=True, kw_only=True):
+    """One listing of an owner's instances, and the hosts it covers (an InstanceRecord's `host`).
+
+    `hosts` None: this machine's instances (records with no host). Otherwise the hosts that answered this very
+    listing: a host absent from it (its lease looked expired to the control plane, say during a NATS election that
+    kept every lease from being renewed) says nothing about its instances, so reconcile must not take its entries
+    for instances gone. Judging a host dead is the reaper's, by its own rule."""
+
+    instances: list[RunningInstance]
+    hosts: frozenset[str] | None = None
+
+    def covers(self, host: str) -> bool:
+        # A record not placed yet ("") is starting: reconcile's own rules for starting entries apply to it.
+        return not host or (self.hosts is not None and host in self.hosts)
+
+
 class Artifact(msgspec.Struct, frozen=True, kw_only=True):
     """A prepared function version (an image, or a folder for the process runtime)."""
 
@@ -92,8 +108,8 @@ class Runtime(Protocol):
 
     async def instances(self, owner: str) -> list[RunningInstance]: ...
 
-    def covers(self, host: str) -> bool:
-        """Whether `instances` lists what runs on `host` (an InstanceRecord's): reconcile judges only those entries."""
+    async def inventory(self, owner: str) -> Inventory:
+        """`instances`, and which hosts that listing speaks for: reconcile judges only those hosts' entries."""
         ...
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:

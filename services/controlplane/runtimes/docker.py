@@ -45,6 +45,7 @@ from aube.controlplane.runtimes.base import (
     BuildLog,
     ExitListener,
     InstanceSpec,
+    Inventory,
     RunningInstance,
     StartedInstance,
     instance_environment,
@@ -346,8 +347,8 @@ class DockerRuntime:
         state = info.get("State") or {}
         return bool(state.get("Running")) and not state.get("Restarting") and not state.get("Dead")
 
-    def covers(self, host: str) -> bool:
-        return not host  # this machine's instances only
+    async def inventory(self, owner: str) -> Inventory:
+        return Inventory(instances=await self.instances(owner))  # this machine's instances only
 
     async def instances(self, owner: str) -> list[RunningInstance]:
         found = await self._call(

@@ -42,6 +42,7 @@ from aube.controlplane.runtimes.base import (
     BuildLog,
     ExitListener,
     InstanceSpec,
+    Inventory,
     RunningInstance,
     StartedInstance,
 )
@@ -268,12 +269,19 @@ class HostsRuntime:
         return answer.alive
 
     async def instances(self, owner: str) -> list[RunningInstance]:
+        return (await self.inventory(owner)).instances
+
+    async def inventory(self, owner: str) -> Inventory:
+        """The live hosts' instances, covering exactly the hosts that answered (raises if a live one did not)."""
         listings = await self._listings(owner)
-        return [
-            msgspec.structs.replace(i, handle=hostwire.host_handle(host_id, i.handle))
-            for host_id, listing in sorted(listings.items())
-            for i in listing.instances
-        ]
+        return Inventory(
+            instances=[
+                msgspec.structs.replace(i, handle=hostwire.host_handle(host_id, i.handle))
+                for host_id, listing in sorted(listings.items())
+                for i in listing.instances
+            ],
+            hosts=frozenset(listings),
+        )
 
     async def _listings(self, owner: str) -> dict[str, hostwire.Listing]:
         body = hostwire.ListOnHost(owner=owner)
@@ -286,11 +294,6 @@ class HostsRuntime:
                 "hosts did not answer a listing: " + ", ".join(f"{h} ({e.message})" for h, e in sorted(failed.items()))
             )
         return {h: r for h, r in results.items() if isinstance(r, hostwire.Listing)}
-
-    def covers(self, host: str) -> bool:
-        """Every entry: those of live hosts are in the listing (or it fails), a dead host's instances are gone with
-        it, and one not placed yet ("") is starting, which reconcile leaves to its start."""
-        return True
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
         subject = names.host_subject("*", names.HOST_EXITS)

@@ -56,6 +56,7 @@ from aube.controlplane.runtimes.base import (
     BuildLog,
     ExitListener,
     InstanceSpec,
+    Inventory,
     RunningInstance,
     StartedInstance,
 )
@@ -237,8 +238,8 @@ class ProcessRuntime:
             leaders.reap(pid, starttime)
         return not gone
 
-    def covers(self, host: str) -> bool:
-        return not host  # this machine's instances only
+    async def inventory(self, owner: str) -> Inventory:
+        return Inventory(instances=await self.instances(owner))  # this machine's instances only
 
     async def instances(self, owner: str) -> list[RunningInstance]:
         # An instance spawned after the scan below began is not in it: `_fresh` keeps it from being taken for a
