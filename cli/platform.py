@@ -175,6 +175,7 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
             supervisor.start(Service(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], proxy_env(i + 1, port)))
             if port is not None:
                 print(f"[aube] proxy-{i + 1} metrics: http://{operator_host}:{port}/_aube/metrics")
+                print(f"[aube] proxy-{i + 1} dashboard: http://{operator_host}:{port}/_aube/dashboard")
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
         print(
             f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "

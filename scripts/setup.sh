@@ -14,6 +14,8 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || want+=(libseccomp2)
 # the hung-peer tests cut a client off inside a network namespace of their own (tests/faults/test_hung_peers.py).
 command -v iptables >/dev/null || want+=(iptables)
 command -v ip >/dev/null || want+=(iproute2)
+# The dashboard's test drives a real headless browser (tests/integration/test_dashboard.py).
+command -v chromium >/dev/null || want+=(chromium)
 [ "${AUBE_WITH_NGINX:-0}" = 1 ] && ! command -v nginx >/dev/null && want+=(nginx-light)
 if [ ${#want[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -58,6 +58,7 @@ LABEL_TEST = "aube.test"
 # The proxy's own endpoints; NAME_PATTERN can never produce them.
 PATH_HEALTH = "/_aube/health"
 PATH_METRICS = "/_aube/metrics"
+PATH_DASHBOARD = "/_aube/dashboard"  # the page; its files and its state are under it
 # The in-instance server answers health checks on the same path.
 INSTANCE_HEALTH_PATH = PATH_HEALTH
 

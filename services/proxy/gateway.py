@@ -4,9 +4,10 @@ Per client: read the request head (bounded in size and time), answer `/_aube/hea
 HTTP before any upgrade, then have the claimer get an instance that takes the head (claiming.py) and the streams
 carry it until either side ends (streams.py). The decisions on the head are the pure `aube.proxy.handshake`'s.
 
-Operator endpoints apart: `/_aube/metrics` names every function (protected ones too), so it is served only on the
-operator listener (`operator_host:operator_port`, loopback by default, one port per replica), never on the public
-port, where it is a 404. The operator listener serves `/_aube/health` and `/_aube/metrics` and nothing else.
+Operator endpoints apart: `/_aube/metrics` and the dashboard (`/_aube/dashboard` and what is under it, dashboard.py)
+name every function (protected ones too), so they are served only on the operator listener
+(`operator_host:operator_port`, loopback by default, one port per replica), never on the public port, where they are
+a 404. The operator listener serves `/_aube/health`, `/_aube/metrics` and the dashboard and nothing else.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from anyio.abc import TaskGroup
 
 from aube.proxy import handshake, sockopts
 from aube.proxy.claiming import Claimer, Refusal
+from aube.proxy.dashboard import Dashboard
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide
@@ -44,6 +46,7 @@ class Gateway:
         claimer: Claimer,
         streams: Streams,
         tcp_options: list[sockopts.Option],
+        dashboard: Dashboard | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -51,9 +54,10 @@ class Gateway:
         self.claimer = claimer
         self.streams = streams
         self.tcp_options = tcp_options  # keepalive and user timeout for the client leg
+        self.dashboard = dashboard  # None: no operator listener, nothing to show
 
     async def accept_loop(self, sock: socket.socket, tg: TaskGroup, operator: bool = False) -> None:
-        """Accept clients on `sock`; `operator` marks the operator listener (metrics and health only)."""
+        """Accept clients on `sock`; `operator` marks the operator listener (metrics, dashboard and health only)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -123,8 +127,15 @@ class Gateway:
             self._reject(client, _NOT_FOUND)
         if isinstance(target, handshake.HeadError):
             self._reject(client, target)
-        if isinstance(target, handshake.Endpoint) and target.which == "metrics" and not operator:
+        if isinstance(target, handshake.Endpoint) and target.which != "health" and not operator:
             self._reject(client, _NOT_FOUND)
+        if isinstance(target, handshake.Endpoint) and target.which == "dashboard":
+            page = self.dashboard.answer(head) if self.dashboard is not None else None
+            if page is None:
+                self._reject(client, _NOT_FOUND)
+            assert page is not None
+            client.answer(page)
+            return
         if isinstance(target, handshake.Endpoint):
             body = "ok\n" if target.which == "health" else render(self.metrics)
             ctype = "text/plain; charset=utf-8" if target.which == "health" else "text/plain; version=0.0.4"

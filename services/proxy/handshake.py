@@ -30,6 +30,7 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -60,7 +61,7 @@ class HeadError(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
-    which: Literal["health", "metrics"]
+    which: Literal["health", "metrics", "dashboard"]
 
 
 class FunctionTarget(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,6 +139,8 @@ def route(head: RequestHead) -> Route:
         return Endpoint(which="health") if head.method in ("GET", "HEAD") else _not_allowed()
     if head.path == names.PATH_METRICS:
         return Endpoint(which="metrics") if head.method in ("GET", "HEAD") else _not_allowed()
+    if head.path == names.PATH_DASHBOARD or head.path.startswith(names.PATH_DASHBOARD + "/"):
+        return Endpoint(which="dashboard") if head.method in ("GET", "HEAD") else _not_allowed()
     # The first path segment names the function; the full path and query pass through to the instance.
     name = head.path[1:].split("/", 1)[0]
     try:

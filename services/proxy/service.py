@@ -26,6 +26,7 @@ from anyio.abc import TaskStatus
 
 from aube.proxy import sockopts
 from aube.proxy.claiming import Claimer
+from aube.proxy.dashboard import Dashboard
 from aube.proxy.gateway import Gateway
 from aube.proxy.holdings import Holdings
 from aube.proxy.leases import LeaseClock, RenewSignal, keep_lease
@@ -86,7 +87,12 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                     )
                     claimer = Claimer(settings, nc, registry, pool, metrics, holdings, reserve, tcp_options, tg)
                     streams = Streams(settings, pool, metrics, holdings, reserve)
-                    gateway = Gateway(settings, pool, metrics, claimer, streams, tcp_options)
+                    dashboard = (
+                        Dashboard(settings.proxy_id, pool, metrics, settings.operator_host)
+                        if operator_sock is not None
+                        else None
+                    )
+                    gateway = Gateway(settings, pool, metrics, claimer, streams, tcp_options, dashboard)
                     await tg.start(
                         partial(keep_lease, renew_now=renew_now, renewed=lease_clock.renewed),
                         registry,
@@ -101,10 +107,12 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                     tg.start_soon(gateway.accept_loop, sock, tg)
                     if operator_sock is not None:
                         tg.start_soon(gateway.accept_loop, operator_sock, tg, True)
+                    if dashboard is not None:
+                        tg.start_soon(dashboard.run)
                     log.info("proxy %s listening on %s:%d", settings.proxy_id, settings.proxy_host, port)
                     if operator_port is not None:
                         log.info(
-                            "proxy %s serves /_aube/metrics on %s:%d",
+                            "proxy %s serves /_aube/metrics and /_aube/dashboard on %s:%d",
                             settings.proxy_id,
                             settings.operator_host,
                             operator_port,
