@@ -203,6 +203,14 @@ async def test_connect_prints_the_platforms_refusal_and_exits_non_zero(deployed:
         assert served.returncode == 0, served.stderr.decode()
         assert served.stdout.decode() == "cba\n"
         assert TOKEN not in served.stderr.decode()
+    # The function closes the stream: its close code and reason are printed, and a code other than 1000 fails.
+    boom = deployed.work / "boom"
+    assert (await deployed.aube("new", "boom")).returncode == 0
+    (boom / "fn.py").write_text("def fn(websocket):\n    raise ValueError(f'cannot take {websocket.recv()!r}')\n")
+    await deployed.deploy(boom, "boom")
+    ended = await deployed.aube("connect", "boom", stdin=b"this\n")
+    assert ended.returncode == 1
+    assert "closed: 1011 (internal error) ValueError: cannot take 'this'" in ended.stderr.decode()
 
 
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
