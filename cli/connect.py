@@ -73,19 +73,20 @@ def message_text(message: str | bytes) -> str:
     return message if isinstance(message, str) else f"(binary) {message.hex()}"
 
 
-def _read_stdin_lines(on_line: Callable[[bytes], bool]) -> None:
-    """Read fd 0 (not sys.stdin: a daemon thread blocked in a buffered reader can abort the interpreter's exit) and
-    hand over each line without its line ending; b"" hands over the end. `on_line` returns False to stop."""
+def read_lines(fd: int, on_line: Callable[[bytes | None], bool]) -> None:
+    """Read `fd` with os.read (not sys.stdin: a daemon thread blocked in a buffered reader can abort the
+    interpreter's exit) and hand over each line without its line ending (an empty line is an empty message), then
+    None for the end. `on_line` returns False to stop."""
     pending = b""
     while True:
         try:
-            chunk = os.read(0, READ_CHUNK)
+            chunk = os.read(fd, READ_CHUNK)
         except OSError:
             chunk = b""
         if not chunk:
             if pending:
                 on_line(pending)
-            on_line(b"")
+            on_line(None)
             return
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -98,9 +99,9 @@ def start_stdin_reader(send: MemoryObjectSendStream[bytes]) -> None:
     """A daemon thread (it may block in a read forever) feeding stdin's lines into `send`, then closing it."""
     loop = asyncio.get_running_loop()
 
-    def on_line(line: bytes) -> bool:
+    def on_line(line: bytes | None) -> bool:
         try:
-            if line:
+            if line is not None:
                 asyncio.run_coroutine_threadsafe(send.send(line), loop).result()
                 return True
             loop.call_soon_threadsafe(send.close)
@@ -108,7 +109,7 @@ def start_stdin_reader(send: MemoryObjectSendStream[bytes]) -> None:
             pass  # the client has ended (its loop is gone or it no longer reads)
         return False
 
-    threading.Thread(target=_read_stdin_lines, args=(on_line,), name="stdin", daemon=True).start()
+    threading.Thread(target=read_lines, args=(0, on_line), name="stdin", daemon=True).start()
 
 
 class Session:

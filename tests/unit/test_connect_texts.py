@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aube.cli import connect
 from aube.cli.main import parser
 
@@ -38,3 +40,15 @@ def test_token_goes_in_the_authorization_header_and_subprotocols_in_order() -> N
 def test_arguments() -> None:
     args = parser().parse_args(["connect", "rev", "--subprotocol", "a", "--subprotocol", "b", "--binary"])
     assert (args.name, args.subprotocol, args.binary, args.linger) == ("rev", ["a", "b"], True, 2.0)
+
+
+def test_stdin_lines_keep_empty_lines_and_end_with_none() -> None:
+    read, write = os.pipe()
+    os.write(write, b"a\n\nb\r\nc")
+    os.close(write)
+    seen: list[bytes | None] = []
+    try:
+        connect.read_lines(read, lambda line: seen.append(line) is None)
+    finally:
+        os.close(read)
+    assert seen == [b"a", b"", b"b", b"c", None]
