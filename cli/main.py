@@ -4,6 +4,8 @@
     aube delete <name>             delete a function
     aube ls                        list functions and their instances
     aube events <name>             follow a function's events
+    aube new <folder> [--style S]  write a new function folder (S: sync, async, generator or command)
+    aube connect <name>            open a function's stream: stdin lines out, messages in (cli/connect.py)
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
     aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
     aube tenant rotate <tenant>    operator: give a tenant a new password (the old one stops working)
@@ -31,6 +33,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.object_store import ObjectStore
 
+from aube.cli import connect, scaffold
 from aube.shared import buckets, credentials, names, natsconn
 from aube.shared.bus import request
 from aube.shared.credentials import redact
@@ -172,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")
     sub.add_parser("events", help="follow a function's events").add_argument("name")
+    scaffold.add_parser(sub)
+    connect.add_parser(sub)
     st = sub.add_parser("start", help="run NATS, control plane, reaper and proxies in the foreground")
     st.add_argument("--proxies", type=int, default=int(os.environ.get("AUBE_PROXIES", "1")), help="proxy replicas")
     st.add_argument("--nats-conf", default="deploy/nats.conf")
@@ -197,6 +202,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "new":
+        return scaffold.new_main(args)
+    if args.command == "connect":
+        return connect.connect_main(args)
     if args.command == "start":
         from aube.cli.platform import start_platform
 
