@@ -106,13 +106,14 @@ class TerminalView:
     def event(self, event: FunctionEvent, status: str) -> None:
         label, text = describe(event)
         # Text, not markup: a build line's "[...]" is pip's, not a style.
-        self.console.print(Text(f"{label:>9}  ", style=self.STYLES.get(event.event, "")), Text(text), soft_wrap=True)
+        line = Text.assemble((f"{label:>9}  ", self.STYLES.get(event.event, "")), text)
+        self.console.print(line, soft_wrap=True)
         self._status.update(status)
 
     def done(self, reply: UploadReply) -> None:
         self._status.stop()
-        deployed = Text(f"deployed {reply.name} version {reply.version}: ", style="bold green")
-        self.console.print(deployed, Text(reply.url), soft_wrap=True)
+        deployed = Text.assemble((f"deployed {reply.name} version {reply.version}: ", "bold green"), reply.url)
+        self.console.print(deployed, soft_wrap=True)
 
 
 class JsonView:
