@@ -14,7 +14,6 @@ none of this upload's is missed. Which events are this upload's, and what each s
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
@@ -67,6 +66,8 @@ class DeployEvents:
         """What the upload is doing now, for the spinner."""
         if self.version is None:
             return f"uploading {self.name}"
+        if self.finished:
+            return f"version {self.version} of {self.name} is done"
         return f"building version {self.version} of {self.name} and starting its instances"
 
 
@@ -104,6 +105,8 @@ class TerminalView:
         self._status.stop()
 
     def event(self, event: FunctionEvent, status: str) -> None:
+        if event.event == "failed":
+            return  # the error line that ends the deploy says the same (main.py, on stderr)
         label, text = describe(event)
         # Text, not markup: a build line's "[...]" is pip's, not a style.
         line = Text.assemble((f"{label:>9}  ", self.STYLES.get(event.event, "")), text)
@@ -150,7 +153,7 @@ def make_view(mode: OutputMode, name: str, *, events: bool) -> View:
 
 def error_json(code: str, message: str) -> str:
     """An error as the JSON an error reply is (what --json prints for any failure of the deploy)."""
-    return json.dumps(msgspec.to_builtins(ErrorReply(error=ErrorBody(code=code, message=message))))
+    return msgspec.json.encode(ErrorReply(error=ErrorBody(code=code, message=message))).decode()
 
 
 async def deploy_following(

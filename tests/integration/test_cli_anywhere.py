@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
+from harness import Platform
 from support import AccountsServer, accounts_server
 
 from aube.shared import credentials
@@ -36,8 +37,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 class Deployer:
     """A deployer's machine: a home, a working folder outside the checkout, and the `aube` command."""
 
-    def __init__(self, accounts: AccountsServer, tmp: Path) -> None:
+    def __init__(self, accounts: AccountsServer, platform: Platform, tmp: Path) -> None:
         self.accounts = accounts
+        self.platform = platform
         self.home = tmp / "home"
         self.cwd = tmp / "work" / "projects"
         self.home.mkdir()
@@ -96,12 +98,11 @@ class Deployer:
 @pytest.fixture
 def deployer(platform_on: Any, tmp_path: Path) -> Iterator[Deployer]:
     with accounts_server(tmp_path / "data", tenants=["alice"]) as accounts:
-        machine = Deployer(accounts, tmp_path)
-        machine.platform = platform_on(accounts.url)  # type: ignore[attr-defined]
+        machine = Deployer(accounts, platform_on(accounts.url), tmp_path)
         try:
             yield machine
         finally:
-            machine.platform.stop_all()  # type: ignore[attr-defined]
+            machine.platform.stop_all()  # before the server goes; platform_on checks for leftovers
 
 
 def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
@@ -146,8 +147,7 @@ async def test_a_refused_password_is_told_with_its_file_and_no_traceback(deploye
 
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_after_aube_login_deploy_works_from_anywhere_and_prints_json_when_piped(deployer: Deployer) -> None:
-    platform = deployer.platform  # type: ignore[attr-defined]
-    await platform.start_controlplane(**deployer.accounts.service_env("controlplane"))
+    await deployer.platform.start_controlplane(**deployer.accounts.service_env("controlplane"))
     logged_in = deployer.aube("login", str(deployer.accounts.data / "tenants" / "alice.env"))
     assert logged_in.returncode == 0, logged_in.stderr
     assert str(deployer.user_file) in logged_in.stdout
@@ -187,7 +187,7 @@ async def test_after_aube_login_deploy_works_from_anywhere_and_prints_json_when_
 
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_deploy_on_a_terminal_shows_its_steps_as_they_happen(deployer: Deployer) -> None:
-    await deployer.platform.start_controlplane(**deployer.accounts.service_env("controlplane"))  # type: ignore[attr-defined]
+    await deployer.platform.start_controlplane(**deployer.accounts.service_env("controlplane"))
     assert deployer.aube("login", str(deployer.accounts.data / "tenants" / "alice.env")).returncode == 0
     chunks = await anyio.to_thread.run_sync(deployer.on_terminal, "deploy", "greet", "greet")
     text = ANSI.sub("", "".join(part for _, part in chunks))
