@@ -14,7 +14,6 @@ none of this upload's is missed. Which events are this upload's, and what each s
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.text import Text
 
 from aube.shared import names
+from aube.shared.errors import ServiceUnavailable
 from aube.shared.schemas import ErrorBody, ErrorReply, FunctionEvent, UploadReply
 
 OutputMode = Literal["terminal", "json", "url"]
@@ -187,8 +187,9 @@ async def deploy_following(
                     outcome = await upload()
                 except Exception as e:
                     outcome = e
-                with anyio.move_on_after(LAST_EVENT_GRACE):
-                    await finished.wait()
+                if not isinstance(outcome, ServiceUnavailable):  # else nobody answered: no event is coming
+                    with anyio.move_on_after(LAST_EVENT_GRACE):
+                        await finished.wait()
                 tg.cancel_scope.cancel()
             if isinstance(outcome, UploadReply):
                 view.done(outcome)
@@ -199,7 +200,3 @@ async def deploy_following(
         raise outcome
     assert isinstance(outcome, UploadReply)
     return outcome
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
