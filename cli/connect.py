@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,7 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Close
 from websockets.typing import Subprotocol
 
-from aube.shared import names, natsconn
+from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError
@@ -194,18 +195,9 @@ async def open_session(url: str, args: argparse.Namespace) -> int:
 async def listed_url(args: argparse.Namespace, name: str) -> str | None:
     """The function's stream URL as the platform lists it to this tenant (`aube ls`), or None if it lists no such
     function (a name of another tenant is still a public stream: the caller tries the default URL)."""
-    from aube.cli.main import deployer_login  # main registers this module: imported here, not at the top
+    from aube.cli import session  # the credentials search every command shares
 
-    login = deployer_login()
-    nc = await natsconn.connect(
-        args.nats,
-        user=login.user if login else "",
-        password=login.password if login else "",
-        name="aube-cli",
-        connect_timeout=5,
-        max_reconnect_attempts=1,
-        allow_reconnect=False,
-    )
+    nc = await session.connect(args.nats, getattr(args, "credentials", None), os.environ, Path.cwd())
     try:
         listed = await request(nc, names.SUBJECT_LIST, ListRequest(), ListReply, min(args.timeout, 30.0))
     finally:

@@ -1,17 +1,21 @@
 """`aube`: deploy, delete and list functions over NATS, as the nats CLI or scripts/upload.sh would.
 
-    aube deploy <folder> <name>    upload a function folder; prints the stream URL
+    aube deploy <folder> <name>    upload a function folder; its build steps on a terminal, else the reply as JSON
+                                   (--json, --events, --quiet: cli/progress.py)
     aube delete <name>             delete a function
     aube ls                        list functions and their instances
     aube events <name>             follow a function's events
     aube new <folder> [--style S]  write a new function folder (S: sync, async, generator or command)
     aube connect <name>            open a function's stream: stdin lines out, messages in (cli/connect.py)
+    aube login [FILE]              keep a tenant's credentials file where aube finds it from any folder
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
     aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
     aube tenant rotate <tenant>    operator: give a tenant a new password (the old one stops working)
     aube host add <host id>        operator: create a host agent's own NATS login (.data/hosts/<id>.env)
     aube host rotate <host id>     operator: give a host's agent a new password
 
+Every command that talks to NATS finds the tenant's credentials as cli/credsearch.py says (--credentials FILE,
+$AUBE_CREDENTIALS, ~/.config/aube/credentials.env, the platform folder's .data/credentials.env).
 Exit status 0 on success; on failure a one-line `error: <code>: <message>` on stderr and status 1 (2 for usage).
 """
 
@@ -33,10 +37,9 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.object_store import ObjectStore
 
-from aube.cli import connect, scaffold
-from aube.shared import buckets, credentials, names, natsconn
+from aube.cli import connect, progress, scaffold, session
+from aube.shared import buckets, names
 from aube.shared.bus import request
-from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, InvalidRequest
 from aube.shared.schemas import (
     DeleteReply,
@@ -102,36 +105,17 @@ async def follow_events(nc: NATS, name: str) -> None:
         print(msg.data.decode(), flush=True)
 
 
-def _credentials_path() -> Path:
-    return Path(os.environ.get(credentials.ENV_CREDENTIALS_FILE) or credentials.DEFAULT_CREDENTIALS_FILE)
-
-
-def deployer_login() -> credentials.Login | None:
-    """The tenant's login from its credentials file ($AUBE_CREDENTIALS, default .data/credentials.env). A file named
-    explicitly must exist; without the default file the CLI connects without credentials (a development server)."""
-    named = os.environ.get(credentials.ENV_CREDENTIALS_FILE)
-    path = _credentials_path()
-    login = credentials.load_login(path)
-    if login is None and named:
-        raise InvalidRequest(f"no credentials found at {path} (AUBE_CREDENTIALS): it is missing or holds no password")
-    return login
-
-
 async def run(args: argparse.Namespace) -> int:
-    login = deployer_login()
-    nc = await natsconn.connect(
-        args.nats,
-        user=login.user if login else "",
-        password=login.password if login else "",
-        name="aube-cli",
-        connect_timeout=5,
-        max_reconnect_attempts=1,
-        allow_reconnect=False,
-    )
+    nc = await session.connect(args.nats, args.credentials, os.environ, Path.cwd())
     try:
         if args.command == "deploy":
-            up = await deploy(nc, Path(args.folder), args.name, args.timeout, kv_replicas=args.kv_replicas)
-            print(up.url)
+            view = progress.make_view(_deploy_output(args), args.name, events=args.events)
+            await progress.deploy_following(
+                nc,
+                args.name,
+                lambda: deploy(nc, Path(args.folder), args.name, args.timeout, kv_replicas=args.kv_replicas),
+                view,
+            )
         elif args.command == "delete":
             names.validate_name(args.name)
             await request(nc, names.SUBJECT_DELETE, DeleteRequest(name=args.name), DeleteReply, args.timeout)
@@ -151,13 +135,22 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_output(args: argparse.Namespace) -> progress.OutputMode:
+    return progress.output_mode(json_flag=args.json, quiet=args.quiet, stdout_is_terminal=sys.stdout.isatty())
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aube", description="Aube: functions for streams")
     p.add_argument(
         "--nats",
-        default=os.environ.get("AUBE_NATS_URL") or credentials.servers_of(_credentials_path()) or DEFAULT_NATS_URL,
         help="NATS server URL, or several separated by commas (a cluster's members); default: $AUBE_NATS_URL, "
         "else the credentials file's AUBE_NATS_URL (the rig's names its three nodes), else " + DEFAULT_NATS_URL,
+    )
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="the tenant's credentials file; default: $AUBE_CREDENTIALS, else ~/.config/aube/credentials.env "
+        "(aube login), else .data/credentials.env of the platform folder you are in",
     )
     p.add_argument(
         "--kv-replicas",
@@ -167,14 +160,26 @@ def parser() -> argparse.ArgumentParser:
         help="replicas of your bundle store (large uploads) when it is created or has fewer; 3 in a cluster",
     )
     p.add_argument("--timeout", type=float, default=float(os.environ.get("AUBE_CLI_TIMEOUT", "600")))
+    # Also after the command (`aube deploy --credentials FILE ...`); SUPPRESS keeps the one given before it.
+    login_option = argparse.ArgumentParser(add_help=False)
+    login_option.add_argument(
+        "--credentials", metavar="FILE", default=argparse.SUPPRESS, help="the tenant's credentials file (aube --help)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("deploy", help="upload a function folder (fn.py, requirements.txt, aube.toml)")
+    d = sub.add_parser(
+        "deploy", parents=[login_option], help="upload a function folder (fn.py, requirements.txt, aube.toml)"
+    )
     d.add_argument("folder")
     d.add_argument("name")
-    sub.add_parser("delete", help="delete a function").add_argument("name")
-    ls = sub.add_parser("ls", help="list functions")
+    d.add_argument("--json", action="store_true", help="print the reply as one JSON object (also when piped)")
+    d.add_argument("--events", action="store_true", help="with JSON output: a JSON line per event before the reply")
+    d.add_argument("-q", "--quiet", action="store_true", help="print only the stream URL")
+    lg = sub.add_parser("login", help="keep a tenant's credentials file where aube finds it from any folder")
+    lg.add_argument("file", nargs="?", help="a credentials file (- for stdin); default: .data/credentials.env here")
+    sub.add_parser("delete", parents=[login_option], help="delete a function").add_argument("name")
+    ls = sub.add_parser("ls", parents=[login_option], help="list functions")
     ls.add_argument("--json", action="store_true")
-    sub.add_parser("events", help="follow a function's events").add_argument("name")
+    sub.add_parser("events", parents=[login_option], help="follow a function's events").add_argument("name")
     scaffold.add_parser(sub)
     connect.add_parser(sub)
     st = sub.add_parser("start", help="run NATS, control plane, reaper and proxies in the foreground")
@@ -215,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         return start_platform(
             proxies=args.proxies, nats_conf=Path(args.nats_conf).resolve(), workdir=Path.cwd(), env=dict(os.environ)
         )
+    if args.command == "login":
+        from aube.cli import login
+
+        try:
+            return login.run(args.file)
+        except AubeError as e:
+            print(f"error: {e.code}: {e.message}", file=sys.stderr)
+            return 1
     if args.command in ("tenant", "host"):
         from aube.cli import platform
 
@@ -232,12 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return anyio.run(run, args)
     except AubeError as e:
-        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+        _fail(args, e.code, e.message)
     except (OSError, nats.errors.Error) as e:
-        print(f"error: unavailable: cannot reach NATS at {redact(args.nats)}: {e}", file=sys.stderr)
+        _fail(args, "unavailable", f"the connection to NATS failed: {e}")
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _fail(args: argparse.Namespace, code: str, message: str) -> None:
+    """A failure on stderr; a deploy's with JSON output also as an error reply on stdout."""
+    if args.command == "deploy" and _deploy_output(args) == "json":
+        print(progress.error_json(code, message), flush=True)
+    print(f"error: {code}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from aube.cli.login import remember_default_login
 from aube.cli.supervisor import Service, Supervisor
 from aube.shared import credentials
 from aube.shared import tenants as tenancy
@@ -127,7 +128,10 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
     data_dir = workdir / ".data"
     creds_path = workdir / credentials.DEFAULT_CREDENTIALS_FILE
     secrets = credentials.platform_secrets(data_dir)
-    credentials.ensure_default_tenant(data_dir, creds_path)
+    earlier = credentials.load_login(creds_path)
+    deployer = credentials.ensure_default_tenant(data_dir, creds_path)
+    # New credentials are also kept where the CLI finds them from any folder, unless the user has a file there.
+    kept = remember_default_login(deployer, env, env.get("AUBE_NATS_URL", "")) if deployer != earlier else None
     run_config = write_tenant_config(nats_conf, data_dir)
 
     def login_env(service: str, **extra: str) -> Callable[[int], dict[str, str]]:
@@ -182,6 +186,8 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
             f"{credentials.DEPLOYER_USER} --password from {creds_path}; more tenants: aube tenant add NAME",
             flush=True,
         )
+        if kept is not None:
+            print(f"[aube] {credentials.DEPLOYER_USER}'s credentials are also in {kept}: aube finds them anywhere")
         supervisor.run()
     finally:
         supervisor.stop_all()

@@ -13,4 +13,4 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${AUBE_CREDENTIALS:-}" ] && [ -f "$root/.data/credentials.env" ]; then
   export AUBE_CREDENTIALS="$root/.data/credentials.env"
 fi
-exec "${AUBE_PYTHON:-$root/.venv/bin/python}" -m aube.cli deploy "$1" "$2"
+exec "${AUBE_PYTHON:-$root/.venv/bin/python}" -m aube.cli deploy --quiet "$1" "$2"

@@ -33,7 +33,8 @@ DEPLOYER_USER = tenancy.DEFAULT_TENANT
 ENV_USER = "AUBE_NATS_USER"
 ENV_PASSWORD = "AUBE_NATS_PASSWORD"
 ENV_DEPLOYER_PASSWORD = "AUBE_NATS_DEPLOYER_PASSWORD"
-ENV_CREDENTIALS_FILE = "AUBE_CREDENTIALS"  # where clients look for the file; default .data/credentials.env
+ENV_CREDENTIALS_FILE = "AUBE_CREDENTIALS"  # a file clients must use (aube.cli.credsearch: where else they look)
+ENV_NATS_URL = "AUBE_NATS_URL"  # in a credentials file: the servers that know its login (the rig's three nodes)
 DEFAULT_CREDENTIALS_FILE = Path(".data") / "credentials.env"
 PLATFORM_FILE = "platform.env"
 TENANT_LIST_FILE = "tenants.json"
@@ -116,8 +117,10 @@ def platform_secrets(data_dir: Path) -> PlatformSecrets:
     return PlatformSecrets(passwords=passwords)
 
 
-def write_login(path: Path, login: Login) -> None:
-    _write_private(path, f"{ENV_USER}={login.user}\n{ENV_DEPLOYER_PASSWORD}={login.password}\n")
+def write_login(path: Path, login: Login, *, nats_url: str = "") -> None:
+    """A tenant's credentials file (mode 0600), naming its NATS servers too when `nats_url` is given."""
+    servers = f"{ENV_NATS_URL}={nats_url}\n" if nats_url else ""
+    _write_private(path, f"{ENV_USER}={login.user}\n{ENV_DEPLOYER_PASSWORD}={login.password}\n{servers}")
 
 
 def load_login(path: Path) -> Login | None:
@@ -132,7 +135,7 @@ def load_login(path: Path) -> Login | None:
 def servers_of(path: Path) -> str:
     """The AUBE_NATS_URL a credentials file names ("" if none): the rig's file names its three nodes, so a client
     pointed at it with AUBE_CREDENTIALS alone reaches the rig's servers, not a default one."""
-    return _read_env_file(path).get("AUBE_NATS_URL", "")
+    return _read_env_file(path).get(ENV_NATS_URL, "")
 
 
 def hash_password(password: str) -> str:

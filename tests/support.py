@@ -76,6 +76,8 @@ class AubeStart:
             "AUBE_PROXY_PORT": str(self.proxy_port),
             "AUBE_OPERATOR_PORT": str(self.operator_base),
             "AUBE_LOG_LEVEL": "INFO",
+            # `aube start` keeps new deployer credentials in the user's config folder: this run's own, not the home's.
+            "XDG_CONFIG_HOME": str(workdir / "config"),
         }
         self.log_path = workdir / "start.log"
         self._log = self.log_path.open("wb")

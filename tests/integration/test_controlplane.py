@@ -104,7 +104,8 @@ async def test_aubefaas_function_uploaded_three_ways_reverses_messages(platform)
 
     cli = run_tool(platform, sys.executable, "-m", "aube.cli", "deploy", str(reverse), "rev-cli")
     assert cli.returncode == 0, cli.stderr
-    assert cli.stdout.strip().startswith("ws://") and cli.stdout.strip().endswith("/rev-cli")
+    cli_reply = json.loads(cli.stdout)  # not a terminal: the reply as JSON
+    assert cli_reply["url"].startswith("ws://") and cli_reply["url"].endswith("/rev-cli")
 
     async with nats_client(platform.nats_url) as (nc, registry):
         raw = await upload(nc, "rev-nats", reverse)

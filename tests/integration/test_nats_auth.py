@@ -123,7 +123,7 @@ async def test_anonymous_and_wrong_logins_are_refused_and_big_bundles_use_the_te
     (big / "payload.bin").write_bytes(os.urandom(9 * 1024 * 1024))
     deployed = secured.cli("deploy", str(big), "big", creds_file=secured.data / "tenants" / "alice.env")
     assert deployed.returncode == 0, deployed.stderr
-    assert deployed.stdout.strip().endswith("/big")
+    assert json.loads(deployed.stdout)["url"].endswith("/big")
     async with secured.tenant("alice") as nc:
         store = await nc.jetstream().object_store(names.BUCKET_BUNDLES)
         with pytest.raises(nats.js.errors.NotFoundError):  # nats-py's word for "no objects": read, then deleted

@@ -67,7 +67,7 @@ class Deployed:
             )
 
     async def deploy(self, folder: Path, name: str) -> None:
-        done = await self.aube("deploy", ".", name, cwd=folder)
+        done = await self.aube("deploy", "--quiet", ".", name, cwd=folder)
         assert done.returncode == 0, done.stderr.decode()
         assert done.stdout.decode().strip() == f"{self.base}/{name}"  # the deploy reply's URL names our proxy
 

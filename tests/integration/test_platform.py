@@ -22,7 +22,7 @@ from support import AubeStart, nats_client, wait_http, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from aube.shared import agentlogins, names
+from aube.shared import agentlogins, credentials, names
 from aube.shared.bus import request
 from aube.shared.schemas import UploadReply, UploadRequest
 
@@ -229,6 +229,11 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
     env, conf, proxy_port, operator_base = start.env, start.conf, start.proxy_port, start.operator_base
     try:
         await wait_http(proxy_port, timeout=60)
+        # The first start keeps the new deployer credentials in the user's config folder too (AubeStart points
+        # XDG_CONFIG_HOME into tmp_path), where the CLI finds them from any folder.
+        kept = tmp_path / "config" / "aube" / "credentials.env"
+        assert credentials.load_login(kept) == credentials.load_login(tmp_path / ".data/credentials.env") is not None
+        assert f"credentials are also in {kept}" in start.output()
         # upload.sh finds the deployer's password where `aube start` created it.
         upload_env = {**env, "AUBE_PYTHON": sys.executable, "AUBE_CREDENTIALS": str(tmp_path / ".data/credentials.env")}
         deployed = subprocess.run(
