@@ -75,6 +75,8 @@ class AubeStart:
             "AUBE_NATS_MONITOR": f"http://127.0.0.1:{self.monitor_port}",
             "AUBE_PROXY_PORT": str(self.proxy_port),
             "AUBE_OPERATOR_PORT": str(self.operator_base),
+            "AUBE_CONTROLPLANE_OPERATOR_PORT": str(free_port()),
+            "AUBE_REAPER_OPERATOR_PORT": str(free_port()),
             "AUBE_LOG_LEVEL": "INFO",
         }
         self.log_path = workdir / "start.log"
