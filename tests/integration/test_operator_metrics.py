@@ -19,10 +19,13 @@ import anyio
 import pytest
 from support import instance_ws, nats_client, wait_http, zip_base64
 
+from aube.controlplane.metrics import ControlPlaneMetrics
 from aube.controlplane.runtimes import sandbox
+from aube.reaper.metrics import ReaperMetrics
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.errors import AubeError
+from aube.shared.metrics import exported_names
 from aube.shared.schemas import ScaleReply, ScaleRequest, UploadReply, UploadRequest
 
 pytestmark = pytest.mark.anyio
@@ -68,14 +71,18 @@ async def raw_get(port: int, path: str, host: str = "127.0.0.1", method: str = "
     return data
 
 
-async def scrape(port: int) -> dict[str, float]:
-    """Every sample of the endpoint's answer, by its name and labels as written."""
+async def scrape_text(port: int) -> str:
     reply = await raw_get(port, names.PATH_METRICS)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), reply[:200]
     assert b"text/plain; version=0.0.4" in head
+    return body.decode()
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """Every sample of the endpoint's answer, by its name and labels as written."""
     samples = {}
-    for line in body.decode().splitlines():
+    for line in (await scrape_text(port)).splitlines():
         if line and not line.startswith("#"):
             match = SAMPLE.match(line)
             assert match, f"not a sample: {line!r}"
@@ -101,6 +108,10 @@ async def test_a_deploy_and_a_reap_move_the_counters(platform: Any) -> None:
     cp_port, reaper_port = operator_ports(cp, reaper)
     await wait_http(cp_port)
     await wait_http(reaper_port)
+    # What a real scrape exports is what the definitions say (tests/unit/test_dashboard.py checks the dashboard
+    # against the definitions).
+    assert exported_names(await scrape_text(cp_port)) == ControlPlaneMetrics().set.sample_names()
+    assert exported_names(await scrape_text(reaper_port)) == ReaperMetrics().set.sample_names()
     before = await scrape(cp_port)
     assert before['aube_builds_total{result="ok"}'] == 0
     assert before["aube_functions"] == 0
