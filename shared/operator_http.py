@@ -17,6 +17,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
 from aube.shared import names
+from aube.shared.errors import InvalidRequest
 from aube.shared.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,22 @@ def answer(head: bytes, render: Callable[[], str]) -> bytes:
 
 
 async def serve(
-    host: str, port: int, render: Callable[[], str], *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    host: str,
+    port: int,
+    render: Callable[[], str],
+    setting: str,
+    *,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on host:port and answer until cancelled; `task_status.started(port)` with the port bound."""
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    """Listen on host:port and answer until cancelled; `task_status.started(port)` with the port bound. `setting`
+    names the variable that chose the port, for the message when it cannot be bound."""
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as e:
+        raise InvalidRequest(
+            f"cannot serve /_aube/metrics on {host}:{port}: {e.strerror or e} (another process holds the port? "
+            f"choose another with {setting}, or turn the endpoint off with {setting}=off)"
+        ) from e
     async with listener:
         bound = int(listener.extra(SocketAttribute.local_port))
         task_status.started(bound)

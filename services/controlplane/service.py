@@ -128,7 +128,11 @@ async def serve(
             tg.start_soon(Upkeep(cp).run)
             if settings.controlplane_operator_port is not None:
                 metrics_port = await tg.start(
-                    operator_http.serve, settings.operator_host, settings.controlplane_operator_port, cp.metrics.render
+                    operator_http.serve,
+                    settings.operator_host,
+                    settings.controlplane_operator_port,
+                    cp.metrics.render,
+                    "AUBE_CONTROLPLANE_OPERATOR_PORT",
                 )
                 log.info("control plane serves /_aube/metrics on %s:%d", settings.operator_host, metrics_port)
             await nc.flush()

@@ -68,7 +68,11 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
             tg.start_soon(reaper.run, settings.reap_interval)
             if settings.reaper_operator_port is not None:
                 port = await tg.start(
-                    operator_http.serve, settings.operator_host, settings.reaper_operator_port, reaper.metrics.render
+                    operator_http.serve,
+                    settings.operator_host,
+                    settings.reaper_operator_port,
+                    reaper.metrics.render,
+                    "AUBE_REAPER_OPERATOR_PORT",
                 )
                 log.info("reaper %s serves /_aube/metrics on %s:%d", settings.reaper_id, settings.operator_host, port)
             log.info("reaper %s running (every %gs)", settings.reaper_id, settings.reap_interval)

@@ -22,9 +22,9 @@ from support import instance_ws, nats_client, wait_http, zip_base64
 from aube.controlplane.metrics import ControlPlaneMetrics
 from aube.controlplane.runtimes import sandbox
 from aube.reaper.metrics import ReaperMetrics
-from aube.shared import names
+from aube.shared import names, operator_http
 from aube.shared.bus import request
-from aube.shared.errors import AubeError
+from aube.shared.errors import AubeError, InvalidRequest
 from aube.shared.metrics import exported_names
 from aube.shared.schemas import ScaleReply, ScaleRequest, UploadReply, UploadRequest
 
@@ -208,3 +208,25 @@ async def test_metrics_are_on_the_operator_address_only(platform: Any, tmp_path:
                 await ws.send(json.dumps(["127.0.0.1", port]))
                 with anyio.fail_after(20):
                     assert str(await ws.recv()).startswith("error")
+
+
+async def test_the_listener_bounds_heads_and_names_a_taken_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared operator listener on real loopback sockets: port 0 is a free port it reports, a head too large
+    or too slow gets its answer without holding the listener, and a port in use is a clear refusal to start."""
+    monkeypatch.setattr(operator_http, "HEAD_TIMEOUT", 0.5)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(operator_http.serve, "127.0.0.1", 0, lambda: "x_total 1\n", "AUBE_X_PORT")
+        assert port != 0
+        assert (await raw_get(port, names.PATH_METRICS)).endswith(b"x_total 1\n")
+        async with await anyio.connect_tcp("127.0.0.1", port) as s:
+            await s.send(b"GET /" + b"a" * (2 * operator_http.MAX_HEAD_BYTES))
+            assert (await s.receive()).startswith(b"HTTP/1.1 400 ")
+        async with await anyio.connect_tcp("127.0.0.1", port) as slow:
+            await slow.send(b"GET /_aube/metrics HTTP/1.1\r\n")  # and no more
+            with anyio.fail_after(5):
+                assert (await slow.receive()).startswith(b"HTTP/1.1 408 ")
+        # Meanwhile and after, the listener answers.
+        assert (await raw_get(port, names.PATH_HEALTH)).startswith(b"HTTP/1.1 200 ")
+        with pytest.raises(InvalidRequest, match=r"127\.0\.0\.1:\d+: Address already in use.*AUBE_X_PORT=off"):
+            await operator_http.serve("127.0.0.1", port, lambda: "", "AUBE_X_PORT")
+        tg.cancel_scope.cancel()
