@@ -1,4 +1,5 @@
-"""The proxy's counters and their Prometheus text rendering (pure: no I/O, no clock).
+"""The proxy's counters and their Prometheus text rendering, through `aube.shared.metrics`'s line writers (pure:
+no I/O, no clock).
 
 The relay adds to plain integer attributes per chunk; everything else changes once per handshake or stream.
 """
