@@ -22,7 +22,11 @@ from aube.shared import credentials
 from aube.shared import tenants as tenancy
 from aube.shared.errors import InvalidRequest
 from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
-from aube.shared.settings import DEFAULT_OPERATOR_PORT
+from aube.shared.settings import (
+    DEFAULT_CONTROLPLANE_OPERATOR_PORT,
+    DEFAULT_OPERATOR_PORT,
+    DEFAULT_REAPER_OPERATOR_PORT,
+)
 
 
 def _wait_nats(monitor: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -107,16 +111,39 @@ def _reload(nats_conf: Path, data_dir: Path) -> bool:
     return True
 
 
-def _operator_ports(setting: str | None, proxies: int) -> list[int] | None:
-    """Each replica's operator port (metrics): AUBE_OPERATOR_PORT (default 9093) plus the replica's index, since
-    each replica's metrics are its own; None when the setting turns the endpoint off."""
+def _operator_port(env: dict[str, str], variable: str, default: int) -> int | None:
+    """The operator (metrics) port `variable` sets, `default` when unset; None when it turns the endpoint off."""
+    setting = env.get(variable)
     if setting is not None and setting.strip().lower() in ("", "none", "off"):
         return None
     try:
-        base = int(setting) if setting is not None else DEFAULT_OPERATOR_PORT
+        return int(setting) if setting is not None else default
     except ValueError as e:
-        raise SystemExit(f"AUBE_OPERATOR_PORT must be a port number or off, got {setting!r}") from e
-    return [base + i for i in range(proxies)]
+        raise SystemExit(f"{variable} must be a port number or off, got {setting!r}") from e
+
+
+def metrics_endpoints(env: dict[str, str], proxies: int) -> dict[str, int]:
+    """Each service's operator (metrics) port, by its label in `aube start`'s output; a service whose endpoint is
+    off is left out. Two services given one port would leave the second unable to start: refused up front."""
+    ports: dict[str, int | None] = {
+        "controlplane": _operator_port(env, "AUBE_CONTROLPLANE_OPERATOR_PORT", DEFAULT_CONTROLPLANE_OPERATOR_PORT),
+        "reaper": _operator_port(env, "AUBE_REAPER_OPERATOR_PORT", DEFAULT_REAPER_OPERATOR_PORT),
+    }
+    # Each replica's metrics are its own: replica i gets AUBE_OPERATOR_PORT (default 9093) + i (0: a free port each).
+    base = _operator_port(env, "AUBE_OPERATOR_PORT", DEFAULT_OPERATOR_PORT)
+    ports.update((f"proxy-{i + 1}", None if base is None else base and base + i) for i in range(proxies))
+    chosen = {label: port for label, port in ports.items() if port is not None}
+    by_port: dict[int, list[str]] = {}
+    for label, port in chosen.items():
+        if port != 0:  # 0: each gets a free port of its own
+            by_port.setdefault(port, []).append(label)
+    clashes = [f"{' and '.join(labels)} on {port}" for port, labels in by_port.items() if len(labels) > 1]
+    if clashes:
+        raise SystemExit(
+            f"operator (metrics) ports collide: {'; '.join(clashes)} (AUBE_OPERATOR_PORT, "
+            "AUBE_CONTROLPLANE_OPERATOR_PORT, AUBE_REAPER_OPERATOR_PORT)"
+        )
+    return chosen
 
 
 def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[str, str]) -> int:
@@ -157,6 +184,7 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
         return env_for
 
     monitor = env.get("AUBE_NATS_MONITOR", "http://127.0.0.1:8222")
+    endpoints = metrics_endpoints(env, proxies)  # a port clash stops the start before anything runs
     supervisor.install_signal_handlers()
     try:
         supervisor.start(
@@ -172,14 +200,15 @@ def start_platform(*, proxies: int, nats_conf: Path, workdir: Path, env: dict[st
             Service("controlplane", [py, "-m", "aube.controlplane"], login_env("controlplane", **fetch), 90.0)
         )
         supervisor.start(Service("reaper", [py, "-m", "aube.reaper"], login_env("reaper")))
-        operator_ports = _operator_ports(env.get("AUBE_OPERATOR_PORT"), proxies)
-        operator_host = env.get("AUBE_OPERATOR_HOST", "127.0.0.1")
         for i in range(proxies):
-            port = None if operator_ports is None else operator_ports[i]
+            port = endpoints.get(f"proxy-{i + 1}")
             supervisor.start(Service(f"proxy-{i + 1}", [py, "-m", "aube.proxy"], proxy_env(i + 1, port)))
-            if port is not None:
-                print(f"[aube] proxy-{i + 1} metrics: http://{operator_host}:{port}/_aube/metrics")
-                print(f"[aube] proxy-{i + 1} dashboard: http://{operator_host}:{port}/_aube/dashboard")
+        operator_host = env.get("AUBE_OPERATOR_HOST", "127.0.0.1")
+        for label, port in endpoints.items():
+            if port:  # 0: a free port, which the service's log names
+                print(f"[aube] {label} metrics: http://{operator_host}:{port}/_aube/metrics")
+                if label.startswith("proxy-"):
+                    print(f"[aube] {label} dashboard: http://{operator_host}:{port}/_aube/dashboard")
         print(f"[aube] platform up: ws://localhost:{env.get('AUBE_PROXY_PORT', '8093')}/<name>  (Ctrl-C stops)")
         print(
             f"[aube] deploy with scripts/upload.sh or .venv/bin/aube; the nats CLI needs --user "

@@ -21,6 +21,9 @@ from aube.shared.errors import InvalidRequest
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_PROXY_PORT = 8093
 DEFAULT_OPERATOR_PORT = 9093
+# The control plane's and the reaper's operator ports (/_aube/metrics): below the proxy's, whose replicas count up.
+DEFAULT_CONTROLPLANE_OPERATOR_PORT = 9091
+DEFAULT_REAPER_OPERATOR_PORT = 9092
 DEFAULT_BASE_IMAGE = "aube-base:bookworm"
 
 # How many copies JetStream keeps of each bucket (the registry's KV buckets, the bundle store): 1 on a single
@@ -116,6 +119,11 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Functions one tenant may have (each holds a prepared version on disk, a registry record, usually a warm
     # instance); more new names are refused with `quota_exceeded`. The operator's own functions are not counted.
     tenant_max_functions: int = 50
+    # /_aube/metrics (builds, starts, stops, reconcile actions, functions, instances) is served here only; None = not
+    # served, 0 = a free port (tests). The host is every service's operator host (AUBE_OPERATOR_HOST); the port has
+    # a name of its own, since `aube start` hands one environment to every service.
+    operator_host: str = "127.0.0.1"
+    controlplane_operator_port: int | None = DEFAULT_CONTROLPLANE_OPERATOR_PORT
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -184,6 +192,9 @@ class ReaperSettings(msgspec.Struct, frozen=True, kw_only=True):
     reaper_id: str = msgspec.field(default_factory=_default_node_id)
     reap_interval: float = 1.0
     lease_ttl: float = 6.0
+    # /_aube/metrics (reaps, deleted leases, passes) is served here only; None = not served, 0 = a free port.
+    operator_host: str = "127.0.0.1"
+    reaper_operator_port: int | None = DEFAULT_REAPER_OPERATOR_PORT
 
 
 S = TypeVar("S", bound=msgspec.Struct)

@@ -286,6 +286,14 @@ async def wait_http(port: int, timeout: float = 30, host: str = "127.0.0.1") -> 
             await anyio.sleep(0.1)
 
 
+# Each service's operator (metrics) port variable: tests give every service a free port of its own.
+OPERATOR_PORT_VARIABLES = {
+    "aube.proxy": "AUBE_OPERATOR_PORT",
+    "aube.controlplane": "AUBE_CONTROLPLANE_OPERATOR_PORT",
+    "aube.reaper": "AUBE_REAPER_OPERATOR_PORT",
+}
+
+
 class Platform:
     """Services of one platform started as processes against one nats-server; `stop_all` stops and sweeps them.
 
@@ -338,9 +346,10 @@ class Platform:
         """Start `python -m <module>`, logging to <work>/<service>-<n>.log; returns at once (no readiness wait)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         name = module.rsplit(".", 1)[-1]
-        if module == "aube.proxy" and "AUBE_OPERATOR_PORT" not in overrides:
-            # Not the default 9093: a platform running on this machine (make start, the rig) holds it.
-            overrides = {**overrides, "AUBE_OPERATOR_PORT": str(free_port())}
+        operator_port = OPERATOR_PORT_VARIABLES.get(module)
+        if operator_port is not None and operator_port not in overrides:
+            # Not the default (9091-9093): a platform running on this machine (make start, the rig) holds it.
+            overrides = {**overrides, operator_port: str(free_port())}
         service = ServiceProcess(module, self.env(**overrides), self.tmp / f"{name}-{len(self.services)}.log").start()
         self.services.append(service)
         return service

@@ -63,6 +63,7 @@ class AubeStart:
         self.workdir = workdir
         self.nats_port, self.monitor_port, self.proxy_port = free_port(), free_port(), free_port()
         self.operator_base = consecutive_free_ports(proxies)  # replica i's metrics on operator_base + i
+        self.controlplane_operator_port, self.reaper_operator_port = free_port(), free_port()
         self.conf = workdir / "nats.conf"
         text = (REPO / "deploy" / "nats.conf").read_text()
         text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{self.nats_port}")
@@ -75,6 +76,8 @@ class AubeStart:
             "AUBE_NATS_MONITOR": f"http://127.0.0.1:{self.monitor_port}",
             "AUBE_PROXY_PORT": str(self.proxy_port),
             "AUBE_OPERATOR_PORT": str(self.operator_base),
+            "AUBE_CONTROLPLANE_OPERATOR_PORT": str(self.controlplane_operator_port),
+            "AUBE_REAPER_OPERATOR_PORT": str(self.reaper_operator_port),
             "AUBE_LOG_LEVEL": "INFO",
             # `aube start` keeps new deployer credentials in the user's config folder: this run's own, not the home's.
             "XDG_CONFIG_HOME": str(workdir / "config"),

@@ -18,6 +18,7 @@ from nats.js.object_store import ObjectStore
 
 from aube.controlplane.bundle import BundleLimits
 from aube.controlplane.events import Events, deployer_redactor
+from aube.controlplane.metrics import ControlPlaneMetrics
 from aube.controlplane.runtimes.base import Runtime
 from aube.shared.errors import InvalidRequest
 from aube.shared.registry import Registry
@@ -48,6 +49,7 @@ class Context:
             raise InvalidRequest(f"bad setting: {e}") from e
         self.redactor = deployer_redactor(settings)
         self.events = Events(nc, self.redactor)
+        self.metrics = ControlPlaneMetrics()  # served on the operator address (service.py)
         self.in_flight: set[str] = set()  # instance ids this process is starting right now
         # Every id that was in flight at any moment of the current reconcile pass (see `Housekeeping.reconcile`).
         self.in_flight_during_pass: set[str] = set()

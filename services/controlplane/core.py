@@ -15,6 +15,7 @@ from aube.controlplane.context import Context
 from aube.controlplane.functions import Functions
 from aube.controlplane.housekeeping import Housekeeping
 from aube.controlplane.instances import Instances
+from aube.controlplane.metrics import ControlPlaneMetrics
 from aube.controlplane.runtimes.base import Runtime
 from aube.controlplane.uploads import Uploads
 from aube.shared.redact import Redactor
@@ -65,6 +66,10 @@ class ControlPlane:
     @property
     def owner(self) -> str:
         return self.context.owner
+
+    @property
+    def metrics(self) -> ControlPlaneMetrics:
+        return self.context.metrics
 
     @property
     def limits(self) -> BundleLimits:

@@ -113,4 +113,7 @@ class Housekeeping:
         for ref in plan.remove_artifacts:
             log.info("reconcile: removing unused version %s", ref)
             await self.ctx.runtime.remove_artifact(ref)
+        self.ctx.metrics.reconciled("stop_instance", len(plan.stop_handles))
+        self.ctx.metrics.reconciled("drop_entry", len(plan.delete_entries))
+        self.ctx.metrics.reconciled("remove_version", len(plan.remove_artifacts))
         return plan

@@ -115,6 +115,7 @@ class Instances:
         self.ctx.in_flight.add(instance_id)
         self.ctx.in_flight_during_pass.add(instance_id)
         started: StartedInstance | None = None
+        began = time.monotonic()
         try:
             started = await self.ctx.runtime.start(spec)
             handle = started.handle
@@ -135,8 +136,11 @@ class Instances:
             if not isinstance(outcome, Written):
                 raise AubeError(f"instance slot {key} was taken over while starting", code="conflict")
             log.info("instance %s of %s v%d healthy at %s", instance_id, name, version, started.address)
+            self.ctx.metrics.started(self.ctx.runtime.kind, time.monotonic() - began)
             return outcome.entry
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, Exception):  # a cancellation (shutdown, a client gone) is no failed start
+                self.ctx.metrics.start_failed(self.ctx.runtime.kind)
             with anyio.move_on_after(CLEANUP_SECONDS, shield=True):
                 if started is not None:
                     await self.ctx.runtime.stop(started.handle)
@@ -162,6 +166,7 @@ class Instances:
                 if running.instance_id == r.instance_id:
                     await self.ctx.runtime.stop(running.handle)
         await self.ctx.registry.delete_instance(entry.key, entry.revision)
+        self.ctx.metrics.stopped(reason)
         log.info("instance %s of %s v%d stopped: %s", r.instance_id, r.function, r.version, reason)
 
     async def drain_and_stop(self, entry: InstanceEntry, *, reason: str, busy_ok: bool = False) -> bool:

@@ -24,7 +24,7 @@ from aube.controlplane.core import ControlPlane
 from aube.controlplane.runtimes.base import Runtime
 from aube.controlplane.runtimes.local import select_local_runtime
 from aube.controlplane.upkeep import Upkeep
-from aube.shared import buckets, names, natsconn
+from aube.shared import buckets, names, natsconn, operator_http
 from aube.shared import tenants as tenancy
 from aube.shared.credentials import redact
 from aube.shared.errors import AubeError, InvalidRequest, ServiceUnavailable, TooManyRequests
@@ -126,6 +126,15 @@ async def serve(
             tg.start_soon(_every, RETIRE_INTERVAL, cp.retire_pass, "retirement")
             # Exits noticed at once and min_free kept without traffic; reconcile stays the backstop.
             tg.start_soon(Upkeep(cp).run)
+            if settings.controlplane_operator_port is not None:
+                metrics_port = await tg.start(
+                    operator_http.serve,
+                    settings.operator_host,
+                    settings.controlplane_operator_port,
+                    cp.metrics.render,
+                    "AUBE_CONTROLPLANE_OPERATOR_PORT",
+                )
+                log.info("control plane serves /_aube/metrics on %s:%d", settings.operator_host, metrics_port)
             await nc.flush()
             log.info(
                 "control plane %s serving on %s with the %s runtime",

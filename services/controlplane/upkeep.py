@@ -125,6 +125,7 @@ class Upkeep:
                 early.add(r.function)
             # A starting or draining one is being started or stopped by someone who removes it (or reconcile does).
             if state in ("free", "busy", "unhealthy"):
+                self.cp.metrics.stopped("exited")  # the others' stops are counted by whoever stops them
                 tg.start_soon(self._remove_leftovers, r.handle)
         # Once per function and round: the keeper's instances of one top-up dying together are one failure.
         for name in early:
@@ -158,6 +159,7 @@ class Upkeep:
         self._kept = {i: at for i, at in self._kept.items() if time.time() - at < EARLY_EXIT_SECONDS}
         entries = await self.cp.registry.instances()
         functions = await self.cp.registry.functions()
+        self.cp.metrics.observe_registry(self.cp.owner, functions, entries)
         plan = decisions.plan_top_up(
             entries=entries,
             functions=functions,

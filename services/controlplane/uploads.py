@@ -173,6 +173,7 @@ class Uploads:
         # in an ExceptionGroup.
         failure: BaseException | None = None
         artifact = ""
+        began = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish_lines)
             try:
@@ -181,6 +182,7 @@ class Uploads:
                 failure = e
             finally:
                 lines.put_nowait(None)
+        self.ctx.metrics.built(failure is None, time.monotonic() - began)
         if failure is not None:
             raise failure
         return artifact

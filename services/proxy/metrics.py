@@ -1,4 +1,5 @@
-"""The proxy's counters and their Prometheus text rendering (pure: no I/O, no clock).
+"""The proxy's counters and their Prometheus text rendering, through `aube.shared.metrics`'s line writers (pure:
+no I/O, no clock).
 
 The relay adds to plain integer attributes per chunk; everything else changes once per handshake or stream.
 """
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+
+from aube.shared.metrics import family, histogram, sample
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -29,58 +32,33 @@ class Metrics:
         self.claim_latency_sum += seconds
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def render(m: Metrics) -> str:
+    """Prometheus text exposition format 0.0.4 (the line writers are shared with the other services)."""
+    out: list[str] = []
+    family(out, "aube_streams_open", "gauge", "Streams currently relayed, by function.")
+    _by_label(out, "aube_streams_open", "function", m.streams_open)
 
+    family(out, "aube_claims_total", "counter", "Claim attempts for a client, by function and result.")
+    for function, result in sorted(m.claims_total):
+        sample(
+            out, "aube_claims_total", [("function", function), ("result", result)], m.claims_total[(function, result)]
+        )
 
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
-    return "{" + inner + "}" if inner else ""
+    family(out, "aube_claim_latency_seconds", "histogram", "Time from a client's head to a claimed instance.")
+    histogram(out, "aube_claim_latency_seconds", LATENCY_BUCKETS, m.claim_latency_counts, m.claim_latency_sum)
 
+    family(out, "aube_scale_requests_total", "counter", "Scale requests sent to the control plane, by function.")
+    _by_label(out, "aube_scale_requests_total", "function", m.scale_requests_total)
 
-def _fmt(value: float) -> str:
-    if value == float("inf"):
-        return "+Inf"
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    family(out, "aube_relayed_bytes_total", "counter", "Bytes relayed after the handshake, by direction.")
+    sample(out, "aube_relayed_bytes_total", [("direction", "client_to_instance")], m.bytes_client_to_instance)
+    sample(out, "aube_relayed_bytes_total", [("direction", "instance_to_client")], m.bytes_instance_to_client)
 
-
-def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
-    out.append(f"# HELP {name} {help_text}")
-    out.append(f"# TYPE {name} {kind}")
+    family(out, "aube_handshakes_rejected_total", "counter", "Requests answered before any upgrade, by reason.")
+    _by_label(out, "aube_handshakes_rejected_total", "reason", m.handshakes_rejected_total)
+    return "\n".join(out) + "\n"
 
 
 def _by_label(out: list[str], name: str, label: str, values: Mapping[str, int]) -> None:
     for key in sorted(values):
-        out.append(f"{name}{_labels([(label, key)])} {values[key]}")
-
-
-def render(m: Metrics) -> str:
-    """Prometheus text exposition format 0.0.4."""
-    out: list[str] = []
-    _family(out, "aube_streams_open", "gauge", "Streams currently relayed, by function.")
-    _by_label(out, "aube_streams_open", "function", m.streams_open)
-
-    _family(out, "aube_claims_total", "counter", "Claim attempts for a client, by function and result.")
-    for function, result in sorted(m.claims_total):
-        labels = _labels([("function", function), ("result", result)])
-        out.append(f"aube_claims_total{labels} {m.claims_total[(function, result)]}")
-
-    _family(out, "aube_claim_latency_seconds", "histogram", "Time from a client's head to a claimed instance.")
-    cumulative = 0
-    bounds = [*LATENCY_BUCKETS, float("inf")]
-    for bound, count in zip(bounds, m.claim_latency_counts, strict=True):
-        cumulative += count
-        out.append(f"aube_claim_latency_seconds_bucket{_labels([('le', _fmt(bound))])} {cumulative}")
-    out.append(f"aube_claim_latency_seconds_sum {_fmt(m.claim_latency_sum)}")
-    out.append(f"aube_claim_latency_seconds_count {cumulative}")
-
-    _family(out, "aube_scale_requests_total", "counter", "Scale requests sent to the control plane, by function.")
-    _by_label(out, "aube_scale_requests_total", "function", m.scale_requests_total)
-
-    _family(out, "aube_relayed_bytes_total", "counter", "Bytes relayed after the handshake, by direction.")
-    out.append(f'aube_relayed_bytes_total{{direction="client_to_instance"}} {m.bytes_client_to_instance}')
-    out.append(f'aube_relayed_bytes_total{{direction="instance_to_client"}} {m.bytes_instance_to_client}')
-
-    _family(out, "aube_handshakes_rejected_total", "counter", "Requests answered before any upgrade, by reason.")
-    _by_label(out, "aube_handshakes_rejected_total", "reason", m.handshakes_rejected_total)
-    return "\n".join(out) + "\n"
+        sample(out, name, [(label, key)], values[key])

@@ -24,7 +24,8 @@ from nats.errors import Error as NatsError
 
 from aube.reaper.decisions import Action, DeleteHost, DeleteLease, Drain, Forget, Plan, Policy, Seen, Snapshot
 from aube.reaper.decisions import plan as make_plan
-from aube.shared import bus, names, natsconn
+from aube.reaper.metrics import ReaperMetrics
+from aube.shared import bus, names, natsconn, operator_http
 from aube.shared import instance_lifecycle as lifecycle
 from aube.shared.errors import AubeError
 from aube.shared.hostbook import HostBook
@@ -65,6 +66,15 @@ async def serve(settings: ReaperSettings, *, task_status: TaskStatus[None] = any
         reaper = Reaper(nc, registry, policy_for(settings), reaper_id=settings.reaper_id, hosts=hosts)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reaper.run, settings.reap_interval)
+            if settings.reaper_operator_port is not None:
+                port = await tg.start(
+                    operator_http.serve,
+                    settings.operator_host,
+                    settings.reaper_operator_port,
+                    reaper.metrics.render,
+                    "AUBE_REAPER_OPERATOR_PORT",
+                )
+                log.info("reaper %s serves /_aube/metrics on %s:%d", settings.reaper_id, settings.operator_host, port)
             log.info("reaper %s running (every %gs)", settings.reaper_id, settings.reap_interval)
             task_status.started()
     finally:
@@ -88,6 +98,7 @@ class Reaper:
         self.policy = policy
         self.reaper_id = reaper_id
         self.seen: dict[str, Seen] = {}
+        self.metrics = ReaperMetrics()  # served on the operator address (serve)
         self._limiter = anyio.CapacityLimiter(MAX_CONCURRENT_ACTIONS)
 
     async def run(self, interval: float) -> None:
@@ -100,11 +111,14 @@ class Reaper:
             try:
                 await self.reap_once()
                 last_ok = time.monotonic()
+                self.metrics.passes.inc("ok")
             except (NatsError, OSError, TimeoutError, LeasesUnwritable) as e:  # the registry is away
                 log.warning("reap pass failed, retrying in %gs: %s", interval, e)
                 self.forget_observations("a pass failed")
+                self.metrics.passes.inc("failed")
             except Exception:  # a bug; the next pass may still do useful work, so keep serving
                 log.exception("reap pass failed")
+                self.metrics.passes.inc("failed")
             await anyio.sleep(interval)
 
     def forget_observations(self, why: str) -> None:
@@ -171,6 +185,7 @@ class Reaper:
     async def _delete_lease(self, action: DeleteLease) -> None:
         if await self.registry.delete_lease(action.proxy_id, action.revision):
             log.info("deleted expired lease of proxy %s", action.proxy_id)
+            self.metrics.leases_deleted.inc("proxy")
         else:
             log.debug("lease of proxy %s was renewed meanwhile; kept", action.proxy_id)
 
@@ -178,12 +193,14 @@ class Reaper:
         assert self.hosts is not None
         if await self.hosts.delete(action.host_id, action.revision):
             log.warning("host %s is dead (its agent's lease expired): its instances are recycled", action.host_id)
+            self.metrics.leases_deleted.inc("host")
         else:
             log.debug("lease of host %s was renewed meanwhile; kept", action.host_id)
 
     async def _forget(self, action: Forget) -> None:
         entry = action.entry
         if await self.registry.delete_instance(entry.key, entry.revision):
+            self.metrics.reaps.inc(action.reason)
             _instance_log(entry.record).info(
                 "dropped %s instance %s of dead host %s",
                 entry.record.function,
@@ -203,6 +220,7 @@ class Reaper:
             ilog.debug("drain of %s at revision %d not written (%s): left alone", entry.key, entry.revision, outcome)
             return
         ilog.info("reaping %s instance %s (%s)", rec.function, rec.instance_id, action.reason)
+        self.metrics.reaps.inc(action.reason)
         await self._stop(rec, action.reason)
 
     async def _stop(self, rec: InstanceRecord, reason: str) -> None:

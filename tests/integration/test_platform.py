@@ -7,6 +7,7 @@ end, hostile clients, and `aube start` brought up and down by signals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -260,6 +261,17 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
         async with await anyio.connect_tcp("127.0.0.1", proxy_port) as s:
             await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             assert b" 404 " in await s.receive()
+        # The control plane and the reaper each have an operator port of their own.
+        for port, family in ((start.controlplane_operator_port, b"aube_builds_total"),
+                             (start.reaper_operator_port, b"aube_reap_passes_total")):  # fmt: skip
+            await wait_http(port)
+            async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                with anyio.fail_after(10), contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        answer += await s.receive()
+            assert answer.startswith(b"HTTP/1.1 200 ") and family in answer
         # The operator adds a tenant to the running platform; it deploys under its own name, not over the deployer's.
         added = subprocess.run(
             [sys.executable, "-m", "aube.cli", "tenant", "add", "alice", "--nats-conf", str(conf)],
@@ -310,7 +322,7 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
     finally:
         start.close()
     assert "[aube] stopped" in start.output()
-    for port in (operator_base, operator_base + 1):
+    for port in (operator_base, operator_base + 1, start.controlplane_operator_port, start.reaper_operator_port):
         assert f"http://127.0.0.1:{port}/_aube/metrics" in start.output()
     # Nothing outlives the platform: the Platform fixture's teardown fails on any instance of this owner.
 

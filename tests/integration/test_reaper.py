@@ -111,7 +111,13 @@ class World:
     stand_in: ControlPlaneStandIn  # the test observer answering stop requests
 
     def settings(self, reaper_id: str = "r1") -> ReaperSettings:
-        return ReaperSettings(nats_url=self.server.url, reaper_id=reaper_id, reap_interval=INTERVAL, lease_ttl=2.0)
+        return ReaperSettings(
+            nats_url=self.server.url,
+            reaper_id=reaper_id,
+            reap_interval=INTERVAL,
+            lease_ttl=2.0,
+            reaper_operator_port=0,  # a free port: several reapers here, and a platform on this machine may hold 9092
+        )
 
     async def start_reaper(self, reaper_id: str = "r1") -> None:
         await self.tg.start(lambda task_status: serve(self.settings(reaper_id), task_status=task_status))
@@ -425,6 +431,7 @@ async def test_python_m_aube_reaper_runs_from_the_environment(world: World, tmp_
         "AUBE_NATS_URL": world.server.url,
         "AUBE_REAP_INTERVAL": str(INTERVAL),
         "AUBE_REAPER_ID": "from-env",
+        "AUBE_REAPER_OPERATOR_PORT": "0",  # a free port: a platform on this machine may hold 9092
     }
     log_path = tmp_path / "reaper.log"
     with log_path.open("wb") as log_file:

@@ -58,6 +58,7 @@ async def test_reconcile_keeps_an_instance_that_started_during_its_pass(
         reconcile_interval=3600,  # only the pass this test runs
         health_timeout=60,
         stop_instances_on_exit=True,
+        controlplane_operator_port=0,  # a free port: a platform on this machine may hold 9091
     )
     runtime = ListingHeldBack(settings)
     async with anyio.create_task_group() as tg:
