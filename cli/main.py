@@ -4,6 +4,7 @@
     aube delete <name>             delete a function
     aube ls                        list functions and their instances
     aube events <name>             follow a function's events
+    aube logs [-f] [--since D] <name>  what a function's instances write on stdout and stderr (cli/logs.py)
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
     aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
     aube tenant rotate <tenant>    operator: give a tenant a new password (the old one stops working)
@@ -31,6 +32,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.object_store import ObjectStore
 
+from aube.cli import logs
 from aube.shared import buckets, credentials, names, natsconn
 from aube.shared.bus import request
 from aube.shared.credentials import redact
@@ -143,6 +145,8 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"{f.name:<24} {f.version:>7} {f.instances:>9} {f.free:>5} {f.busy:>5}  {f.url}")
         elif args.command == "events":
             await follow_events(nc, args.name)
+        elif args.command == "logs":
+            await logs.run(nc, args)
     finally:
         await nc.close()
     return 0
@@ -172,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")
     sub.add_parser("events", help="follow a function's events").add_argument("name")
+    logs.add_parser(sub)
     st = sub.add_parser("start", help="run NATS, control plane, reaper and proxies in the foreground")
     st.add_argument("--proxies", type=int, default=int(os.environ.get("AUBE_PROXIES", "1")), help="proxy replicas")
     st.add_argument("--nats-conf", default="deploy/nats.conf")
