@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import nats
 import pytest
-from harness import zip_files
+from harness import Platform, stop_process_instances, zip_files
 from support import AccountsServer, accounts_server
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -220,3 +220,68 @@ async def test_logs_live_kept_bounded_and_for_the_functions_tenant_only(logged: 
             (subject, data) for subject, data in spied if subject.startswith("aube.logs.") and b"forged" not in data
         ]
         assert leaked == [], leaked[:3]
+
+
+HOSTS = ("h1", "h2")
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_each_host_agent_ships_its_own_instances_lines_and_can_name_no_other_host(
+    runtime_kind: str, test_owner: str, tmp_path: Path
+) -> None:
+    """Instances on two hosts' agents (process runtime, each its own login and data folder): the lines of both reach
+    the deployer, each on the subject naming the host that read it; an agent's login cannot publish lines naming
+    another host or the control plane."""
+    with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
+        platform = Platform(server.url, test_owner, "hosts", tmp_path)
+        data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
+        try:
+            for h in HOSTS:
+                platform.start("aube.agent", AUBE_RUNTIME="process", AUBE_DATA_DIR=data[h], **server.agent_env(h))
+            await platform.start_controlplane(AUBE_HOST_RUNTIME="process", **server.service_env("controlplane"))
+            port, _ = await platform.start_proxy(**server.service_env("proxy"))
+            async with await nats.connect(server.url, **server.options("deployer")) as deployer:
+                live: list[tuple[str, LogLine]] = []
+
+                async def record(msg: Any) -> None:
+                    live.append((msg.subject, decode(msg.data, LogLine)))
+
+                await deployer.subscribe(f"{names.SUBJECT_LOGS_PREFIX}.talker.>", cb=record)
+                manifest = "[scaling]\nmax_instances = 2\nmin_free = 2\n"
+                body = {"name": "talker", "zip": zip_files({"fn.py": FN, "aube.toml": manifest})}
+                reply = await deployer.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=600)
+                assert json.loads(reply.data)["ok"], reply.data
+                async with (
+                    connect(f"ws://127.0.0.1:{port}/talker", proxy=None, open_timeout=30) as one,
+                    connect(f"ws://127.0.0.1:{port}/talker", proxy=None, open_timeout=30) as two,
+                ):
+                    await exchange(one, "from-one")
+                    await exchange(two, "from-two")
+                    with anyio.fail_after(10):
+                        while len({line.line for _, line in live} & {"out from-one", "out from-two"}) < 2:
+                            await anyio.sleep(0.05)
+                origins = {subject.rsplit(".", 1)[-1] for subject, line in live if line.line.startswith("out from-")}
+                print("lines shipped from", sorted(origins))
+                assert origins == set(HOSTS)  # min_free 2 over two hosts: one instance on each
+
+                # h1's agent: lines naming h1 go through; naming h2 or the control plane, the server refuses them.
+                agent = server.agent_env("h1")
+                errors: list[Exception] = []
+
+                async def on_error(e: Exception) -> None:
+                    errors.append(e)
+
+                async with await nats.connect(
+                    server.url, user=agent["AUBE_NATS_USER"], password=agent["AUBE_NATS_PASSWORD"], error_cb=on_error
+                ) as h1:
+                    for origin in ("h1", "h2", names.LOGS_LOCAL_ORIGIN):
+                        forged = LogLine(function="talker", instance="x", stream="stdout", at=time.time(), line=origin)
+                        await h1.publish(f"aube.t.deployer.logs.fn.talker.{origin}", encode(forged))
+                    await h1.flush()
+                    await anyio.sleep(0.5)
+                assert {line.line for _, line in live if line.instance == "x"} == {"h1"}
+                assert sum("permissions violation" in str(e).lower() for e in errors) == 2, errors
+        finally:
+            platform.stop_all()
+            for h in HOSTS:
+                stop_process_instances(f"{test_owner}-{h}", data[h])
