@@ -77,7 +77,8 @@ class LogShipper:
     origin: str  # names.LOGS_LOCAL_ORIGIN, or the host id of the agent shipping
     settings: ControlPlaneSettings
     instances: dict[str, _Instance] = field(default_factory=dict)
-    dropped_total: int = 0  # every line dropped since the start (the operator's log reports it)
+    dropped_total: int = 0  # every line dropped since the start
+    refused: set[str] = field(default_factory=set)  # instances whose output is not shipped (logged once)
 
     def __post_init__(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, bytes]](QUEUE_LINES)
@@ -93,6 +94,7 @@ class LogShipper:
             self._line(instance, stream, text, cut, now)
 
     def closed(self, of: OutputOf) -> None:
+        self.refused.discard(of.instance_id)
         instance = self.instances.pop(of.instance_id, None)
         if instance is None:
             return
@@ -123,7 +125,7 @@ class LogShipper:
 
     def _instance(self, of: OutputOf) -> _Instance | None:
         instance = self.instances.get(of.instance_id)
-        if instance is not None:
+        if instance is not None or of.instance_id in self.refused:
             return instance
         # Labels and meta files are the platform's, but a subject is built from them: check them all the same.
         try:
@@ -132,6 +134,7 @@ class LogShipper:
                 tenancy.validate_tenant(of.tenant)
         except (InvalidName, InvalidRequest):
             log.warning("output of instance %s is not shipped: its function or tenant is malformed", of.instance_id)
+            self.refused.add(of.instance_id)
             return None
         s = self.settings
         instance = _Instance(
@@ -203,7 +206,7 @@ async def ensure_log_stream(js: JetStreamContext, settings: ControlPlaneSettings
         max_age=settings.log_max_age,
         max_bytes=settings.log_max_bytes,
         max_msgs_per_subject=settings.log_max_lines,
-        max_msg_size=settings.log_line_bytes * 2 + 1024,  # the JSON of a full line, escapes and all
+        max_msg_size=settings.log_line_bytes * 6 + 1024,  # the JSON of a full line of control bytes (\u0001 each)
         num_replicas=settings.kv_replicas,
     )
     try:

@@ -37,7 +37,9 @@ import sys
 
 def fn(websocket):
     for message in websocket:
-        if message.startswith("flood "):
+        if message == "long":
+            print("L" * 5000, flush=True)
+        elif message.startswith("flood "):
             for i in range(int(message.split()[1])):
                 print(f"flood {i}")
             sys.stdout.flush()
@@ -196,6 +198,10 @@ async def test_logs_live_kept_bounded_and_for_the_functions_tenant_only(logged: 
                     delays.append(shown - sent)
                     assert line["stream"] == "stdout" and line["instance"]
                     assert all(b["line"] != "forged" for b in before)
+                # An over-long line is cut at AUBE_LOG_LINE_BYTES (2048) and says how much was cut.
+                await exchange(ws, "long")
+                _, cut, _ = follower.until("L" * 2048 + " …", 10)
+                assert cut["truncated"] == 5000 - 2048
                 print(f"{runtime_kind}: aube logs -f showed each line after {', '.join(f'{d:.3f}' for d in delays)} s")
                 assert max(delays) < LIVE_BOUND, delays
 

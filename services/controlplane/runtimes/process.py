@@ -277,6 +277,10 @@ class ProcessRuntime:
         # instance's folder made bubblewrap fail its bind: "Can't bind mount ... No such file or directory".)
         for instance_id in _folder_names(self._runs / owner) - keep - self._starting - self._fresh:
             _remove_tree(self._run_dir(owner, instance_id))
+        # Output folders of instances that ended without a stop (killed, crashed): their last lines, a traceback
+        # say, were shipped within output.POLL of their end; a listing comes much later.
+        for instance_id in _folder_names(self._data / "logs" / owner) - keep - self._starting - self._fresh:
+            launch.remove_output(self._out_dir(owner, instance_id))
         self._fresh -= fresh_before
         return found
 
