@@ -222,7 +222,7 @@ class ProcessRuntime:
         owner = info.environ.get(sandbox.ENV_MANAGED_OWNER, "")
         function = info.environ.get(names.ENV_FUNCTION, "")
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
-        if owner and function and instance_id.isalnum() and versions.OWNER.match(owner):
+        if owner and function and instance_id and versions.OWNER.match(owner):
             launch.remove_output(self._out_dir(owner, instance_id))
             _remove_tree(self._run_dir(owner, instance_id))
             await self._remove_groups(owner, instance_id)
