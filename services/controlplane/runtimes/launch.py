@@ -9,7 +9,6 @@ prints once it listens (`wait_listening`). bubblewrap's argv itself is decided, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
@@ -110,11 +109,6 @@ def loopback_address(announced: str) -> str:
     if not isinstance(target, addresses.TcpAddress):
         raise RuntimeFailure("an unsandboxed instance announced a Unix socket")
     return f"{INSTANCE_HOST}:{target.port}"
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 def remove_output(out_dir: Path) -> None:
