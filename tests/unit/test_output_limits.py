@@ -3,11 +3,14 @@ the CLI's durations, and the NATS permissions and exports that scope lines to ho
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aube.cli.logs import parse_duration
 from aube.controlplane.logship import log_subject
 from aube.controlplane.outputlimits import TRUNCATION_MARK, LineSplitter, RateLimit, dropped_message
+from aube.controlplane.runtimes.output import MAX_FILE, OutputOf, ProcessOutput, make_folder
 from aube.shared import agentlogins, names, tenants
 from aube.shared.errors import InvalidRequest
 
@@ -79,3 +82,39 @@ def test_each_tenant_gets_its_own_lines_and_the_logs_service_only() -> None:
     alice = accounts[accounts.index("alice: {") : accounts.index("bob: {")]
     assert 'subject: "aube.t.alice.logs.fn.>"}, to: "aube.logs.fn.>"' in alice
     assert "aube.t.bob" not in alice
+
+
+def test_process_output_is_read_from_the_watch_on_and_its_files_cut_once_read(tmp_path: Path) -> None:
+    """runtimes/output.py on real files: an instance running when the watch begins is read from then on, one found
+    later from its first byte; a file read to its end past MAX_FILE is cut back to nothing (the disk stays bounded)
+    and the writer's next appends are read from its new start; a folder gone closes its instance."""
+    old = OutputOf(function="fn", instance_id="old", tenant="alice")
+    make_folder(tmp_path / "old", old)
+    with (tmp_path / "old" / "stdout").open("ab") as f:
+        f.write(b"before the watch\n")
+    watch = ProcessOutput(tmp_path)
+    assert watch._pass(first=True) == ([], [])
+    new = OutputOf(function="fn", instance_id="new", tenant="alice")
+    make_folder(tmp_path / "new", new)
+    big = b"x" * (MAX_FILE + 10) + b"\n"
+    unbuffered = {"mode": "ab", "buffering": 0}  # as the instance's print(flush=True) writes
+    with (
+        (tmp_path / "old" / "stderr").open(**unbuffered) as err,
+        (tmp_path / "new" / "stdout").open(**unbuffered) as out,
+    ):
+        err.write(b"oops\n")
+        out.write(big)
+        chunks, ended = watch._pass(first=False)
+        assert (old, "stderr", b"oops\n") in chunks and ended == []
+        read = b"".join(data for of, stream, data in chunks if of == new)
+        while len(read) < len(big):
+            read += b"".join(data for _, _, data in watch._pass(first=False)[0])
+        assert read == big
+        assert (tmp_path / "new" / "stdout").stat().st_size == 0  # cut once read
+        out.write(b"after the cut\n")
+        assert watch._pass(first=False)[0] == [(new, "stdout", b"after the cut\n")]
+    (tmp_path / "old" / "meta.json").unlink()
+    for name in ("stdout", "stderr"):
+        (tmp_path / "old" / name).unlink()
+    (tmp_path / "old").rmdir()
+    assert watch._pass(first=False) == ([], [old])
