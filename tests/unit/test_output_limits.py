@@ -97,10 +97,10 @@ def test_process_output_is_read_from_the_watch_on_and_its_files_cut_once_read(tm
     new = OutputOf(function="fn", instance_id="new", tenant="alice")
     make_folder(tmp_path / "new", new)
     big = b"x" * (MAX_FILE + 10) + b"\n"
-    unbuffered = {"mode": "ab", "buffering": 0}  # as the instance's print(flush=True) writes
+    # Unbuffered, as the instance's print(flush=True) writes.
     with (
-        (tmp_path / "old" / "stderr").open(**unbuffered) as err,
-        (tmp_path / "new" / "stdout").open(**unbuffered) as out,
+        (tmp_path / "old" / "stderr").open("ab", buffering=0) as err,
+        (tmp_path / "new" / "stdout").open("ab", buffering=0) as out,
     ):
         err.write(b"oops\n")
         out.write(big)
