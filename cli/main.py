@@ -8,6 +8,7 @@
     aube new <folder> [--style S]  write a new function folder (S: sync, async, generator or command)
     aube connect <name>            open a function's stream: stdin lines out, messages in (cli/connect.py)
     aube login [FILE]              keep a tenant's credentials file where aube finds it from any folder
+    aube logs [-f] [--since D] <name>  what a function's instances write on stdout and stderr (cli/logs.py)
     aube start [--proxies N]       run the whole platform in the foreground (what `make start` does)
     aube tenant add <tenant>       operator: create a tenant (a deployer identity) and its credentials file
     aube tenant rotate <tenant>    operator: give a tenant a new password (the old one stops working)
@@ -37,7 +38,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.object_store import ObjectStore
 
-from aube.cli import connect, progress, scaffold, session
+from aube.cli import connect, logs, progress, scaffold, session
 from aube.shared import buckets, names
 from aube.shared.bus import request
 from aube.shared.errors import AubeError, InvalidRequest
@@ -130,6 +131,8 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"{f.name:<24} {f.version:>7} {f.instances:>9} {f.free:>5} {f.busy:>5}  {f.url}")
         elif args.command == "events":
             await follow_events(nc, args.name)
+        elif args.command == "logs":
+            await logs.run(nc, args)
     finally:
         await nc.close()
     return 0
@@ -182,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("events", parents=[login_option], help="follow a function's events").add_argument("name")
     scaffold.add_parser(sub)
     connect.add_parser(sub)
+    logs.add_parser(sub)
     st = sub.add_parser("start", help="run NATS, control plane, reaper and proxies in the foreground")
     st.add_argument("--proxies", type=int, default=int(os.environ.get("AUBE_PROXIES", "1")), help="proxy replicas")
     st.add_argument("--nats-conf", default="deploy/nats.conf")

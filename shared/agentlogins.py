@@ -89,6 +89,9 @@ def render_users(hosts: Mapping[str, str]) -> str:
             raise InvalidRequest(f"host {host_id}: its password hash is not a bcrypt hash")
         publish = [
             names.host_subject(host_id, "exited"),
+            # Its instances' output (`aube logs`): only lines that name this host as where they were read.
+            names.logs_subject("*", host_id),
+            tenancy.tenant_subject("*", names.logs_subject("*", host_id)),
             f"$KV.{names.BUCKET_HOSTS}.{host_id}",
             *_JS_API,
         ]

@@ -20,6 +20,13 @@ SUBJECT_LIST = "aube.fn.list"
 SUBJECT_SCALE = "aube.fn.scale"
 SUBJECT_STOP_INSTANCE = "aube.instance.stop"
 SUBJECT_EVENTS_PREFIX = "aube.events.fn"
+# Instances' output (`aube logs`): lines on aube.logs.fn.<name>.<origin>, where <origin> is the host id of the agent
+# that read them, or LOGS_LOCAL_ORIGIN for the control plane's own runtime; kept for --since in STREAM_LOGS and
+# served by the control plane on SUBJECT_LOGS.
+SUBJECT_LOGS = "aube.fn.logs"
+SUBJECT_LOGS_PREFIX = "aube.logs.fn"
+LOGS_LOCAL_ORIGIN = "_local"  # never a host id (HOST_ID_PATTERN has no underscore)
+STREAM_LOGS = "aube-logs"
 
 # Queue groups, so that running a second copy of a service shares the work instead of doubling it.
 QUEUE_CONTROLPLANE = "aube-controlplane"
@@ -52,6 +59,7 @@ LABEL_FUNCTION = "aube.function"
 LABEL_VERSION = "aube.version"
 LABEL_INSTANCE = "aube.instance"
 LABEL_SLOT = "aube.slot"
+LABEL_TENANT = "aube.tenant"  # whose output the instance writes (aube logs)
 LABEL_OWNER = "aube.owner"  # which control plane started it; lets tests run several platforms side by side
 LABEL_TEST = "aube.test"
 
@@ -96,6 +104,10 @@ def validate_name(name: object) -> str:
 
 def events_subject(name: str) -> str:
     return f"{SUBJECT_EVENTS_PREFIX}.{name}"
+
+
+def logs_subject(name: str, origin: str) -> str:
+    return f"{SUBJECT_LOGS_PREFIX}.{name}.{origin}"
 
 
 def host_subject(host_id: str, operation: str) -> str:

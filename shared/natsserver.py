@@ -55,11 +55,12 @@ def write_run_config(
     # earlier version left them readable by every local user; a rewrite closes them).
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
-    subjects = [names.SUBJECT_UPLOAD, names.SUBJECT_DELETE, names.SUBJECT_LIST]
+    subjects = [names.SUBJECT_UPLOAD, names.SUBJECT_DELETE, names.SUBJECT_LIST, names.SUBJECT_LOGS]
+    streams = [names.SUBJECT_EVENTS_PREFIX, names.SUBJECT_LOGS_PREFIX]
     # Both rendered before either is written: a refused tenant list leaves the files as they were.
-    exports = tenancy.render_exports(tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX)
+    exports = tenancy.render_exports(tenant_hashes, subjects, streams)
     accounts = tenancy.render_accounts(
-        tenant_hashes, subjects, names.SUBJECT_EVENTS_PREFIX, names.BUCKET_BUNDLES, tenancy.DEFAULT_JETSTREAM_QUOTA
+        tenant_hashes, subjects, streams, names.BUCKET_BUNDLES, tenancy.DEFAULT_JETSTREAM_QUOTA
     )
     text = agentlogins.render_config(template.read_text(), host_hashes or {})
     _write_private(run_dir / EXPORTS_FILE, exports)

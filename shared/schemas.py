@@ -281,6 +281,37 @@ class FunctionEvent(msgspec.Struct, frozen=True, kw_only=True):
     instances: int | None = None
 
 
+OutputStream = Literal["stdout", "stderr"]
+
+
+class LogLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One line an instance wrote, as read by the platform (never published by the instance): on
+    `aube.logs.fn.<name>.<origin>` and in LogsReply. `dropped` > 0 marks the platform's own line counting the lines
+    the instance's rate limit dropped since the last one shipped."""
+
+    function: str
+    instance: str
+    stream: OutputStream
+    at: float
+    line: str
+    seq: int = 0  # per instance and shipper: a follower drops what it already printed from the history
+    truncated: int = 0  # bytes cut from the end of an over-long line
+    dropped: int = 0
+
+
+class LogsRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    since: float | None = None  # seconds since the epoch; None: everything still kept
+    limit: int = 1000  # the newest `limit` lines
+
+
+class LogsReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    name: str = ""
+    lines: list[LogLine] = msgspec.field(default_factory=list)
+    more: bool = False  # older lines matched but were left out (limit, or the reply's size)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Codecs, built once.
 

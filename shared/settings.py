@@ -124,6 +124,15 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     # a name of its own, since `aube start` hands one environment to every service.
     operator_host: str = "127.0.0.1"
     controlplane_operator_port: int | None = DEFAULT_CONTROLPLANE_OPERATOR_PORT
+    # Instances' output (`aube logs`, docs/contract.md): per instance at most `log_rate` lines a second with bursts of
+    # `log_burst` (more are dropped and counted), each line cut at `log_line_bytes`; the platform keeps lines for
+    # --since `log_max_age` seconds, `log_max_bytes` in all and `log_max_lines` per function and host.
+    log_rate: float = 100.0
+    log_burst: int = 200
+    log_line_bytes: int = 2048
+    log_max_age: float = 3600.0
+    log_max_bytes: int = 64 * 1024 * 1024
+    log_max_lines: int = 10000
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

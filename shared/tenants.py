@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from aube.shared.errors import InvalidRequest
@@ -86,8 +86,15 @@ def may_touch(requester: str, owner: str) -> bool:
     return requester in (OPERATOR, owner)
 
 
-def render_exports(tenants: Mapping[str, str], request_subjects: list[str], events_prefix: str) -> str:
-    """The platform account's `exports` (included in deploy/nats.conf's AUBE block)."""
+def _prefixes(stream_prefixes: str | Sequence[str]) -> list[str]:
+    return [stream_prefixes] if isinstance(stream_prefixes, str) else list(stream_prefixes)
+
+
+def render_exports(
+    tenants: Mapping[str, str], request_subjects: list[str], stream_prefixes: str | Sequence[str]
+) -> str:
+    """The platform account's `exports` (included in deploy/nats.conf's AUBE block): the request services, and the
+    streams under each of `stream_prefixes` (events, instances' output), each to its tenant's account only."""
     lines = ["# Written by aube from the tenant list; do not edit.", "exports: ["]
     for tenant in sorted(tenants):
         for subject in request_subjects:
@@ -95,13 +102,18 @@ def render_exports(tenants: Mapping[str, str], request_subjects: list[str], even
                 f'  {{service: "{tenant_subject(tenant, subject)}", accounts: [{tenant}], '
                 f'response_threshold: "{RESPONSE_THRESHOLD}"}}'
             )
-        lines.append(f'  {{stream: "{tenant_subject(tenant, events_prefix)}.>", accounts: [{tenant}]}}')
+        for prefix in _prefixes(stream_prefixes):
+            lines.append(f'  {{stream: "{tenant_subject(tenant, prefix)}.>", accounts: [{tenant}]}}')
     lines.append("]")
     return "\n".join(lines) + "\n"
 
 
 def render_accounts(
-    tenants: Mapping[str, str], request_subjects: list[str], events_prefix: str, bucket: str, quota: str
+    tenants: Mapping[str, str],
+    request_subjects: list[str],
+    stream_prefixes: str | Sequence[str],
+    bucket: str,
+    quota: str,
 ) -> str:
     """One account per tenant (included in deploy/nats.conf's `accounts` block); `tenants` maps name -> bcrypt."""
     out = ["# Written by aube from the tenant list; do not edit."]
@@ -115,10 +127,11 @@ def render_accounts(
             f'{{service: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, s)}"}}, to: "{s}"}}'
             for s in request_subjects
         ]
-        imports.append(
-            f'{{stream: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, events_prefix)}.>"}}, '
-            f'to: "{events_prefix}.>"}}'
-        )
+        imports += [
+            f'{{stream: {{account: {PLATFORM_ACCOUNT}, subject: "{tenant_subject(tenant, prefix)}.>"}}, '
+            f'to: "{prefix}.>"}}'
+            for prefix in _prefixes(stream_prefixes)
+        ]
         # The fetch user reads and deletes bundles in this tenant's object store, nothing else.
         fetch_allow = [
             "$JS.API.INFO",

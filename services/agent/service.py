@@ -7,6 +7,7 @@ prepare versions, start, stop and list instances (`hostwire.py` has the messages
 - prepares versions for its own engine from the folders the control plane puts in BUCKET_ARTIFACTS, at upload time
   or when first asked to start a version it lacks (a host that joined later);
 - publishes each exit its engine reports on `aube.host.<id>.exited`, so the control plane drops the entry at once;
+- ships its instances' output for `aube logs` (controlplane/logship.py), on subjects naming this host;
 - reconciles its own engine every `reconcile_interval`: it stops the owner's instances no registry entry knows (a
   start whose answer was lost, an entry recycled while this host was away) and reports as exited every entry placed
   here whose instance is gone. The registry is the control plane's to write: the agent only reads it.
@@ -32,11 +33,13 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from aube.controlplane.logship import LogShipper, ship_output
 from aube.controlplane.objects import fetch_object
 from aube.controlplane.runtimes import hostwire
 from aube.controlplane.runtimes.base import Artifact, InstanceSpec, Runtime
 from aube.controlplane.runtimes.hosts import open_host_buckets
 from aube.controlplane.runtimes.local import select_local_runtime
+from aube.controlplane.runtimes.output import OutputSource
 from aube.shared import agentlogins, kvread, leasing, names, natsconn, records
 from aube.shared.errors import AubeError, InvalidRequest, RuntimeFailure
 from aube.shared.hostbook import HostBook
@@ -76,6 +79,10 @@ async def serve(
                 tg.start_soon(_pump, sub.messages, kind, handler, tg)
             tg.start_soon(agent.publish_exits)
             tg.start_soon(agent.reconcile_loop)
+            if isinstance(runtime, OutputSource):
+                # Its instances' output, on the log subjects naming this host (all its NATS user may publish there).
+                shipper = LogShipper(nc, host_id, runtime_settings)
+                tg.start_soon(ship_output, runtime, agent.local_owner, shipper)
             await nc.flush()
             log.info("agent of host %s serving its %s runtime (capacity %d)", host_id, runtime.kind, settings.capacity)
             task_status.started()

@@ -44,7 +44,15 @@ class Instances:
         self.ctx = ctx
 
     async def start_instances(
-        self, name: str, version: int, artifact: str, manifest: Manifest, count: int, *, claimable: bool = False
+        self,
+        name: str,
+        version: int,
+        artifact: str,
+        manifest: Manifest,
+        count: int,
+        *,
+        tenant: str,
+        claimable: bool = False,
     ) -> list[InstanceEntry]:
         """Start up to `count` instances concurrently, each in a slot it won by compare-and-set, and health-check
         them. With `claimable`, each becomes "free" the moment it is healthy (a scale-out: waiting clients should
@@ -56,7 +64,7 @@ class Instances:
 
         async def start_one() -> None:
             try:
-                entry = await self._start_instance(name, version, artifact, manifest, taken, claimable)
+                entry = await self._start_instance(name, version, artifact, manifest, taken, claimable, tenant)
             except AubeError as e:
                 errors.append(e)
                 return
@@ -72,10 +80,19 @@ class Instances:
 
     async def start_warm(self, fn: FunctionRecord, count: int) -> list[InstanceEntry]:
         """Start up to `count` claimable instances of the function's current version (the min_free keeper)."""
-        return await self.start_instances(fn.name, fn.version, fn.artifact, fn.manifest, count, claimable=True)
+        return await self.start_instances(
+            fn.name, fn.version, fn.artifact, fn.manifest, count, tenant=fn.tenant, claimable=True
+        )
 
     async def _start_instance(
-        self, name: str, version: int, artifact: str, manifest: Manifest, taken: set[int], claimable: bool
+        self,
+        name: str,
+        version: int,
+        artifact: str,
+        manifest: Manifest,
+        taken: set[int],
+        claimable: bool,
+        tenant: str,
     ) -> InstanceEntry | None:
         now = time.time()
         instance_id = uuid.uuid4().hex[:12]
@@ -110,6 +127,7 @@ class Instances:
             manifest=manifest,
             owner=self.ctx.owner,
             secret=secret,
+            tenant=tenant,
         )
         key = names.instance_key(name, record.slot)
         self.ctx.in_flight.add(instance_id)
@@ -224,7 +242,9 @@ class Instances:
         count = max(1, min(req.count, f.manifest.scaling.max_instances))
         self.ctx.scaling.add(name)
         try:
-            ready = await self.start_instances(name, f.version, f.artifact, f.manifest, count, claimable=True)
+            ready = await self.start_instances(
+                name, f.version, f.artifact, f.manifest, count, tenant=f.tenant, claimable=True
+            )
         finally:
             self.ctx.scaling.discard(name)
         if not ready:

@@ -21,8 +21,10 @@ from nats.js.errors import ServiceUnavailableError
 
 from aube.controlplane.bundle import BundleLimits
 from aube.controlplane.core import ControlPlane
+from aube.controlplane.logship import LogHistory, LogShipper, ensure_log_stream, ship_output
 from aube.controlplane.runtimes.base import Runtime
 from aube.controlplane.runtimes.local import select_local_runtime
+from aube.controlplane.runtimes.output import OutputSource
 from aube.controlplane.upkeep import Upkeep
 from aube.shared import buckets, names, natsconn, operator_http
 from aube.shared import tenants as tenancy
@@ -33,6 +35,7 @@ from aube.shared.registry import Registry
 from aube.shared.schemas import (
     DeleteRequest,
     ListRequest,
+    LogsRequest,
     ScaleRequest,
     StopInstanceRequest,
     UploadRequest,
@@ -99,6 +102,8 @@ async def serve(
             runtime = await HostsRuntime.connect(settings, nc, registry)
         assert runtime is not None
         bundles = await buckets.open_object_store(js, names.BUCKET_BUNDLES, replicas=replicas, resize=resize)
+        await ensure_log_stream(js, settings)
+        history = LogHistory(js, registry)
         cp = ControlPlane(settings, nc, registry, runtime, bundles)
         await cp.reconcile(startup=True)
         # Deployers' requests arrive on the contract's subjects from the platform account itself, and as
@@ -108,6 +113,7 @@ async def serve(
             (names.SUBJECT_UPLOAD, UploadRequest, cp.upload),
             (names.SUBJECT_DELETE, DeleteRequest, cp.delete),
             (names.SUBJECT_LIST, ListRequest, cp.list),
+            (names.SUBJECT_LOGS, LogsRequest, history.answer),
         ]
         internal_routes: list[tuple[str, type[msgspec.Struct], Handler]] = [
             (names.SUBJECT_SCALE, ScaleRequest, cp.scale),
@@ -135,6 +141,9 @@ async def serve(
                     "AUBE_CONTROLPLANE_OPERATOR_PORT",
                 )
                 log.info("control plane serves /_aube/metrics on %s:%d", settings.operator_host, metrics_port)
+            if isinstance(runtime, OutputSource):  # `hosts`: each host's agent ships its instances' output
+                shipper = LogShipper(nc, names.LOGS_LOCAL_ORIGIN, settings)
+                tg.start_soon(ship_output, runtime, settings.owner, shipper)
             await nc.flush()
             log.info(
                 "control plane %s serving on %s with the %s runtime",

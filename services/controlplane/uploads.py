@@ -209,7 +209,7 @@ class Uploads:
             # its upload, not its first stream.
             wanted = max(manifest.scaling.min_free, 1)
             await self._make_room(name, version, manifest.scaling.max_instances, wanted)
-            started = await self.instances.start_instances(name, version, artifact, manifest, wanted)
+            started = await self.instances.start_instances(name, version, artifact, manifest, wanted, tenant=owner)
             if not started:
                 raise CapacityExhausted(f"{name}: all {manifest.scaling.max_instances} instance slots are in use")
             now = time.time()

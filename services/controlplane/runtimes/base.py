@@ -37,6 +37,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     owner: str
     # The instance credential: the instance gets its SHA-256 only (see `instance_environment`). Empty: none asked.
     secret: str = ""
+    # The function's tenant ("" = the operator's): whose `aube logs` the instance's output goes to (output.py).
+    tenant: str = ""
 
 
 class StartedInstance(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,4 +161,5 @@ def instance_labels(spec: InstanceSpec) -> dict[str, str]:
         names.LABEL_VERSION: str(spec.version),
         names.LABEL_INSTANCE: spec.instance_id,
         names.LABEL_SLOT: str(spec.slot),
+        names.LABEL_TENANT: spec.tenant,
     }

@@ -51,6 +51,8 @@ from aube.controlplane.runtimes.base import (
     instance_environment,
     instance_labels,
 )
+from aube.controlplane.runtimes.docker_output import DockerOutput
+from aube.controlplane.runtimes.output import OutputSink
 from aube.shared import names
 from aube.shared.errors import AubeError, BuildFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
@@ -373,6 +375,10 @@ class DockerRuntime:
                 )
             )
         return result
+
+    async def watch_output(self, owner: str, sink: OutputSink) -> None:
+        """Ship what the owner's containers write (docker_output.py) until cancelled."""
+        await DockerOutput(owner, sink).watch()
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
         since: int | None = None

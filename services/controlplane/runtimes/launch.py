@@ -9,11 +9,11 @@ prints once it listens (`wait_listening`). bubblewrap's argv itself is decided, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +37,7 @@ def spawn(
     argv: list[str],
     env: dict[str, str],
     cwd: Path,
-    log_path: Path,
+    out_dir: Path,
     limits: dict[str, int],
     procs: list[str],
     plan: list[tuple[str, str]] | None,
@@ -45,11 +45,12 @@ def spawn(
     drop: tuple[int, int] | None,
 ) -> str:
     """Start the instance's leader and return its handle; `plan` (sandboxed only): the folders to stage for
-    bubblewrap; `drop` (sandboxed by a root control plane): the uid and gid the child takes before it execs bwrap."""
+    bubblewrap; `drop` (sandboxed by a root control plane): the uid and gid the child takes before it execs bwrap.
+    Its stdout and stderr are appended to the files of `out_dir` (output.py reads them for `aube logs`)."""
     rlimits = [(getattr(resource, key), value) for key, value in limits.items()]
     sandboxed = plan is not None
     try:
-        with log_path.open("ab") as out:
+        with (out_dir / "stdout").open("ab") as out, (out_dir / "stderr").open("ab") as err:
             # preexec_fn: the limits must hold from the first instruction of the (sandboxed) server on, and
             # the child joins its cgroups while still root; the helpers only make system calls, which is
             # what is safe in a child forked from threads.
@@ -59,14 +60,14 @@ def spawn(
                 cwd="/" if sandboxed else cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=err,
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=() if filter_fd is None else (filter_fd,),
                 preexec_fn=functools.partial(_prepare_child, rlimits, procs, plan if drop else None, drop),
             )
     except (OSError, subprocess.SubprocessError) as e:  # SubprocessError: the preexec_fn failed
-        remove_quietly(log_path)
+        remove_output(out_dir)
         raise RuntimeFailure(f"could not start {argv[0]}: {e}") from e
     CHILDREN[proc.pid] = proc
     # A child that already exited is still our zombie, so its stat is there until we reap it.
@@ -76,27 +77,27 @@ def spawn(
     return sandbox.format_handle(proc.pid, stat.starttime)
 
 
-async def wait_listening(handle: str, log_path: Path, timeout: float) -> str:
+async def wait_listening(handle: str, out_dir: Path, timeout: float) -> str:
     """Where the instance announced it listens; RuntimeFailure with its output if it exits first."""
     pid, _ = sandbox.parse_handle(handle)
     proc = CHILDREN.get(pid)
     if proc is None:  # it exited at once and a listing or an exit watch reaped it already
-        tail = _tail(log_path)
-        remove_quietly(log_path)
+        tail = _tail(out_dir)
+        remove_output(out_dir)
         raise RuntimeFailure(f"instance exited at start:\n{tail}")
     with anyio.move_on_after(timeout):
         while True:
-            announced = await anyio.to_thread.run_sync(_announced, log_path)
+            announced = await anyio.to_thread.run_sync(_announced, out_dir / "stdout")
             if announced is not None:
                 return announced
             if proc.poll() is not None:
                 CHILDREN.pop(pid, None)
-                tail = _tail(log_path)
-                remove_quietly(log_path)
+                tail = _tail(out_dir)
+                remove_output(out_dir)
                 raise RuntimeFailure(f"instance exited at start (status {proc.returncode}):\n{tail}")
             # Every 20 ms: this wait is the floor of a process cold start.
             await anyio.sleep(0.02)
-    tail = _tail(log_path)
+    tail = _tail(out_dir)
     raise HealthCheckFailed(f"instance did not listen within {timeout:g}s:\n{tail}")
 
 
@@ -110,9 +111,8 @@ def loopback_address(announced: str) -> str:
     return f"{INSTANCE_HOST}:{target.port}"
 
 
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
+def remove_output(out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _announced(log_path: Path) -> str | None:
@@ -127,7 +127,13 @@ def _announced(log_path: Path) -> str | None:
     return None
 
 
-def _tail(path: Path, lines: int = 20, limit: int = 8192) -> str:
+def _tail(out_dir: Path, lines: int = 20, limit: int = 8192) -> str:
+    """The end of what the instance wrote: its stdout's, then its stderr's (a traceback)."""
+    parts = [_tail_of(out_dir / stream, lines, limit) for stream in ("stdout", "stderr")]
+    return "\n".join(part for part in parts if part)
+
+
+def _tail_of(path: Path, lines: int, limit: int) -> str:
     try:
         with path.open("rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - limit))

@@ -31,7 +31,8 @@ Layout under `data_dir`:
     functions/<owner>/<name>/v<version>/fn      the function folder (the artifact is the version folder: versions.py)
     functions/<owner>/<name>/v<version>/deps    its requirements, installed from wheels
     cache/                                      pip's cache and installed requirement sets (see deps.py)
-    logs/<owner>/<function>-<instance id>.log   an instance's stdout and stderr; removed when it is stopped
+    logs/<owner>/<instance id>/                 an instance's stdout, stderr and whose they are (output.py, read
+                                                for `aube logs`); removed when it is stopped
 and under `socket_dir` (/run/aube for root: a Unix socket path holds 107 bytes, a data dir path often more):
     <owner>/<instance id>/instance.sock         a sandboxed instance's socket (see `stage.make_run_dir`)
 """
@@ -50,7 +51,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from aube.controlplane.runtimes import cgroups, launch, leaders, sandbox, seccomp, stage, versions
+from aube.controlplane.runtimes import cgroups, launch, leaders, output, sandbox, seccomp, stage, versions
 from aube.controlplane.runtimes.base import (
     Artifact,
     BuildLog,
@@ -136,8 +137,7 @@ class ProcessRuntime:
         except ValueError as e:
             raise RuntimeFailure(f"limits.memory: {e}") from e
         bwrap = await self._sandbox()
-        log_path = self._log_path(spec.owner, spec.function, spec.instance_id)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out_dir = self._out_dir(spec.owner, spec.instance_id)
         run_dir = self._run_dir(spec.owner, spec.instance_id)
         # Port 0 (unsandboxed): the instance binds any free port and announces it; a port chosen here could be
         # handed to two instances starting at once (or taken by anyone before the bind), and then one instance
@@ -157,14 +157,16 @@ class ProcessRuntime:
                 plan = sandbox.stage_plan([*launch.python_paths(), str(fn_dir), str(deps_dir), str(run_dir)])
             # The filter reaches bubblewrap as the inherited descriptor its --seccomp argument names.
             filter_fd = stage.memfd(self._seccomp) if bwrap is not None else None
-            log_path.write_bytes(b"")
+            output.make_folder(
+                out_dir, output.OutputOf(function=spec.function, instance_id=spec.instance_id, tenant=spec.tenant)
+            )
             staged = plan if self._privileged else None
             argv, env = launch.command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd)
             procs = await self._create_groups(spec, limits["RLIMIT_AS"])
             try:
                 drop = self._uid() if bwrap and self._privileged else None
                 handle = launch.spawn(
-                    argv, env, fn_dir, log_path, limits, procs, plan if bwrap else None, filter_fd, drop
+                    argv, env, fn_dir, out_dir, limits, procs, plan if bwrap else None, filter_fd, drop
                 )
             except BaseException:
                 await self._remove_groups(spec.owner, spec.instance_id)
@@ -178,7 +180,7 @@ class ProcessRuntime:
             if filter_fd is not None:
                 os.close(filter_fd)
         try:
-            announced = await launch.wait_listening(handle, log_path, self._settings.health_timeout)
+            announced = await launch.wait_listening(handle, out_dir, self._settings.health_timeout)
             if bwrap is not None:
                 await anyio.to_thread.run_sync(stage.lock_run_dir, run_dir, self._privileged)
                 address = addresses.unix(socket_path)
@@ -222,7 +224,7 @@ class ProcessRuntime:
         function = info.environ.get(names.ENV_FUNCTION, "")
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
         if owner and function and instance_id and versions.OWNER.match(owner):
-            launch.remove_quietly(self._log_path(owner, function, instance_id))
+            launch.remove_output(self._out_dir(owner, instance_id))
             _remove_tree(self._run_dir(owner, instance_id))
             await self._remove_groups(owner, instance_id)
         logger.info("stopped instance %s", handle)
@@ -276,6 +278,10 @@ class ProcessRuntime:
         # instance's folder made bubblewrap fail its bind: "Can't bind mount ... No such file or directory".)
         for instance_id in _folder_names(self._runs / owner) - keep - self._starting - self._fresh:
             _remove_tree(self._run_dir(owner, instance_id))
+        # Output folders of instances that ended without a stop (killed, crashed): their last lines, a traceback
+        # say, were shipped within output.POLL of their end; a listing comes much later.
+        for instance_id in _folder_names(self._data / "logs" / owner) - keep - self._starting - self._fresh:
+            launch.remove_output(self._out_dir(owner, instance_id))
         self._fresh -= fresh_before
         return found
 
@@ -355,8 +361,13 @@ class ProcessRuntime:
             level = logging.WARNING if wait else logging.DEBUG
             logger.log(level, "cgroups of instance %s still hold a process: left for a later pass", instance_id)
 
-    def _log_path(self, owner: str, function: str, instance_id: str) -> Path:
-        return self._data / "logs" / owner / f"{function}-{instance_id}.log"
+    def _out_dir(self, owner: str, instance_id: str) -> Path:
+        return self._data / "logs" / owner / instance_id
+
+    async def watch_output(self, owner: str, sink: output.OutputSink) -> None:
+        """Ship what the owner's instances write (output.py) until cancelled."""
+        versions.check_owner(owner)
+        await output.ProcessOutput(self._data / "logs" / owner).watch(sink)
 
     def _run_dir(self, owner: str, instance_id: str) -> Path:
         return self._runs / owner / instance_id
