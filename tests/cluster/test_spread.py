@@ -4,6 +4,7 @@ with scripts/upload.sh, 30 clients spread over the three proxies."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import anyio
@@ -48,8 +49,30 @@ async def test_thirty_clients_over_three_proxies_land_on_instances_of_all_three_
         assert max(int(str(r["streams"])) for _, r in replies) == 1, "an instance carried two streams"
         every = {box.name for box in layout.HOSTS}
         assert set().union(*landed.values()) == every
-        # Each proxy reaches instances on hosts other than its own (by their advertised rig address).
-        for proxy, seen in landed.items():
-            assert seen - {proxy}, f"{proxy}'s clients landed on its own host only"
+        # Each proxy reaches instances on hosts other than its own (by their advertised rig address). Which free
+        # instance a claim takes is not the proxy's choice of host, so a burst's clients can all land at home
+        # (CI once, under load): such a proxy is then asked for streams held open together until one lands
+        # elsewhere.
+        for box in layout.HOSTS:
+            if not landed.get(box.name, set()) - {box.name}:
+                landed[box.name] = await _hosts_reached_holding_streams(box, function, registry, want_other=True)
+                print(f"{box.name} held streams until one landed elsewhere: {sorted(landed[box.name])}")
+            assert landed[box.name] - {box.name}, f"{box.name}'s clients landed on its own host only"
     finally:
         undeploy(cluster, function)
+
+
+async def _hosts_reached_holding_streams(
+    box: layout.Box, function: str, registry: Registry, *, want_other: bool, most: int = 12
+) -> set[str]:
+    """Open streams through `box`'s proxy, each held open, until one is served by another host (or `most`)."""
+    reached: set[str] = set()
+    async with contextlib.AsyncExitStack() as held:
+        for n in range(most):
+            ws = await held.enter_async_context(await open_stream(box, function, timeout=60))
+            reply = await ask(ws, f"hold-{n}")
+            hosts = await host_by_instance(registry, function)
+            reached.add(hosts.get(str(reply["instance"]), "?"))
+            if want_other and reached - {box.name}:
+                break
+    return reached
