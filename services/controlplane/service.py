@@ -232,16 +232,31 @@ async def _answer_as(
     except AubeError as e:
         log.info("%s refused: %s (%s)", msg.subject, redactor.for_log(e.message), e.code)
         reply = error_reply(AubeError(redactor.for_deployer(e.message), code=e.code))
-    except REGISTRY_AWAY as e:
-        # A registry between leaders (or a server catching up after a partition) is not a bug: the caller retries.
-        log.warning("%s failed, the registry did not answer: %s", msg.subject, e)
-        message = f"the platform's registry did not answer ({type(e).__name__}); retry shortly"
-        reply = error_reply(ServiceUnavailable(message))
     except Exception as e:
-        log.exception("%s failed", msg.subject)
-        reply = error_reply(AubeError(redactor.for_deployer(f"internal error: {type(e).__name__}: {e}")))
+        away = _registry_away(e)
+        if away is None:
+            log.exception("%s failed", msg.subject)
+            reply = error_reply(AubeError(redactor.for_deployer(f"internal error: {type(e).__name__}: {e}")))
+        else:
+            # A registry between leaders (or a server catching up after a partition) is not a bug: the caller
+            # retries.
+            log.warning("%s failed, the registry did not answer: %s", msg.subject, away)
+            message = f"the platform's registry did not answer ({type(away).__name__}); retry shortly"
+            reply = error_reply(ServiceUnavailable(message))
     if msg.reply:  # published without a reply subject (`nats pub`): the work is done all the same
         await msg.respond(reply)
+
+
+def _registry_away(e: BaseException) -> BaseException | None:
+    """The registry error `e` is, or the first of a group made only of such errors (work done side by side in a
+    task group fails as a group); None for anything else."""
+    if isinstance(e, REGISTRY_AWAY):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        leaves = [_registry_away(inner) for inner in e.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
 
 
 async def _every(interval: float, job: Callable[[], Awaitable[object]], what: str) -> None:

@@ -148,8 +148,11 @@ class HostsRuntime:
             except AubeError as e:
                 results[host_id] = e
 
+        # Read before the task group: a registry timeout (a NATS election) stays a plain error the caller maps to
+        # "unavailable", not an ExceptionGroup answered as an internal error (the rig saw an upload fail so).
+        hosts = await self.live_hosts()
         async with anyio.create_task_group() as tg:
-            for host in await self.live_hosts():
+            for host in hosts:
                 tg.start_soon(one, host.host_id)
         return results
 
