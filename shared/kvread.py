@@ -16,10 +16,10 @@ remain, and the consumer is deleted when the snapshot is done. In a cluster, two
 on another server whose interest has not reached ours yet, so the first fetch gets "no responders" (17 of 300); and
 on a replica that has not applied the latest writes yet, so the snapshot misses one just acknowledged (1 of 300). So
 the first fetch is tried again briefly, and the stream's leader names the newest message under the filter before
-the consumer is made: a snapshot that has not reached it is taken again. A follow keeps `kv.watch()` for its change feed
-(one long-lived consumer), but decides "caught up" itself: the watch delivers in stream order, so once it has
-seen a message at or past the stream's last sequence as of before the watch began, every entry that existed then
-has been delivered (or superseded by a later one it has seen).
+the consumer is made: a snapshot that has not reached it is taken again. A follow keeps an ordered consumer, as
+`kv.watch()` does, for its change feed (one long-lived consumer), but decides "caught up" itself: the feed delivers
+in stream order, so once it has seen a message at or past the stream's last sequence as of before it began, every
+entry that existed then has been delivered (or superseded by a later one it has seen).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
-from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE
 
 # The server drops a snapshot consumer on its own after this long, should we die before deleting it.
 SNAPSHOT_CONSUMER_TTL = 30.0
@@ -40,6 +40,8 @@ SNAPSHOT_ATTEMPTS = 5  # consumers on a replica behind the newest message, then 
 FIRST_FETCH_ATTEMPTS = 20  # 50 ms apart: the new consumer's interest on its way to our server
 SNAPSHOT_BATCH = 256
 FETCH_TIMEOUT = 5.0
+# A follow's consumer sends a heartbeat this often when idle; two missed and nats-py recreates it (see `follow`).
+FOLLOW_HEARTBEAT = 0.5
 
 
 class KvEntry(msgspec.Struct, frozen=True):
@@ -125,28 +127,40 @@ async def _read_through_consumer(js: JetStreamContext, stream: str, bucket: str,
     return list(latest.values())
 
 
-async def follow(js: JetStreamContext, kv: KeyValue, bucket: str) -> AsyncIterator[KvEntry | None]:
+async def follow(js: JetStreamContext, bucket: str) -> AsyncIterator[KvEntry | None]:
     """Every key's current state, then None once caught up, then every change, for as long as the caller
-    iterates. A change may repeat one already delivered (same revision); revisions only grow."""
-    state = (await js.stream_info(stream_name(bucket))).state
+    iterates. A change may repeat one already delivered (same revision); revisions only grow.
+
+    The feed is an ordered push consumer, as `kv.watch()` makes, but with a 0.5 s idle heartbeat instead of its 5 s:
+    nats-py recreates an ordered consumer once two heartbeats are missed, and tries again as often while that fails.
+    A consumer lives on one server; when that server is lost (a partitioned or killed JetStream leader) the
+    follower learns nothing until the consumer is recreated elsewhere. With 5 s heartbeats and a failed first
+    recreate (no leader yet) a proxy's view stayed stale for 20 s after the rig's faults, and it answered 404 for a
+    function just deployed."""
+    stream = stream_name(bucket)
+    state = (await js.stream_info(stream)).state
     # A KV bucket keeps each key's last message, so the message at `last_seq` is there to be seen, unless the
     # whole stream was purged.
     last = state.last_seq if state.messages else 0
-    watcher = await kv.watch(">")
+    sub = await js.subscribe(
+        f"$KV.{bucket}.>",
+        stream=stream,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        idle_heartbeat=FOLLOW_HEARTBEAT,
+        inactive_threshold=SNAPSHOT_CONSUMER_TTL,
+    )
     try:
         caught_up = last == 0
         if caught_up:
             yield None
-        async for entry in watcher:
-            if entry is None:
-                continue  # nats-py's own marker may come early (see the module docstring); ours follows `last`
-            revision = entry.revision or 0
-            deleted = entry.operation in (KV_DEL, KV_PURGE)
-            yield KvEntry(entry.key, revision, None if deleted or not entry.value else entry.value)
-            if not caught_up and revision >= last:
+        async for msg in sub.messages:
+            entry = _entry(bucket, msg.subject, msg.metadata.sequence.stream, msg.headers, msg.data)
+            yield entry
+            if not caught_up and entry.revision >= last:
                 caught_up = True
                 yield None
     finally:
         # Also runs when the generator is finalized late, after the connection closed: nothing left to stop then.
         with anyio.move_on_after(FETCH_TIMEOUT, shield=True), contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await sub.unsubscribe()

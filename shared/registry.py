@@ -283,7 +283,7 @@ class Registry:
 
     async def watch_instances(self) -> AsyncIterator[InstanceChange | None]:
         """Current entries, then None (caught up), then every change, for as long as the caller iterates."""
-        async for entry in kvread.follow(self.js, self.instances_kv, names.BUCKET_INSTANCES):
+        async for entry in kvread.follow(self.js, names.BUCKET_INSTANCES):
             if entry is None:
                 yield None
             elif entry.value is None:
@@ -296,7 +296,7 @@ class Registry:
 
     async def watch_functions(self) -> AsyncIterator[kvread.KvEntry | None]:
         """Like `watch_instances`, with the raw value: the caller decides what an unreadable record means."""
-        async for entry in kvread.follow(self.js, self.functions_kv, names.BUCKET_FUNCTIONS):
+        async for entry in kvread.follow(self.js, names.BUCKET_FUNCTIONS):
             yield entry
 
     # -- functions ---------------------------------------------------------------------------------------

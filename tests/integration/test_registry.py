@@ -157,6 +157,37 @@ async def test_an_unreadable_instance_record_does_not_end_a_follow(nats_server: 
         await nc.close()
 
 
+async def test_a_follow_whose_consumer_is_lost_recovers_within_seconds(nats_server: LocalNatsServer) -> None:
+    """A follow's consumer lives on one server; when that server is lost (the rig's partitioned JetStream leader)
+    the follower hears nothing until nats-py recreates the consumer after two missed heartbeats. With `kv.watch()`'s
+    5 s heartbeat a proxy's view stayed stale for 10-20 s after the rig's faults (404 for a function just deployed).
+    The loss is made here by deleting the consumer on the server: the next change must arrive within 5 s."""
+    import anyio
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        registry = await Registry.open(nc.jetstream())
+        js = nc.jetstream()
+        stream = kvread.stream_name(names.BUCKET_INSTANCES)
+        await registry.create_instance(record(function="before", slot=0))
+        async with aclosing(registry.watch_instances()) as changes:
+            async for change in changes:
+                if change is None:
+                    break
+            for info in await js.consumers_info(stream):
+                assert info.name is not None
+                await js.delete_consumer(stream, info.name)
+            await registry.create_instance(record(function="after", slot=0))
+            started = anyio.current_time()
+            with anyio.fail_after(5):
+                async for change in changes:
+                    if change is not None and change.key == "after.0":
+                        break
+            print(f"the change arrived {anyio.current_time() - started:.1f}s after the consumer was lost")
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_malformed_and_forged_entries_are_skipped_never_trusted_never_a_crash(platform) -> None:  # type: ignore[no-untyped-def]
     """Finding 3: a malformed registry entry crashed the control plane at start. Entries that do not decode, sit under
