@@ -128,7 +128,7 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
         cli_env = {**env, "AUBE_CREDENTIALS": str(creds), "HOME": str(tmp_path)}
         aube = Path(sys.executable).parent / "aube"
         deploy = subprocess.run(
-            [str(aube), "deploy", "--json", str(REPO / "examples" / "reverse-async"), "rev"],
+            [str(aube), "deploy", "--json", str(REPO / "examples" / "reverse"), "rev"],
             env=cli_env, capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
         assert deploy.returncode == 0, f"{deploy.stdout}\n{deploy.stderr}\n{run('logs').stdout[-4000:]}"
@@ -139,6 +139,11 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
         with connect(f"ws://127.0.0.1:{proxy_port}/rev", open_timeout=60, proxy=None) as ws:
             ws.send("hello compose")
             assert ws.recv(timeout=30) == "esopmoc olleh"
+
+        # Its requirements.txt was installed by pip in bubblewrap, which the control plane's container lets start.
+        controlplane_log = run("logs", "controlplane").stdout
+        assert "with the docker runtime" in controlplane_log
+        assert "bubblewrap does not start here" not in controlplane_log
 
         # The instance is a container on the host's engine, of this platform's owner; operator ports on loopback.
         assert leftovers(docker_client, project, test_owner)["instances"]
