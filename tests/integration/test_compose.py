@@ -150,6 +150,30 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
         with urllib.request.urlopen(f"http://127.0.0.1:{cp_operator}/_aube/metrics", timeout=10) as r:
             assert r.status == 200
 
+        # The operator adds a tenant the way the README says: `aube tenant add` in the setup container, then a
+        # restart of nats-server (services reconnect). Alice logs in and sees none of the default tenant's functions.
+        added = run(
+            "run", "--rm", "setup", "python", "-m", "aube.cli.main", "tenant", "add", "alice",
+            "--nats-conf", "/opt/aube/deploy/nats.conf",
+        )  # fmt: skip
+        assert added.returncode == 0, f"{added.stdout}\n{added.stderr}"
+        assert run("restart", "nats").returncode == 0
+        alice_env = {
+            **cli_env,
+            "AUBE_CREDENTIALS": str(data / "tenants" / "alice.env"),
+            "AUBE_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+        }
+        deadline = time.monotonic() + 60
+        while True:
+            listed = subprocess.run(
+                [str(aube), "ls", "--json"], env=alice_env, capture_output=True, text=True, timeout=60, check=False
+            )
+            if listed.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # the control plane reconnects on its own schedule
+        assert listed.returncode == 0, f"{listed.stdout}\n{listed.stderr}"
+        assert json.loads(listed.stdout) == []
+
         down = run("down", "-v", timeout=180)
         assert down.returncode == 0, f"compose down failed:\n{down.stdout}\n{down.stderr}"
         assert leftovers(docker_client, project, test_owner) == {
