@@ -92,6 +92,7 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
     nats_port, monitor_port, proxy_port = base, base + 1, base + 2
     cp_operator, reaper_operator, proxy_operator = base + 3, base + 4, base + 5
     data = tmp_path / "data"
+    data.mkdir()  # else the engine creates it, owned by root, and a setup running as the test's user cannot write
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AUBE_")},
         "AUBE_COMPOSE_DATA": str(data),
