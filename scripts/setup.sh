@@ -16,6 +16,10 @@ command -v iptables >/dev/null || want+=(iptables)
 command -v ip >/dev/null || want+=(iproute2)
 # The dashboard's test drives a real headless browser (tests/integration/test_dashboard.py).
 command -v chromium >/dev/null || want+=(chromium)
+# deploy/compose.yaml is tested with Compose v1 (Debian's docker-compose); a machine with the v2 plugin has enough.
+if command -v docker >/dev/null && ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+  want+=(docker-compose)
+fi
 [ "${AUBE_WITH_NGINX:-0}" = 1 ] && ! command -v nginx >/dev/null && want+=(nginx-light)
 if [ ${#want[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -38,4 +42,6 @@ fi
 
 if [ "${AUBE_SKIP_IMAGES:-0}" != 1 ] && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   .venv/bin/python -m aube.controlplane.runtimes.images
+  # deploy/compose.yaml's image: the test rig's host image (scripts/rig/images.py), tagged aube-platform:local.
+  PYTHONPATH=scripts .venv/bin/python -m rig compose-image
 fi

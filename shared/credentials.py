@@ -97,6 +97,9 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(staging, path)  # whole or not at all: a reader never sees half a file
 
 
+write_private = _write_private  # also the compose setup's per-service login files (aube.cli.compose_setup)
+
+
 def _read_env_file(path: Path) -> dict[str, str]:
     try:
         text = path.read_text()

@@ -5,6 +5,7 @@
              and each proxy is healthy. Idempotent: a second `up` changes nothing. Each phase is timed.
     down     remove every container, volume and the network the rig made (by its label), and .data/cluster.
              Images stay (their tags are digests of what they are made of).
+    compose-image  build the host image when missing and tag it aube-platform:local, deploy/compose.yaml's image.
     status   each container's state, each NATS node's cluster and JetStream view, services, engines, proxies.
 
 What runs where is scripts/rig/layout.py; the rig's state (secrets, rendered configurations) is .data/cluster.
@@ -129,12 +130,14 @@ def down() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/cluster.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "compose-image"])
     command = parser.parse_args().command
     if command == "up":
         up()
     elif command == "down":
         down()
+    elif command == "compose-image":
+        images.compose_image(sys.executable, say)
     else:
         status.show()
 

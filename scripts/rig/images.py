@@ -7,6 +7,7 @@
                              at /opt/wheels, the only place pip looks in the containers; Aube's own code is not in
                              it: a .pth file imports it from the checkout at /opt/aube
     aube-base:bookworm       the docker runtime's base image (aube.controlplane.runtimes.images), for inner engines
+    aube-platform:local      the host image under the name deploy/compose.yaml runs (`compose_image`)
 
 Each tag is a digest of what the image is made of: `up` builds an image only when its tag is missing.
 """
@@ -57,6 +58,19 @@ def _drop_older(ref: str, say: docker.Say) -> None:
     for old in (t for t in listed if t != tag):
         if docker.run(["rmi", f"{repository}:{old}"], check=False).returncode == 0:
             say(f"removed the older {repository}:{old}")
+
+
+COMPOSE_IMAGE = "aube-platform:local"
+
+
+def compose_image(python: str, say: docker.Say) -> str:
+    """Tag the host image (built when missing) as deploy/compose.yaml's image: its services need what a rig host
+    has (Python with Aube's dependencies, nats-server, iptables) and take Aube's code from the checkout as well.
+    A fixed tag, so the file names no digest; it also keeps the image when the rig drops an older host tag."""
+    ref = host_image(python, say, {})
+    docker.run(["tag", ref, COMPOSE_IMAGE])
+    say(f"{COMPOSE_IMAGE} is {ref}")
+    return ref
 
 
 # -- NATS -----------------------------------------------------------------------------------------------------------

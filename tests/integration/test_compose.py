@@ -1,0 +1,187 @@
+"""deploy/compose.yaml: the platform as containers on one host, brought up and down with Docker Compose.
+
+From what scripts/setup.sh leaves in the engine (the base and runtime images, and aube-platform:local), the real
+`docker-compose` (v1; `docker compose` where only v2 is installed) brings the platform up under a project name and
+ports of the test's own, the real aube CLI deploys a function with the credentials the compose setup created, a real
+WebSocket client round-trips a message through the published proxy port, and `down -v` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import remove_labelled
+from support import consecutive_free_ports
+from websockets.sync.client import connect
+
+from aube.shared import names
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
+IMAGE = "aube-platform:local"
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+        return ["docker", "compose"]
+    if os.environ.get("AUBE_REQUIRE_DOCKER") == "1":
+        pytest.fail("AUBE_REQUIRE_DOCKER=1 but neither docker-compose nor docker compose is installed (setup.sh)")
+    pytest.skip("no docker-compose")
+
+
+def ensure_image(client: Any) -> None:
+    """scripts/setup.sh tags the image; a machine set up with AUBE_SKIP_IMAGES=1 gets it the same way here."""
+    import docker.errors
+
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        env = {**os.environ, "PYTHONPATH": str(REPO / "scripts")}
+        subprocess.run([sys.executable, "-m", "rig", "compose-image"], cwd=REPO, env=env, check=True, timeout=1200)
+
+
+def wait_healthy(client: Any, project: str, timeout: float = 120) -> None:
+    """What `docker compose up -d --wait` does (v1 has no --wait): every long-running service reports healthy."""
+    deadline = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        found = client.containers.list(all=True, filters={"label": f"{COMPOSE_PROJECT_LABEL}={project}"})
+        states = {
+            c.labels.get("com.docker.compose.service", c.name): c.attrs["State"].get("Health", {}).get("Status", "")
+            for c in found
+        }
+        states.pop("setup", None)  # runs once and exits
+        if len(states) == 4 and set(states.values()) == {"healthy"}:
+            return
+        time.sleep(1)
+    raise AssertionError(f"services not healthy after {timeout:g}s: {states}")
+
+
+def leftovers(client: Any, project: str, owner: str) -> dict[str, list[str]]:
+    by_project = {"label": f"{COMPOSE_PROJECT_LABEL}={project}"}
+    by_owner = {"label": f"{names.LABEL_OWNER}={owner}"}
+    return {
+        "containers": [c.name for c in client.containers.list(all=True, filters=by_project)],
+        "volumes": [v.name for v in client.volumes.list(filters=by_project)],
+        "networks": [n.name for n in client.networks.list(filters=by_project)],
+        "instances": [c.name for c in client.containers.list(all=True, filters=by_owner)],
+    }
+
+
+def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_path: Path) -> None:
+    compose = compose_command()
+    ensure_image(docker_client)
+    project = f"aubetest{uuid.uuid4().hex[:8]}"
+    base = consecutive_free_ports(6)
+    nats_port, monitor_port, proxy_port = base, base + 1, base + 2
+    cp_operator, reaper_operator, proxy_operator = base + 3, base + 4, base + 5
+    data = tmp_path / "data"
+    data.mkdir()  # else the engine creates it, owned by root, and a setup running as the test's user cannot write
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUBE_")},
+        "AUBE_COMPOSE_DATA": str(data),
+        "AUBE_COMPOSE_NATS_PORT": str(nats_port),
+        "AUBE_COMPOSE_NATS_MONITOR_PORT": str(monitor_port),
+        "AUBE_COMPOSE_PROXY_PORT": str(proxy_port),
+        "AUBE_COMPOSE_CONTROLPLANE_OPERATOR_PORT": str(cp_operator),
+        "AUBE_COMPOSE_REAPER_OPERATOR_PORT": str(reaper_operator),
+        "AUBE_COMPOSE_PROXY_OPERATOR_PORT": str(proxy_operator),
+        "AUBE_COMPOSE_OWNER": test_owner,
+        "AUBE_COMPOSE_USER": f"{os.getuid()}:{os.getgid()}",
+    }
+    argv = [*compose, "-f", str(COMPOSE_FILE), "-p", project]
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*argv, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd=tmp_path
+        )
+
+    try:
+        up = run("up", "-d")
+        assert up.returncode == 0, f"compose up failed:\n{up.stdout}\n{up.stderr}\n{run('logs').stdout[-4000:]}"
+        try:
+            wait_healthy(docker_client, project)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{run('logs').stdout[-4000:]}") from None
+
+        # The compose setup created the platform's passwords and the default tenant's login on this first start.
+        creds = data / "credentials.env"
+        assert "AUBE_NATS_DEPLOYER_PASSWORD=" in creds.read_text()
+        assert f"AUBE_NATS_URL=nats://127.0.0.1:{nats_port}" in creds.read_text()
+        assert (data / "platform.env").stat().st_mode & 0o077 == 0
+
+        cli_env = {**env, "AUBE_CREDENTIALS": str(creds), "HOME": str(tmp_path)}
+        aube = Path(sys.executable).parent / "aube"
+        deploy = subprocess.run(
+            [str(aube), "deploy", "--json", str(REPO / "examples" / "reverse"), "rev"],
+            env=cli_env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert deploy.returncode == 0, f"{deploy.stdout}\n{deploy.stderr}\n{run('logs').stdout[-4000:]}"
+        reply = json.loads(deploy.stdout.strip().splitlines()[-1])
+        assert reply["ok"] is True
+        assert reply["url"] == f"ws://localhost:{proxy_port}/rev"
+
+        with connect(f"ws://127.0.0.1:{proxy_port}/rev", open_timeout=60, proxy=None) as ws:
+            ws.send("hello compose")
+            assert ws.recv(timeout=30) == "esopmoc olleh"
+
+        # Its requirements.txt was installed by pip in bubblewrap, which the control plane's container lets start.
+        controlplane_log = run("logs", "controlplane").stdout
+        assert "with the docker runtime" in controlplane_log
+        assert "bubblewrap does not start here" not in controlplane_log
+
+        # The instance is a container on the host's engine, of this platform's owner; operator ports on loopback.
+        assert leftovers(docker_client, project, test_owner)["instances"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{cp_operator}/_aube/metrics", timeout=10) as r:
+            assert r.status == 200
+
+        # The operator adds a tenant the way the README says: `aube tenant add` in the setup container, then a
+        # restart of nats-server (services reconnect). Alice logs in and sees none of the default tenant's functions.
+        added = run(
+            "run", "--rm", "setup", "python", "-m", "aube.cli.main", "tenant", "add", "alice",
+            "--nats-conf", "/opt/aube/deploy/nats.conf",
+        )  # fmt: skip
+        assert added.returncode == 0, f"{added.stdout}\n{added.stderr}"
+        assert run("restart", "nats").returncode == 0
+        alice_env = {
+            **cli_env,
+            "AUBE_CREDENTIALS": str(data / "tenants" / "alice.env"),
+            "AUBE_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+        }
+        deadline = time.monotonic() + 60
+        while True:
+            listed = subprocess.run(
+                [str(aube), "ls", "--json"], env=alice_env, capture_output=True, text=True, timeout=60, check=False
+            )
+            if listed.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # the control plane reconnects on its own schedule
+        assert listed.returncode == 0, f"{listed.stdout}\n{listed.stderr}"
+        assert json.loads(listed.stdout) == []
+
+        down = run("down", "-v", timeout=180)
+        assert down.returncode == 0, f"compose down failed:\n{down.stdout}\n{down.stderr}"
+        assert leftovers(docker_client, project, test_owner) == {
+            "containers": [], "volumes": [], "networks": [], "instances": [],
+        }  # fmt: skip
+    finally:
+        with contextlib.suppress(Exception):
+            run("down", "-v", timeout=180)
+        # Function images outlive `down` by design (docs): a test removes its own.
+        remove_labelled(docker_client, test_owner)
