@@ -43,6 +43,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import shutil
 import signal
 from pathlib import Path
@@ -50,7 +51,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from aube.controlplane.runtimes import cgroups, launch, leaders, sandbox, seccomp, stage, versions
+from aube.controlplane.runtimes import cgroups, launch, leaders, sandbox, seccomp, stage, versions, zygotes
 from aube.controlplane.runtimes.base import (
     Artifact,
     BuildLog,
@@ -96,6 +97,7 @@ class ProcessRuntime:
         default_runs = Path("/run/aube") if self._privileged else self._data / "run"
         self._runs = Path(settings.socket_dir).absolute() if settings.socket_dir else default_runs
         self._exit_watches: dict[str, leaders.ExitWatch] = {}  # by owner, while `watch_exits` runs
+        self._zygotes = zygotes.Zygotes(self._data / "logs")
 
     # -----------------------------------------------------------------------------------------------------
     # Artifacts
@@ -120,12 +122,23 @@ class ProcessRuntime:
         return await anyio.to_thread.run_sync(versions.list_artifacts, self._functions / owner)
 
     async def remove_artifact(self, ref: str) -> None:
+        await self._zygotes.stop(ref)
         await anyio.to_thread.run_sync(versions.remove_version, self._functions, ref)
 
     # -----------------------------------------------------------------------------------------------------
     # Instances
 
     async def start(self, spec: InstanceSpec) -> StartedInstance:
+        bwrap = await self._sandbox()
+        # A zygote needs bubblewrap and root: an instance joins its sandbox's namespaces from outside (zygote.py).
+        if bwrap is not None and self._privileged and self._settings.zygote == "on":
+            try:
+                return await self._start(spec, forked=True)
+            except zygotes.ZygoteFailure as e:
+                logger.warning("instance %s could not be forked from a zygote, started afresh: %s", spec.instance_id, e)
+        return await self._start(spec, forked=False)
+
+    async def _start(self, spec: InstanceSpec, *, forked: bool) -> StartedInstance:
         versions.check_owner(spec.owner)
         version_dir = Path(spec.artifact)
         fn_dir, deps_dir = version_dir / "fn", version_dir / "deps"
@@ -149,6 +162,8 @@ class ProcessRuntime:
         # From here until the spawn, a listing must not take this instance's folder or groups for leftovers.
         self._starting.add(spec.instance_id)
         filter_fd: int | None = None
+        holder_ends: tuple[int, int] | None = None  # the holder's stdin and stdout
+        ours: tuple[int, int] = (-1, -1)  # the other ends: the sandbox's ready signal, the instance's keepalive
         try:
             if bwrap is not None:
                 await anyio.to_thread.run_sync(
@@ -159,12 +174,16 @@ class ProcessRuntime:
             filter_fd = stage.memfd(self._seccomp) if bwrap is not None else None
             log_path.write_bytes(b"")
             staged = plan if self._privileged else None
-            argv, env = launch.command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd)
+            argv, env = launch.command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd, holder=forked)
+            if forked:
+                keep_r, keep_w = os.pipe()
+                ready_r, ready_w = os.pipe()
+                holder_ends, ours = (keep_r, ready_w), (ready_r, keep_w)
             procs = await self._create_groups(spec, limits["RLIMIT_AS"])
             try:
                 drop = self._uid() if bwrap and self._privileged else None
                 handle = launch.spawn(
-                    argv, env, fn_dir, log_path, limits, procs, plan if bwrap else None, filter_fd, drop
+                    argv, env, fn_dir, log_path, limits, procs, plan if bwrap else None, filter_fd, drop, holder_ends
                 )
             except BaseException:
                 await self._remove_groups(spec.owner, spec.instance_id)
@@ -177,8 +196,19 @@ class ProcessRuntime:
             self._starting.discard(spec.instance_id)
             if filter_fd is not None:
                 os.close(filter_fd)
+            for fd in holder_ends or ():
+                os.close(fd)
         try:
-            announced = await launch.wait_listening(handle, log_path, self._settings.health_timeout)
+            if forked:
+                # Only the instance may hold the keepalive: ours goes whether the fork worked or not.
+                try:
+                    await self._fork(spec, handle, fn_dir, deps_dir, limits, procs, log_path, ours)
+                finally:
+                    for fd in ours:
+                        os.close(fd)
+            announced = await launch.wait_listening(
+                handle, log_path, self._settings.health_timeout, 0.005 if forked else 0.02
+            )
             if bwrap is not None:
                 await anyio.to_thread.run_sync(stage.lock_run_dir, run_dir, self._privileged)
                 address = addresses.unix(socket_path)
@@ -296,10 +326,38 @@ class ProcessRuntime:
             watch.close()
 
     async def close(self) -> None:
-        # Instances outlive the runtime object (the control plane stops them); only reap what has ended.
+        # Instances outlive the runtime object (the control plane stops them); only reap what has ended. Zygotes
+        # do not: a new runtime starts its own.
+        await self._zygotes.close()
         leaders.reap_all()
 
     # -----------------------------------------------------------------------------------------------------
+
+    async def _fork(
+        self,
+        spec: InstanceSpec,
+        handle: str,
+        fn_dir: Path,
+        deps_dir: Path,
+        limits: dict[str, int],
+        procs: list[str],
+        log_path: Path,
+        ours: tuple[int, int],
+    ) -> None:
+        uid, gid = self._uid()
+        request: dict[str, object] = {
+            "env": launch.inner_environment(spec, self._bwrap, fn_dir, deps_dir),
+            "uid": uid,
+            "gid": gid,
+            "rlimits": [[getattr(resource, key), value] for key, value in limits.items()],
+            "procs": procs,
+            "fn_dir": sandbox.SANDBOX_FN_DIR,
+            "deps_dir": sandbox.SANDBOX_DEPS_DIR,
+        }
+        leader, _ = sandbox.parse_handle(handle)
+        await zygotes.fork_into(
+            self._zygotes, spec.artifact, self._seccomp, leader, *ours, log_path, request, self._settings.health_timeout
+        )
 
     async def _sandbox(self) -> str | None:
         """bwrap's path when instances run in bubblewrap, else None; decided once, on the first start."""

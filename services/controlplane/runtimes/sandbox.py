@@ -67,6 +67,12 @@ SYSTEM_RO_PATHS = (
 
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
+# With a zygote (`zygote.py`) bubblewrap runs this holder as the sandbox's pid 1 and the instance, forked from the
+# zygote, joins its namespaces. The holder ignores the stop signals (the instance handles them; a pid 1 gets no
+# signal it has no handler for anyway) and lives until its stdin, a pipe only the instance holds, reaches end of
+# file: the sandbox ends with the instance, however it ends. "r" on its stdout says the sandbox is set up.
+HOLDER = ("/bin/sh", "-c", 'trap "" TERM INT HUP; echo r; read -r _')
+
 
 def parse_memory(text: str) -> int:
     """Bytes in a memory size, parsed by the upload's own parser (`aube.controlplane.bounds.memory_bytes`)."""
