@@ -7,7 +7,8 @@ It imports the instance server (asyncio, websockets, `aube.instance`: the bulk o
 and nothing of the function: function code is hostile and may only ever run inside an instance's sandbox.
 
 Isolation is the sandbox's, unchanged: the runtime still starts bubblewrap per instance, with every namespace new,
-but running a holder (`sandbox.HOLDER`, a shell) instead of Python. A fork of the zygote then joins that sandbox as `nsenter` would:
+but running a holder (`sandbox.HOLDER`, a shell) instead of Python. A fork of the zygote then joins that sandbox
+as `nsenter` would:
 
     zygote (host root, never runs a request, never imports the function)
     └── fork: joins the instance's cgroups, drops supplementary groups, setns() into the holder's ipc, uts, net,
@@ -40,6 +41,7 @@ import resource
 import signal
 import socket
 import sys
+from typing import Any
 
 from aube.instance import __main__ as instance_main
 
@@ -121,18 +123,18 @@ def _enter(target: int, procs: list[str]) -> None:
     os.close(root)
 
 
-def _become_instance(request: dict[str, object], log_fd: int, keep_fd: int, program: bytes) -> None:
+def _become_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program: bytes) -> None:
     """In the second fork, inside the sandbox: everything bubblewrap does for its command, then the server."""
     os.setsid()
     for cap in range(64):
         if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
             break  # EINVAL: past the last capability this kernel knows
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    gid, uid = int(request["gid"]), int(request["uid"])  # type: ignore[call-overload]
+    gid, uid = int(request["gid"]), int(request["uid"])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)  # from uid 0 to none: every capability is cleared
     _prctl(PR_SET_DUMPABLE, 1, "dumpable")  # as after bubblewrap's exec: the instance may read its own /proc
-    for key, value in request["rlimits"]:  # type: ignore[attr-defined]
+    for key, value in request["rlimits"]:
         resource.setrlimit(key, (value, value))
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -145,7 +147,7 @@ def _become_instance(request: dict[str, object], log_fd: int, keep_fd: int, prog
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own default
     os.environ.clear()
-    os.environ.update(request["env"])  # type: ignore[arg-type]
+    os.environ.update(request["env"])
     os.chdir(str(request["fn_dir"]))
     # What PYTHONPATH and `-m` from the function folder give a fresh interpreter: its requirements, its folder.
     sys.path[:] = [str(request["deps_dir"]), *(p for p in sys.path if p and p != "/")]
@@ -155,14 +157,14 @@ def _become_instance(request: dict[str, object], log_fd: int, keep_fd: int, prog
     _load_seccomp(program)
 
 
-def _fork_instance(request: dict[str, object], log_fd: int, keep_fd: int, program: bytes) -> dict[str, object]:
+def _fork_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program: bytes) -> dict[str, Any]:
     report_r, report_w = os.pipe()
     first = os.fork()
     if first == 0:
         status = 1
         try:
             os.close(report_r)
-            _enter(int(request["target"]), list(request["procs"]))  # type: ignore[call-overload, arg-type]
+            _enter(int(request["target"]), list(request["procs"]))
             pid = os.fork()
             if pid == 0:
                 code = 1
@@ -170,14 +172,14 @@ def _fork_instance(request: dict[str, object], log_fd: int, keep_fd: int, progra
                     os.close(report_w)
                     _become_instance(request, log_fd, keep_fd, program)
                     code = instance_main.main()
-                except BaseException as e:  # noqa: BLE001 - the instance's log says why, then it exits
+                except BaseException as e:
                     os.write(2, f"aube zygote: the instance could not start: {e!r}\n".encode())
                 finally:
                     sys.stdout.flush()
                     os._exit(code)
             os.write(report_w, json.dumps({"pid": pid}).encode())
             status = 0
-        except BaseException as e:  # noqa: BLE001 - reported to the control plane
+        except BaseException as e:
             os.write(report_w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
         finally:
             os._exit(status)
@@ -189,7 +191,7 @@ def _fork_instance(request: dict[str, object], log_fd: int, keep_fd: int, progra
     finally:
         os.close(report_r)
         os.waitpid(first, 0)
-    return json.loads(data) if data else {"error": "the fork ended without a report"}  # type: ignore[no-any-return]
+    return json.loads(data) if data else {"error": "the fork ended without a report"}
 
 
 def serve(channel: socket.socket, program: bytes) -> None:
@@ -204,7 +206,7 @@ def serve(channel: socket.socket, program: bytes) -> None:
                 received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
         try:
             if len(received) != 2:
-                reply: dict[str, object] = {"error": "a request carries two descriptors"}
+                reply: dict[str, Any] = {"error": "a request carries two descriptors"}
             else:
                 reply = _fork_instance(json.loads(data), received[0], received[1], program)
         except (OSError, ValueError, KeyError) as e:

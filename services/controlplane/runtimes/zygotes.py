@@ -84,7 +84,7 @@ def start_zygote(seccomp_program: bytes, log_path: Path) -> Zygote:
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-B", "-m", MODULE],
-                stdin=theirs,
+                stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd="/",
