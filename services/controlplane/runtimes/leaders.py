@@ -129,12 +129,26 @@ def signal_instance(pid: int, starttime: int, signum: int, sandboxed: bool) -> N
     leader = next((s for s in stats if s.pid == pid), None)
     if sandbox.is_gone(leader, starttime):  # checked on the same snapshot: never signal a recycled pid
         return
-    for target in sandbox.signal_targets(stats, pid, sandboxed=sandboxed):
+    targets = sandbox.signal_targets(stats, pid, sandboxed=sandboxed)
+    if sandboxed:
+        # An instance forked from a zygote is in its sandbox's pid namespace but no descendant of bubblewrap.
+        own = os.readlink("/proc/self/ns/pid")
+        targets += sandbox.namespace_members(_pid_namespaces([s.pid for s in stats]), targets, own)
+    for target in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(target, signum)
     if not sandboxed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signum)
+
+
+def _pid_namespaces(pids: list[int]) -> dict[int, str]:
+    """Each process's pid namespace ("pid:[inode]"), for those still there."""
+    found: dict[int, str] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = os.readlink(f"/proc/{pid}/ns/pid")
+    return found
 
 
 def reap(pid: int, starttime: int, wait: float = 0.0) -> None:

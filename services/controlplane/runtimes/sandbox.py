@@ -276,6 +276,14 @@ def signal_targets(stats: Iterable[ProcStat], leader: int, *, sandboxed: bool) -
     return [s.pid for s in below]
 
 
+def namespace_members(namespaces: Mapping[int, str], targets: Sequence[int], own: str) -> list[int]:
+    """The processes that share a pid namespace other than `own` (the host's) with one of `targets` (a sandbox's),
+    the targets left out; `namespaces` maps each pid to its pid namespace."""
+    wanted = {namespaces[t] for t in targets if t in namespaces} - {own}
+    chosen = set(targets)
+    return sorted(pid for pid, ns in namespaces.items() if ns in wanted and pid not in chosen)
+
+
 def listening_ports(proc_net_tcp: str) -> set[int]:
     """Ports in LISTEN state in the text of /proc/net/tcp (or tcp6)."""
     ports: set[int] = set()

@@ -13,10 +13,13 @@ as `nsenter` would:
     zygote (host root, never runs a request, never imports the function)
     └── fork: joins the instance's cgroups, drops supplementary groups, setns() into the holder's ipc, uts, net,
         cgroup, pid and mount namespaces, then its user namespace; chroot into the holder's root
-        └── fork (the first process in the sandbox's pid namespace, re-parented to the holder once its
-            parent exits): new session, drops the capability bounding set, takes the instance uid and gid
-            (which clears every capability), rlimits, its own stdout, the instance's environment, no_new_privs
-            and the same seccomp filter bubblewrap loads; reseeds `random`; then imports the function and serves.
+        └── fork, the first process in the sandbox's pid namespace: new session, drops the capability
+            bounding set, takes the instance uid and gid, drops every capability, rlimits, its own stdout, the
+            instance's environment, no_new_privs and the same seccomp filter bubblewrap loads; reseeds `random`;
+            then imports the function and serves. Once its parent exits the zygote, a child subreaper, adopts
+            (and later reaps) it: an orphan goes to a subreaper among its ancestors, never to the init of its
+            pid namespace. So it is no descendant of bubblewrap; a stop finds it by its pid namespace
+            (`sandbox.namespace_members`).
 
 Each instance is a fresh fork of the pristine zygote, so nothing one instance (or its function) does is seen by
 another; the zygote keeps no state of a request. The holder's stdin is a pipe whose only writer is the instance:
@@ -33,6 +36,7 @@ Only the standard library and the instance server are imported here.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import json
 import os
@@ -63,6 +67,7 @@ NAMESPACES = (
     ("user", CLONE_NEWUSER),
 )
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
@@ -73,6 +78,17 @@ SECCOMP_MODE_FILTER = 2
 MAX_REQUEST = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 class _SockFprog(ctypes.Structure):
@@ -132,7 +148,9 @@ def _become_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     gid, uid = int(request["gid"]), int(request["uid"])
     os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)  # from uid 0 to none: every capability is cleared
+    os.setresuid(uid, uid, uid)
+    # Not cleared by the uid change here: host root is no uid 0 of the sandbox's user namespace (it is unmapped).
+    _check(_libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), (_CapData * 2)()), "capset")
     _prctl(PR_SET_DUMPABLE, 1, "dumpable")  # as after bubblewrap's exec: the instance may read its own /proc
     for key, value in request["rlimits"]:
         resource.setrlimit(key, (value, value))
@@ -190,7 +208,8 @@ def _fork_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program: 
             data += chunk
     finally:
         os.close(report_r)
-        os.waitpid(first, 0)
+        with contextlib.suppress(ChildProcessError):  # the SIGCHLD handler may have reaped it already
+            os.waitpid(first, 0)
     return json.loads(data) if data else {"error": "the fork ended without a report"}
 
 
@@ -217,8 +236,19 @@ def serve(channel: socket.socket, program: bytes) -> None:
         channel.send(json.dumps(reply).encode())
 
 
+def _reap(signum: int, frame: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
 def main() -> int:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "pdeathsig")  # a zygote never outlives its control plane
+    # An instance's parent (the first fork) exits at once, and an orphan goes to the nearest subreaper among its
+    # ancestors, not to its pid namespace's init: the zygote adopts its instances and reaps them as they end, or
+    # the holder (whose exit waits until every process of its namespace is reaped) could wait forever.
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, "subreaper")
+    signal.signal(signal.SIGCHLD, _reap)
     channel = socket.socket(fileno=os.dup(0))
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)  # fd 0 again, for the forks' sake
