@@ -9,6 +9,7 @@ not work here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -289,7 +290,13 @@ def _instance_pids(handle: str) -> list[int]:
                 stats.append(sandbox.parse_stat(Path(f"/proc/{entry}/stat").read_text()))
             except (OSError, ValueError, IndexError):
                 continue
-    return [leader, *(s.pid for s in sandbox.descendants(stats, leader))]
+    below = [s.pid for s in sandbox.descendants(stats, leader)]
+    # An instance forked from a zygote (the default as root) is in its sandbox's pid namespace, below no bwrap.
+    namespaces = {}
+    for stat in stats:
+        with contextlib.suppress(OSError):
+            namespaces[stat.pid] = os.readlink(f"/proc/{stat.pid}/ns/pid")
+    return [leader, *below, *sandbox.namespace_members(namespaces, below, os.readlink("/proc/self/ns/pid"))]
 
 
 def _host_uids(pid: int) -> list[int]:

@@ -97,7 +97,7 @@ class ProcessRuntime:
         default_runs = Path("/run/aube") if self._privileged else self._data / "run"
         self._runs = Path(settings.socket_dir).absolute() if settings.socket_dir else default_runs
         self._exit_watches: dict[str, leaders.ExitWatch] = {}  # by owner, while `watch_exits` runs
-        self._zygotes = zygotes.Zygotes(self._data / "logs")
+        self._zygotes = zygotes.Zygotes()
 
     # -----------------------------------------------------------------------------------------------------
     # Artifacts
@@ -235,10 +235,11 @@ class ProcessRuntime:
             return
         sandboxed = info.environ.get(sandbox.ENV_SANDBOX) == "bwrap"
         await anyio.to_thread.run_sync(leaders.signal_instance, pid, starttime, signal.SIGTERM, sandboxed)
-        if not await leaders.wait_gone(pid, starttime, STOP_GRACE):
+        adopted = self._zygotes.pids() if sandboxed else None
+        if not await leaders.wait_gone(pid, starttime, STOP_GRACE, adopted):
             logger.info("instance %s did not end within %gs of SIGTERM: SIGKILL", handle, STOP_GRACE)
             await anyio.to_thread.run_sync(leaders.signal_instance, pid, starttime, signal.SIGKILL, sandboxed)
-            if not await leaders.wait_gone(pid, starttime, KILL_WAIT):
+            if not await leaders.wait_gone(pid, starttime, KILL_WAIT, adopted):
                 # Only bubblewrap's outer process can be left: its sandbox is gone, so it has nothing to wait for.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
@@ -248,6 +249,8 @@ class ProcessRuntime:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         await anyio.to_thread.run_sync(leaders.reap, pid, starttime, KILL_WAIT)
+        if adopted is not None and leaders.is_subreaper():
+            await anyio.to_thread.run_sync(leaders.reap_adopted, adopted)
         owner = info.environ.get(sandbox.ENV_MANAGED_OWNER, "")
         function = info.environ.get(names.ENV_FUNCTION, "")
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")

@@ -175,6 +175,21 @@ def _become_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program
     _load_seccomp(program)
 
 
+def _shadowed(deps_dir: str) -> bool:
+    """Does the function's requirements folder hold a top-level module this process has imported already?"""
+    try:
+        entries = os.listdir(deps_dir)
+    except OSError:
+        return False
+    loaded = {name.partition(".")[0] for name in sys.modules}
+    for entry in entries:
+        if entry.endswith((".dist-info", ".egg-info", ".pth")) or entry in ("__pycache__", "bin"):
+            continue
+        if entry.partition(".")[0] in loaded:
+            return True
+    return False
+
+
 def _fork_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program: bytes) -> dict[str, Any]:
     report_r, report_w = os.pipe()
     first = os.fork()
@@ -189,6 +204,11 @@ def _fork_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program: 
                 try:
                     os.close(report_w)
                     _become_instance(request, log_fd, keep_fd, program)
+                    if _shadowed(str(request["deps_dir"])):
+                        # The function brings its own version of a module the server has imported already: only a
+                        # fresh interpreter (in this same sandbox) runs it with its own, as without a zygote.
+                        os.set_inheritable(keep_fd, True)
+                        os.execv(sys.executable, [sys.executable, "-m", "aube.instance"])
                     code = instance_main.main()
                 except BaseException as e:
                     os.write(2, f"aube zygote: the instance could not start: {e!r}\n".encode())

@@ -76,22 +76,20 @@ class Zygote:
             self.proc.wait(timeout=2)
 
 
-def start_zygote(seccomp_program: bytes, log_path: Path) -> Zygote:
-    """Blocking: start a zygote and hand it the seccomp filter (its first message)."""
+def start_zygote(seccomp_program: bytes) -> Zygote:
+    """Blocking: start a zygote and hand it the seccomp filter (its first message). Its stderr is ours: what it
+    says (a failure of its own; an instance's errors go to the instance's log) is the control plane's to show."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-m", MODULE],
-                stdin=theirs.fileno(),
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd="/",
-                # Nothing of the control plane's environment: every instance's /proc/self/environ shows this one.
-                env={"PATH": sandbox.SANDBOX_PATH, "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"},
-                close_fds=True,
-            )
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-m", MODULE],
+            stdin=theirs.fileno(),
+            stdout=subprocess.DEVNULL,
+            cwd="/",
+            # Nothing of the control plane's environment: every instance's /proc/self/environ shows this one.
+            env={"PATH": sandbox.SANDBOX_PATH, "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"},
+            close_fds=True,
+        )
     except BaseException:
         ours.close()
         raise
@@ -105,10 +103,12 @@ def start_zygote(seccomp_program: bytes, log_path: Path) -> Zygote:
 class Zygotes:
     """The zygotes of this control plane, by version folder."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self._log_dir = log_dir
+    def __init__(self) -> None:
         self._by_version: dict[str, Zygote] = {}
         self._starting = anyio.Lock()
+
+    def pids(self) -> set[int]:
+        return {zygote.pid for zygote in self._by_version.values()}
 
     def pid(self, version: str) -> int | None:
         zygote = self._by_version.get(version)
@@ -147,9 +147,7 @@ class Zygotes:
                 self._forget(version, zygote)
                 zygote = None
             if zygote is None:
-                folder = Path(version)  # functions/<owner>/<name>/v<version>
-                log = self._log_dir / folder.parent.parent.name / f"zygote-{folder.parent.name}-{folder.name}.log"
-                zygote = await anyio.to_thread.run_sync(start_zygote, seccomp_program, log)
+                zygote = await anyio.to_thread.run_sync(start_zygote, seccomp_program)
                 self._by_version[version] = zygote
                 logger.info("started zygote %d for %s", zygote.pid, version)
             return zygote
