@@ -410,9 +410,13 @@ def scenario_setup(s: Settings, stack: Stack, addrs: list[str]) -> dict[str, Any
 def first_echo(address: str, timeout: float = 30) -> None:
     """Connect, send one message, wait for its echo (raw frames, as the load generator does)."""
     frame = lg.client_frame(b"x" * 64)
-    host, _, port = address.rpartition(":")
     lg.CREDENTIALS.update(CREDENTIALS)
-    sock, buf = lg.connect(lg.Target(host, int(port), "/echo"), timeout)
+    if address.startswith("unix:"):  # a sandboxed process instance
+        target = lg.Target("instance", 0, "/echo", unix=address.removeprefix("unix:"))
+    else:
+        host, _, port = address.rpartition(":")
+        target = lg.Target(host, int(port), "/echo")
+    sock, buf = lg.connect(target, timeout)
     stream = lg.Stream(sock, buf, frame, 64)
     try:
         stream.send()
@@ -432,10 +436,13 @@ async def aube_cold_start(stack: Stack, name: str) -> dict[str, float]:
         # The credential, which a proxy has from its registry watch without asking: not part of the timing.
         looked_up = time.perf_counter()
         entry = await registry.get_instance(names.instance_key(name, started.slot))
-        if entry is not None and entry.record.secret:
-            CREDENTIALS[started.address] = entry.record.secret
+        address = started.address
+        if entry is not None:
+            address = entry.record.address  # a reply shows a Unix socket as "unix" only; the registry has its path
+            if entry.record.secret:
+                CREDENTIALS[address] = entry.record.secret
         lookup_s = time.perf_counter() - looked_up
-        first_echo(started.address)
+        first_echo(address)
         t_echo = time.perf_counter()
         await request(
             nc,
@@ -544,6 +551,20 @@ def scenario_cold_process(s: Settings, stacks: list[Stack], work: Path) -> list[
         )
         log(f"  {results[-1]}")
     return results
+
+
+def cold_process(s: Settings, work: Path, owner: str, stop: ExitStack) -> list[dict[str, Any]]:
+    """Process cold start in bubblewrap (the default wherever it works; the zygote exists for sandboxed instances
+    only), with the zygote and without, each on a platform and owner of its own."""
+    stacks = [
+        Stack(work, "process", f"{owner}z", stop, "process sandboxed (zygote)", AUBE_SANDBOX="bwrap"),
+        Stack(
+            work, "process", f"{owner}f", stop, "process sandboxed (no zygote)", AUBE_SANDBOX="bwrap", AUBE_ZYGOTE="off"
+        ),
+    ]
+    for stack in stacks:
+        anyio.run(stack.wait_ready)
+    return scenario_cold_process(s, stacks, work)
 
 
 def scenario_cold(s: Settings, stack: Stack, work: Path, docker_client: Any = None) -> dict[str, Any]:
@@ -963,10 +984,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
             results["setup"] = scenario_setup(s, proc, dp["addresses"])
             results["profile"] = profile_proxy(s, proc, work)
             # The same runtime without a zygote, on a platform (and owner) of its own, for the comparison.
-            fresh = Stack(work, "process", f"{owner}f", stop, "process (no zygote)", AUBE_ZYGOTE="off")
-            anyio.run(fresh.wait_ready)
-            proc.label = "process (zygote)"
-            results["cold"] = scenario_cold_process(s, [proc, fresh], work)
+            results["cold"] = cold_process(s, work, owner, stop)
             results["burst"] = scenario_burst(s, proc)
             results["upload"] = [scenario_upload(s, proc)]
             if docker_client is not None:
@@ -1005,6 +1023,25 @@ def profile_only(s: Settings) -> dict[str, Any] | None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def cold_only(s: Settings, out_dir: Path) -> None:
+    """Only the process cold start (with and without the zygote, and both floors) into OUT/results.json; the
+    other scenarios' results there, Docker's cold start included, are kept."""
+    work = Path(tempfile.mkdtemp(prefix="aube-bench-"))
+    owner = f"bench{uuid.uuid4().hex[:8]}"
+    path = out_dir / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "notes": []}
+    results["settings"] = s.__dict__
+    try:
+        with ExitStack() as stop:
+            cold = cold_process(s, work, owner, stop)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["cold"] = cold + [c for c in results.get("cold", []) if c["runtime"] == "docker"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    write_report(results, out_dir, s)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few seconds, tiny counts (CI): numbers mean nothing")
@@ -1015,12 +1052,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs) for inspection")
     p.add_argument("--profile-only", action="store_true", help="add a fresh proxy profile to OUT/results.json")
     p.add_argument("--report-from", type=Path, help="only rewrite RESULTS.md and the chart from a results.json")
+    p.add_argument("--cold-only", action="store_true", help="only the process cold start, into OUT/results.json")
     args = p.parse_args(argv)
     if args.report_from:
         results = json.loads(args.report_from.read_text())
         out_dir = args.out or args.report_from.parent
         write_report(results, out_dir, Settings(**results["settings"]))
         chart(results, out_dir)
+        return
+    if args.cold_only:
+        settings = Settings.smoke_run(False, False) if args.smoke else Settings.full(False, False)
+        cold_only(settings, args.out or BENCH)
         return
     if args.profile_only:
         out_dir = args.out or BENCH
