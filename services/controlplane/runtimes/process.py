@@ -16,6 +16,10 @@ Limits: RLIMIT_AS from the manifest's `memory` and no core dumps, always (`sandb
 and resident `memory` through cgroups where the host lets this process write them (`cgroups.py`), which the log
 says at the first start.
 
+Zygote (`settings.zygote`, sandboxed by root only): bubblewrap runs a holder, and the instance is forked into that
+sandbox from a per-version zygote that has imported the server (`zygote.py`, `zygotes.py`); else it fails over to
+a fresh interpreter.
+
 Exits are noticed through a pidfd per instance leader (`watch_exits`, `leaders.ExitWatch`): the event loop reads
 it, and it becomes readable the moment the leader ends, whether this process started it or adopted it after a
 restart (a pidfd does not need the process to be a child). The leader is bubblewrap's outer process in the sandbox,
@@ -43,7 +47,6 @@ import contextlib
 import functools
 import logging
 import os
-import resource
 import shutil
 import signal
 from pathlib import Path
@@ -202,7 +205,11 @@ class ProcessRuntime:
             if forked:
                 # Only the instance may hold the keepalive: ours goes whether the fork worked or not.
                 try:
-                    await self._fork(spec, handle, fn_dir, deps_dir, limits, procs, log_path, ours)
+                    request = zygotes.fork_request(launch.inner_environment(spec, bwrap, fn_dir, deps_dir), self._uid(),
+                                                   limits, procs)  # fmt: skip
+                    leader, _ = sandbox.parse_handle(handle)
+                    await zygotes.fork_into(self._zygotes, spec.artifact, self._seccomp, leader, *ours, log_path,
+                                            request, self._settings.health_timeout)  # fmt: skip
                 finally:
                     for fd in ours:
                         os.close(fd)
@@ -335,32 +342,6 @@ class ProcessRuntime:
         leaders.reap_all()
 
     # -----------------------------------------------------------------------------------------------------
-
-    async def _fork(
-        self,
-        spec: InstanceSpec,
-        handle: str,
-        fn_dir: Path,
-        deps_dir: Path,
-        limits: dict[str, int],
-        procs: list[str],
-        log_path: Path,
-        ours: tuple[int, int],
-    ) -> None:
-        uid, gid = self._uid()
-        request: dict[str, object] = {
-            "env": launch.inner_environment(spec, self._bwrap, fn_dir, deps_dir),
-            "uid": uid,
-            "gid": gid,
-            "rlimits": [[getattr(resource, key), value] for key, value in limits.items()],
-            "procs": procs,
-            "fn_dir": sandbox.SANDBOX_FN_DIR,
-            "deps_dir": sandbox.SANDBOX_DEPS_DIR,
-        }
-        leader, _ = sandbox.parse_handle(handle)
-        await zygotes.fork_into(
-            self._zygotes, spec.artifact, self._seccomp, leader, *ours, log_path, request, self._settings.health_timeout
-        )
 
     async def _sandbox(self) -> str | None:
         """bwrap's path when instances run in bubblewrap, else None; decided once, on the first start."""

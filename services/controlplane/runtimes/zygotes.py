@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -156,6 +157,21 @@ class Zygotes:
         if self._by_version.get(version) is zygote:
             del self._by_version[version]
         zygote.close()
+
+
+def fork_request(
+    env: dict[str, str], ids: tuple[int, int], limits: dict[str, int], procs: list[str]
+) -> dict[str, object]:
+    """What the fork needs (zygote.py's request; the holder's pid is added once it is known)."""
+    return {
+        "env": env,
+        "uid": ids[0],
+        "gid": ids[1],
+        "rlimits": [[getattr(resource, key), value] for key, value in limits.items()],
+        "procs": procs,
+        "fn_dir": sandbox.SANDBOX_FN_DIR,
+        "deps_dir": sandbox.SANDBOX_DEPS_DIR,
+    }
 
 
 def _ready(fd: int, timeout: float) -> bool:
