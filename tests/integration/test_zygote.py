@@ -22,6 +22,7 @@ import anyio
 import pytest
 from support import instance_ws, nats_client, zip_base64
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from aube.controlplane.runtimes import sandbox
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
@@ -85,6 +86,8 @@ def attempt(op, arg):
             finally:
                 s.close()
             return "connected"
+        if op == "exit":
+            os._exit(3)
         if op == "kill":
             os.kill(int(arg), 0)
             return "ok"
@@ -319,6 +322,30 @@ async def test_a_zygote_that_is_gone_is_replaced(tmp_path: Path, test_owner: str
         assert rt._zygotes.pid(ref) not in (None, zygote, replacement)
         (report,) = await _ask(third, third_secret, {"op": "report"})
         assert isinstance(report, dict)
+
+
+@needs_zygote
+async def test_the_sandbox_ends_with_its_forked_instance(tmp_path: Path, test_owner: str) -> None:
+    async with _runtime(tmp_path, test_owner) as rt:
+        ref = await _prepare(rt, tmp_path, test_owner)
+        started, secret = await _start(rt, ref, test_owner, 0)
+        pids = _sandbox_pids(started.handle)
+        with pytest.raises(ConnectionClosed):  # the function ended its own process
+            await _ask(started, secret, {"op": "exit"})
+        # The holder reads end of file on the pipe only the instance held: bubblewrap and its sandbox end too.
+        with anyio.fail_after(10):
+            while await rt.is_alive(started.handle):
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.2)
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        assert await rt.instances(test_owner) == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"
 
 
 @needs_zygote
