@@ -1030,7 +1030,7 @@ def cold_only(s: Settings, out_dir: Path) -> None:
     owner = f"bench{uuid.uuid4().hex[:8]}"
     path = out_dir / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "notes": []}
-    results["settings"] = s.__dict__
+    results.setdefault("settings", s.__dict__)  # the full run's, which the rest of the report describes
     try:
         with ExitStack() as stop:
             cold = cold_process(s, work, owner, stop)
@@ -1039,7 +1039,7 @@ def cold_only(s: Settings, out_dir: Path) -> None:
     results["cold"] = cold + [c for c in results.get("cold", []) if c["runtime"] == "docker"]
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str))
-    write_report(results, out_dir, s)
+    write_report(results, out_dir, Settings(**results["settings"]))
 
 
 def main(argv: list[str] | None = None) -> None:
