@@ -322,6 +322,14 @@ async def test_a_zygote_that_is_gone_is_replaced(tmp_path: Path, test_owner: str
         assert rt._zygotes.pid(ref) not in (None, zygote, replacement)
         (report,) = await _ask(third, third_secret, {"op": "report"})
         assert isinstance(report, dict)
+        # An idle zygote is stopped; its instances go on, and the next start makes another.
+        idle = rt._zygotes.pid(ref)
+        await rt._zygotes.stop_idle(0)
+        assert rt._zygotes.pid(ref) is None and _state(idle) == "gone"
+        (report,) = await _ask(third, third_secret, {"op": "report"})
+        assert isinstance(report, dict)
+        await _start(rt, ref, test_owner, 3)
+        assert rt._zygotes.pid(ref) not in (None, idle)
 
 
 @needs_zygote

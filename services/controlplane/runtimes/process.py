@@ -285,6 +285,7 @@ class ProcessRuntime:
         # An instance spawned after the scan below began is not in it: `_fresh` keeps it from being taken for a
         # leftover, until a listing that began after its spawn (which therefore saw it) is done.
         fresh_before = set(self._fresh)
+        await self._zygotes.stop_idle(zygotes.IDLE_STOP)  # listings run on every reconcile: a timer of sorts
         leaders.reap_all()
         procs = await anyio.to_thread.run_sync(leaders.scan_leaders)
         owners_leaders = sandbox.find_leaders(procs, owner)

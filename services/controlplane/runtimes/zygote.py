@@ -26,8 +26,8 @@ another; the zygote keeps no state of a request. The holder's stdin is a pipe wh
 when the instance ends, however it ends, the holder reads end of file and exits, and bubblewrap with it.
 
 Request (one datagram on fd 0, JSON; SCM_RIGHTS: the instance's log file, then the holder's pipe end):
-    {"target": <holder pid>, "env": {...}, "uid": u, "gid": g, "rlimits": [[resource, value], ...],
-     "procs": [cgroup.procs paths], "fn_dir": ..., "deps_dir": ...}
+    {"target": <holder pid>, "leader": <its bubblewrap>, "env": {...}, "uid": u, "gid": g,
+     "rlimits": [[resource, value], ...], "procs": [cgroup.procs paths], "fn_dir": ..., "deps_dir": ...}
 Reply: {"pid": <the instance's host pid>} or {"error": "..."}.
 
 Only the standard library and the instance server are imported here.
@@ -113,7 +113,7 @@ def _load_seccomp(program: bytes) -> None:
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
 
 
-def _enter(target: int, procs: list[str]) -> None:
+def _enter(target: int, leader: int, procs: list[str]) -> None:
     """In the first fork (host root): the instance's cgroups, then the holder's namespaces and root."""
     for path in procs:
         fd = os.open(path, os.O_WRONLY)
@@ -129,6 +129,10 @@ def _enter(target: int, procs: list[str]) -> None:
         if os.stat(f"/proc/{target}/ns/{name}").st_ino != own[name]:
             fds.append((os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag, name))
     root = os.open(f"/proc/{target}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Still bubblewrap's child once its namespaces are open: not a recycled pid of someone else's process.
+    with open(f"/proc/{target}/stat") as f:
+        if int(f.read().rpartition(")")[2].split()[1]) != leader:
+            raise OSError(f"process {target} is no longer the sandbox of bubblewrap {leader}")
     if not any(name == "user" for _, _, name in fds) or not any(name == "pid" for _, _, name in fds):
         raise OSError(f"process {target} is not in a sandbox of its own")
     for fd, flag, name in fds:
@@ -197,7 +201,7 @@ def _fork_instance(request: dict[str, Any], log_fd: int, keep_fd: int, program: 
         status = 1
         try:
             os.close(report_r)
-            _enter(int(request["target"]), list(request["procs"]))
+            _enter(int(request["target"]), int(request["leader"]), list(request["procs"]))
             pid = os.fork()
             if pid == 0:
                 code = 1

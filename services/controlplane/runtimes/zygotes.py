@@ -19,6 +19,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -32,6 +33,8 @@ MODULE = "aube.controlplane.runtimes.zygote"
 # A fork plus two setns() and a reply take milliseconds; a zygote still importing the server at its first request
 # takes a few hundred.
 REPLY_TIMEOUT = 30.0
+# A zygote that forked nothing for this long is stopped (the next start of its version starts another).
+IDLE_STOP = 600.0
 MAX_REPLY = 1 << 16
 
 
@@ -44,6 +47,7 @@ class Zygote:
         self.proc = proc
         self.channel = channel
         self.lock = anyio.Lock()
+        self.used = time.monotonic()
 
     @property
     def pid(self) -> int:
@@ -120,6 +124,7 @@ class Zygotes:
         for attempt in (1, 2):
             zygote = await self._zygote(version, seccomp_program)
             async with zygote.lock:
+                zygote.used = time.monotonic()
                 try:
                     return await anyio.to_thread.run_sync(zygote.fork, request, fds)
                 except ZygoteFailure:
@@ -134,6 +139,15 @@ class Zygotes:
         zygote = self._by_version.pop(version, None)
         if zygote is not None:
             await anyio.to_thread.run_sync(zygote.close)
+
+    async def stop_idle(self, idle: float) -> None:
+        """Stop the zygotes that forked nothing for `idle` seconds: each holds some 25 MB, and a version whose
+        instances come and go rarely pays one interpreter start to get a new one."""
+        now = time.monotonic()
+        for version, zygote in list(self._by_version.items()):
+            if now - zygote.used > idle and not zygote.lock.locked():
+                logger.info("zygote %d of %s idle for %.0fs: stopped", zygote.pid, version, now - zygote.used)
+                await self.stop(version)
 
     async def close(self) -> None:
         for version in list(self._by_version):
@@ -207,6 +221,8 @@ async def fork_into(
         raise ZygoteFailure(f"no sandbox below bubblewrap {leader}")
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     try:
-        return await zygotes.fork(version, seccomp_program, {**request, "target": target}, [log_fd, keep_fd])
+        return await zygotes.fork(
+            version, seccomp_program, {**request, "target": target, "leader": leader}, [log_fd, keep_fd]
+        )
     finally:
         os.close(log_fd)
