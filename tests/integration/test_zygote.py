@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ from support import instance_ws, nats_client, zip_base64
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from aube.controlplane.runtimes import sandbox
+from aube.controlplane.runtimes import sandbox, seccomp, zygotes
 from aube.controlplane.runtimes.base import InstanceSpec, StartedInstance
 from aube.controlplane.runtimes.process import ProcessRuntime
 from aube.shared import addresses, names
@@ -330,6 +332,30 @@ async def test_a_zygote_that_is_gone_is_replaced(tmp_path: Path, test_owner: str
         assert isinstance(report, dict)
         await _start(rt, ref, test_owner, 3)
         assert rt._zygotes.pid(ref) not in (None, idle)
+
+
+@needs_zygote
+async def test_a_zygote_outlives_the_worker_thread_that_started_it() -> None:
+    # The runtime starts zygotes in worker threads, which anyio retires when idle: a zygote tied to its starting
+    # thread (PR_SET_PDEATHSIG) would die with it. It ends when its channel does.
+    started: list[zygotes.Zygote] = []
+
+    def start_then_leave() -> None:
+        started.append(zygotes.start_zygote(seccomp.compile_bpf()))
+        time.sleep(1.5)  # the zygote is serving by then; then this thread ends
+
+    thread = threading.Thread(target=start_then_leave)
+    thread.start()
+    thread.join()
+    (zygote,) = started
+    try:
+        await anyio.sleep(0.5)
+        assert zygote.alive()
+    finally:
+        zygote.channel.close()
+    with anyio.fail_after(10):
+        while zygote.alive():
+            await anyio.sleep(0.05)
 
 
 @needs_zygote

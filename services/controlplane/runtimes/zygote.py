@@ -66,7 +66,6 @@ NAMESPACES = (
     ("mnt", CLONE_NEWNS),
     ("user", CLONE_NEWUSER),
 )
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
@@ -242,7 +241,9 @@ def serve(channel: socket.socket, program: bytes) -> None:
     while True:
         data, ancillary, _, _ = channel.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(2 * fds.itemsize))
         if not data:
-            return  # the control plane closed the channel (or exited)
+            # The control plane closed the channel, or exited: a zygote never outlives it. (Not PR_SET_PDEATHSIG:
+            # its "parent" is the thread that started it, and the control plane's worker threads come and go.)
+            return
         received = array.array("i")
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -267,7 +268,6 @@ def _reap(signum: int, frame: object) -> None:
 
 
 def main() -> int:
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "pdeathsig")  # a zygote never outlives its control plane
     # An instance's parent (the first fork) exits at once, and an orphan goes to the nearest subreaper among its
     # ancestors, not to its pid namespace's init: the zygote adopts its instances and reaps them as they end, or
     # the holder (whose exit waits until every process of its namespace is reaped) could wait forever.

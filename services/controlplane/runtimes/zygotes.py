@@ -1,7 +1,8 @@
 """The process runtime's zygotes (`zygote.py`): one per function version, started on demand, restarted when gone.
 
-A zygote is a child of the control plane, reached through a SOCK_SEQPACKET socket pair; it dies with the control
-plane (PR_SET_PDEATHSIG), while the instances forked from it do not: they belong to their bubblewrap sandboxes.
+A zygote is a child of the control plane, reached through a SOCK_SEQPACKET socket pair; it exits when its end of the
+pair reads end of file, so with the control plane, while the instances forked from it do not: they belong to their
+bubblewrap sandboxes.
 One request at a time per zygote (a fork takes milliseconds). A zygote that is gone (crashed, killed) is noticed
 at the next request: it is started anew and the request sent again, once; a second failure is the caller's to
 handle (the runtime then starts the instance without a zygote).
