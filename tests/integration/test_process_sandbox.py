@@ -215,8 +215,8 @@ def _spec(ref: str, owner: str, *, slot: int = 0) -> InstanceSpec:
 
 
 @asynccontextmanager
-async def _runtime(tmp_path: Path, mode: str, owner: str) -> AsyncIterator[ProcessRuntime]:
-    settings = ControlPlaneSettings(data_dir=str(tmp_path / f"data-{mode}"), sandbox=mode)  # type: ignore[arg-type]
+async def _runtime(tmp_path: Path, mode: str, owner: str, zygote: str = "on") -> AsyncIterator[ProcessRuntime]:
+    settings = ControlPlaneSettings(data_dir=str(tmp_path / f"data-{mode}"), sandbox=mode, zygote=zygote)  # type: ignore[arg-type]
     rt = ProcessRuntime(settings)
     try:
         yield rt
@@ -227,11 +227,15 @@ async def _runtime(tmp_path: Path, mode: str, owner: str) -> AsyncIterator[Proce
         await rt.close()
 
 
-@pytest.fixture
-async def bwrap_runtime(tmp_path: Path, test_owner: str) -> AsyncIterator[ProcessRuntime]:
+@pytest.fixture(params=["zygote", "no-zygote"])
+async def bwrap_runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, test_owner: str
+) -> AsyncIterator[ProcessRuntime]:
+    """Both ways an instance gets into its sandbox (as root): forked from a zygote (the default), or a fresh
+    interpreter (`AUBE_ZYGOTE=off`). Every attack below must fail either way."""
     if not BWRAP:
         pytest.skip("bubblewrap is missing or cannot create namespaces here")
-    async with _runtime(tmp_path, "bwrap", test_owner) as rt:
+    async with _runtime(tmp_path, "bwrap", test_owner, "on" if request.param == "zygote" else "off") as rt:
         yield rt
 
 
