@@ -55,6 +55,7 @@ class Target:
     host: str
     port: int
     path: str
+    unix: str = ""  # a Unix socket path instead of host:port (a sandboxed process instance)
 
     @classmethod
     def parse(cls, text: str) -> Target:
@@ -87,15 +88,25 @@ CREDENTIALS: dict[str, str] = json.loads(os.environ.get("AUBE_BENCH_CREDENTIALS"
 
 
 def _credential(target: Target) -> str:
-    secret = CREDENTIALS.get(f"{target.host}:{target.port}")
+    secret = CREDENTIALS.get(f"unix:{target.unix}" if target.unix else f"{target.host}:{target.port}")
     return f"{CREDENTIAL_HEADER}: {secret}\r\n" if secret else ""
 
 
 def connect(target: Target, timeout: float) -> tuple[socket.socket, bytearray]:
     """Open a stream; return the socket and any bytes that arrived after the 101 head."""
-    s = socket.create_connection((target.host, target.port), timeout=timeout)
+    if target.unix:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(timeout)
+        try:
+            s.connect(target.unix)
+        except BaseException:
+            s.close()
+            raise
+    else:
+        s = socket.create_connection((target.host, target.port), timeout=timeout)
     try:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not target.unix:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16)).decode()
         s.sendall(
             (

@@ -76,6 +76,10 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     delete_grace: float = 30.0  # seconds a busy instance may keep streaming after its function is deleted
     start_timeout: float = 120.0  # a "starting" slot older than this with no instance is reclaimed
     sandbox: Literal["auto", "bwrap", "none"] = "auto"  # process runtime isolation
+    # Process runtime, sandboxed by a root control plane: fork each instance from a zygote per function version
+    # that has imported the instance server, into its own bubblewrap sandbox (runtimes/zygote.py). "off": every
+    # instance is a fresh interpreter, as without a sandbox or as an unprivileged control plane.
+    zygote: Literal["on", "off"] = "on"
     # On a clean exit, stop this control plane's instances too (`make start` sets it: Ctrl-C leaves nothing running).
     # Off, instances outlive a restart of the control plane and are reconciled when it comes back.
     stop_instances_on_exit: bool = False

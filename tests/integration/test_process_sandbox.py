@@ -9,6 +9,7 @@ not work here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -214,8 +215,8 @@ def _spec(ref: str, owner: str, *, slot: int = 0) -> InstanceSpec:
 
 
 @asynccontextmanager
-async def _runtime(tmp_path: Path, mode: str, owner: str) -> AsyncIterator[ProcessRuntime]:
-    settings = ControlPlaneSettings(data_dir=str(tmp_path / f"data-{mode}"), sandbox=mode)  # type: ignore[arg-type]
+async def _runtime(tmp_path: Path, mode: str, owner: str, zygote: str = "on") -> AsyncIterator[ProcessRuntime]:
+    settings = ControlPlaneSettings(data_dir=str(tmp_path / f"data-{mode}"), sandbox=mode, zygote=zygote)  # type: ignore[arg-type]
     rt = ProcessRuntime(settings)
     try:
         yield rt
@@ -226,11 +227,15 @@ async def _runtime(tmp_path: Path, mode: str, owner: str) -> AsyncIterator[Proce
         await rt.close()
 
 
-@pytest.fixture
-async def bwrap_runtime(tmp_path: Path, test_owner: str) -> AsyncIterator[ProcessRuntime]:
+@pytest.fixture(params=["zygote", "no-zygote"])
+async def bwrap_runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, test_owner: str
+) -> AsyncIterator[ProcessRuntime]:
+    """Both ways an instance gets into its sandbox (as root): forked from a zygote (the default), or a fresh
+    interpreter (`AUBE_ZYGOTE=off`). Every attack below must fail either way."""
     if not BWRAP:
         pytest.skip("bubblewrap is missing or cannot create namespaces here")
-    async with _runtime(tmp_path, "bwrap", test_owner) as rt:
+    async with _runtime(tmp_path, "bwrap", test_owner, "on" if request.param == "zygote" else "off") as rt:
         yield rt
 
 
@@ -289,7 +294,13 @@ def _instance_pids(handle: str) -> list[int]:
                 stats.append(sandbox.parse_stat(Path(f"/proc/{entry}/stat").read_text()))
             except (OSError, ValueError, IndexError):
                 continue
-    return [leader, *(s.pid for s in sandbox.descendants(stats, leader))]
+    below = [s.pid for s in sandbox.descendants(stats, leader)]
+    # An instance forked from a zygote (the default as root) is in its sandbox's pid namespace, below no bwrap.
+    namespaces = {}
+    for stat in stats:
+        with contextlib.suppress(OSError):
+            namespaces[stat.pid] = os.readlink(f"/proc/{stat.pid}/ns/pid")
+    return [leader, *below, *sandbox.namespace_members(namespaces, below, os.readlink("/proc/self/ns/pid"))]
 
 
 def _host_uids(pid: int) -> list[int]:

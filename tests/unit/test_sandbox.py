@@ -257,3 +257,12 @@ def test_own_cgroups_are_read_per_controller() -> None:
         "cpuacct": "/svc/cpu",
         "name=systemd": "/init.scope",
     }
+
+
+def test_namespace_members_are_the_sandboxes_others_not_the_hosts() -> None:
+    namespaces = {1: "pid:[host]", 50: "pid:[host]", 51: "pid:[a]", 52: "pid:[a]", 60: "pid:[a]", 70: "pid:[b]"}
+    # 50 is bubblewrap (host), 51 its sandbox's pid 1; 60 an instance forked into that sandbox from elsewhere.
+    assert sandbox.namespace_members(namespaces, [51], "pid:[host]") == [52, 60]
+    assert sandbox.namespace_members(namespaces, [50], "pid:[host]") == []  # never the host's own processes
+    assert sandbox.namespace_members(namespaces, [], "pid:[host]") == []
+    assert sandbox.namespace_members(namespaces, [51, 52], "pid:[host]") == [60]

@@ -43,10 +43,12 @@ def spawn(
     plan: list[tuple[str, str]] | None,
     filter_fd: int | None,
     drop: tuple[int, int] | None,
+    stdio: tuple[int, int] | None = None,
 ) -> str:
     """Start the instance's leader and return its handle; `plan` (sandboxed only): the folders to stage for
-    bubblewrap; `drop` (sandboxed by a root control plane): the uid and gid the child takes before it execs bwrap.
-    Its stdout and stderr are appended to the files of `out_dir` (output.py reads them for `aube logs`)."""
+    bubblewrap; `drop` (sandboxed by a root control plane): the uid and gid the child takes before it execs bwrap;
+    `stdio` (a zygote's holder): its stdin and stdout instead of /dev/null and the output file. Its stdout and stderr
+    are appended to the files of `out_dir` (output.py reads them for `aube logs`)."""
     rlimits = [(getattr(resource, key), value) for key, value in limits.items()]
     sandboxed = plan is not None
     try:
@@ -58,8 +60,8 @@ def spawn(
                 argv,
                 env=env,
                 cwd="/" if sandboxed else cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
+                stdin=subprocess.DEVNULL if stdio is None else stdio[0],
+                stdout=out if stdio is None else stdio[1],
                 stderr=err,
                 start_new_session=True,
                 close_fds=True,
@@ -77,7 +79,7 @@ def spawn(
     return sandbox.format_handle(proc.pid, stat.starttime)
 
 
-async def wait_listening(handle: str, out_dir: Path, timeout: float) -> str:
+async def wait_listening(handle: str, out_dir: Path, timeout: float, interval: float = 0.02) -> str:
     """Where the instance announced it listens; RuntimeFailure with its output if it exits first."""
     pid, _ = sandbox.parse_handle(handle)
     proc = CHILDREN.get(pid)
@@ -95,8 +97,8 @@ async def wait_listening(handle: str, out_dir: Path, timeout: float) -> str:
                 tail = _tail(out_dir)
                 remove_output(out_dir)
                 raise RuntimeFailure(f"instance exited at start (status {proc.returncode}):\n{tail}")
-            # Every 20 ms: this wait is the floor of a process cold start.
-            await anyio.sleep(0.02)
+            # Every 20 ms (5 ms after a fork): this wait is the floor of a process cold start.
+            await anyio.sleep(interval)
     tail = _tail(out_dir)
     raise HealthCheckFailed(f"instance did not listen within {timeout:g}s:\n{tail}")
 
@@ -178,16 +180,16 @@ def command(
     staged: list[tuple[str, str]] | None,
     run_dir: Path,
     seccomp_fd: int | None,
+    holder: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and the environment of an instance's session leader.
 
     `staged` (a root control plane): where `sandbox.stage_plan` put each folder the sandbox binds; without it
-    bubblewrap binds the host paths themselves.
+    bubblewrap binds the host paths themselves. `holder`: the sandbox runs `sandbox.HOLDER`, and the instance is
+    forked into it from a zygote (with `inner_environment` as its environment).
     """
-    server = [sys.executable, "-m", "aube.instance"]
-    inner = instance_environment(spec, 0)
-    inner.setdefault("MALLOC_ARENA_MAX", "2")  # glibc reserves 64 MiB of address space per thread arena
-    inner.update({sandbox.ENV_SLOT: str(spec.slot), "PATH": sandbox.SANDBOX_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"})
+    server = list(sandbox.HOLDER) if holder else [sys.executable, "-m", "aube.instance"]
+    inner = inner_environment(spec, bwrap, fn_dir, deps_dir)
     markers = {
         sandbox.ENV_MANAGED_OWNER: spec.owner,
         sandbox.ENV_SANDBOX: "bwrap" if bwrap else "none",
@@ -197,15 +199,7 @@ def command(
         sandbox.ENV_SLOT: str(spec.slot),
     }
     if bwrap is None:
-        inner.update({"AUBE_INSTANCE_HOST": INSTANCE_HOST, "AUBE_FN_DIR": str(fn_dir), "PYTHONPATH": str(deps_dir)})
         return server, {**inner, **markers}
-    inner.update(
-        {
-            "AUBE_INSTANCE_SOCKET": f"{sandbox.SANDBOX_RUN_DIR}/{sandbox.SOCKET_NAME}",
-            "AUBE_FN_DIR": sandbox.SANDBOX_FN_DIR,
-            "PYTHONPATH": sandbox.SANDBOX_DEPS_DIR,
-        }
-    )
     python = python_paths()
     where = dict(staged) if staged is not None else {}
     ro_binds = [(where.get(path, path), path) for path in python]
@@ -223,3 +217,21 @@ def command(
     )
     # The owner marker stays outside the sandbox: inside, only the outer bwrap carries it (see sandbox.py).
     return argv, {**markers, "PATH": sandbox.SANDBOX_PATH}
+
+
+def inner_environment(spec: InstanceSpec, bwrap: str | None, fn_dir: Path, deps_dir: Path) -> dict[str, str]:
+    """The in-instance server's environment (no marker of the runtime's)."""
+    inner = instance_environment(spec, 0)
+    inner.setdefault("MALLOC_ARENA_MAX", "2")  # glibc reserves 64 MiB of address space per thread arena
+    inner.update({sandbox.ENV_SLOT: str(spec.slot), "PATH": sandbox.SANDBOX_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"})
+    if bwrap is None:
+        inner.update({"AUBE_INSTANCE_HOST": INSTANCE_HOST, "AUBE_FN_DIR": str(fn_dir), "PYTHONPATH": str(deps_dir)})
+        return inner
+    inner.update(
+        {
+            "AUBE_INSTANCE_SOCKET": f"{sandbox.SANDBOX_RUN_DIR}/{sandbox.SOCKET_NAME}",
+            "AUBE_FN_DIR": sandbox.SANDBOX_FN_DIR,
+            "PYTHONPATH": sandbox.SANDBOX_DEPS_DIR,
+        }
+    )
+    return inner

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import subprocess
 from pathlib import Path
@@ -25,6 +26,8 @@ from aube.controlplane.runtimes.base import ExitListener
 # closed and made anew (as after a reconnect) must still reap the instances the first one started, and a
 # Popen dropped while its child runs would warn.
 CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+PR_GET_CHILD_SUBREAPER = 37
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class ExitWatch:
@@ -70,10 +73,15 @@ class ExitWatch:
             self._forget(handle)
 
 
-async def wait_gone(pid: int, starttime: int, timeout: float) -> bool:
+async def wait_gone(pid: int, starttime: int, timeout: float, adopted: set[int] | None = None) -> bool:
+    """`adopted` (a sandbox's stop): reap the zombies we adopted meanwhile, excluding these pids. A sandbox's pid 1
+    ends only once every process of its namespace is reaped, an instance forked from a zygote included, and
+    that one is ours to reap once its zygote is gone and we are a child subreaper."""
     with anyio.move_on_after(timeout):
         while True:
             reap(pid, starttime)
+            if adopted is not None and is_subreaper():
+                await anyio.to_thread.run_sync(reap_adopted, adopted)
             if sandbox.is_gone(read_stat(pid), starttime):
                 return True
             await anyio.sleep(0.05)
@@ -129,12 +137,26 @@ def signal_instance(pid: int, starttime: int, signum: int, sandboxed: bool) -> N
     leader = next((s for s in stats if s.pid == pid), None)
     if sandbox.is_gone(leader, starttime):  # checked on the same snapshot: never signal a recycled pid
         return
-    for target in sandbox.signal_targets(stats, pid, sandboxed=sandboxed):
+    targets = sandbox.signal_targets(stats, pid, sandboxed=sandboxed)
+    if sandboxed:
+        # An instance forked from a zygote is in its sandbox's pid namespace but no descendant of bubblewrap.
+        own = os.readlink("/proc/self/ns/pid")
+        targets += sandbox.namespace_members(_pid_namespaces([s.pid for s in stats]), targets, own)
+    for target in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(target, signum)
     if not sandboxed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signum)
+
+
+def _pid_namespaces(pids: list[int]) -> dict[int, str]:
+    """Each process's pid namespace ("pid:[inode]"), for those still there."""
+    found: dict[int, str] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = os.readlink(f"/proc/{pid}/ns/pid")
+    return found
 
 
 def reap(pid: int, starttime: int, wait: float = 0.0) -> None:
@@ -157,6 +179,23 @@ def reap(pid: int, starttime: int, wait: float = 0.0) -> None:
     if stat is not None and stat.starttime == starttime and stat.state == "Z":
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def is_subreaper() -> bool:
+    flag = ctypes.c_int(0)
+    _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    return flag.value != 0
+
+
+def reap_adopted(keep: set[int]) -> None:
+    """Collect zombies this process adopted as a child subreaper (an instance forked from a zygote, a zygote whose
+    control plane died): they are no leader, so `reap` never names them. `keep`: our children whose status
+    someone else collects (the zygotes' Popen objects)."""
+    me = os.getpid()
+    for stat in all_stats():
+        if stat.ppid == me and stat.state == "Z" and stat.pid not in CHILDREN and stat.pid not in keep:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(stat.pid, os.WNOHANG)
 
 
 def reap_all() -> None:

@@ -16,6 +16,10 @@ Limits: RLIMIT_AS from the manifest's `memory` and no core dumps, always (`sandb
 and resident `memory` through cgroups where the host lets this process write them (`cgroups.py`), which the log
 says at the first start.
 
+Zygote (`settings.zygote`, sandboxed by root only): bubblewrap runs a holder, and the instance is forked into that
+sandbox from a per-version zygote that has imported the server (`zygote.py`, `zygotes.py`); else it fails over to
+a fresh interpreter.
+
 Exits are noticed through a pidfd per instance leader (`watch_exits`, `leaders.ExitWatch`): the event loop reads
 it, and it becomes readable the moment the leader ends, whether this process started it or adopted it after a
 restart (a pidfd does not need the process to be a child). The leader is bubblewrap's outer process in the sandbox,
@@ -51,7 +55,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from aube.controlplane.runtimes import cgroups, launch, leaders, output, sandbox, seccomp, stage, versions
+from aube.controlplane.runtimes import cgroups, launch, leaders, output, sandbox, seccomp, stage, versions, zygotes
 from aube.controlplane.runtimes.base import (
     Artifact,
     BuildLog,
@@ -97,6 +101,7 @@ class ProcessRuntime:
         default_runs = Path("/run/aube") if self._privileged else self._data / "run"
         self._runs = Path(settings.socket_dir).absolute() if settings.socket_dir else default_runs
         self._exit_watches: dict[str, leaders.ExitWatch] = {}  # by owner, while `watch_exits` runs
+        self._zygotes = zygotes.Zygotes()
 
     # -----------------------------------------------------------------------------------------------------
     # Artifacts
@@ -121,12 +126,23 @@ class ProcessRuntime:
         return await anyio.to_thread.run_sync(versions.list_artifacts, self._functions / owner)
 
     async def remove_artifact(self, ref: str) -> None:
+        await self._zygotes.stop(ref)
         await anyio.to_thread.run_sync(versions.remove_version, self._functions, ref)
 
     # -----------------------------------------------------------------------------------------------------
     # Instances
 
     async def start(self, spec: InstanceSpec) -> StartedInstance:
+        bwrap = await self._sandbox()
+        # A zygote needs bubblewrap and root: an instance joins its sandbox's namespaces from outside (zygote.py).
+        if bwrap is not None and self._privileged and self._settings.zygote == "on":
+            try:
+                return await self._start(spec, forked=True)
+            except zygotes.ZygoteFailure as e:
+                logger.warning("instance %s could not be forked from a zygote, started afresh: %s", spec.instance_id, e)
+        return await self._start(spec, forked=False)
+
+    async def _start(self, spec: InstanceSpec, *, forked: bool) -> StartedInstance:
         versions.check_owner(spec.owner)
         version_dir = Path(spec.artifact)
         fn_dir, deps_dir = version_dir / "fn", version_dir / "deps"
@@ -149,6 +165,8 @@ class ProcessRuntime:
         # From here until the spawn, a listing must not take this instance's folder or groups for leftovers.
         self._starting.add(spec.instance_id)
         filter_fd: int | None = None
+        holder_ends: tuple[int, int] | None = None  # the holder's stdin and stdout
+        ours: tuple[int, int] = (-1, -1)  # the other ends: the sandbox's ready signal, the instance's keepalive
         try:
             if bwrap is not None:
                 await anyio.to_thread.run_sync(
@@ -161,12 +179,16 @@ class ProcessRuntime:
                 out_dir, output.OutputOf(function=spec.function, instance_id=spec.instance_id, tenant=spec.tenant)
             )
             staged = plan if self._privileged else None
-            argv, env = launch.command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd)
+            argv, env = launch.command(spec, bwrap, fn_dir, deps_dir, staged, run_dir, filter_fd, holder=forked)
+            if forked:
+                keep_r, keep_w = os.pipe()
+                ready_r, ready_w = os.pipe()
+                holder_ends, ours = (keep_r, ready_w), (ready_r, keep_w)
             procs = await self._create_groups(spec, limits["RLIMIT_AS"])
             try:
                 drop = self._uid() if bwrap and self._privileged else None
                 handle = launch.spawn(
-                    argv, env, fn_dir, out_dir, limits, procs, plan if bwrap else None, filter_fd, drop
+                    argv, env, fn_dir, out_dir, limits, procs, plan if bwrap else None, filter_fd, drop, holder_ends
                 )
             except BaseException:
                 await self._remove_groups(spec.owner, spec.instance_id)
@@ -179,8 +201,23 @@ class ProcessRuntime:
             self._starting.discard(spec.instance_id)
             if filter_fd is not None:
                 os.close(filter_fd)
+            for fd in holder_ends or ():
+                os.close(fd)
         try:
-            announced = await launch.wait_listening(handle, out_dir, self._settings.health_timeout)
+            if forked:
+                # Only the instance may hold the keepalive: ours goes whether the fork worked or not.
+                try:
+                    request = zygotes.fork_request(launch.inner_environment(spec, bwrap, fn_dir, deps_dir), self._uid(),
+                                                   limits, procs)  # fmt: skip
+                    leader, _ = sandbox.parse_handle(handle)
+                    await zygotes.fork_into(self._zygotes, spec.artifact, self._seccomp, leader, *ours, out_dir,
+                                            request, self._settings.health_timeout)  # fmt: skip
+                finally:
+                    for fd in ours:
+                        os.close(fd)
+            announced = await launch.wait_listening(
+                handle, out_dir, self._settings.health_timeout, 0.005 if forked else 0.02
+            )
             if bwrap is not None:
                 await anyio.to_thread.run_sync(stage.lock_run_dir, run_dir, self._privileged)
                 address = addresses.unix(socket_path)
@@ -207,10 +244,11 @@ class ProcessRuntime:
             return
         sandboxed = info.environ.get(sandbox.ENV_SANDBOX) == "bwrap"
         await anyio.to_thread.run_sync(leaders.signal_instance, pid, starttime, signal.SIGTERM, sandboxed)
-        if not await leaders.wait_gone(pid, starttime, STOP_GRACE):
+        adopted = self._zygotes.pids() if sandboxed else None
+        if not await leaders.wait_gone(pid, starttime, STOP_GRACE, adopted):
             logger.info("instance %s did not end within %gs of SIGTERM: SIGKILL", handle, STOP_GRACE)
             await anyio.to_thread.run_sync(leaders.signal_instance, pid, starttime, signal.SIGKILL, sandboxed)
-            if not await leaders.wait_gone(pid, starttime, KILL_WAIT):
+            if not await leaders.wait_gone(pid, starttime, KILL_WAIT, adopted):
                 # Only bubblewrap's outer process can be left: its sandbox is gone, so it has nothing to wait for.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
@@ -220,6 +258,8 @@ class ProcessRuntime:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         await anyio.to_thread.run_sync(leaders.reap, pid, starttime, KILL_WAIT)
+        if adopted is not None and leaders.is_subreaper():
+            await anyio.to_thread.run_sync(leaders.reap_adopted, adopted)
         owner = info.environ.get(sandbox.ENV_MANAGED_OWNER, "")
         function = info.environ.get(names.ENV_FUNCTION, "")
         instance_id = info.environ.get(names.ENV_INSTANCE_ID, "")
@@ -247,6 +287,7 @@ class ProcessRuntime:
         # An instance spawned after the scan below began is not in it: `_fresh` keeps it from being taken for a
         # leftover, until a listing that began after its spawn (which therefore saw it) is done.
         fresh_before = set(self._fresh)
+        await self._zygotes.stop_idle(zygotes.IDLE_STOP)  # listings run on every reconcile: a timer of sorts
         leaders.reap_all()
         procs = await anyio.to_thread.run_sync(leaders.scan_leaders)
         owners_leaders = sandbox.find_leaders(procs, owner)
@@ -302,7 +343,9 @@ class ProcessRuntime:
             watch.close()
 
     async def close(self) -> None:
-        # Instances outlive the runtime object (the control plane stops them); only reap what has ended.
+        # Instances outlive the runtime object (the control plane stops them); only reap what has ended. Zygotes
+        # do not: a new runtime starts its own.
+        await self._zygotes.close()
         leaders.reap_all()
 
     # -----------------------------------------------------------------------------------------------------

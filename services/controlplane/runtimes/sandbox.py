@@ -67,6 +67,12 @@ SYSTEM_RO_PATHS = (
 
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
+# With a zygote (`zygote.py`) bubblewrap runs this holder as the sandbox's pid 1 and the instance, forked from the
+# zygote, joins its namespaces. The holder ignores the stop signals (the instance handles them; a pid 1 gets no
+# signal it has no handler for anyway) and lives until its stdin, a pipe only the instance holds, reaches end of
+# file: the sandbox ends with the instance, however it ends. "r" on its stdout says the sandbox is set up.
+HOLDER = ("/bin/sh", "-c", 'trap "" TERM INT HUP; echo r; read -r _')
+
 
 def parse_memory(text: str) -> int:
     """Bytes in a memory size, parsed by the upload's own parser (`aube.controlplane.bounds.memory_bytes`)."""
@@ -268,6 +274,14 @@ def signal_targets(stats: Iterable[ProcStat], leader: int, *, sandboxed: bool) -
     if not sandboxed:
         return [leader, *(s.pid for s in below)]
     return [s.pid for s in below]
+
+
+def namespace_members(namespaces: Mapping[int, str], targets: Sequence[int], own: str) -> list[int]:
+    """The processes that share a pid namespace other than `own` (the host's) with one of `targets` (a sandbox's),
+    the targets left out; `namespaces` maps each pid to its pid namespace."""
+    wanted = {namespaces[t] for t in targets if t in namespaces} - {own}
+    chosen = set(targets)
+    return sorted(pid for pid, ns in namespaces.items() if ns in wanted and pid not in chosen)
 
 
 def listening_ports(proc_net_tcp: str) -> set[int]:
