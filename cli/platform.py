@@ -20,10 +20,12 @@ from aube.cli.login import remember_default_login
 from aube.cli.supervisor import Service, Supervisor
 from aube.shared import credentials
 from aube.shared import tenants as tenancy
-from aube.shared.errors import InvalidRequest
-from aube.shared.natsserver import find_nats_server, signal_reload, write_run_config
+from aube.shared.errors import InvalidRequest, RuntimeFailure
+from aube.shared.natsserver import find_nats_server, write_run_config
+from aube.shared.reloadcheck import client_url, reload_until_reachable
 from aube.shared.settings import (
     DEFAULT_CONTROLPLANE_OPERATOR_PORT,
+    DEFAULT_NATS_URL,
     DEFAULT_OPERATOR_PORT,
     DEFAULT_REAPER_OPERATOR_PORT,
 )
@@ -96,7 +98,10 @@ def rotate_host(host_id: str, *, nats_conf: Path, workdir: Path) -> tuple[Path, 
 
 
 def _reload(nats_conf: Path, data_dir: Path) -> bool:
-    """Render the tenant configuration again and make a running nats-server reload it; whether one was."""
+    """Render the tenant configuration again and make a running nats-server reload it, until every tenant's
+    imports reach the platform (aube.shared.reloadcheck: one SIGHUP leaves a new account's imports dead); whether
+    a server was running. The server is probed where it listens for clients (else at $AUBE_NATS_URL's first
+    address, else the default)."""
     write_tenant_config(nats_conf, data_dir)
     pid_file = data_dir / "nats" / "nats-server.pid"
     try:
@@ -105,9 +110,16 @@ def _reload(nats_conf: Path, data_dir: Path) -> bool:
         # its executable (a `tail -f nats-server.log` mentions the name too, and SIGHUP would end it).
         if not is_nats_server(pid):
             return False
-        signal_reload(pid)
     except (OSError, ValueError):
         return False
+    tenants = tenancy.TenantFile(data_dir / credentials.TENANT_LIST_FILE).load()
+    url = client_url(pid) or os.environ.get("AUBE_NATS_URL", DEFAULT_NATS_URL).split(",")[0].strip()
+    broken = reload_until_reachable(pid, url, credentials.platform_secrets(data_dir), tenants)
+    if broken:
+        raise RuntimeFailure(
+            f"nats-server reloaded its configuration, but requests of {', '.join(broken)} still reach no service at "
+            f"{url}: restart nats-server (the services reconnect)"
+        )
     return True
 
 

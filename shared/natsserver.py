@@ -24,7 +24,7 @@ from types import TracebackType
 
 import msgspec
 
-from aube.shared import agentlogins, names
+from aube.shared import agentlogins, credentials, names, reloadcheck
 from aube.shared import tenants as tenancy
 from aube.shared.errors import RuntimeFailure
 
@@ -146,18 +146,6 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def signal_reload(pid: int) -> None:
-    """Make nats-server at `pid` reload its configuration. Twice: measured with nats-server 2.15, an account added
-    by a reload exists after the first one, but its service and stream imports work only after a second."""
-    os.kill(pid, signal.SIGHUP)
-    time.sleep(RELOAD_SETTLE_SECONDS)
-    os.kill(pid, signal.SIGHUP)
-    time.sleep(RELOAD_SETTLE_SECONDS)
-
-
-RELOAD_SETTLE_SECONDS = 0.3
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -256,10 +244,17 @@ class LocalNatsServer:
             self.tenant_hashes = dict(tenant_hashes)
         if host_hashes is not None:
             self.host_hashes = dict(host_hashes)
-        if self.config is not None:
-            write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes, self.host_hashes)
         assert self.process is not None
-        signal_reload(self.process.pid)
+        if self.config is None:
+            self.process.send_signal(signal.SIGHUP)
+            return
+        write_run_config(self.config.resolve(), Path(self.store_dir) / "conf", self.tenant_hashes, self.host_hashes)
+        # Again until every tenant's imports work (aube.shared.reloadcheck): the first reload leaves a new account's
+        # dead. The platform's passwords are in the server's environment.
+        secrets = credentials.PlatformSecrets(passwords=dict(self.env))
+        broken = reloadcheck.reload_until_reachable(self.process.pid, self.url, secrets, self.tenant_hashes)
+        if broken:
+            raise RuntimeFailure(f"after {reloadcheck.RELOAD_ATTEMPTS} reloads, {broken} reach no platform service")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from aube.shared import names
 from aube.shared.errors import InvalidRequest
 
 # The default tenant of a single-tenant platform: `make start` creates it, its credentials are .data/credentials.env.
@@ -43,6 +44,7 @@ FETCH_USER_PREFIX = "aube-fetch-"
 # subscribe nor publish here.
 FETCH_INBOX_PREFIX = "_AUBE_FETCH"
 ENV_FETCH_PASSWORD = "AUBE_NATS_FETCH_PASSWORD"
+RELOAD_PROBE_SUBJECT = names.SUBJECT_LIST  # which the fetch user may publish (aube.shared.reloadcheck)
 # An upload's reply comes when the build and health checks are done: the service import must stay open that long.
 RESPONSE_THRESHOLD = "30m"
 BCRYPT_HASH = re.compile(r"\$2[aby]?\$[0-9]{2}\$[./A-Za-z0-9]{53}")
@@ -149,6 +151,9 @@ def render_accounts(
             f"$JS.ACK.{stream}.>",
             "$JS.FC.>",
             f"$O.{bucket}.M.>",
+            # The probe that checks, after a reload, that this account's imports reach the platform's account
+            # (aube.shared.reloadcheck): a list request without a reply subject.
+            RELOAD_PROBE_SUBJECT,
         ]
         out += [
             f"{tenant}: {{",

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +78,51 @@ def test_tenant_add_does_not_signal_a_process_that_merely_mentions_nats_server(t
         bystander.kill()
         bystander.wait()
     # The real server, by its own pid file (relative to its working directory, as under `aube start`), is reloaded.
-    with accounts_server(tmp_path / "data") as server:
-        workdir = Path(server.server.store_dir)
-        assert (workdir / ".data" / "nats" / "nats-server.pid").exists()
+    workdir = tmp_path / "work"
+    with server_as_aube_start_runs_it(workdir) as (server, url):
         _, reloaded = add_tenant("carol", nats_conf=CONF, workdir=workdir)
         assert reloaded is True
-        assert server.server.process is not None and server.server.process.poll() is None
+        assert server.poll() is None
+        carol = credentials.load_login(workdir / ".data" / "tenants" / "carol.env")
+        assert carol is not None
+        assert _connect_elsewhere(url, {"user": "carol", "password": carol.password}).strip() == "connected"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def server_as_aube_start_runs_it(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """nats-server as `aube start` runs it: from `workdir`, on <workdir>/.data/nats/conf, with its pid file there;
+    the platform's secrets and the default tenant made first. The server and its client URL, once it is ready."""
+    from aube.cli.platform import write_tenant_config
+    from aube.shared.natsserver import find_nats_server
+
+    data = workdir / ".data"
+    secrets = credentials.platform_secrets(data)
+    credentials.ensure_default_tenant(data, data / "credentials.env")
+    conf = write_tenant_config(CONF, data)
+    port, monitor = free_port(), free_port()
+    argv = [find_nats_server(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)]
+    log = (workdir / "nats.log").open("wb")
+    server = subprocess.Popen(
+        argv, cwd=workdir, env={**os.environ, **secrets.environment()}, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (data / "nats" / "nats-server.pid").exists() or not _accepts(port):
+            assert time.monotonic() < deadline and server.poll() is None, "nats-server did not start"
+            time.sleep(0.1)
+        yield server, f"nats://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
 
 
 async def _connect(url: str, options: dict[str, str]) -> NATS:
