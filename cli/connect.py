@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Close
 from websockets.typing import Subprotocol
 
+from aube.cli.terminal import printable
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.credentials import redact
@@ -57,21 +58,21 @@ def stream_url(base: str, name: str) -> str:
 
 def refusal_text(status: int, reason_phrase: str, body: bytes | bytearray, retry_after: str | None = None) -> str:
     """The one line `aube connect` prints for a refused handshake: the status and the platform's reason (the body)."""
-    text = body.decode("utf-8", errors="replace").strip()
+    text = printable(body.decode("utf-8", errors="replace").strip())
     line = f"error: refused: HTTP {status} {reason_phrase}".rstrip()
     if text:
         line += f": {' '.join(text.splitlines())}"
     if retry_after:
         line += f" (Retry-After: {retry_after} s)"
-    return line
+    return printable(line)  # the status line and headers come from the function's instance too
 
 
 def close_text(code: int, reason: str) -> str:
-    return f"closed: {Close(code, reason)}"
+    return f"closed: {Close(code, printable(reason))}"
 
 
 def message_text(message: str | bytes) -> str:
-    return message if isinstance(message, str) else f"(binary) {message.hex()}"
+    return printable(message) if isinstance(message, str) else f"(binary) {message.hex()}"
 
 
 def read_lines(fd: int, on_line: Callable[[bytes | None], bool]) -> None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 
+from aube.cli.terminal import printable
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.errors import InvalidRequest
@@ -42,7 +43,7 @@ def parse_duration(text: str) -> float:
 
 def format_line(line: LogLine) -> str:
     at = datetime.fromtimestamp(line.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return f"{at} {line.instance} {line.stream} {line.line}"
+    return printable(f"{at} {line.instance} {line.stream} {line.line}")
 
 
 async def show_logs(
