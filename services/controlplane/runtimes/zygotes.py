@@ -43,6 +43,11 @@ class ZygoteFailure(Exception):
     """The zygote could not fork the instance (it is gone, or the fork failed: the message says which)."""
 
 
+class ZygoteOutOfStep(ZygoteFailure):
+    """No answer came to a request (the channel failed or timed out): a late answer would be read as the next
+    request's, so the zygote is not used again."""
+
+
 class Zygote:
     def __init__(self, proc: subprocess.Popen[bytes], channel: socket.socket) -> None:
         self.proc = proc
@@ -66,10 +71,13 @@ class Zygote:
             )
             data = self.channel.recv(MAX_REPLY)
         except OSError as e:  # EPIPE, ECONNRESET, a timeout: the zygote is gone or stuck
-            raise ZygoteFailure(f"zygote {self.pid} did not answer: {e}") from e
+            raise ZygoteOutOfStep(f"zygote {self.pid} did not answer: {e}") from e
         if not data:
-            raise ZygoteFailure(f"zygote {self.pid} closed its channel")
-        reply = json.loads(data)
+            raise ZygoteOutOfStep(f"zygote {self.pid} closed its channel")
+        try:
+            reply = json.loads(data)
+        except ValueError as e:
+            raise ZygoteOutOfStep(f"zygote {self.pid} answered something unreadable") from e
         if "pid" not in reply:
             raise ZygoteFailure(f"zygote {self.pid} could not fork the instance: {reply.get('error')}")
         return int(reply["pid"])
@@ -128,12 +136,13 @@ class Zygotes:
                 zygote.used = time.monotonic()
                 try:
                     return await anyio.to_thread.run_sync(zygote.fork, request, fds)
-                except ZygoteFailure:
-                    if zygote.alive() or attempt == 2:
+                except ZygoteOutOfStep:
+                    alive = zygote.alive()
+                    self._forget(version, zygote)  # stuck or gone: never asked again
+                    if alive or attempt == 2:
                         raise
                     logger.warning("zygote %d of %s is gone (status %s): starting another", zygote.pid, version,
                                    zygote.proc.returncode)  # fmt: skip
-                    self._forget(version, zygote)
         raise AssertionError("unreachable")
 
     async def stop(self, version: str) -> None:
