@@ -12,7 +12,6 @@ operator host's own name (`host_allowed`); any other name gets 403.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from importlib import resources
 
@@ -22,6 +21,7 @@ from aube.proxy import dashboard_state, handshake
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
 from aube.shared import names
+from aube.shared.operator_http import host_allowed
 
 _FILES = {
     "": ("index.html", "text/html; charset=utf-8"),
@@ -40,22 +40,6 @@ _HEADERS = {
 
 def _read(filename: str) -> str:
     return resources.files("aube.proxy").joinpath("dashboard_files", filename).read_text(encoding="utf-8")
-
-
-def host_allowed(host_header: str | None, operator_host: str) -> bool:
-    """Whether a request's Host names this listener by address, as `localhost`, or as the configured operator host."""
-    if not host_header:
-        return False
-    host = host_header.strip().lower()
-    if host.startswith("["):  # [IPv6]:port
-        host = host[1 : host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return host in ("localhost", operator_host.lower())
 
 
 class Dashboard:

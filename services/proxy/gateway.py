@@ -26,6 +26,7 @@ from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide
 from aube.proxy.streams import CLOSE_GRACE, Streams
+from aube.shared.operator_http import host_allowed
 from aube.shared.settings import ProxySettings
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,13 @@ class Gateway:
             assert page is not None
             client.answer(page)
             return
+        if (
+            isinstance(target, handshake.Endpoint)
+            and target.which == "metrics"
+            and not host_allowed(head.header("host"), self.settings.operator_host)
+        ):
+            message = "metrics answer only by address, localhost or the operator host's name"
+            self._reject(client, handshake.HeadError(status=403, reason="foreign_host", message=message))
         if isinstance(target, handshake.Endpoint):
             body = "ok\n" if target.which == "health" else render(self.metrics)
             ctype = "text/plain; charset=utf-8" if target.which == "health" else "text/plain; version=0.0.4"

@@ -22,7 +22,7 @@ CLIENTS = 40
 
 async def claims_of(port: int, function: str) -> dict[str, int]:
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         chunks = []
         try:
             while True:

@@ -60,7 +60,7 @@ def fn(websocket):
 
 async def raw_get(port: int, path: str, host: str = "127.0.0.1", method: str = "GET") -> bytes:
     async with await anyio.connect_tcp(host, port) as s:
-        await s.send(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await s.send(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         data = b""
         with anyio.fail_after(10):
             try:

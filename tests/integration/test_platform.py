@@ -251,7 +251,7 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
         for port in (operator_base, operator_base + 1):
             await wait_http(port)
             async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 answer = b""
                 with anyio.fail_after(10):
                     while b"aube_relayed_bytes_total" not in answer:
@@ -259,14 +259,14 @@ async def test_aube_start_runs_everything_and_ctrl_c_stops_it(platform, tmp_path
                 scraped += answer.count(b'aube_claims_total{function="rev",result="claimed"}')
         assert scraped >= 1
         async with await anyio.connect_tcp("127.0.0.1", proxy_port) as s:
-            await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert b" 404 " in await s.receive()
         # The control plane and the reaper each have an operator port of their own.
         for port, family in ((start.controlplane_operator_port, b"aube_builds_total"),
                              (start.reaper_operator_port, b"aube_reap_passes_total")):  # fmt: skip
             await wait_http(port)
             async with await anyio.connect_tcp("127.0.0.1", port) as s:
-                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                await s.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 answer = b""
                 with anyio.fail_after(10), contextlib.suppress(anyio.EndOfStream):
                     while True:

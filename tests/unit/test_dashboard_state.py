@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from aube.proxy import dashboard_state
-from aube.proxy.dashboard import host_allowed
 from aube.proxy.dashboard_state import Counters, History, snapshot
 from aube.proxy.handshake import Endpoint, HeadError, parse_head, route
 from aube.proxy.metrics import Metrics
+from aube.shared.operator_http import host_allowed
 from aube.shared.schemas import AccessSection, FunctionRecord, InstanceRecord, Manifest
 
 NOW = 1_000_000.0

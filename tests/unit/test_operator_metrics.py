@@ -57,8 +57,12 @@ def test_exported_names_include_families_without_samples() -> None:
 @pytest.mark.parametrize(
     ("head", "status"),
     [
-        (b"GET /_aube/metrics HTTP/1.1\r\nHost: x", 200),
-        (b"GET /_aube/metrics?x=1 HTTP/1.0", 200),
+        (b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1:9091", 200),
+        (b"GET /_aube/metrics?x=1 HTTP/1.1\r\nhost: localhost", 200),
+        (b"GET /_aube/metrics HTTP/1.1\r\nHost: [::1]:9092", 200),
+        # DNS rebinding: a page named evil.example resolving to 127.0.0.1 reads nothing; nor does a head without Host.
+        (b"GET /_aube/metrics HTTP/1.1\r\nHost: evil.example:9091", 403),
+        (b"GET /_aube/metrics HTTP/1.0", 403),
         (b"GET /_aube/health HTTP/1.1", 200),
         (b"POST /_aube/metrics HTTP/1.1", 405),
         (b"GET /fn HTTP/1.1\r\nUpgrade: websocket", 404),
@@ -73,7 +77,7 @@ def test_the_operator_endpoint_serves_metrics_and_health_only(head: bytes, statu
 
 
 def test_head_gets_no_body() -> None:
-    reply = operator_http.answer(b"HEAD /_aube/metrics HTTP/1.1", lambda: "x_total 1\n")
+    reply = operator_http.answer(b"HEAD /_aube/metrics HTTP/1.1\r\nHost: localhost", lambda: "x_total 1\n")
     assert reply.endswith(b"\r\n\r\n") and b"Content-Length: 10" in reply
 
 
@@ -179,3 +183,32 @@ def test_aube_start_gives_each_service_its_own_operator_port() -> None:
         metrics_endpoints({"AUBE_OPERATOR_PORT": "9091"}, 2)
     with pytest.raises(SystemExit, match="AUBE_REAPER_OPERATOR_PORT must be a port"):
         metrics_endpoints({"AUBE_REAPER_OPERATOR_PORT": "lots"}, 1)
+
+
+@pytest.mark.anyio
+async def test_idle_connections_beyond_the_cap_are_closed_and_metrics_still_answer() -> None:
+    """Red-team finding: idle connections (each may hold HEAD_TIMEOUT + SEND_TIMEOUT) used up a root service's
+    descriptors. Past MAX_CONNECTIONS one is closed at once; once they go, a scrape is answered."""
+    import contextlib
+
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(operator_http.serve, "127.0.0.1", 0, lambda: "x_total 1\n", "AUBE_TEST_PORT")
+        idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(operator_http.MAX_CONNECTIONS)]
+        await anyio.sleep(0.2)  # every one accepted and holding its slot
+        extra = await anyio.connect_tcp("127.0.0.1", port)
+        # Closed without an answer (end of stream or a reset): what the cap does.
+        with anyio.fail_after(2), contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            assert await extra.receive() == b""
+        for conn in idle:
+            await conn.aclose()
+        await anyio.sleep(0.2)
+        scrape = await anyio.connect_tcp("127.0.0.1", port)
+        await scrape.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with anyio.fail_after(5):
+            reply = await scrape.receive()
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        await scrape.aclose()
+        await extra.aclose()
+        tg.cancel_scope.cancel()
