@@ -4,6 +4,8 @@ From what scripts/setup.sh leaves in the engine (the base and runtime images, an
 `docker-compose` (v1; `docker compose` where only v2 is installed) brings the platform up under a project name and
 ports of the test's own, the real aube CLI deploys a function with the credentials the compose setup created, a real
 WebSocket client round-trips a message through the published proxy port, and `down -v` leaves nothing behind.
+Its data folder lies inside the checkout, under .data, as the default one does: the proxy and the reaper, each
+searched from its container's root, hold no password but their own, and run as a user that is not root.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from harness import remove_labelled
 from support import consecutive_free_ports
 from websockets.sync.client import connect
 
-from aube.shared import names
+from aube.shared import credentials, names
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -84,6 +86,41 @@ def leftovers(client: Any, project: str, owner: str) -> dict[str, list[str]]:
     }
 
 
+def read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def service_container(client: Any, project: str, service: str) -> Any:
+    filters = {"label": [f"{COMPOSE_PROJECT_LABEL}={project}", f"com.docker.compose.service={service}"]}
+    (found,) = client.containers.list(filters=filters)
+    return found
+
+
+def files_holding(container: Any, secrets: list[str]) -> list[str]:
+    """Every file in the container's filesystem (not /proc or /sys) holding one of `secrets`, searched as root in
+    the container: whatever its service's user may read, root there reads too."""
+    script = 'cd / && exec grep -rlsF -D skip "$@" $(ls -A / | grep -vx -e proc -e sys)'
+    patterns = [arg for secret in secrets for arg in ("-e", secret)]
+    code, out = container.exec_run(["sh", "-c", script, "sh", *patterns], user="0")
+    assert code in (0, 1, 2), out  # 2: some file was unreadable even to root (a socket); matches still listed
+    return out.decode().split()
+
+
+def assert_sees_only_own_login(client: Any, project: str, service: str, data: Path) -> None:
+    platform = read_env(data / credentials.PLATFORM_FILE)
+    own = platform[credentials.SERVICE_USERS[service][1]]
+    tenant = read_env(data / "credentials.env")[credentials.ENV_DEPLOYER_PASSWORD]
+    foreign = [value for value in platform.values() if value != own] + [tenant]
+    container = service_container(client, project, service)
+    assert files_holding(container, foreign) == [], f"{service} can read another's password"
+    assert files_holding(container, [own]) == ["run/aube-login/login.env"]  # the search does find what is there
+    code, uid = container.exec_run(["id", "-u"])
+    assert code == 0 and uid.decode().strip() != "0", f"{service} runs as root"
+    code, login = container.exec_run(["cat", "/run/aube-login/login.env"])  # as the service's own user
+    assert code == 0, login
+    assert f"={own}\n" in login.decode()
+
+
 def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_path: Path) -> None:
     compose = compose_command()
     ensure_image(docker_client)
@@ -91,8 +128,10 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
     base = consecutive_free_ports(6)
     nats_port, monitor_port, proxy_port = base, base + 1, base + 2
     cp_operator, reaper_operator, proxy_operator = base + 3, base + 4, base + 5
-    data = tmp_path / "data"
-    data.mkdir()  # else the engine creates it, owned by root, and a setup running as the test's user cannot write
+    # Inside the checkout like the default (../.data/compose): no service may see it through its source mounts.
+    data = REPO / ".data" / f"compose-{project}"
+    data.mkdir(parents=True)  # else the engine creates it, owned by root: a setup as the test's user cannot write
+    user = f"{os.getuid()}:{os.getgid()}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AUBE_")},
         "AUBE_COMPOSE_DATA": str(data),
@@ -103,7 +142,9 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
         "AUBE_COMPOSE_REAPER_OPERATOR_PORT": str(reaper_operator),
         "AUBE_COMPOSE_PROXY_OPERATOR_PORT": str(proxy_operator),
         "AUBE_COMPOSE_OWNER": test_owner,
-        "AUBE_COMPOSE_USER": f"{os.getuid()}:{os.getgid()}",
+        "AUBE_COMPOSE_USER": user,
+        # Only root gives files away: run as another user, setup can make the services' logins its own user's only.
+        **({} if os.getuid() == 0 else {"AUBE_COMPOSE_SERVICE_USER": user}),
     }
     argv = [*compose, "-f", str(COMPOSE_FILE), "-p", project]
 
@@ -140,6 +181,12 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
         with connect(f"ws://127.0.0.1:{proxy_port}/rev", open_timeout=60, proxy=None) as ws:
             ws.send("hello compose")
             assert ws.recv(timeout=30) == "esopmoc olleh"
+
+        # The internet-facing proxy, and the reaper, hold their own login only; the instance mounts nothing.
+        for service in ("proxy", "reaper"):
+            assert_sees_only_own_login(docker_client, project, service, data)
+        instances = docker_client.containers.list(filters={"label": f"{names.LABEL_OWNER}={test_owner}"})
+        assert instances and all(c.attrs["Mounts"] == [] for c in instances)
 
         # Its requirements.txt was installed by pip in bubblewrap, which the control plane's container lets start.
         controlplane_log = run("logs", "controlplane").stdout
@@ -185,3 +232,4 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
             run("down", "-v", timeout=180)
         # Function images outlive `down` by design (docs): a test removes its own.
         remove_labelled(docker_client, test_owner)
+        shutil.rmtree(data, ignore_errors=True)
