@@ -48,6 +48,10 @@ from aube.shared.settings import ProxySettings
 
 pytestmark = pytest.mark.anyio
 
+# The operator endpoints answer only a Host that is an address, localhost or the operator host.
+METRICS_GET = b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+METRICS_POST = b"POST /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
@@ -258,7 +262,7 @@ async def test_reversed_echo_then_release_to_free(nats_server: LocalNatsServer) 
                 assert rec.last_used >= before
                 assert rec.streams_served == 1
                 assert settings.operator_port is not None
-                metrics = (await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).decode()
+                metrics = (await raw_request(settings.operator_port, METRICS_GET)).decode()
                 assert 'aube_claims_total{function="reverse",result="claimed"} 1' in metrics
                 assert 'aube_relayed_bytes_total{direction="client_to_instance"}' in metrics
                 assert "aube_claim_latency_seconds_count 1" in metrics
@@ -302,7 +306,7 @@ async def test_refusals_before_upgrade_and_service_goes_on(nats_server: LocalNat
                 assert status_of(await raw_request(port, b"GET /reverse HTTP/1.1\r\nHost: x\r\n\r\n")) == 426
                 health = await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n", half_close=True)
                 assert status_of(health) == 200
-                metrics = await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                metrics = await raw_request(settings.operator_port, METRICS_GET)
                 assert status_of(metrics) == 200
                 text = metrics.decode()
                 for reason in ("invalid_name", "unknown_function", "no_instance", "not_upgrade"):
@@ -327,7 +331,7 @@ async def test_metrics_are_served_on_the_operator_port_only(nats_server: LocalNa
                     assert status_of(public) == 404, public
                     assert b"reverse" not in public and b"aube_" not in public
                 assert status_of(await raw_request(port, b"GET /_aube/health HTTP/1.1\r\n\r\n")) == 200
-                operator = await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                operator = await raw_request(settings.operator_port, METRICS_GET)
                 assert status_of(operator) == 200
                 assert b'aube_claims_total{function="reverse",result="claimed"} 1' in operator
                 assert b'aube_handshakes_rejected_total{reason="not_found"} 2' in operator
@@ -339,7 +343,7 @@ async def test_metrics_are_served_on_the_operator_port_only(nats_server: LocalNa
                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
                 )
                 assert status_of(await raw_request(settings.operator_port, upgrade)) == 404
-                post = await raw_request(settings.operator_port, b"POST /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                post = await raw_request(settings.operator_port, METRICS_POST)
                 assert status_of(post) == 404
                 # Loopback only by default: not reachable on the host's other addresses.
                 with socket.create_connection(("127.0.0.1", settings.operator_port)):
@@ -695,7 +699,7 @@ async def test_stream_max_duration_ends_even_a_busy_stream(nats_server: LocalNat
 
 async def metric(settings: ProxySettings, line: str) -> int:
     assert settings.operator_port is not None
-    text = (await raw_request(settings.operator_port, b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).decode()
+    text = (await raw_request(settings.operator_port, METRICS_GET)).decode()
     found = [int(float(m.rsplit(" ", 1)[1])) for m in text.splitlines() if m.startswith(line + " ")]
     return found[0] if found else 0
 
