@@ -137,6 +137,10 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_max_age: float = 3600.0
     log_max_bytes: int = 64 * 1024 * 1024
     log_max_lines: int = 10000
+    # The largest file a process-runtime instance may write (RLIMIT_FSIZE): bounds its output files on the host's
+    # disk however fast it writes (the reader cuts them as it goes), and every other file it writes.
+    # At least 1 MiB: the reader cuts a file it has read past 1 MiB (runtimes/output.py MAX_FILE).
+    output_max_file_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 8 * 1024 * 1024
 
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):

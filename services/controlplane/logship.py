@@ -8,7 +8,9 @@ instance started; plain `aube.logs.fn.<name>.<origin>` for the operator's functi
 into that tenant's account only, as `aube.logs.fn.<name>.<origin>` (deploy/nats.conf: exports and imports, like
 events). Nothing the instance can do reaches NATS: it writes bytes, the platform reads and tags them.
 
-Bounds, per instance: LineSplitter cuts every line at `log_line_bytes`; RateLimit admits `log_rate` lines a second
+Bounds, per instance: the runtime's reader lets through at most what RateLimit would (OutputGate, in its thread:
+a flood of lines is counted there, not cut into lines on the event loop) and reports the rest to `dropped`;
+LineSplitter cuts every line at `log_line_bytes`; RateLimit admits `log_rate` lines a second
 (bursts of `log_burst`); what it drops is counted and shipped as one line "N lines dropped" (`dropped` = N) once a
 line may go again, or within a second. Lines wait for NATS in a queue of QUEUE_LINES; a line that finds it full is
 dropped and counted the same way.
@@ -92,6 +94,14 @@ class LogShipper:
         now = time.time()
         for text, cut in instance.splitters[stream].feed(data):
             self._line(instance, stream, text, cut, now)
+
+    def dropped(self, of: OutputOf, lines: int) -> None:
+        instance = self._instance(of)
+        if instance is None:
+            return
+        instance.limit.dropped += lines
+        instance.limit.dropped_total += lines
+        self.dropped_total += lines
 
     def closed(self, of: OutputOf) -> None:
         self.refused.discard(of.instance_id)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 TRUNCATION_MARK = " …"
+# Where an OutputGate's stream is: between lines, in a line let through, in a line dropped.
+_AT_START, _PASSING, _DROPPING = 0, 1, 2
 
 
 @dataclass
@@ -84,6 +86,57 @@ class RateLimit:
         self.dropped += 1
         self.dropped_total += 1
         return False
+
+    def take_dropped(self) -> int:
+        count, self.dropped = self.dropped, 0
+        return count
+
+
+@dataclass
+class OutputGate:
+    """The rate limit applied to raw bytes, before any line is cut: in the reader's thread, so that a flood costs
+    the event loop only what it may ship. Per instance (both streams together) a token bucket of `rate` lines a
+    second, bursts of `burst`; a line takes its token when its first byte comes. Once the bucket is empty the rest of
+    a chunk is skipped and its lines counted with `bytes.count` (C speed, no list), so the Python work of a chunk is
+    bounded by the tokens, however many lines it holds. What passes is whole lines (and the head of the one in
+    progress): at most `burst` lines a call, each still cut at `log_line_bytes` by LineSplitter, which skips the rest
+    of an over-long line at C speed too (and counts its bytes exactly)."""
+
+    rate: float
+    burst: int
+    dropped: int = 0  # lines skipped since the last `take_dropped`
+    _tokens: float = -1.0
+    _at: float = 0.0
+    _where: dict[str, int] = field(default_factory=dict)  # per stream
+
+    def admit(self, stream: str, data: bytes, now: float) -> bytes:
+        """What of `data` may go on to be cut into lines; the lines skipped are added to `dropped`."""
+        if self._tokens < 0:
+            self._tokens, self._at = float(self.burst), now
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        where = self._where.get(stream, _AT_START)
+        passed: list[bytes] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if where == _AT_START:
+                if self._tokens < 1.0:  # the rest of the chunk goes: count its lines, never split them
+                    self.dropped += data.count(b"\n", pos)
+                    where = _AT_START if data.endswith(b"\n") else _DROPPING
+                    break
+                self._tokens -= 1.0
+                where = _PASSING
+            newline = data.find(b"\n", pos)
+            end = size if newline < 0 else newline + 1
+            if where == _PASSING:
+                passed.append(data[pos:end])
+            elif newline >= 0:  # the end of a line dropped in an earlier chunk
+                self.dropped += 1
+            if newline >= 0:
+                where = _AT_START
+            pos = end
+        self._where[stream] = where
+        return b"".join(passed)
 
     def take_dropped(self) -> int:
         count, self.dropped = self.dropped, 0

@@ -294,3 +294,65 @@ async def test_each_host_agent_ships_its_own_instances_lines_and_can_name_no_oth
             platform.stop_all()
             for h in HOSTS:
                 stop_process_instances(f"{test_owner}-{h}", data[h])
+
+
+GIANT_FN = """
+import errno
+import os
+import threading
+
+
+def flood():
+    chunk = b"x" * 65536 + b"\\n"
+    while True:
+        try:
+            os.write(1, chunk)
+        except OSError:
+            pass
+
+
+def fn(websocket):
+    for message in websocket:
+        if message == "giant":
+            try:
+                os.ftruncate(1, 1 << 40)
+                result = "truncated"
+            except OSError as e:
+                result = errno.errorcode.get(e.errno, str(e.errno))
+            threading.Thread(target=flood, daemon=True).start()
+            websocket.send(result)
+        else:
+            websocket.send(message)
+"""
+OUTPUT_BOUND = 16 * 1024 * 1024  # bytes an instance's output file may hold on the host's disk, apparent or allocated
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+@pytest.mark.parametrize("zygote", ["on", "off"])
+async def test_an_instance_cannot_fill_the_disk_through_its_output_files(logged: Any, zygote: str) -> None:
+    """Red team: an instance's os.ftruncate(1, 1 << 40) made its stdout a sparse terabyte the reader never read to
+    its end (so never cut), and a writer faster than the reader grew it past any cut. Its RLIMIT_FSIZE
+    (output_max_file_bytes) refuses both (EFBIG), fresh or forked from a zygote, and the platform keeps answering."""
+    accounts, platform = logged
+    await platform.start_controlplane(**accounts.service_env("controlplane"), AUBE_ZYGOTE=zygote)
+    port, _ = await platform.start_proxy(**accounts.service_env("proxy"))
+    async with await nats.connect(accounts.url, **accounts.options("deployer")) as deployer:
+        body = {"name": "giant", "zip": zip_files({"fn.py": GIANT_FN, "aube.toml": MANIFEST})}
+        reply = json.loads((await deployer.request(names.SUBJECT_UPLOAD, json.dumps(body).encode(), timeout=600)).data)
+        assert reply["ok"], reply
+    async with connect(f"ws://127.0.0.1:{port}/giant", proxy=None, open_timeout=30) as ws:
+        await ws.send("giant")
+        with anyio.fail_after(30):
+            result = await ws.recv()
+        print(f"zygote {zygote}: ftruncate(1, 1 TiB) in the instance: {result}")
+        logs = Path(platform.data_dir) / "logs" / platform.owner
+        (folder,) = [p for p in logs.iterdir() if p.is_dir()]
+        largest = 0
+        for i in range(20):
+            stat = (folder / "stdout").stat()
+            largest = max(largest, stat.st_size, stat.st_blocks * 512)
+            await exchange(ws, f"still here {i}")  # the instance and the platform answer through the flood
+            await anyio.sleep(0.2)
+        print(f"zygote {zygote}: the stdout file held at most {largest} bytes during a 4 s flood")
+        assert largest <= OUTPUT_BOUND
+        assert result == "EFBIG"

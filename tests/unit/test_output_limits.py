@@ -3,13 +3,15 @@ the CLI's durations, and the NATS permissions and exports that scope lines to ho
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from aube.cli.logs import parse_duration
 from aube.controlplane.logship import log_subject
-from aube.controlplane.outputlimits import TRUNCATION_MARK, LineSplitter, RateLimit, dropped_message
+from aube.controlplane.outputlimits import TRUNCATION_MARK, LineSplitter, OutputGate, RateLimit, dropped_message
 from aube.controlplane.runtimes.output import MAX_FILE, OutputOf, ProcessOutput, make_folder
 from aube.shared import agentlogins, names, tenants
 from aube.shared.errors import InvalidRequest
@@ -92,7 +94,7 @@ def test_process_output_is_read_from_the_watch_on_and_its_files_cut_once_read(tm
     make_folder(tmp_path / "old", old)
     with (tmp_path / "old" / "stdout").open("ab") as f:
         f.write(b"before the watch\n")
-    watch = ProcessOutput(tmp_path)
+    watch = ProcessOutput(tmp_path, rate=100, burst=200, max_file=8 << 20)
     assert watch._pass(first=True) == ([], [])
     new = OutputOf(function="fn", instance_id="new", tenant="alice")
     make_folder(tmp_path / "new", new)
@@ -118,3 +120,56 @@ def test_process_output_is_read_from_the_watch_on_and_its_files_cut_once_read(tm
         (tmp_path / "old" / name).unlink()
     (tmp_path / "old").rmdir()
     assert watch._pass(first=False) == ([], [old])
+
+
+def test_the_gate_lets_a_burst_of_whole_lines_through_and_counts_the_rest_across_chunks() -> None:
+    gate = OutputGate(rate=10, burst=3)
+    assert gate.admit("stdout", b"a\nb\nc\nd\ne\nhalf", 100.0) == b"a\nb\nc\n"
+    assert gate.dropped == 2  # d, e; "half" is counted when its line ends
+    assert gate.admit("stdout", b"-line\nf\n", 100.0) == b""
+    assert gate.take_dropped() == 4 and gate.dropped == 0
+    # A token a tenth of a second later: a line begun is let through to its end, over chunks, whatever its length.
+    assert gate.admit("stderr", b"long", 100.15) == b"long"
+    assert gate.admit("stderr", b"er\nnext\n", 100.15) == b"er\n"
+    assert gate.take_dropped() == 1
+
+
+def test_a_flood_of_empty_lines_costs_the_event_loop_a_burst_not_a_list_of_every_line(tmp_path: Path) -> None:
+    """Red team: an instance writing b"\\n" endlessly made the shipper build a tuple per line on the event loop
+    (1.5 s a MiB). Now the reader's gate, in its thread, lets through at most the burst (plus the rate meanwhile)
+    and counts the rest; what reaches the loop is cut into at most that many lines."""
+    of = OutputOf(function="fn", instance_id="flood", tenant="alice")
+    watch = ProcessOutput(tmp_path, rate=100, burst=200, max_file=16 << 20)
+    assert watch._pass(first=True) == ([], [])
+    make_folder(tmp_path / "flood", of)
+    flood = 8 * 1024 * 1024
+    (tmp_path / "flood" / "stdout").write_bytes(b"\n" * flood)
+    started = time.monotonic()
+    splitter, lines, dropped = LineSplitter(max_bytes=2048), 0, 0
+    while True:
+        chunks, _ = watch._pass(first=False)
+        dropped += sum(count for _, count in watch.drops)
+        if not chunks and not watch.drops:
+            break
+        for _, _, data in chunks:
+            lines += len(splitter.feed(data))
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.5
+    assert lines <= 200 + 100 * elapsed + 1
+    assert lines + dropped == flood
+
+
+def test_an_output_file_grown_past_the_limit_is_cut_unread_and_counted(tmp_path: Path) -> None:
+    """Red team: os.ftruncate(1, 1 << 40) made a sparse terabyte whose end the reader never reached, so it was never
+    cut. A file larger than `max_file` is cut at once, whatever was read of it."""
+    of = OutputOf(function="fn", instance_id="giant", tenant="alice")
+    watch = ProcessOutput(tmp_path, rate=100, burst=200, max_file=8 << 20)
+    make_folder(tmp_path / "giant", of)
+    assert watch._pass(first=False) == ([], [])
+    with (tmp_path / "giant" / "stdout").open("ab", buffering=0) as out:
+        os.ftruncate(out.fileno(), 1 << 40)
+        assert watch._pass(first=False) == ([], [])
+        assert watch.drops == [(of, 1)]
+        assert os.fstat(out.fileno()).st_size == 0
+        out.write(b"after\n")
+        assert watch._pass(first=False)[0] == [(of, "stdout", b"after\n")]

@@ -33,7 +33,7 @@ def test_parse_memory_rejects(text: str) -> None:
 
 
 def test_rlimits_from_memory() -> None:
-    assert sandbox.rlimits("256m") == {"RLIMIT_AS": 256 * 1024**2, "RLIMIT_CORE": 0}
+    assert sandbox.rlimits("256m", 8 << 20) == {"RLIMIT_AS": 256 * 1024**2, "RLIMIT_CORE": 0, "RLIMIT_FSIZE": 8 << 20}
 
 
 def test_minimal_roots_drops_nested_and_duplicates() -> None:

@@ -378,7 +378,7 @@ class DockerRuntime:
 
     async def watch_output(self, owner: str, sink: OutputSink) -> None:
         """Ship what the owner's containers write (docker_output.py) until cancelled."""
-        await DockerOutput(owner, sink).watch()
+        await DockerOutput(owner, sink, self._settings.log_rate, self._settings.log_burst).watch()
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
         since: int | None = None

@@ -5,12 +5,16 @@ it with the engine's log API, one follow per container and stream (the API tells
 for one at a time), on a client of its own: a follow holds a connection and a worker thread for as long as the
 container runs, and must take neither from the runtime's calls. The owner's running containers are listed every
 LIST_EVERY seconds; who a container's output belongs to comes from its labels, which the control plane set.
+The rate limit is applied in the follow's thread (`OutputGate`, one per container for both its streams): a flood of
+lines (one frame each) is counted there and never reaches the event loop line by line; the count goes to
+`sink.dropped` at most every REPORT_EVERY seconds, and when the container ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from typing import Any
 
@@ -21,6 +25,7 @@ import docker
 import docker.errors
 import requests
 
+from aube.controlplane.outputlimits import OutputGate
 from aube.controlplane.runtimes.output import STREAMS, OutputOf, OutputSink
 from aube.shared import names
 from aube.shared.schemas import OutputStream
@@ -30,12 +35,23 @@ logger = logging.getLogger(__name__)
 LIST_EVERY = 0.5  # seconds between listings of the owner's running containers: a new instance's first lines wait this
 READ_TIMEOUT = 300  # a follow that saw nothing this long is opened again (from then on)
 MAX_FOLLOWS = 512  # worker threads (two per container) and connections of the follower's client
+REPORT_EVERY = 0.5  # seconds: how often a follow hands the count of lines its gate skipped to the sink
+
+
+class _Gated:
+    """A container's gate, shared by its two follows' threads."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.gate = OutputGate(rate=rate, burst=burst)
+        self.lock = threading.Lock()
+        self.reported = 0.0
 
 
 class DockerOutput:
-    def __init__(self, owner: str, sink: OutputSink) -> None:
+    def __init__(self, owner: str, sink: OutputSink, rate: float, burst: int) -> None:
         self.owner = owner
         self.sink = sink
+        self.rate, self.burst = rate, burst
         self.followed: set[str] = set()
         self.limiter = anyio.CapacityLimiter(MAX_FOLLOWS)
 
@@ -78,16 +94,35 @@ class DockerOutput:
         return out
 
     async def _follow_container(self, client: Any, cid: str, of: OutputOf, since: int | None) -> None:
+        gated = _Gated(self.rate, self.burst)
         try:
             async with anyio.create_task_group() as tg:
                 for stream in STREAMS:
-                    tg.start_soon(self._follow, client, cid, of, stream, since)
+                    tg.start_soon(self._follow, client, cid, of, stream, since, gated)
         finally:
             self.followed.discard(cid)
+            with gated.lock:
+                dropped = gated.gate.take_dropped()
+            if dropped:
+                self.sink.dropped(of, dropped)
             self.sink.closed(of)
 
-    async def _follow(self, client: Any, cid: str, of: OutputOf, stream: OutputStream, since: int | None) -> None:
+    async def _follow(
+        self, client: Any, cid: str, of: OutputOf, stream: OutputStream, since: int | None, gated: _Gated
+    ) -> None:
         sink = self.sink
+
+        def ship(chunk: bytes) -> None:
+            now = time.time()
+            with gated.lock:
+                data = gated.gate.admit(stream, chunk, now)
+                dropped = 0
+                if now - gated.reported >= REPORT_EVERY:
+                    dropped, gated.reported = gated.gate.take_dropped(), now
+            if data:
+                anyio.from_thread.run_sync(sink.write, of, stream, data)
+            if dropped:
+                anyio.from_thread.run_sync(sink.dropped, of, dropped)
 
         def pump() -> None:
             start = since
@@ -98,7 +133,7 @@ class DockerOutput:
                         since=start,
                     )  # fmt: skip
                     for chunk in chunks:
-                        anyio.from_thread.run_sync(sink.write, of, stream, chunk)
+                        ship(chunk)
                 except (docker.errors.NotFound, anyio.RunFinishedError):
                     return
                 except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as e:

@@ -12,9 +12,10 @@ the network too (no network at all: the instance listens on a Unix socket in a f
 `_run_dir`), the host is visible read-only and only where Python needs it, /tmp is a private tmpfs, a seccomp
 filter (`seccomp.py`) refuses what a function needs none of, and the instance runs as the unprivileged
 `sandbox_uid` (the child stages its folders and drops to that uid before it becomes bubblewrap: `stage.py`).
-Limits: RLIMIT_AS from the manifest's `memory` and no core dumps, always (`sandbox.rlimits`); `cpus`, `pids`
-and resident `memory` through cgroups where the host lets this process write them (`cgroups.py`), which the log
-says at the first start.
+Limits: RLIMIT_AS from the manifest's `memory`, no core dumps and no file larger than `output_max_file_bytes` (its
+output files stay bounded however fast it writes or whatever it ftruncates them to), always (`sandbox.rlimits`);
+`cpus`, `pids` and resident `memory` through cgroups where the host lets this process write them (`cgroups.py`),
+which the log says at the first start.
 
 Zygote (`settings.zygote`, sandboxed by root only): bubblewrap runs a holder, and the instance is forked into that
 sandbox from a per-version zygote that has imported the server (`zygote.py`, `zygotes.py`); else it fails over to
@@ -149,7 +150,7 @@ class ProcessRuntime:
         if not fn_dir.is_dir():
             raise RuntimeFailure(f"artifact {spec.artifact!r} has no function folder (was it removed?)")
         try:
-            limits = sandbox.rlimits(spec.manifest.limits.memory)
+            limits = sandbox.rlimits(spec.manifest.limits.memory, self._settings.output_max_file_bytes)
         except ValueError as e:
             raise RuntimeFailure(f"limits.memory: {e}") from e
         bwrap = await self._sandbox()
@@ -410,7 +411,9 @@ class ProcessRuntime:
     async def watch_output(self, owner: str, sink: output.OutputSink) -> None:
         """Ship what the owner's instances write (output.py) until cancelled."""
         versions.check_owner(owner)
-        await output.ProcessOutput(self._data / "logs" / owner).watch(sink)
+        s = self._settings
+        reader = output.ProcessOutput(self._data / "logs" / owner, s.log_rate, s.log_burst, s.output_max_file_bytes)
+        await reader.watch(sink)
 
     def _run_dir(self, owner: str, instance_id: str) -> Path:
         return self._runs / owner / instance_id

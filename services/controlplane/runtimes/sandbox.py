@@ -82,15 +82,18 @@ def parse_memory(text: str) -> int:
     return value
 
 
-def rlimits(memory: str) -> dict[str, int]:
+def rlimits(memory: str, max_file: int) -> dict[str, int]:
     """The `resource.RLIMIT_*` names and values applied to an instance (soft = hard).
 
     RLIMIT_AS bounds address space, not resident memory, so it is a loose stand-in for the manifest's
     `memory` (the runtime also sets MALLOC_ARENA_MAX to keep glibc's per-thread arenas from eating it).
     Not here: `cpus` (no per-process CPU share in rlimits) and `pids` (RLIMIT_NPROC counts every process of the
     user, so it would count the host's processes as well); cgroups.py enforces both where the host allows.
+    RLIMIT_FSIZE (`max_file`) bounds the instance's stdout and stderr files (output.py), which it could otherwise
+    grow faster than they are read, or ftruncate to a sparse terabyte whose end the reader never reaches: a write
+    or ftruncate past it fails with EFBIG (Python ignores SIGXFSZ). It holds for every file the function writes.
     """
-    return {"RLIMIT_AS": parse_memory(memory), "RLIMIT_CORE": 0}
+    return {"RLIMIT_AS": parse_memory(memory), "RLIMIT_CORE": 0, "RLIMIT_FSIZE": max_file}
 
 
 def minimal_roots(paths: Iterable[str]) -> list[str]:
