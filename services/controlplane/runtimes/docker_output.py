@@ -96,9 +96,12 @@ class DockerOutput:
     async def _follow_container(self, client: Any, cid: str, of: OutputOf, since: int | None) -> None:
         gated = _Gated(self.rate, self.burst)
         try:
-            async with anyio.create_task_group() as tg:
-                for stream in STREAMS:
-                    tg.start_soon(self._follow, client, cid, of, stream, since, gated)
+            async with anyio.create_task_group() as reporting:
+                reporting.start_soon(self._report_dropped, of, gated)
+                async with anyio.create_task_group() as tg:
+                    for stream in STREAMS:
+                        tg.start_soon(self._follow, client, cid, of, stream, since, gated)
+                reporting.cancel_scope.cancel()  # both streams ended: the rest is reported below
         finally:
             self.followed.discard(cid)
             with gated.lock:
@@ -106,6 +109,17 @@ class DockerOutput:
             if dropped:
                 self.sink.dropped(of, dropped)
             self.sink.closed(of)
+
+    async def _report_dropped(self, of: OutputOf, gated: _Gated) -> None:
+        """Report what the gate dropped every REPORT_EVERY seconds, also once a flood has ended and no chunk comes
+        to carry the count (a 3000-line flood showed 41 lines and reported 1 dropped until the container ended)."""
+        while True:
+            await anyio.sleep(REPORT_EVERY)
+            with gated.lock:
+                dropped = gated.gate.take_dropped()
+                gated.reported = time.time()
+            if dropped:
+                self.sink.dropped(of, dropped)
 
     async def _follow(
         self, client: Any, cid: str, of: OutputOf, stream: OutputStream, since: int | None, gated: _Gated
