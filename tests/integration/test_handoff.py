@@ -203,6 +203,7 @@ async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None: 
         with anyio.fail_after(60):
             while ids & set(await states(registry, "who")):
                 await anyio.sleep(0.2)
+        await wait_free(registry, "who", 1)  # the control plane's top-up replaced them
         async with ws(other_port, "who") as conn:
             assert (await whoami(conn, "again"))["echo"] == "again"
 
