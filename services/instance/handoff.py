@@ -35,6 +35,7 @@ import hmac
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -173,7 +174,7 @@ class HandoffListener:
                     return
                 client.prefix = offer.prefix
                 _say(conn, {"taken": True})
-                reason = self._carry(client, offer)
+                reason = self._carry(client, offer, conn)
                 if not _acknowledged(conn, reason, offer.ack_wait):
                     # The proxy is gone (or could not settle its claim): whoever held it can no longer account for
                     # this instance, so it ends, and the control plane drops its entry (see the module docstring).
@@ -185,8 +186,9 @@ class HandoffListener:
             for fd in fds:
                 os.close(fd)
 
-    def _carry(self, client: HandedOffSocket, offer: Offer) -> str:
-        """Serve the stream until its connection closes; shut it down when it breaks a limit. Why it ended."""
+    def _carry(self, client: HandedOffSocket, offer: Offer, conn: socket.socket) -> str:
+        """Serve the stream until its connection closes; shut it down when it breaks a limit, or when the proxy says
+        {"end": reason} (the registry no longer accounts for this instance). Why it ended."""
         done = threading.Event()
         reason = "closed"
 
@@ -201,12 +203,21 @@ class HandoffListener:
         last_moved = -1
         windows = [w / 4 for w in (offer.idle_timeout, offer.max_duration) if w]
         tick = min([WATCH_TICK, *windows])
+        proxy_there = True
         while not done.wait(tick):
             now = time.monotonic()
             if client.moved != last_moved:
                 last_moved, last_change = client.moved, now
             limit = None
-            if offer.idle_timeout and now - last_change >= offer.idle_timeout:
+            if proxy_there and select.select([conn], [], [], 0)[0]:
+                # Only {"end"} can come while the stream runs (the ack answers our report of its end).
+                said = _read_line(conn)
+                proxy_there = said is not None
+                if said is not None and said.get("end"):
+                    limit = str(said["end"])
+            if limit is not None:
+                pass
+            elif offer.idle_timeout and now - last_change >= offer.idle_timeout:
                 limit = "idle_timeout"
             elif offer.max_duration and now - started >= offer.max_duration:
                 limit = "max_duration"
@@ -233,6 +244,30 @@ def _read_offer(conn: socket.socket) -> tuple[Offer | None, list[int]]:
     return parse_offer(bytes(buf)), list(fds)
 
 
+def _read_line(conn: socket.socket) -> dict[str, Any] | None:
+    """One message of the proxy's; None when it is gone (or said something that is not one)."""
+    try:
+        conn.settimeout(OFFER_TIMEOUT)
+        line = _readline(conn)
+        said = json.loads(line) if line else None
+    except (OSError, ValueError):
+        return None
+    return said if isinstance(said, dict) else None
+
+
+def _readline(conn: socket.socket) -> bytes:
+    """One line, read a byte at a time: nothing after it is taken from the socket (the lines are few and short)."""
+    line = bytearray()
+    while len(line) < MAX_PARAMS:
+        byte = conn.recv(1)
+        if not byte:
+            break
+        line += byte
+        if byte == b"\n":
+            break
+    return bytes(line)
+
+
 def _say(conn: socket.socket, message: dict[str, object]) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
@@ -242,7 +277,8 @@ def _acknowledged(conn: socket.socket, reason: str, wait: float) -> bool:
     try:
         _say(conn, {"ended": reason})
         conn.settimeout(wait)
-        line = conn.makefile("rb").readline(MAX_PARAMS)
-        return bool(json.loads(line).get("ack")) if line else False
-    except (OSError, ValueError, AttributeError):
+        line = _readline(conn)
+        said = json.loads(line) if line else None
+    except (OSError, ValueError):
         return False
+    return isinstance(said, dict) and said.get("ack") is True

@@ -53,6 +53,11 @@ class HandedOff:
         except (OSError, ValueError, KeyError, TypeError):
             return "instance_gone"
 
+    def end(self, reason: str) -> None:
+        """Ask the instance to end the stream (it shuts the client's connection down, then reports the end)."""
+        with contextlib.suppress(OSError):
+            self.writer.write(json.dumps({"end": reason}).encode() + b"\n")
+
     async def acknowledge(self) -> None:
         """The claim is settled: the instance may serve on (without this it exits after its stream)."""
         with contextlib.suppress(OSError):

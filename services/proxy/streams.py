@@ -127,7 +127,16 @@ class Streams:
         settled = False
         try:
             slot = await self.holdings.flag_handed_off(slot)
-            reason = await handed.ended()
+            async with anyio.create_task_group() as tg:
+
+                async def end_when_gone() -> None:
+                    await gone.wait()
+                    log.warning("the registry no longer accounts for the instance (its entry is gone): ending")
+                    handed.end("instance_gone")
+
+                tg.start_soon(end_when_gone)
+                reason = await handed.ended()
+                tg.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
                 bound = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
                 with anyio.move_on_after(bound):

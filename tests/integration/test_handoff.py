@@ -17,8 +17,8 @@ from typing import Any
 
 import anyio
 import pytest
-from nats.aio.client import Client as NATS
 from harness import wait_free
+from nats.aio.client import Client as NATS
 from support import nats_client, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -152,7 +152,9 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
                 control.settimeout(5)
                 mine.settimeout(5)
                 control.connect(path)
-                socket.send_fds(control, [encode_offer(secret, head, None, None, 1.0)], [theirs.fileno()] if with_fd else [])
+                socket.send_fds(
+                    control, [encode_offer(secret, head, None, None, 1.0)], [theirs.fileno()] if with_fd else []
+                )
                 theirs.close()
                 answer = control.recv(1024)
                 got = mine.recv(1024)  # b"" once the instance closed its copy: no 101, no 403 even
@@ -206,4 +208,3 @@ async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None: 
         await wait_free(registry, "who", 1)  # the control plane's top-up replaced them
         async with ws(other_port, "who") as conn:
             assert (await whoami(conn, "again"))["echo"] == "again"
-
