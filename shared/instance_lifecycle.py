@@ -98,6 +98,7 @@ def holds(rec: InstanceRecord, claim_record: InstanceRecord) -> bool:
 
 def hand_off(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
     """The claimant handed the client's socket to the instance: flag its claim (`InstanceRecord.handed_off`)."""
+    _check("hand_off", rec, claim_record.instance_id)
     if not holds(rec, claim_record):
         raise Refused("hand_off", rec, "it no longer shows this claim")
     return msgspec.structs.replace(rec, handed_off=True)
