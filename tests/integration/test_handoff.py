@@ -32,11 +32,12 @@ from aube.shared.schemas import UploadReply, UploadRequest
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)]
 
 REPO = Path(__file__).resolve().parents[2]
-WHOAMI = REPO / "examples" / "whoami"
+WHOAMI = REPO / "examples" / "whoami"  # async def fn: the asyncio server
+REVERSE = REPO / "examples" / "reverse"  # def fn: the threaded websockets.sync server
 
 
-async def upload(nc: NATS, name: str, manifest: str) -> UploadReply:
-    body = UploadRequest(name=name, zip=zip_base64(WHOAMI, {"aube.toml": manifest}))
+async def upload(nc: NATS, name: str, manifest: str, folder: Path = WHOAMI) -> UploadReply:
+    body = UploadRequest(name=name, zip=zip_base64(folder, {"aube.toml": manifest}))
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
 
 
@@ -103,6 +104,15 @@ async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) ->
                 await anyio.sleep(0.05)
         async with ws(port, "who") as conn:
             assert (await whoami(conn))["streams"] == 1
+        # A `def fn` function: the sync server takes the handed-off socket too.
+        await upload(nc, "rev", "[scaling]\nmin_free = 1\n", REVERSE)
+        async with ws(port, "rev") as conn:
+            for text in ("hello", "x" * 70_000):
+                await conn.send(text)
+                assert await conn.recv() == text[::-1]
+        seen = await metrics(proxy)
+        assert seen[handed_off("who")] == 2 and seen[handed_off("rev")] == 1
+        assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0
         # AUBE_HANDOFF=off: the same instances, relayed as before.
         async with ws(relay_port, "who") as conn:
             assert (await whoami(conn, "relayed"))["echo"] == "relayed"
