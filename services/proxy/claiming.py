@@ -281,7 +281,9 @@ class Claimer:
                 client, path, head, len(raw_head), rec.secret, (idle, longest), ack_wait, ANSWER_TIMEOUT
             )
         except BaseException:
-            # Cancelled (shutdown) while offering: the instance may have taken the client.
+            # Cancelled (claim timeout, shutdown) while offering: the instance may have taken the client, so nothing
+            # more may be written to it from here (not even a 503): let go of it.
+            client.abort()
             with anyio.CancelScope(shield=True):
                 await self.holdings.release_when_done(slot)
             raise
