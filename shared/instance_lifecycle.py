@@ -73,11 +73,18 @@ def mark_free(rec: InstanceRecord, now: float, *, instance_id: str | None = None
 
 
 def started(
-    rec: InstanceRecord, address: str, handle: str, *, host: str = "", instance_id: str | None = None
+    rec: InstanceRecord,
+    address: str,
+    handle: str,
+    *,
+    host: str = "",
+    instance_id: str | None = None,
+    handoff: str = "",
 ) -> InstanceRecord:
-    """starting -> starting, now with the address, handle and host the runtime gave it (not claimable yet)."""
+    """starting -> starting, now with the address, handle, host (and handoff socket) the runtime gave it (not
+    claimable yet)."""
     _check("started", rec, instance_id)
-    return msgspec.structs.replace(rec, address=address, handle=handle, host=host)
+    return msgspec.structs.replace(rec, address=address, handle=handle, host=host, handoff=handoff)
 
 
 def claim(rec: InstanceRecord, proxy_id: str, now: float, *, instance_id: str | None = None) -> InstanceRecord:

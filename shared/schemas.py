@@ -120,6 +120,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # instance, not in the proxy, so the reaper leaves the claim alone even once the proxy is dead; the instance
     # exits after such a stream unless its proxy acknowledged the end (and so settled the claim). Cleared by release.
     handed_off: bool = False
+    # Host path of the instance's handoff socket when it is not beside its Unix address (a Docker instance's
+    # bind-mounted folder, controlplane/runtimes/handoffdir.py); "" = that, or none. A host path: never in a reply.
+    handoff: str = ""
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):

@@ -229,7 +229,7 @@ class Claimer:
         socket, `_hand_off`). None when it cannot serve (unreachable, no answer, busy): the claim is dealt with here
         and the caller tries another instance."""
         if self.settings.handoff == "auto":
-            path = handoff.handoff_socket(addresses.handoff_path(slot.record.address))
+            path = handoff.handoff_socket(slot.record.handoff or addresses.handoff_path(slot.record.address))
             if path is not None:
                 outcome = await self._hand_off(client, slot, raw_head, path)
                 if outcome != "unavailable":

@@ -1,5 +1,5 @@
 """Socket handoff (issue 11, item 1) on the whole platform as real processes: control plane with the process runtime
-(sandboxed instances on Unix sockets), proxy replicas, reaper, over a real nats-server.
+(sandboxed instances on Unix sockets; the round trip on Docker too), proxy replicas, reaper, over a real nats-server.
 
 A stream through a handoff round-trips while the proxy's relayed-bytes counter stays still (the proxy is out of the
 data path); AUBE_HANDOFF=off relays as before; a local process on the handoff socket without the instance credential
@@ -29,7 +29,8 @@ from aube.shared.bus import request
 from aube.shared.registry import Registry
 from aube.shared.schemas import UploadReply, UploadRequest
 
-pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)]
+pytestmark = pytest.mark.anyio
+process_only = pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 
 REPO = Path(__file__).resolve().parents[2]
 WHOAMI = REPO / "examples" / "whoami"  # async def fn: the asyncio server
@@ -121,6 +122,7 @@ async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) ->
         assert seen[RELAYED_IN] > 0 and seen[RELAYED_OUT] > 0
 
 
+@process_only
 async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
     port, proxy = await platform.start_proxy()
@@ -141,6 +143,7 @@ async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type:
                 await anyio.sleep(0.05)
 
 
+@process_only
 async def test_handoff_socket_refuses_a_local_process_without_the_credential(platform) -> None:  # type: ignore[no-untyped-def]
     """An attacker on the host who reaches the handoff socket (root here: the folder is root's) but has no instance
     credential: its socket is not taken, whether it sends a wrong secret, no fd, or a head with no credential."""
@@ -181,6 +184,7 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
         assert log.count("refused a handoff without the instance credential") == 3
 
 
+@process_only
 async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
     lease = 2.0
     await platform.start_controlplane()
