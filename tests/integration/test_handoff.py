@@ -122,7 +122,6 @@ async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) ->
         assert seen[RELAYED_IN] > 0 and seen[RELAYED_OUT] > 0
 
 
-@process_only
 async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
     port, proxy = await platform.start_proxy()
@@ -184,7 +183,6 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
         assert log.count("refused a handoff without the instance credential") == 3
 
 
-@process_only
 async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
     lease = 2.0
     await platform.start_controlplane()
