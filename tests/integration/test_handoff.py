@@ -9,8 +9,10 @@ handed-off streams, whose instances no other client gets while they last and whi
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from support import nats_client, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from aube.instance.config import SECRET_HEADER
 from aube.instance.handoff import encode_offer
 from aube.shared import addresses, names
 from aube.shared.bus import request
@@ -142,19 +145,32 @@ async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type:
                 await anyio.sleep(0.05)
 
 
+def _connect_as(uid: int, path: str) -> str:
+    """Connect to `path` from a host process running as `uid`: what another local user gets."""
+    code = f"import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({path!r}); print('connected')\n"
+    code += "except OSError as e:\n    print(e.errno)"
+    out = subprocess.run(
+        ["python3", "-c", code], capture_output=True, text=True, check=True, user=uid, group=uid, extra_groups=[]
+    )
+    return out.stdout.strip()
+
+
 @process_only
 async def test_handoff_socket_refuses_a_local_process_without_the_credential(platform) -> None:  # type: ignore[no-untyped-def]
-    """An attacker on the host who reaches the handoff socket (root here: the folder is root's) but has no instance
-    credential: its socket is not taken, whether it sends a wrong secret, no fd, or a head with no credential."""
+    """An attacker on the host: another user cannot even reach the handoff socket (its folder is root's); a root
+    process that reaches it has its socket refused unless it presents this instance's own credential (a wrong
+    secret, none, another instance's), and a right secret with no socket hands nothing over."""
     await platform.start_controlplane()
     port, _ = await platform.start_proxy()
     async with nats_client(platform.nats_url) as (nc, registry):
-        await upload(nc, "who", "[scaling]\nmin_free = 1\n")
-        entry = (await registry.instances("who"))[0]
+        await upload(nc, "who", "[scaling]\nmin_free = 2\n")
+        entry, other = await wait_free(registry, "who", 2)
         path = addresses.handoff_path(entry.record.address)
         assert path is not None and Path(path).is_socket()
+        assert await anyio.to_thread.run_sync(_connect_as, 65534, path) == str(errno.EACCES)
         head = b"GET /who HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        head += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        head += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        head += f"{SECRET_HEADER}: {entry.record.secret}\r\n\r\n".encode()
 
         def attempt(secret: str, with_fd: bool = True) -> tuple[bytes, bytes]:
             """Hand over one end of a socket pair; what the control connection and the handed socket then read."""
@@ -164,23 +180,30 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
                 control.settimeout(5)
                 mine.settimeout(5)
                 control.connect(path)
-                socket.send_fds(
-                    control, [encode_offer(secret, head, None, None, 1.0)], [theirs.fileno()] if with_fd else []
-                )
+                offer = encode_offer(secret, head, None, None, 5.0)
+                socket.send_fds(control, [offer], [theirs.fileno()] if with_fd else [])
                 theirs.close()
                 answer = control.recv(1024)
                 got = mine.recv(1024)  # b"" once the instance closed its copy: no 101, no 403 even
+                if answer.startswith(b'{"taken": true}'):
+                    mine.close()  # the stream ends; acknowledged, the instance serves on
+                    while b"ended" not in answer:
+                        answer += control.recv(1024)
+                    control.sendall(b'{"ack": true}\n')
                 return answer, got
 
-        assert await anyio.to_thread.run_sync(attempt, "not-the-secret") == (b"", b"")
-        assert await anyio.to_thread.run_sync(attempt, "") == (b"", b"")
+        for wrong in ("not-the-secret", "", other.record.secret):
+            assert await anyio.to_thread.run_sync(attempt, wrong) == (b"", b"")
         # The right secret but no socket passed: nothing to take.
         assert (await anyio.to_thread.run_sync(lambda: attempt(entry.record.secret, False)))[0] == b""
-        # The instance serves on, through the proxy.
-        async with ws(port, "who") as conn:
-            assert (await whoami(conn, "after"))["echo"] == "after"
-        log = Path(platform.data_dir, "logs", platform.owner, f"who-{entry.record.instance_id}.log").read_text()
-        assert log.count("refused a handoff without the instance credential") == 3
+        log = Path(platform.data_dir, "logs", platform.owner, f"who-{entry.record.instance_id}.log")
+        assert log.read_text().count("refused a handoff without the instance credential") == 4
+        # The control: the same offer with the right secret is taken, and the instance answers the handshake.
+        answer, got = await anyio.to_thread.run_sync(attempt, entry.record.secret)
+        assert answer.startswith(b'{"taken": true}') and got.startswith(b"HTTP/1.1 101")
+        # The instances serve on, through the proxy.
+        async with ws(port, "who") as a, ws(port, "who") as b:
+            assert (await whoami(a, "after"))["echo"] == (await whoami(b, "after"))["echo"] == "after"
 
 
 async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
