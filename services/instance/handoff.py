@@ -161,6 +161,7 @@ class HandoffListener:
 
     def _control(self, conn: socket.socket) -> None:
         fds: list[int] = []
+        taken = acknowledged = False
         try:
             with conn:
                 offer, fds = _read_offer(conn)
@@ -173,18 +174,25 @@ class HandoffListener:
                     _say(conn, {"taken": False})
                     return
                 client.prefix = offer.prefix
+                taken = True
                 _say(conn, {"taken": True})
                 reason = self._carry(client, offer, conn)
-                if not _acknowledged(conn, reason, offer.ack_wait):
-                    # The proxy is gone (or could not settle its claim): whoever held it can no longer account for
-                    # this instance, so it ends, and the control plane drops its entry (see the module docstring).
-                    logger.warning("handed-off stream ended without the proxy's acknowledgement: exiting")
-                    os.kill(os.getpid(), signal.SIGTERM)
+                logger.info("handed-off stream ended (%s): reporting it", reason)
+                acknowledged = _acknowledged(conn, reason, offer.ack_wait)
         except Exception:
             logger.exception("handoff failed")
         finally:
             for fd in fds:
                 os.close(fd)
+            if taken and not acknowledged:
+                # The proxy is gone (or could not settle its claim): whoever held it can no longer account for this
+                # instance, so it ends, and the control plane drops its entry (see the module docstring).
+                logger.warning("handed-off stream ended without the proxy's acknowledgement: exiting")
+                # To the main thread itself: a signal the kernel gives this thread instead would leave the main one
+                # asleep in its event loop's poll (the handler runs only there), and the instance running.
+                main = threading.main_thread().ident
+                assert main is not None
+                signal.pthread_kill(main, signal.SIGTERM)
 
     def _carry(self, client: HandedOffSocket, offer: Offer, conn: socket.socket) -> str:
         """Serve the stream until its connection closes; shut it down when it breaks a limit, or when the proxy says

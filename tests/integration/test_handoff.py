@@ -237,9 +237,14 @@ async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None: 
                     pass
             assert refused.value.response.status_code == 503
         # The streams ended without their proxy: each instance exits, its entry goes, and the function serves again.
-        with anyio.fail_after(60):
-            while ids & set(await states(registry, "who")):
-                await anyio.sleep(0.2)
+        try:
+            with anyio.fail_after(60):
+                while ids & set(await states(registry, "who")):
+                    await anyio.sleep(0.2)
+        except TimeoutError:
+            for log in Path(platform.data_dir, "logs", platform.owner).glob("*.log"):
+                print(f"----- {log.name} -----\n{log.read_text()[-4000:]}")
+            raise
         await wait_free(registry, "who", 1)  # the control plane's top-up replaced them
         async with ws(other_port, "who") as conn:
             assert (await whoami(conn, "again"))["echo"] == "again"
