@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import select
-import signal
 import socket
 import struct
 import threading
@@ -137,11 +136,16 @@ def authentic(offer: Offer, secret_sha256: str) -> bool:
 class HandoffListener:
     """Accepts the proxy's control connections on the handoff socket, one thread each."""
 
-    def __init__(self, path: str, secret_sha256: str, serve: Serve, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self, path: str, secret_sha256: str, serve: Serve, busy: Callable[[], bool], orphaned: Callable[[], None]
+    ) -> None:
         self.path = path
         self.secret_sha256 = secret_sha256
         self.serve = serve
         self.busy = busy
+        # Ends the instance as SIGTERM does (`Stopper.stop`), called from the stream's thread: a signal to itself
+        # could be given to that thread, and leave the main one asleep in its event loop (its handler unrun).
+        self.orphaned = orphaned
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -188,11 +192,7 @@ class HandoffListener:
                 # The proxy is gone (or could not settle its claim): whoever held it can no longer account for this
                 # instance, so it ends, and the control plane drops its entry (see the module docstring).
                 logger.warning("handed-off stream ended without the proxy's acknowledgement: exiting")
-                # To the main thread itself: a signal the kernel gives this thread instead would leave the main one
-                # asleep in its event loop's poll (the handler runs only there), and the instance running.
-                main = threading.main_thread().ident
-                assert main is not None
-                signal.pthread_kill(main, signal.SIGTERM)
+                self.orphaned()
 
     def _carry(self, client: HandedOffSocket, offer: Offer, conn: socket.socket) -> str:
         """Serve the stream until its connection closes; shut it down when it breaks a limit, or when the proxy says

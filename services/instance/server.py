@@ -344,9 +344,8 @@ def serve_sync(
     else:
         server = sserver.serve(handler, config.host, config.port, **options)
     if config.handoff:
-        HandoffListener(
-            config.handoff, config.secret_sha256, lambda sock: server.handler(sock, ("handoff", 0)), lambda: slot.busy
-        ).start()
+        serve_handed_off = lambda sock: server.handler(sock, ("handoff", 0))  # noqa: E731
+        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
     announce(config, "sync", 0 if config.socket else server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
     thread.start()
@@ -431,7 +430,7 @@ async def serve_async(
         def serve_handed_off(sock: HandedOffSocket) -> None:
             asyncio.run_coroutine_threadsafe(_take_handed_off(server, sock), loop).result()
 
-        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy).start()
+        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
     port = next(iter(server.sockets)).getsockname()[1] if server.sockets and not config.socket else config.port
     announce(config, "asyncio", 0 if config.socket else port)
     await stop.wait()
