@@ -29,6 +29,7 @@ Only the standard library here: this module ships into every function image with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -235,6 +236,23 @@ class HandoffListener:
                 with contextlib.suppress(OSError):
                     client.shutdown(socket.SHUT_RDWR)
         return reason
+
+
+async def take_async(server: Any, sock: HandedOffSocket) -> None:
+    """Serve a handed-off client through the websockets asyncio `server`'s own connections (checks, slot, handler,
+    shutdown: server.py); return once its connection is closed. The connection feeds `sock.prefix` to its protocol
+    as soon as it is made, before the transport reads anything (`AsyncStreamConnection.connection_made`)."""
+    # websockets builds each connection (its protocol and options) in the asyncio server's factory, which it keeps
+    # under a private name: the one place that knows them all.
+    factory = server.server._protocol_factory
+
+    def connection() -> Any:
+        made = factory()
+        made.handed_prefix = sock.prefix
+        return made
+
+    _, taken = await asyncio.get_running_loop().connect_accepted_socket(connection, sock)
+    await asyncio.shield(taken.connection_lost_waiter)
 
 
 def _read_offer(conn: socket.socket) -> tuple[Offer | None, list[int]]:

@@ -28,7 +28,7 @@ from websockets.typing import Subprotocol
 
 from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
-from aube.instance.handoff import HandedOffSocket, HandoffListener
+from aube.instance.handoff import HandedOffSocket, HandoffListener, take_async
 from aube.instance.shutdown import Stopper
 from aube.instance.slot import StreamSlot
 
@@ -428,7 +428,7 @@ async def serve_async(
     if config.handoff:
 
         def serve_handed_off(sock: HandedOffSocket) -> None:
-            asyncio.run_coroutine_threadsafe(_take_handed_off(server, sock), loop).result()
+            asyncio.run_coroutine_threadsafe(take_async(server, sock), loop).result()
 
         HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
     port = next(iter(server.sockets)).getsockname()[1] if server.sockets and not config.socket else config.port
@@ -440,20 +440,3 @@ async def serve_async(
         await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
     except TimeoutError:
         logger.warning("streams still open after %.1fs; exiting anyway", config.shutdown_grace)
-
-
-async def _take_handed_off(server: aserver.Server, sock: HandedOffSocket) -> None:
-    """Serve a handed-off client through `server`'s own connections (checks, slot, handler, shutdown); return once
-    its connection is closed."""
-    # websockets builds each connection (its protocol and options) in the asyncio server's factory, which it keeps
-    # under a private name: the one place that knows them all.
-    factory = server.server._protocol_factory  # type: ignore[attr-defined]
-
-    def connection() -> AsyncStreamConnection:
-        made = factory()
-        made.handed_prefix = sock.prefix
-        assert isinstance(made, AsyncStreamConnection)
-        return made
-
-    _, taken = await asyncio.get_running_loop().connect_accepted_socket(connection, sock)
-    await asyncio.shield(taken.connection_lost_waiter)
