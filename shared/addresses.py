@@ -19,6 +19,9 @@ import anyio.abc
 import msgspec
 
 UNIX_PREFIX = "unix:"
+# An instance that takes handed-off client sockets (aube.instance.handoff) listens for them on this Unix socket,
+# beside its own socket in the folder only the platform and the instance reach.
+HANDOFF_SOCKET_NAME = "handoff.sock"
 
 
 class TcpAddress(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +51,14 @@ def parse(address: str) -> Address:
 
 def unix(path: str) -> str:
     return f"{UNIX_PREFIX}{path}"
+
+
+def handoff_path(address: str) -> str | None:
+    """Where the instance at `address` would take handed-off sockets: beside its Unix socket; None for TCP."""
+    if not address.startswith(UNIX_PREFIX):
+        return None
+    folder = address[len(UNIX_PREFIX) :].rpartition("/")[0]
+    return f"{folder}/{HANDOFF_SOCKET_NAME}" if folder else None
 
 
 def public(address: str) -> str:

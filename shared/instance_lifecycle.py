@@ -28,7 +28,7 @@ import msgspec
 
 from aube.shared.schemas import FunctionRecord, InstanceRecord, InstanceState
 
-Transition = Literal["started", "mark_free", "claim", "release", "drain", "mark_unhealthy", "retire"]
+Transition = Literal["started", "mark_free", "claim", "hand_off", "release", "drain", "mark_unhealthy", "retire"]
 
 # The allowed transitions: from which states each one may be taken. `release` ends in "free" or "draining" (see
 # `release`); `retire` keeps the state and sets the flag.
@@ -36,6 +36,7 @@ ALLOWED: Mapping[Transition, frozenset[InstanceState]] = {
     "started": frozenset({"starting"}),
     "mark_free": frozenset({"starting"}),
     "claim": frozenset({"free"}),
+    "hand_off": frozenset({"busy"}),
     "release": frozenset({"busy"}),
     "drain": frozenset({"free", "busy", "unhealthy", "draining", "starting"}),
     "mark_unhealthy": frozenset({"busy", "free"}),
@@ -72,11 +73,18 @@ def mark_free(rec: InstanceRecord, now: float, *, instance_id: str | None = None
 
 
 def started(
-    rec: InstanceRecord, address: str, handle: str, *, host: str = "", instance_id: str | None = None
+    rec: InstanceRecord,
+    address: str,
+    handle: str,
+    *,
+    host: str = "",
+    instance_id: str | None = None,
+    handoff: str = "",
 ) -> InstanceRecord:
-    """starting -> starting, now with the address, handle and host the runtime gave it (not claimable yet)."""
+    """starting -> starting, now with the address, handle, host (and handoff socket) the runtime gave it (not
+    claimable yet)."""
     _check("started", rec, instance_id)
-    return msgspec.structs.replace(rec, address=address, handle=handle, host=host)
+    return msgspec.structs.replace(rec, address=address, handle=handle, host=host, handoff=handoff)
 
 
 def claim(rec: InstanceRecord, proxy_id: str, now: float, *, instance_id: str | None = None) -> InstanceRecord:
@@ -93,6 +101,14 @@ def holds(rec: InstanceRecord, claim_record: InstanceRecord) -> bool:
         and rec.claimed_by == claim_record.claimed_by
         and rec.claimed_at == claim_record.claimed_at
     )
+
+
+def hand_off(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
+    """The claimant handed the client's socket to the instance: flag its claim (`InstanceRecord.handed_off`)."""
+    _check("hand_off", rec, claim_record.instance_id)
+    if not holds(rec, claim_record):
+        raise Refused("hand_off", rec, "it no longer shows this claim")
+    return msgspec.structs.replace(rec, handed_off=True)
 
 
 def release(
@@ -113,12 +129,13 @@ def release(
         raise Refused("release", rec, f"claimed by {rec.claimed_by}, not {by}")
     fresh = fn is not None and fn.manifest.scaling.fresh_per_stream and used
     if fn is None or obsolete(rec, fn) or fresh:
-        return msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None)
+        return msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None, handed_off=False)
     return msgspec.structs.replace(
         rec,
         state="free",
         claimed_by=None,
         claimed_at=None,
+        handed_off=False,
         last_used=now,
         streams_served=rec.streams_served + (streams if used else 0),
     )

@@ -116,6 +116,13 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # The host agent running it (services/agent), when the control plane places instances on hosts; "" = the control
     # plane's own runtime (a single machine). A host whose lease expires takes its instances with it (the reaper).
     host: str = ""
+    # The claimant handed the client's own socket to the instance (aube.instance.handoff): the stream lives in the
+    # instance, not in the proxy, so the reaper leaves the claim alone even once the proxy is dead; the instance
+    # exits after such a stream unless its proxy acknowledged the end (and so settled the claim). Cleared by release.
+    handed_off: bool = False
+    # Host path of the instance's handoff socket when it is not beside its Unix address (a Docker instance's
+    # bind-mounted folder, controlplane/runtimes/handoffdir.py); "" = that, or none. A host path: never in a reply.
+    handoff: str = ""
 
 
 class ProxyLease(msgspec.Struct, frozen=True, kw_only=True):

@@ -178,6 +178,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # After a stream, its instance stays claimed by this replica this long and goes to the replica's next client of
     # the function with no registry write (proxy/reserve.py); 0 releases it at once.
     reserve_seconds: float = 2.0
+    # Socket handoff (proxy/handoff.py): "auto" passes a client's own socket to an instance on this host that takes
+    # it (the proxy is then out of the data path) and relays otherwise; "off" always relays.
+    handoff: Literal["auto", "off"] = "auto"
 
 
 def _default_host_id() -> str:

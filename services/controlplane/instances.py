@@ -144,10 +144,10 @@ class Instances:
                 lambda: self.ctx.runtime.is_alive(handle),
                 secret,
             )
-            address, handle, host = started.address, started.handle, started.host
+            address, handle, host, handoff = started.address, started.handle, started.host, started.handoff
 
             def healthy(rec: InstanceRecord) -> InstanceRecord:
-                rec = lifecycle.started(rec, address, handle, host=host, instance_id=instance_id)
+                rec = lifecycle.started(rec, address, handle, host=host, instance_id=instance_id, handoff=handoff)
                 return lifecycle.mark_free(rec, time.time()) if claimable else rec
 
             outcome = await self.ctx.registry.apply(key, healthy, entry=InstanceEntry(key, revision, record))

@@ -49,6 +49,9 @@ class InstanceConfig:
     port: int = DEFAULT_PORT
     # A Unix socket path to listen on instead of host:port (AUBE_INSTANCE_SOCKET): a sandbox without a network.
     socket: str = ""
+    # A Unix socket path where the proxy may hand over a client's own connection (AUBE_INSTANCE_HANDOFF,
+    # handoff.py); "" = none (every stream is relayed).
+    handoff: str = ""
     runtime: Literal["python", "command"] = "python"
     command: list[str] = field(default_factory=list)
     mode: Literal["lines", "binary"] = "lines"
@@ -107,6 +110,7 @@ class InstanceConfig:
             host=env.get("AUBE_INSTANCE_HOST") or DEFAULT_HOST,
             port=port,
             socket=env.get("AUBE_INSTANCE_SOCKET", ""),
+            handoff=env.get("AUBE_INSTANCE_HANDOFF", ""),
             runtime="command" if runtime == "command" else "python",
             command=command,
             mode="binary" if mode == "binary" else "lines",

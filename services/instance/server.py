@@ -28,6 +28,7 @@ from websockets.typing import Subprotocol
 
 from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
+from aube.instance.handoff import HandedOffSocket, HandoffListener, take_async
 from aube.instance.shutdown import Stopper
 from aube.instance.slot import StreamSlot
 
@@ -59,6 +60,18 @@ class SyncStreamConnection(sserver.ServerConnection):
     messages_out = 0
     slot: StreamSlot | None = None  # the slot this connection claimed at its handshake (`HttpSide._claimed`)
 
+    def __init__(self, sock: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        # A handed-off socket (handoff.py): the request head the proxy already read goes to the protocol before
+        # the reading thread starts, so nothing read from the socket can overtake it.
+        prefix = sock.prefix if isinstance(sock, HandedOffSocket) else b""
+        if prefix:
+            protocol.receive_data(prefix)
+        super().__init__(sock, protocol, *args, **kwargs)
+        if prefix:
+            with self.protocol_mutex:
+                for event in self.protocol.events_received():
+                    self.process_event(event)
+
     def close_socket(self) -> None:
         super().close_socket()
         # Also called when the handshake died after the claim, where no handler will run to release it.
@@ -81,6 +94,12 @@ class AsyncStreamConnection(aserver.ServerConnection):
     messages_in = 0
     messages_out = 0
     slot: StreamSlot | None = None  # the slot this connection claimed at its handshake (`HttpSide._claimed`)
+    handed_prefix = b""  # a handed-off socket's request head, read by the proxy (handoff.py)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.handed_prefix:
+            self.data_received(self.handed_prefix)  # before the transport reads anything from the socket
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -322,10 +341,12 @@ def serve_sync(
     }
     if config.socket:
         server = sserver.unix_serve(handler, config.socket, **options)
-        announce(config, "sync", 0)
     else:
         server = sserver.serve(handler, config.host, config.port, **options)
-        announce(config, "sync", server.socket.getsockname()[1])
+    if config.handoff:
+        serve_handed_off = lambda sock: server.handler(sock, ("handoff", 0))  # noqa: E731
+        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
+    announce(config, "sync", 0 if config.socket else server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
     thread.start()
     stopper.wait()
@@ -402,10 +423,16 @@ async def serve_async(
     }
     if config.socket:
         server = await aserver.unix_serve(handler, config.socket, **options)
-        announce(config, "asyncio", 0)
     else:
         server = await aserver.serve(handler, config.host, config.port, **options)
-        announce(config, "asyncio", next(iter(server.sockets)).getsockname()[1] if server.sockets else config.port)
+    if config.handoff:
+
+        def serve_handed_off(sock: HandedOffSocket) -> None:
+            asyncio.run_coroutine_threadsafe(take_async(server, sock), loop).result()
+
+        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
+    port = next(iter(server.sockets)).getsockname()[1] if server.sockets and not config.socket else config.port
+    announce(config, "asyncio", 0 if config.socket else port)
     await stop.wait()
     logger.info("stopping: closing open streams with 1001")
     server.close()  # closes open connections with 1001 (going away)

@@ -40,6 +40,10 @@ class Stopper:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             self._exit_now()
+        self.stop()
+
+    def stop(self) -> None:
+        """What SIGTERM does, from any thread (a handed-off stream ended with no proxy to account for it)."""
         self.requested = True
         os.write(self._w, b"x")
         if self.wake is not None:

@@ -21,13 +21,14 @@ import contextlib
 import logging
 import time
 import uuid
+from typing import Literal
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 
-from aube.proxy import decisions, handshake, sockopts
+from aube.proxy import decisions, handoff, handshake, sockopts
 from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings, RegistryUnreachable
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
@@ -100,7 +101,7 @@ class Claimer:
 
     async def claim_and_connect(
         self, client: ClientSide, name: str, raw_head: bytes
-    ) -> tuple[InstanceEntry, UpstreamSide] | Refusal | None:
+    ) -> tuple[InstanceEntry, UpstreamSide | handoff.HandedOff] | Refusal | None:
         """Claim a free instance, connect to it and hand it the client's head, waiting up to the claim timeout (and,
         while instances of the function are starting, up to the claim timeout's ceiling: `_wait_for_starts`).
 
@@ -221,9 +222,18 @@ class Claimer:
             return entry
         return None
 
-    async def _open(self, client: ClientSide, slot: InstanceEntry, raw_head: bytes) -> UpstreamSide | None:
-        """Connect to the claimed instance, send it the client's head and read its answer. None when it cannot serve
-        (unreachable, no answer, busy): the claim is dealt with here and the caller tries another instance."""
+    async def _open(
+        self, client: ClientSide, slot: InstanceEntry, raw_head: bytes
+    ) -> UpstreamSide | handoff.HandedOff | None:
+        """Connect to the claimed instance, send it the client's head and read its answer (or hand it the client's
+        socket, `_hand_off`). None when it cannot serve (unreachable, no answer, busy): the claim is dealt with here
+        and the caller tries another instance."""
+        if self.settings.handoff == "auto":
+            path = handoff.handoff_socket(slot.record.handoff or addresses.handoff_path(slot.record.address))
+            if path is not None:
+                outcome = await self._hand_off(client, slot, raw_head, path)
+                if outcome != "unavailable":
+                    return outcome
         upstream = await self._connect(client, slot)
         if upstream is None:
             return None
@@ -253,6 +263,37 @@ class Claimer:
         log.warning("instance %s (%s) gave no valid answer to the head; trying another", slot.key, rec.instance_id)
         self.metrics.claims_total[(rec.function, "unreachable")] += 1
         await self.holdings.mark_unhealthy(slot, "no answer to a request head")
+        return None
+
+    async def _hand_off(
+        self, client: ClientSide, slot: InstanceEntry, raw_head: bytes, path: str
+    ) -> handoff.HandedOff | Literal["unavailable"] | None:
+        rec = slot.record
+        fn = self.pool.functions.get(rec.function)
+        limits = fn.manifest.limits if fn is not None else None
+        idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
+        longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
+        head = handshake.forward_head(raw_head, client.client_ip, rec.secret)
+        # The instance waits this long for the end's acknowledgement: what `release_when_done` may take, and more.
+        ack_wait = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 5.0
+        try:
+            outcome = await handoff.offer(
+                client, path, head, len(raw_head), rec.secret, (idle, longest), ack_wait, ANSWER_TIMEOUT
+            )
+        except BaseException:
+            # Cancelled (claim timeout, shutdown) while offering: the instance may have taken the client, so nothing
+            # more may be written to it from here (not even a 503): let go of it.
+            client.abort()
+            with anyio.CancelScope(shield=True):
+                await self.holdings.release_when_done(slot)
+            raise
+        if isinstance(outcome, handoff.HandedOff) or outcome == "unavailable":
+            return outcome
+        if outcome == "busy":
+            log.warning("instance %s (%s) refused a handoff as busy; trying another", slot.key, rec.instance_id)
+            self.metrics.claims_total[(rec.function, "instance_busy")] += 1
+        # "lost": the client was let go; the instance comes back once it says its handler is done.
+        self.tg.start_soon(self.holdings.release_when_done, slot)
         return None
 
     async def _connect(self, client: ClientSide, slot: InstanceEntry) -> UpstreamSide | None:

@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup
 from aube.proxy import handshake, sockopts
 from aube.proxy.claiming import Claimer, Refusal
 from aube.proxy.dashboard import Dashboard
+from aube.proxy.handoff import HandedOff
 from aube.proxy.metrics import Metrics, render
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide
@@ -158,10 +159,14 @@ class Gateway:
         denied = handshake.authorize(head, fn.manifest.access.tokens_sha256)
         if denied is not None:
             self._reject(client, denied)
+        client_ip = client.client_ip  # asked before a handoff lets go of the client's socket
         got = await self.claimer.claim_and_connect(client, target.name, raw_head)
         if isinstance(got, Refusal):
             self._reject(client, got.error, retry_after=got.retry_after)
         if not isinstance(got, tuple):
             return  # the client left while waiting
         slot, upstream = got
+        if isinstance(upstream, HandedOff):
+            await self.streams.carry_handed_off(target.name, slot, upstream, client_ip)
+            return
         await self.streams.carry(client, target.name, slot, upstream, end)

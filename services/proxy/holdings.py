@@ -103,6 +103,18 @@ class Holdings:
         else:
             await self.mark_unhealthy(slot, "handler still running after its stream")
 
+    async def flag_handed_off(self, slot: InstanceEntry) -> InstanceEntry:
+        """Flag the claim `handed_off` (the instance holds the client's socket): the reaper then leaves it alone
+        should this replica die (aube.instance.handoff). The entry as now held; as before when it was not written
+        (the stream goes on: only a crash of this replica meanwhile would let the reaper recycle the instance)."""
+        outcome = await self._apply(slot, partial(lifecycle.hand_off, claim_record=slot.record))
+        if not isinstance(outcome, Written):
+            log.warning("could not flag %s as handed off: %s", slot.key, getattr(outcome, "why", outcome))
+            return slot
+        if slot.key in self.held:
+            self.held[slot.key] = outcome.entry
+        return outcome.entry
+
     def carrying(self, slot: InstanceEntry) -> None:
         """A stream starts on the instance held at `slot` (counted into its `streams_served` at the release)."""
         self.streams_carried[slot.key] = self.streams_carried.get(slot.key, 0) + 1

@@ -18,6 +18,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 class Metrics:
     def __init__(self) -> None:
         self.streams_open: defaultdict[str, int] = defaultdict(int)
+        # Streams whose client socket went to the instance (proxy/handoff.py): no byte of them is relayed.
+        self.streams_handed_off_total: defaultdict[str, int] = defaultdict(int)
         self.claims_total: defaultdict[tuple[str, str], int] = defaultdict(int)  # (function, result)
         self.scale_requests_total: defaultdict[str, int] = defaultdict(int)
         self.handshakes_rejected_total: defaultdict[str, int] = defaultdict(int)
@@ -50,6 +52,8 @@ def render(m: Metrics) -> str:
     family(out, "aube_scale_requests_total", "counter", "Scale requests sent to the control plane, by function.")
     _by_label(out, "aube_scale_requests_total", "function", m.scale_requests_total)
 
+    family(out, "aube_streams_handed_off_total", "counter", "Streams handed to their instance, by function.")
+    _by_label(out, "aube_streams_handed_off_total", "function", m.streams_handed_off_total)
     family(out, "aube_relayed_bytes_total", "counter", "Bytes relayed after the handshake, by direction.")
     sample(out, "aube_relayed_bytes_total", [("direction", "client_to_instance")], m.bytes_client_to_instance)
     sample(out, "aube_relayed_bytes_total", [("direction", "instance_to_client")], m.bytes_instance_to_client)

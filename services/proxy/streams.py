@@ -23,6 +23,7 @@ import logging
 
 import anyio
 
+from aube.proxy.handoff import HandedOff
 from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings
 from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
@@ -107,6 +108,60 @@ class Streams:
                 anyio.current_time() - relay_started,
                 client.bytes_in,
                 upstream.bytes_out,
+                reason,
+            )
+
+    async def carry_handed_off(self, name: str, slot: InstanceEntry, handed: HandedOff, client_ip: str) -> None:
+        """Watch a stream its instance serves on the client's own socket (handoff.py) until the instance reports its
+        end; then hand the instance back and acknowledge. No byte passes here: the instance enforces the limits.
+
+        No reserve (`reserve.py`) after a handed-off stream: its claim is flagged `handed_off`, which the release
+        clears; keeping the instance would need one more write to clear it."""
+        rec = slot.record
+        reason = "shutdown"
+        self.metrics.streams_open[name] += 1
+        self.metrics.streams_handed_off_total[name] += 1
+        self.holdings.carrying(slot)
+        gone = asyncio.Event()
+        self.pool.carried(slot, gone.set)
+        settled = False
+        try:
+            slot = await self.holdings.flag_handed_off(slot)
+            async with anyio.create_task_group() as tg:
+
+                async def end_when_gone() -> None:
+                    await gone.wait()
+                    log.warning("the registry no longer accounts for the instance (its entry is gone): ending")
+                    handed.end("instance_gone")
+
+                tg.start_soon(end_when_gone)
+                reason = await handed.ended()
+                tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                bound = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
+                with anyio.move_on_after(bound):
+                    if gone.is_set():
+                        self.holdings.forget(slot)  # nothing left to release
+                    else:
+                        await self.holdings.release_when_done(slot)
+                    settled = True
+                if settled:
+                    await handed.acknowledge()
+        finally:
+            self.pool.forget(slot)
+            self.metrics.streams_open[name] -= 1
+            if not settled:
+                # Shutdown (or a release that could not finish): no acknowledgement, so the instance exits once its
+                # stream ends, and the control plane drops its entry; the flagged claim is left to that.
+                self.holdings.forget(slot)
+            handed.close()
+            log.info(
+                "stream function=%s instance=%s slot=%d client=%s duration=%.3f handed_off=1 close=%s",
+                name,
+                rec.instance_id,
+                rec.slot,
+                client_ip,
+                anyio.current_time() - handed.started,
                 reason,
             )
 

@@ -14,7 +14,9 @@ Which free instances are reaped, per function:
 - of a version newer than the record (an upload still in flight) or of a function without a record (not
   published yet, or already gone): only once idle longer than the idle timeout, never counted toward `min_free`.
 Busy instances are only touched when the proxy holding them is dead (invariant 4); then their stream state is
-unknown, so they are recycled rather than reused.
+unknown, so they are recycled rather than reused. A claim flagged `handed_off` is never touched: its stream lives
+in the instance, not in the dead proxy, and the instance exits once that stream ended unacknowledged (the control
+plane then removes its entry; aube.instance.handoff).
 
 When is a proxy dead? Its lease must be past `renewed_at + ttl` by the clock AND this reaper must have seen that
 same lease revision, unchanged, for longer than `ttl` (plus FAILOVER_GRACE) of its own successful passes, each of
@@ -222,7 +224,7 @@ def orphaned_claims(instances: list[InstanceEntry], live: set[str], now: float, 
     drains: list[Drain] = []
     for inst in instances:
         rec = inst.record
-        if rec.state != "busy" or (rec.claimed_by is not None and rec.claimed_by in live):
+        if rec.state != "busy" or (rec.claimed_by is not None and rec.claimed_by in live) or rec.handed_off:
             continue
         claimed_at = rec.claimed_at if rec.claimed_at is not None else rec.created_at
         if now - claimed_at > lease_grace:

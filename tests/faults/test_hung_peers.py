@@ -579,6 +579,7 @@ async def test_a_hung_instance_is_ended_stopped_and_never_served_again(platform:
         AUBE_PROXY_PORT=str(port),
         AUBE_PROXY_ID=f"proxy-{port}",
         AUBE_OPERATOR_PORT=str(free_port()),
+        AUBE_HANDOFF="off",  # the proxy's verdict on a silent instance needs the relayed bytes (docs/handoff.md)
     )
     url = f"ws://127.0.0.1:{port}/who"
     async with nats_client(platform.nats_url) as (nc, registry):

@@ -69,7 +69,9 @@ async def retrying_client(url: str, port: int, pids: list[int], paused: int) -> 
 async def test_sigstop_of_one_proxy_past_its_lease_spares_the_other_recycles_its_instances_and_it_recovers(
     platform, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    env = platform.env(AUBE_LEASE_TTL=str(LEASE_TTL), AUBE_REAP_INTERVAL="0.5")
+    # Relayed streams: the test tells a stream's replica by who holds its socket, and a paused replica's relayed
+    # streams are the ones recycled (a handed-off stream outlives its proxy: test_handoff.py).
+    env = platform.env(AUBE_LEASE_TTL=str(LEASE_TTL), AUBE_REAP_INTERVAL="0.5", AUBE_HANDOFF="off")
     start = AubeStart(tmp_path, env, proxies=2)
     try:
         await wait_http(start.proxy_port, timeout=60)

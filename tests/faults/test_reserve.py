@@ -27,6 +27,8 @@ from aube.shared.schemas import UploadReply, UploadRequest
 
 pytestmark = pytest.mark.anyio
 
+# Reservations are kept after relayed streams only (a handed-off stream's claim is released at once: proxy/streams.py).
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ONE = "[scaling]\nmin_free = 1\nmax_instances = 1\n"
 
@@ -58,7 +60,7 @@ async def test_the_next_client_is_served_by_the_kept_instance_while_the_registry
     platform, nats_server
 ) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, _ = await platform.start_proxy()
+    port, _ = await platform.start_proxy(AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
         await deploy(nc)
         async with stream(port) as ws:
@@ -82,8 +84,8 @@ async def test_the_next_client_is_served_by_the_kept_instance_while_the_registry
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_another_replica_gets_the_instance_only_once_the_keeper_released_it(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    keeper, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="3")
-    other, _ = await platform.start_proxy()
+    keeper, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="3", AUBE_HANDOFF="off")
+    other, _ = await platform.start_proxy(AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, _registry):
         await deploy(nc)
         async with stream(keeper) as ws:
@@ -100,7 +102,7 @@ async def test_another_replica_gets_the_instance_only_once_the_keeper_released_i
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_a_kept_instance_of_an_older_version_is_not_handed_out(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="120")
+    port, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="120", AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
         await deploy(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n")
         async with stream(port) as ws:
@@ -121,7 +123,7 @@ async def test_a_kept_instance_of_an_older_version_is_not_handed_out(platform) -
 @pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
 async def test_a_stopping_proxy_releases_what_it_kept(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, proxy = await platform.start_proxy(AUBE_RESERVE_SECONDS="120")
+    port, proxy = await platform.start_proxy(AUBE_RESERVE_SECONDS="120", AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
         await deploy(nc)
         async with stream(port) as ws:

@@ -105,7 +105,8 @@ async def test_kill_9_of_a_replica_spares_the_other_and_its_claims_come_back(pla
     lease = 2.0
     await platform.start_controlplane()
     platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.2", AUBE_LEASE_TTL=str(lease))
-    doomed_port, doomed = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
+    # Relayed: a handed-off stream outlives its proxy (test_handoff.py); this one is cut with it.
+    doomed_port, doomed = await platform.start_proxy(AUBE_LEASE_TTL=str(lease), AUBE_HANDOFF="off")
     healthy_port, _ = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
     await wait_http(doomed_port)
     await wait_http(healthy_port)

@@ -25,3 +25,8 @@ def test_bad_addresses(bad: str) -> None:
 def test_public_hides_host_paths() -> None:
     assert addresses.public("unix:/run/aube/owner/id/instance.sock") == "unix"
     assert addresses.public("127.0.0.1:8080") == "127.0.0.1:8080"
+
+
+def test_handoff_socket_sits_beside_a_unix_socket_only() -> None:
+    assert addresses.handoff_path("unix:/run/aube/o/i/instance.sock") == "/run/aube/o/i/handoff.sock"
+    assert addresses.handoff_path("127.0.0.1:8080") is None

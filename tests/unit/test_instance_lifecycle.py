@@ -44,6 +44,9 @@ def attempt(transition: lifecycle.Transition, r: InstanceRecord, instance_id: st
         return lifecycle.mark_free(r, 5.0, instance_id=instance_id)
     if transition == "claim":
         return lifecycle.claim(r, "p1", 5.0, instance_id=instance_id)
+    if transition == "hand_off":
+        claim = msgspec.structs.replace(r, instance_id=instance_id or r.instance_id)
+        return lifecycle.hand_off(r, claim)
     if transition == "release":
         return lifecycle.release(r, fn(), 5.0, by="p1", instance_id=instance_id)
     if transition == "drain":
@@ -89,6 +92,16 @@ def test_release_frees_with_last_used_and_counts_the_stream() -> None:
         50.0,
         1,
     )
+
+
+def test_hand_off_flags_only_the_very_claim_and_release_clears_it() -> None:
+    busy = rec("busy")
+    flagged = lifecycle.hand_off(busy, busy)
+    assert flagged.handed_off and lifecycle.holds(flagged, busy)  # the claim itself is unchanged
+    with pytest.raises(lifecycle.Refused):
+        lifecycle.hand_off(busy, msgspec.structs.replace(busy, claimed_at=2.0))  # another claim of the slot
+    assert not lifecycle.release(flagged, fn(), 5.0, by="p1").handed_off
+    assert not lifecycle.release(flagged, fn(fresh=True), 5.0, by="p1").handed_off
 
 
 def test_release_drains_what_must_not_serve_again() -> None:

@@ -217,6 +217,18 @@ def test_busy_instances_of_a_dead_proxy_are_recycled() -> None:
     assert drain.busy_ok  # its proxy is dead: the one case a busy instance is drained
 
 
+def test_a_handed_off_claim_of_a_dead_proxy_is_left_to_its_instance() -> None:
+    """Socket handoff: the stream lives in the instance, not in the dead proxy; the instance exits after it (its
+    entry then goes), so recycling it would cut a live stream."""
+    leases = [lease("dead", renewed_at=NOW - 100)]
+    instances = [
+        inst(1, state="busy", claimed_by="dead", claimed_at=NOW - 200, handed_off=True),
+        inst(2, state="busy", claimed_by="dead", claimed_at=NOW - 200),
+        inst(3, state="busy", claimed_by="gone", claimed_at=NOW - 200, handed_off=True),
+    ]
+    assert drained(run(instances, leases=leases, seen=watched(leases))) == {"echo.2": "dead_proxy"}
+
+
 def test_busy_instance_of_a_proxy_without_any_lease_is_recycled_after_the_grace() -> None:
     instances = [
         inst(1, state="busy", claimed_by="gone", claimed_at=NOW - POLICY.lease_grace - 1),

@@ -46,6 +46,8 @@ class StartedInstance(msgspec.Struct, frozen=True, kw_only=True):
     handle: str  # container id or pid
     address: str  # "host:port" reachable from the proxies
     host: str = ""  # the host agent running it (the `hosts` runtime); "" = this machine
+    # Host path of its handoff socket when it is not beside a Unix address (Docker: runtimes/handoffdir.py); "" none.
+    handoff: str = ""
 
 
 class RunningInstance(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -38,7 +39,7 @@ import requests.exceptions
 from docker.types import LogConfig
 
 from aube.controlplane.bounds import memory_bytes, nano_cpus
-from aube.controlplane.runtimes import deps, images, instancenet
+from aube.controlplane.runtimes import deps, handoffdir, images, instancenet
 from aube.controlplane.runtimes.base import (
     INSTANCE_PORT,
     Artifact,
@@ -53,7 +54,7 @@ from aube.controlplane.runtimes.base import (
 )
 from aube.controlplane.runtimes.docker_output import DockerOutput
 from aube.controlplane.runtimes.output import OutputSink
-from aube.shared import names
+from aube.shared import addresses, names
 from aube.shared.errors import AubeError, BuildFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
 from aube.shared.settings import ControlPlaneSettings
@@ -83,6 +84,10 @@ class DockerRuntime:
         self._limiter = anyio.CapacityLimiter(8)
         self._build_limiter = anyio.CapacityLimiter(2)
         self._init_supported = True
+        # Instances' handoff folders (handoffdir.py), apart from the process runtime's socket folders.
+        data_runs = Path(settings.data_dir).absolute() / "run-docker"
+        root_runs = Path("/run/aube-docker") if os.geteuid() == 0 else data_runs
+        self._runs = Path(settings.socket_dir).absolute() / "docker" if settings.socket_dir else root_runs
         # The event stream holds a worker thread and a connection for as long as it is followed.
         self._events_limiter = anyio.CapacityLimiter(1)
 
@@ -240,6 +245,10 @@ class DockerRuntime:
             memory = memory_bytes(limits.memory)
         except ValueError as e:
             raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+        # Where a proxy of this host hands the instance clients' own sockets (handoffdir.py).
+        handoff = self._runs / spec.owner / spec.instance_id
+        uid, gid = (int(part) for part in images.NOBODY.split(":"))
+        await anyio.to_thread.run_sync(handoffdir.make, handoff, uid, gid)
         try:
             host_config = api.create_host_config(
                 port_bindings={_PORT_KEY: (self._settings.publish_host, None)},
@@ -254,6 +263,7 @@ class DockerRuntime:
                 init=True if self._init_supported else None,
                 network_mode=self._settings.instance_network,
                 log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
+                binds={str(handoff): {"bind": handoffdir.CONTAINER_DIR, "mode": "rw"}},
             )
         except docker.errors.DockerException as e:  # e.g. an unparseable memory limit
             raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
@@ -275,7 +285,10 @@ class DockerRuntime:
             name=name,
             user=images.NOBODY,
             labels=instance_labels(spec),
-            environment=instance_environment(spec, INSTANCE_PORT),
+            environment={
+                **instance_environment(spec, INSTANCE_PORT),
+                handoffdir.ENV_HANDOFF: f"{handoffdir.CONTAINER_DIR}/{addresses.HANDOFF_SOCKET_NAME}",
+            },
             ports=[INSTANCE_PORT],
             host_config=host_config,
             stop_timeout=STOP_GRACE,
@@ -298,14 +311,15 @@ class DockerRuntime:
                 await self._remove(handle)
                 return await self.start(spec)
             port = await self._published_port(name, handle)
+            timeout = self._settings.health_timeout
+            handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, timeout)
         except BaseException:
             with anyio.move_on_after(self._settings.docker_timeout, shield=True):
                 await self._remove(handle)
             raise
         logger.info("started %s (%s) on port %s", name, handle[:12], port)
-        return StartedInstance(
-            instance_id=spec.instance_id, handle=handle, address=f"{self._settings.advertise_host}:{port}"
-        )
+        address = f"{self._settings.advertise_host}:{port}"
+        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
 
     async def _published_port(self, name: str, handle: str) -> int:
         """The host port Docker picked for the instance port; RuntimeFailure (with the logs) if there is none."""
@@ -324,7 +338,12 @@ class DockerRuntime:
 
     async def _remove(self, handle: str) -> None:
         try:
+            info = await self._call(f"inspecting container {handle[:12]}", self._client.api.inspect_container, handle)
+            labels = (info.get("Config") or {}).get("Labels") or {}
             await self._call(f"removing container {handle[:12]}", self._client.api.remove_container, handle, force=True)
+            owner, instance_id = labels.get(names.LABEL_OWNER, ""), labels.get(names.LABEL_INSTANCE, "")
+            if owner and instance_id and "/" not in owner + instance_id and ".." not in owner + instance_id:
+                await anyio.to_thread.run_sync(handoffdir.remove, self._runs / owner / instance_id)
         except docker.errors.NotFound:
             pass
         except RuntimeFailure as e:

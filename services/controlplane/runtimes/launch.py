@@ -230,6 +230,8 @@ def inner_environment(spec: InstanceSpec, bwrap: str | None, fn_dir: Path, deps_
     inner.update(
         {
             "AUBE_INSTANCE_SOCKET": f"{sandbox.SANDBOX_RUN_DIR}/{sandbox.SOCKET_NAME}",
+            # Beside it, where a proxy of this host hands over clients' own sockets (aube.instance.handoff).
+            "AUBE_INSTANCE_HANDOFF": f"{sandbox.SANDBOX_RUN_DIR}/{addresses.HANDOFF_SOCKET_NAME}",
             "AUBE_FN_DIR": sandbox.SANDBOX_FN_DIR,
             "PYTHONPATH": sandbox.SANDBOX_DEPS_DIR,
         }

@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from aube.controlplane.runtimes import sandbox
+from aube.shared import addresses
 from aube.shared.errors import RuntimeFailure
 
 CLONE_NEWNS = 0x00020000
@@ -128,6 +129,9 @@ def lock_run_dir(run_dir: Path, privileged: bool) -> None:
         os.chmod(run_dir, 0o500)
     if not stat.S_ISSOCK(os.lstat(run_dir / sandbox.SOCKET_NAME).st_mode):
         raise RuntimeFailure("the instance's socket folder holds something else than its socket")
+    handoff = run_dir / addresses.HANDOFF_SOCKET_NAME  # a proxy connects there as root too
+    if os.path.lexists(handoff) and not stat.S_ISSOCK(os.lstat(handoff).st_mode):
+        raise RuntimeFailure("the instance's socket folder holds something else than its handoff socket")
 
 
 async def probe(bwrap: str, seccomp_filter: bytes, drop: tuple[int, int] | None) -> str | None:

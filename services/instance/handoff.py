@@ -1,0 +1,310 @@
+"""Socket handoff: taking a client's TCP connection from a proxy on the same host, so the proxy is out of the data path.
+
+A proxy that reads a client's request head and claims this instance may, instead of relaying bytes, pass the client's
+socket itself over the instance's handoff socket (AUBE_INSTANCE_HANDOFF, a Unix socket in the instance's own folder,
+which only the platform and this instance can reach) with SCM_RIGHTS. One control connection per stream:
+
+    proxy -> instance   one offer: a header (">II": parameter length, prefix length), the parameters as JSON
+                        (`secret`, `idle_timeout`, `max_duration`, `ack_wait`), then the prefix: the bytes the proxy
+                        already read (the forwarded request head, which carries the instance credential as in the
+                        relay, and whatever followed it). The client's socket rides along with the first bytes.
+    instance -> proxy   {"taken": true} (or false: busy), then {"ended": reason} once the connection is closed.
+    proxy -> instance   {"ack": true} once the proxy has released (or otherwise settled) its claim.
+
+Only an offer carrying the instance credential is taken (its SHA-256 matches AUBE_INSTANCE_SECRET_SHA256); anything
+else is closed at once, the passed socket with it, and no offer is taken at all without a configured credential. The
+instance completes the WebSocket handshake on the received socket itself, through the same server (and checks) as a
+relayed stream, so the handshake is negotiated end to end, and enforces the stream's limits the proxy passed: no
+traffic either way for `idle_timeout`, or `max_duration` over, shuts the connection down (the client sees it close,
+as when the proxy ends a relayed stream).
+
+A proxy that dies (kill -9) does not end the stream: the socket lives here. Who then accounts for the instance: the
+proxy's claim stays in the registry, flagged `handed_off`, and the reaper leaves such a claim alone; the instance,
+when a handed-off stream ends without the proxy's ack within `ack_wait` (the proxy is gone), exits, and the control
+plane removes the entry of an instance that exited. So the claim is never given to another client while the stream
+lasts, and the slot comes back once it ended (docs/handoff.md).
+
+Only the standard library here: this module ships into every function image with the rest of `aube.instance`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">II")
+MAX_PARAMS = 4096
+MAX_PREFIX = 1 << 20
+OFFER_TIMEOUT = 5.0  # an offer must arrive whole within this: the proxy sends it in one go
+WATCH_TICK = 0.25  # how often the limits are looked at, at most (idle detection samples a byte counter)
+
+
+class HandedOffSocket(socket.socket):
+    """A client's TCP connection received from the proxy: carries the bytes the proxy already read (`prefix`, fed to
+    the WebSocket protocol before anything from the socket) and counts the bytes moved either way (idle detection)."""
+
+    prefix: bytes = b""
+    moved: int = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self.moved += len(data)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        n = super().recv_into(buffer, nbytes, flags)
+        self.moved += n
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        n = super().send(data, flags)
+        self.moved += n
+        return n
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        super().sendall(data, flags)
+        self.moved += len(memoryview(data))
+
+    def sendmsg(self, buffers: Any, *args: Any) -> int:
+        n = super().sendmsg(buffers, *args)
+        self.moved += n
+        return n
+
+
+@dataclass(frozen=True)
+class Offer:
+    secret: str
+    prefix: bytes
+    idle_timeout: float | None
+    max_duration: float | None
+    ack_wait: float
+
+
+# Serves one received connection through the instance's WebSocket server; returns once the connection is closed.
+Serve = Callable[[HandedOffSocket], None]
+
+
+def parse_offer(data: bytes) -> Offer | None:
+    """The offer in `data` (header, JSON parameters, prefix), or None when it is not a valid one."""
+    if len(data) < HEADER.size:
+        return None
+    params_len, prefix_len = HEADER.unpack_from(data)
+    if params_len > MAX_PARAMS or prefix_len > MAX_PREFIX or len(data) != HEADER.size + params_len + prefix_len:
+        return None
+    try:
+        params = json.loads(data[HEADER.size : HEADER.size + params_len])
+        secret = params["secret"]
+        idle, longest, ack_wait = params.get("idle_timeout"), params.get("max_duration"), params["ack_wait"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(secret, str) or not all(v is None or isinstance(v, (int, float)) for v in (idle, longest)):
+        return None
+    if not isinstance(ack_wait, (int, float)):
+        return None
+    prefix = data[HEADER.size + params_len :]
+    return Offer(secret, prefix, idle or None, longest or None, float(ack_wait))
+
+
+def encode_offer(secret: str, prefix: bytes, idle: float | None, longest: float | None, ack_wait: float) -> bytes:
+    params = json.dumps({"secret": secret, "idle_timeout": idle, "max_duration": longest, "ack_wait": ack_wait})
+    raw = params.encode()
+    return HEADER.pack(len(raw), len(prefix)) + raw + prefix
+
+
+def authentic(offer: Offer, secret_sha256: str) -> bool:
+    """The offer carries the instance credential; never without one configured (then no handoff is taken)."""
+    if not secret_sha256:
+        return False
+    digest = hashlib.sha256(offer.secret.encode("utf-8", "replace")).hexdigest()
+    return hmac.compare_digest(digest, secret_sha256)
+
+
+class HandoffListener:
+    """Accepts the proxy's control connections on the handoff socket, one thread each."""
+
+    def __init__(
+        self, path: str, secret_sha256: str, serve: Serve, busy: Callable[[], bool], orphaned: Callable[[], None]
+    ) -> None:
+        self.path = path
+        self.secret_sha256 = secret_sha256
+        self.serve = serve
+        self.busy = busy
+        # Ends the instance as SIGTERM does (`Stopper.stop`), called from the stream's thread: a signal to itself
+        # could be given to that thread, and leave the main one asleep in its event loop (its handler unrun).
+        self.orphaned = orphaned
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(64)
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, name="aube-handoff", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._control, args=(conn,), name="aube-handoff-stream", daemon=True).start()
+
+    def _control(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        taken = acknowledged = False
+        try:
+            with conn:
+                offer, fds = _read_offer(conn)
+                if offer is None or not authentic(offer, self.secret_sha256) or len(fds) != 1:
+                    logger.warning("refused a handoff without the instance credential (or malformed)")
+                    return
+                client = HandedOffSocket(fileno=fds.pop())
+                if client.type != socket.SOCK_STREAM or self.busy():
+                    client.close()
+                    _say(conn, {"taken": False})
+                    return
+                client.prefix = offer.prefix
+                taken = True
+                _say(conn, {"taken": True})
+                reason = self._carry(client, offer, conn)
+                logger.info("handed-off stream ended (%s): reporting it", reason)
+                acknowledged = _acknowledged(conn, reason, offer.ack_wait)
+        except Exception:
+            logger.exception("handoff failed")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            if taken and not acknowledged:
+                # The proxy is gone (or could not settle its claim): whoever held it can no longer account for this
+                # instance, so it ends, and the control plane drops its entry (see the module docstring).
+                logger.warning("handed-off stream ended without the proxy's acknowledgement: exiting")
+                self.orphaned()
+
+    def _carry(self, client: HandedOffSocket, offer: Offer, conn: socket.socket) -> str:
+        """Serve the stream until its connection closes; shut it down when it breaks a limit, or when the proxy says
+        {"end": reason} (the registry no longer accounts for this instance). Why it ended."""
+        done = threading.Event()
+        reason = "closed"
+
+        def serve() -> None:
+            try:
+                self.serve(client)
+            finally:
+                done.set()
+
+        threading.Thread(target=serve, name="aube-handoff-serve", daemon=True).start()
+        started = last_change = time.monotonic()
+        last_moved = -1
+        windows = [w / 4 for w in (offer.idle_timeout, offer.max_duration) if w]
+        tick = min([WATCH_TICK, *windows])
+        proxy_there = True
+        while not done.wait(tick):
+            now = time.monotonic()
+            if client.moved != last_moved:
+                last_moved, last_change = client.moved, now
+            limit = None
+            if proxy_there and select.select([conn], [], [], 0)[0]:
+                # Only {"end"} can come while the stream runs (the ack answers our report of its end).
+                said = _read_line(conn)
+                proxy_there = said is not None
+                if said is not None and said.get("end"):
+                    limit = str(said["end"])
+            if limit is not None:
+                pass
+            elif offer.idle_timeout and now - last_change >= offer.idle_timeout:
+                limit = "idle_timeout"
+            elif offer.max_duration and now - started >= offer.max_duration:
+                limit = "max_duration"
+            if limit is not None and reason == "closed":
+                reason = limit
+                logger.info("handed-off stream reached its %s: closing", limit)
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_RDWR)
+        return reason
+
+
+async def take_async(server: Any, sock: HandedOffSocket) -> None:
+    """Serve a handed-off client through the websockets asyncio `server`'s own connections (checks, slot, handler,
+    shutdown: server.py); return once its connection is closed. The connection feeds `sock.prefix` to its protocol
+    as soon as it is made, before the transport reads anything (`AsyncStreamConnection.connection_made`)."""
+    # websockets builds each connection (its protocol and options) in the asyncio server's factory, which it keeps
+    # under a private name: the one place that knows them all.
+    factory = server.server._protocol_factory
+
+    def connection() -> Any:
+        made = factory()
+        made.handed_prefix = sock.prefix
+        return made
+
+    _, taken = await asyncio.get_running_loop().connect_accepted_socket(connection, sock)
+    await asyncio.shield(taken.connection_lost_waiter)
+
+
+def _read_offer(conn: socket.socket) -> tuple[Offer | None, list[int]]:
+    conn.settimeout(OFFER_TIMEOUT)
+    data, fds, _, _ = socket.recv_fds(conn, 65536, 1)
+    buf = bytearray(data)
+    if len(buf) >= HEADER.size:
+        params_len, prefix_len = HEADER.unpack_from(buf)
+        want = HEADER.size + min(params_len, MAX_PARAMS + 1) + min(prefix_len, MAX_PREFIX + 1)
+        while len(buf) < want:
+            more = conn.recv(want - len(buf))
+            if not more:
+                break
+            buf += more
+    return parse_offer(bytes(buf)), list(fds)
+
+
+def _read_line(conn: socket.socket) -> dict[str, Any] | None:
+    """One message of the proxy's; None when it is gone (or said something that is not one)."""
+    try:
+        conn.settimeout(OFFER_TIMEOUT)
+        line = _readline(conn)
+        said = json.loads(line) if line else None
+    except (OSError, ValueError):
+        return None
+    return said if isinstance(said, dict) else None
+
+
+def _readline(conn: socket.socket) -> bytes:
+    """One line, read a byte at a time: nothing after it is taken from the socket (the lines are few and short)."""
+    line = bytearray()
+    while len(line) < MAX_PARAMS:
+        byte = conn.recv(1)
+        if not byte:
+            break
+        line += byte
+        if byte == b"\n":
+            break
+    return bytes(line)
+
+
+def _say(conn: socket.socket, message: dict[str, object]) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _acknowledged(conn: socket.socket, reason: str, wait: float) -> bool:
+    """Report the stream's end; whether the proxy acknowledges it within `wait`."""
+    try:
+        _say(conn, {"ended": reason})
+        conn.settimeout(wait)
+        line = _readline(conn)
+        said = json.loads(line) if line else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(said, dict) and said.get("ack") is True

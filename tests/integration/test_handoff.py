@@ -1,0 +1,250 @@
+"""Socket handoff (issue 11, item 1) on the whole platform as real processes: control plane with the process runtime
+(sandboxed instances on Unix sockets; the round trip on Docker too), proxy replicas, reaper, over a real nats-server.
+
+A stream through a handoff round-trips while the proxy's relayed-bytes counter stays still (the proxy is out of the
+data path); AUBE_HANDOFF=off relays as before; a local process on the handoff socket without the instance credential
+is refused; the idle timeout still ends a handed-off stream; and a proxy killed with SIGKILL cuts none of its
+handed-off streams, whose instances no other client gets while they last and which come back after they end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from harness import wait_free
+from nats.aio.client import Client as NATS
+from support import nats_client, zip_base64
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from aube.instance.config import SECRET_HEADER
+from aube.instance.handoff import encode_offer
+from aube.shared import addresses, names
+from aube.shared.bus import request
+from aube.shared.registry import Registry
+from aube.shared.schemas import UploadReply, UploadRequest
+
+pytestmark = pytest.mark.anyio
+process_only = pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+
+REPO = Path(__file__).resolve().parents[2]
+WHOAMI = REPO / "examples" / "whoami"  # async def fn: the asyncio server
+REVERSE = REPO / "examples" / "reverse"  # def fn: the threaded websockets.sync server
+
+
+async def upload(nc: NATS, name: str, manifest: str, folder: Path = WHOAMI) -> UploadReply:
+    body = UploadRequest(name=name, zip=zip_base64(folder, {"aube.toml": manifest}))
+    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+
+
+def ws(port: int, name: str) -> connect:
+    return connect(f"ws://127.0.0.1:{port}/{name}", proxy=None, open_timeout=60)
+
+
+async def whoami(conn: ClientConnection, text: str = "x") -> dict[str, Any]:
+    await conn.send(text)
+    reply = await conn.recv()
+    assert isinstance(reply, str)
+    return json.loads(reply)  # type: ignore[no-any-return]
+
+
+async def metrics(proxy: Any) -> dict[str, float]:
+    """The proxy's metrics (its operator port), by sample line (name and labels)."""
+    port = int(proxy.env["AUBE_OPERATOR_PORT"])
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\n\r\n")
+        chunks = []
+        try:
+            while True:
+                chunks.append(await stream.receive())
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+    body = b"".join(chunks).decode().partition("\r\n\r\n")[2]
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+RELAYED_IN = 'aube_relayed_bytes_total{direction="client_to_instance"}'
+RELAYED_OUT = 'aube_relayed_bytes_total{direction="instance_to_client"}'
+
+
+def handed_off(name: str) -> str:
+    return f'aube_streams_handed_off_total{{function="{name}"}}'
+
+
+async def states(registry: Registry, name: str) -> dict[str, tuple[str, bool]]:
+    return {e.record.instance_id: (e.record.state, e.record.handed_off) for e in await registry.instances(name)}
+
+
+async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy()
+    relay_port, relay_proxy = await platform.start_proxy(AUBE_HANDOFF="off")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", "[scaling]\nmin_free = 1\n")
+        async with ws(port, "who") as conn:
+            for i in range(50):
+                reply = await whoami(conn, f"message {i} " + "x" * 1000)
+                assert reply["echo"].startswith(f"message {i} ")
+            instance = reply["instance"]
+            assert (await states(registry, "who"))[instance] == ("busy", True)  # flagged: the reaper keeps off
+            seen = await metrics(proxy)
+            assert seen[handed_off("who")] == 1
+            assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0  # 100 kB moved, none through the proxy
+        # The stream's end reaches the proxy: the instance is free again, unflagged, and serves the next client.
+        with anyio.fail_after(15):
+            while (await states(registry, "who")).get(instance) != ("free", False):
+                await anyio.sleep(0.05)
+        async with ws(port, "who") as conn:
+            assert (await whoami(conn))["streams"] == 1
+        # A `def fn` function: the sync server takes the handed-off socket too.
+        await upload(nc, "rev", "[scaling]\nmin_free = 1\n", REVERSE)
+        async with ws(port, "rev") as conn:
+            for text in ("hello", "x" * 70_000):
+                await conn.send(text)
+                assert await conn.recv() == text[::-1]
+        seen = await metrics(proxy)
+        assert seen[handed_off("who")] == 2 and seen[handed_off("rev")] == 1
+        assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0
+        # AUBE_HANDOFF=off: the same instances, relayed as before.
+        async with ws(relay_port, "who") as conn:
+            assert (await whoami(conn, "relayed"))["echo"] == "relayed"
+        seen = await metrics(relay_proxy)
+        assert seen.get(handed_off("who"), 0) == 0
+        assert seen[RELAYED_IN] > 0 and seen[RELAYED_OUT] > 0
+
+
+async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy()
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "idle", "[scaling]\nmin_free = 1\n[limits]\nstream_idle_timeout = 1.5\n")
+        async with ws(port, "idle") as conn:
+            for _ in range(4):  # traffic keeps it open past the timeout
+                await whoami(conn)
+                await anyio.sleep(0.8)
+            instance = (await whoami(conn))["instance"]
+            started = time.monotonic()
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed):
+                await conn.recv()
+            assert 1.4 <= time.monotonic() - started <= 5
+        assert (await metrics(proxy))[handed_off("idle")] == 1
+        with anyio.fail_after(15):
+            while (await states(registry, "idle")).get(instance) != ("free", False):
+                await anyio.sleep(0.05)
+
+
+def _connect_as(uid: int, path: str) -> str:
+    """Connect to `path` from a host process running as `uid`: what another local user gets."""
+    code = f"import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({path!r}); print('connected')\n"
+    code += "except OSError as e:\n    print(e.errno)"
+    out = subprocess.run(
+        ["python3", "-c", code], capture_output=True, text=True, check=True, user=uid, group=uid, extra_groups=[]
+    )
+    return out.stdout.strip()
+
+
+@process_only
+async def test_handoff_socket_refuses_a_local_process_without_the_credential(platform) -> None:  # type: ignore[no-untyped-def]
+    """An attacker on the host: another user cannot even reach the handoff socket (its folder is root's); a root
+    process that reaches it has its socket refused unless it presents this instance's own credential (a wrong
+    secret, none, another instance's), and a right secret with no socket hands nothing over."""
+    await platform.start_controlplane()
+    port, _ = await platform.start_proxy()
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", "[scaling]\nmin_free = 2\n")
+        entry, other = await wait_free(registry, "who", 2)
+        path = addresses.handoff_path(entry.record.address)
+        assert path is not None and Path(path).is_socket()
+        assert await anyio.to_thread.run_sync(_connect_as, 65534, path) == str(errno.EACCES)
+        head = b"GET /who HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        head += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        head += f"{SECRET_HEADER}: {entry.record.secret}\r\n\r\n".encode()
+
+        def attempt(secret: str, with_fd: bool = True) -> tuple[bytes, bytes]:
+            """Hand over one end of a socket pair; what the control connection and the handed socket then read."""
+            mine, theirs = socket.socketpair()
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with mine, theirs, control:
+                control.settimeout(5)
+                mine.settimeout(5)
+                control.connect(path)
+                offer = encode_offer(secret, head, None, None, 5.0)
+                socket.send_fds(control, [offer], [theirs.fileno()] if with_fd else [])
+                theirs.close()
+                answer = control.recv(1024)
+                got = mine.recv(1024)  # b"" once the instance closed its copy: no 101, no 403 even
+                if answer.startswith(b'{"taken": true}'):
+                    mine.close()  # the stream ends; acknowledged, the instance serves on
+                    while b"ended" not in answer:
+                        answer += control.recv(1024)
+                    control.sendall(b'{"ack": true}\n')
+                return answer, got
+
+        for wrong in ("not-the-secret", "", other.record.secret):
+            assert await anyio.to_thread.run_sync(attempt, wrong) == (b"", b"")
+        # The right secret but no socket passed: nothing to take.
+        assert (await anyio.to_thread.run_sync(lambda: attempt(entry.record.secret, False)))[0] == b""
+        log = Path(platform.data_dir, "logs", platform.owner, f"who-{entry.record.instance_id}.log")
+        assert log.read_text().count("refused a handoff without the instance credential") == 4
+        # The control: the same offer with the right secret is taken, and the instance answers the handshake.
+        answer, got = await anyio.to_thread.run_sync(attempt, entry.record.secret)
+        assert answer.startswith(b'{"taken": true}') and got.startswith(b"HTTP/1.1 101")
+        # The instances serve on, through the proxy.
+        async with ws(port, "who") as a, ws(port, "who") as b:
+            assert (await whoami(a, "after"))["echo"] == (await whoami(b, "after"))["echo"] == "after"
+
+
+async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
+    lease = 2.0
+    await platform.start_controlplane()
+    platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.2", AUBE_LEASE_TTL=str(lease))
+    doomed_port, doomed = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
+    other_port, _ = await platform.start_proxy(AUBE_LEASE_TTL=str(lease), AUBE_CLAIM_TIMEOUT="1")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", "[scaling]\nmin_free = 3\nmax_instances = 3\n")
+        await wait_free(registry, "who", 3)
+        async with ws(doomed_port, "who") as a, ws(doomed_port, "who") as b, ws(doomed_port, "who") as c:
+            streams = [a, b, c]
+            ids = {(await whoami(s))["instance"] for s in streams}
+            assert len(ids) == 3
+            with anyio.fail_after(5):
+                while sorted((await states(registry, "who")).values()) != [("busy", True)] * 3:
+                    await anyio.sleep(0.05)
+            doomed.kill9()
+            # Past the lease, its grace and several reaper passes: every stream goes on, on its own instance.
+            deadline = time.monotonic() + 3 * lease + 3
+            while time.monotonic() < deadline:
+                for i, s in enumerate(streams):
+                    reply = await whoami(s, f"after {i}")
+                    assert reply["echo"] == f"after {i}" and reply["streams"] == 1
+                await anyio.sleep(0.3)
+            assert {iid for iid, st in (await states(registry, "who")).items() if st == ("busy", True)} == ids
+            # No other client gets one of these instances while their streams last (max_instances = 3).
+            with pytest.raises(InvalidStatus) as refused:
+                async with ws(other_port, "who"):
+                    pass
+            assert refused.value.response.status_code == 503
+        # The streams ended without their proxy: each instance exits, its entry goes, and the function serves again.
+        try:
+            with anyio.fail_after(60):
+                while ids & set(await states(registry, "who")):
+                    await anyio.sleep(0.2)
+        except TimeoutError:
+            for log in Path(platform.data_dir, "logs", platform.owner).glob("*.log"):
+                print(f"----- {log.name} -----\n{log.read_text()[-4000:]}")
+            raise
+        await wait_free(registry, "who", 1)  # the control plane's top-up replaced them
+        async with ws(other_port, "who") as conn:
+            assert (await whoami(conn, "again"))["echo"] == "again"

@@ -1,0 +1,126 @@
+"""The instance's side of socket handoff with a real `python -m aube.instance` and a real TCP client: this test
+plays the proxy (reads the client's head, passes the socket over the handoff socket with SCM_RIGHTS).
+
+Both servers (a `def fn` on the threaded server, an `async def fn` on asyncio) take the socket and answer the
+handshake themselves; an instance whose proxy acknowledges the end serves on, one whose proxy does not exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from aube.instance.config import SECRET_HEADER, SECRET_SHA256_ENV
+from aube.instance.handoff import encode_offer
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SECRET = "handoff-test-secret"
+
+
+@pytest.fixture(params=["reverse", "reverse-async"])
+def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    env = {
+        **os.environ,
+        "AUBE_FN_DIR": str(EXAMPLES / request.param),
+        "AUBE_INSTANCE_SOCKET": str(tmp_path / "instance.sock"),
+        "AUBE_INSTANCE_HANDOFF": str(tmp_path / "handoff.sock"),
+        SECRET_SHA256_ENV: hashlib.sha256(SECRET.encode()).hexdigest(),
+        "AUBE_INSTANCE_ID": "i-handoff",
+    }
+    log = (tmp_path / "instance.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "aube.instance"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "handoff.sock").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "instance.log").read_text()
+        time.sleep(0.02)
+    try:
+        yield proc, tmp_path / "handoff.sock"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+        print((tmp_path / "instance.log").read_text()[-4000:])  # shown for a failed test
+
+
+def hand_off_one_stream(
+    handoff: Path, *, acknowledge: bool, longest: float | None = None, ended: str = "closed"
+) -> str:
+    """A client's stream handed to the instance (`longest`: its max duration; the client then talks until it is
+    ended); what the client got back first."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    replies: list[str] = []
+
+    def client() -> None:
+        with connect(f"ws://127.0.0.1:{port}/reverse?x=1", open_timeout=10) as ws:
+            ws.send("hello")
+            replies.append(str(ws.recv(timeout=10)))
+            with contextlib.suppress(ConnectionClosed):
+                while longest is not None:  # never idle: only the duration can end it
+                    ws.send("more")
+                    ws.recv(timeout=10)
+                    time.sleep(0.05)
+
+    talker = threading.Thread(target=client)
+    talker.start()
+    with listener, socket.socket(socket.AF_UNIX) as control:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            forwarded = head[:-2] + f"{SECRET_HEADER}: {SECRET}\r\n\r\n".encode()  # as the proxy forwards it
+            control.settimeout(10)
+            control.connect(str(handoff))
+            socket.send_fds(control, [encode_offer(SECRET, forwarded, None, longest, 3.0)], [conn.fileno()])
+        # The proxy's copy is closed: the client's connection lives in the instance only.
+        lines = control.makefile("rb")
+        assert json.loads(lines.readline()) == {"taken": True}
+        talker.join(15)
+        assert json.loads(lines.readline()) == {"ended": ended}
+        if acknowledge:
+            control.sendall(b'{"ack": true}\n')
+    assert replies, "the client got no reply"
+    return replies[0]
+
+
+def test_an_acknowledged_handoff_is_served_and_the_instance_serves_on(
+    instance: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    proc, handoff = instance
+    for _ in range(3):
+        assert hand_off_one_stream(handoff, acknowledge=True) == "olleh"
+    time.sleep(1.0)
+    assert proc.poll() is None
+
+
+def test_an_unacknowledged_handoff_ends_the_instance(instance: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """The proxy that handed the stream over is gone at its end: no one can release the claim, so the instance
+    exits (and the control plane then drops its entry)."""
+    proc, handoff = instance
+    assert hand_off_one_stream(handoff, acknowledge=False) == "olleh"
+    assert proc.wait(timeout=15) == 0
+
+
+def test_the_instance_ends_a_handed_off_stream_at_its_max_duration(
+    instance: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    proc, handoff = instance
+    began = time.monotonic()
+    assert hand_off_one_stream(handoff, acknowledge=True, longest=1.0, ended="max_duration") == "olleh"
+    assert 1.0 <= time.monotonic() - began < 5
+    assert proc.poll() is None
