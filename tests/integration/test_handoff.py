@@ -60,7 +60,7 @@ async def metrics(proxy: Any) -> dict[str, float]:
     """The proxy's metrics (its operator port), by sample line (name and labels)."""
     port = int(proxy.env["AUBE_OPERATOR_PORT"])
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\n\r\n")
+        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         chunks = []
         try:
             while True:
@@ -196,8 +196,10 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
             assert await anyio.to_thread.run_sync(attempt, wrong) == (b"", b"")
         # The right secret but no socket passed: nothing to take.
         assert (await anyio.to_thread.run_sync(lambda: attempt(entry.record.secret, False)))[0] == b""
-        log = Path(platform.data_dir, "logs", platform.owner, f"who-{entry.record.instance_id}.log")
-        assert log.read_text().count("refused a handoff without the instance credential") == 4
+        # The instance's own output (its folder of the process runtime's output, read by `aube logs`).
+        output = Path(platform.data_dir, "logs", platform.owner, entry.record.instance_id)
+        said = "".join((output / name).read_text() for name in ("stdout", "stderr"))
+        assert said.count("refused a handoff without the instance credential") == 4
         # The control: the same offer with the right secret is taken, and the instance answers the handshake.
         answer, got = await anyio.to_thread.run_sync(attempt, entry.record.secret)
         assert answer.startswith(b'{"taken": true}') and got.startswith(b"HTTP/1.1 101")
@@ -242,8 +244,8 @@ async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None: 
                 while ids & set(await states(registry, "who")):
                     await anyio.sleep(0.2)
         except TimeoutError:
-            for log in Path(platform.data_dir, "logs", platform.owner).glob("*.log"):
-                print(f"----- {log.name} -----\n{log.read_text()[-4000:]}")
+            for log in Path(platform.data_dir, "logs", platform.owner).glob("*/std*"):
+                print(f"----- {log.parent.name}/{log.name} -----\n{log.read_text()[-4000:]}")
             raise
         await wait_free(registry, "who", 1)  # the control plane's top-up replaced them
         async with ws(other_port, "who") as conn:

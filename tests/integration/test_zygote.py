@@ -237,12 +237,12 @@ async def test_a_forked_instance_runs_in_its_own_sandbox_and_groups(tmp_path: Pa
         assert len(report["pids"]) <= 3 and 1 in report["pids"]
         assert report["uid"] == 65534
         # Nothing of the zygote's: its channel (a socket), the filter's memfd, a host folder. What is there: stdin,
-        # the log, the sandbox's keepalive and the server's stop pipe, its event loop (a socket pair), its listener
-        # and this stream.
+        # the log, the sandbox's keepalive and the server's stop pipe, its event loop (a socket pair), its listener,
+        # its handoff listener (where a proxy of this host hands over clients' sockets) and this stream.
         fds = report["fds"]
         assert not [fd for fd in fds if "seccomp" in fd or "/functions/" in fd or "/run/" in fd], fds
         assert len({fd for fd in fds if fd.startswith("pipe:")}) == 2, fds
-        assert len([fd for fd in fds if fd.startswith("socket:")]) == 4, fds
+        assert len([fd for fd in fds if fd.startswith("socket:")]) == 5, fds
         (reply,) = await _ask(started, secret, {"op": "kill", "arg": zygote})
         assert reply == "error 3"  # ESRCH: the zygote does not exist for it
 
