@@ -543,17 +543,25 @@ async def test_both_tcp_legs_carry_keepalive(rig: Rig) -> None:
 
 
 def _pids_of_instance(instance_id: str) -> list[int]:
-    """Processes started for one instance (process runtime): every one whose environment names it."""
+    """Processes started for one instance (process runtime): every one whose environment names it, and every
+    process of the pid namespaces those are in (but the host's). A server forked from a zygote shows the zygote's
+    environment, not its own, and its parent is the control plane (a subreaper), but it lives in the sandbox's pid
+    namespace."""
     marker = f"{names.ENV_INSTANCE_ID}={instance_id}".encode()
-    found = []
+    host_ns = os.readlink("/proc/self/ns/pid")
+    found: set[int] = set()
+    namespaces: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
+                namespaces[int(entry.name)] = os.readlink(entry / "ns" / "pid")
                 if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
+                    found.add(int(entry.name))
             except OSError:
                 continue
-    return found
+    sandboxes = {namespaces[pid] for pid in found if pid in namespaces} - {host_ns}
+    found |= {pid for pid, ns in namespaces.items() if ns in sandboxes}
+    return sorted(found)
 
 
 def hang(runtime: str, instance_id: str, handle: str) -> None:

@@ -89,7 +89,7 @@ async def states(registry: Registry, name: str) -> dict[str, tuple[str, bool]]:
 
 async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, proxy = await platform.start_proxy()
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
     relay_port, relay_proxy = await platform.start_proxy(AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
         await upload(nc, "who", "[scaling]\nmin_free = 1\n")
@@ -127,7 +127,7 @@ async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) ->
 
 async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type: ignore[no-untyped-def]
     await platform.start_controlplane()
-    port, proxy = await platform.start_proxy()
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
     async with nats_client(platform.nats_url) as (nc, registry):
         await upload(nc, "idle", "[scaling]\nmin_free = 1\n[limits]\nstream_idle_timeout = 1.5\n")
         async with ws(port, "idle") as conn:
@@ -161,7 +161,7 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
     process that reaches it has its socket refused unless it presents this instance's own credential (a wrong
     secret, none, another instance's), and a right secret with no socket hands nothing over."""
     await platform.start_controlplane()
-    port, _ = await platform.start_proxy()
+    port, _ = await platform.start_proxy(AUBE_HANDOFF="auto")
     async with nats_client(platform.nats_url) as (nc, registry):
         await upload(nc, "who", "[scaling]\nmin_free = 2\n")
         entry, other = await wait_free(registry, "who", 2)
@@ -212,7 +212,7 @@ async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None: 
     lease = 2.0
     await platform.start_controlplane()
     platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.2", AUBE_LEASE_TTL=str(lease))
-    doomed_port, doomed = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
+    doomed_port, doomed = await platform.start_proxy(AUBE_LEASE_TTL=str(lease), AUBE_HANDOFF="auto")
     other_port, _ = await platform.start_proxy(AUBE_LEASE_TTL=str(lease), AUBE_CLAIM_TIMEOUT="1")
     async with nats_client(platform.nats_url) as (nc, registry):
         await upload(nc, "who", "[scaling]\nmin_free = 3\nmax_instances = 3\n")
