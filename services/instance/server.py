@@ -28,11 +28,23 @@ from websockets.typing import Subprotocol
 
 from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
-from aube.instance.handoff import HandedOffSocket, HandoffListener, take_async
+from aube.instance.handoff import HandedOffSocket, HandoffListener, Serve, take_async
 from aube.instance.shutdown import Stopper
 from aube.instance.slot import StreamSlot
 
 logger = logging.getLogger(__name__)
+
+
+def start_handoff(
+    path: str, secret_sha256: str, serve: Serve, busy: Callable[[], bool], orphaned: Callable[[], None]
+) -> None:
+    """Take handed-off clients on `path`; an instance that cannot listen there is relayed, it does not fail (a
+    control plane in a container gave it a folder the engine made on its own host, which the instance cannot
+    write)."""
+    try:
+        HandoffListener(path, secret_sha256, serve, busy, orphaned).start()
+    except OSError as e:
+        logger.warning("no socket handoff (clients are relayed): cannot listen on %s: %s", path, e)
 
 
 def announce(config: InstanceConfig, flavour: str, port: int) -> None:
@@ -345,7 +357,7 @@ def serve_sync(
         server = sserver.serve(handler, config.host, config.port, **options)
     if config.handoff:
         serve_handed_off = lambda sock: server.handler(sock, ("handoff", 0))  # noqa: E731
-        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
+        start_handoff(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop)
     announce(config, "sync", 0 if config.socket else server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
     thread.start()
@@ -430,7 +442,7 @@ async def serve_async(
         def serve_handed_off(sock: HandedOffSocket) -> None:
             asyncio.run_coroutine_threadsafe(take_async(server, sock), loop).result()
 
-        HandoffListener(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop).start()
+        start_handoff(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop)
     port = next(iter(server.sockets)).getsockname()[1] if server.sockets and not config.socket else config.port
     announce(config, "asyncio", 0 if config.socket else port)
     await stop.wait()

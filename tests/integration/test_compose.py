@@ -182,11 +182,16 @@ def test_compose_up_deploy_stream_down(docker_client: Any, test_owner: str, tmp_
             ws.send("hello compose")
             assert ws.recv(timeout=30) == "esopmoc olleh"
 
-        # The internet-facing proxy, and the reaper, hold their own login only; the instance mounts nothing.
+        # The internet-facing proxy, and the reaper, hold their own login only; an instance mounts nothing but its
+        # own handoff folder (runtimes/handoffdir.py: where a proxy of this host may hand it clients' sockets).
         for service in ("proxy", "reaper"):
             assert_sees_only_own_login(docker_client, project, service, data)
         instances = docker_client.containers.list(filters={"label": f"{names.LABEL_OWNER}={test_owner}"})
-        assert instances and all(c.attrs["Mounts"] == [] for c in instances)
+        assert instances
+        for c in instances:
+            mounts = [(m["Source"], m["Destination"]) for m in c.attrs["Mounts"]]
+            instance_id = c.labels[names.LABEL_INSTANCE]
+            assert mounts == [(f"/run/aube-docker/{test_owner}/{instance_id}", "/aube/run")], mounts
 
         # Its requirements.txt was installed by pip in bubblewrap, which the control plane's container lets start.
         controlplane_log = run("logs", "controlplane").stdout
