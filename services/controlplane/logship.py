@@ -187,19 +187,29 @@ class LogShipper:
         except anyio.WouldBlock:  # NATS slower than the instances: counted like a rate-limited line
             instance.limit.dropped += 1
             self.dropped_total += 1
+        except anyio.ClosedResourceError:  # shipping ended (the service stopping): nothing reads it any more
+            pass
+
+    def close(self) -> None:
+        """Close the line queue's two ends (a queue left open is a ResourceWarning once collected)."""
+        self._send.close()
+        self._receive.close()
 
 
 async def ship_output(source: OutputSource, owner: str, shipper: LogShipper) -> None:
     """Run `shipper` on what `source`'s instances of `owner` write, until cancelled; a watch that fails (the engine
     restarting) is opened again."""
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(shipper.run)
-        while True:
-            try:
-                await source.watch_output(owner, shipper)
-            except Exception:
-                log.warning("reading instances' output failed; again in %gs", REPORT_EVERY, exc_info=True)
-            await anyio.sleep(REPORT_EVERY)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(shipper.run)
+            while True:
+                try:
+                    await source.watch_output(owner, shipper)
+                except Exception:
+                    log.warning("reading instances' output failed; again in %gs", REPORT_EVERY, exc_info=True)
+                await anyio.sleep(REPORT_EVERY)
+    finally:
+        shipper.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
