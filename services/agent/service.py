@@ -73,10 +73,13 @@ async def serve(
         hosts_kv, _ = await open_host_buckets(nc, replicas=settings.kv_replicas)
         agent = Agent(settings, runtime_settings, runtime, nc)
         async with anyio.create_task_group() as tg:
-            await tg.start(agent.keep_lease, hosts_kv)
             for operation, kind, handler in agent.routes():
                 sub = await nc.subscribe(names.host_subject(host_id, operation))
                 tg.start_soon(_pump, sub.messages, kind, handler, tg)
+            # Subscribed (flushed) before the lease says this host is live: a control plane that reads the lease may
+            # ask at once, and found no responder when the lease came first.
+            await nc.flush()
+            await tg.start(agent.keep_lease, hosts_kv)
             tg.start_soon(agent.publish_exits)
             tg.start_soon(agent.reconcile_loop)
             if isinstance(runtime, OutputSource):

@@ -292,3 +292,55 @@ async def test_a_host_whose_lease_only_looks_expired_keeps_its_entries_through_r
             platform.stop_all()
             for h in HOSTS:
                 stop_process_instances(f"{test_owner}-{h}", data[h])
+
+
+@pytest.mark.parametrize("runtime_kind", ["process"], indirect=True)
+async def test_a_control_plane_starts_while_a_live_host_does_not_answer(
+    runtime_kind: str, test_owner: str, tmp_path: Path
+) -> None:
+    """CI once saw the control plane exit at startup: one agent had written its lease but did not answer the startup
+    reconcile's listing yet, and the listing raised. A host that does not answer is now left out of the listing (its
+    entries untouched, its judgement the reaper's), so the control plane starts and places on the host that answers.
+    Here the silent host is an agent stopped with SIGSTOP while its lease (30 s) is still live."""
+    import os
+    import signal
+
+    from aube.shared.schemas import ScaleReply, ScaleRequest
+
+    with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
+        platform = Platform(server.url, test_owner, "hosts", tmp_path)
+        data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
+        agents = {
+            h: platform.start(
+                "aube.agent", AUBE_RUNTIME="process", AUBE_DATA_DIR=data[h], AUBE_LEASE_TTL="30", **server.agent_env(h)
+            )
+            for h in HOSTS
+        }
+        silent = agents["h1"].proc
+        assert silent is not None
+        cp_env = server.service_env("controlplane")
+        try:
+            # The control plane's login, as the harness uses once the control plane runs (it does not yet).
+            ops = await nats.connect(server.url, user=cp_env["AUBE_NATS_USER"], password=cp_env["AUBE_NATS_PASSWORD"])
+            try:
+                book = await HostBook.open(ops.jetstream())
+                with anyio.fail_after(60):
+                    while {e.key for e in await book.leases()} != set(HOSTS):
+                        await anyio.sleep(0.2)
+                os.kill(silent.pid, signal.SIGSTOP)
+                try:
+                    await platform.start_controlplane(AUBE_HOST_RUNTIME="process", **cp_env)
+                    registry = await Registry.open(ops.jetstream())
+                    body = UploadRequest(name="who", zip=whoami_zip("[scaling]\nmin_free = 0\nmax_instances = 4\n"))
+                    await request(ops, names.SUBJECT_UPLOAD, body, UploadReply, 300)
+                    reply = await request(ops, names.SUBJECT_SCALE, ScaleRequest(name="who", count=1), ScaleReply, 120)
+                    assert reply.ok
+                    assert await hosts_of(registry, "who") == {"h2": 1}
+                finally:
+                    os.kill(silent.pid, signal.SIGCONT)
+            finally:
+                await ops.close()
+        finally:
+            platform.stop_all()
+            for h in HOSTS:
+                stop_process_instances(f"{test_owner}-{h}", data[h])

@@ -275,7 +275,11 @@ class HostsRuntime:
         return (await self.inventory(owner)).instances
 
     async def inventory(self, owner: str) -> Inventory:
-        """The live hosts' instances, covering exactly the hosts that answered (raises if a live one did not)."""
+        """The live hosts' instances, covering exactly the hosts that answered.
+
+        A live host that does not answer (its agent just started and is not subscribed yet, or is stuck) is left out
+        of `hosts`, so reconcile passes over its entries; judging it dead is the reaper's, from its lease. Raising
+        instead stopped the whole control plane at startup when one agent was slow."""
         listings = await self._listings(owner)
         return Inventory(
             instances=[
@@ -291,11 +295,9 @@ class HostsRuntime:
         results = await self._each_live_host(
             lambda host_id: self._ask(host_id, hostwire.OP_LIST, body, hostwire.Listing, QUICK_TIMEOUT)
         )
-        failed = {h: r for h, r in results.items() if isinstance(r, AubeError)}
-        if failed:
-            raise RuntimeFailure(
-                "hosts did not answer a listing: " + ", ".join(f"{h} ({e.message})" for h, e in sorted(failed.items()))
-            )
+        for host_id, result in sorted(results.items()):
+            if isinstance(result, AubeError):
+                log.warning("host %s left out of this listing: %s", host_id, result.message)
         return {h: r for h, r in results.items() if isinstance(r, hostwire.Listing)}
 
     async def watch_exits(self, owner: str, exited: ExitListener) -> None:
