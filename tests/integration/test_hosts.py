@@ -42,7 +42,7 @@ def whoami_zip(manifest: str) -> str:
 
 
 def start_agents(
-    platform: Platform, server: AccountsServer, data: dict[str, str], **env: str
+    platform: Platform, server: AccountsServer, data: dict[str, str], lease_ttl: float = LEASE_TTL, **env: str
 ) -> dict[str, ServiceProcess]:
     """One agent per host of HOSTS, each on the process runtime with its own data folder and its own login."""
     return {
@@ -50,7 +50,7 @@ def start_agents(
             "aube.agent",
             AUBE_RUNTIME="process",
             AUBE_DATA_DIR=data[h],
-            AUBE_LEASE_TTL=str(LEASE_TTL),
+            AUBE_LEASE_TTL=str(lease_ttl),
             **env,
             **server.agent_env(h),
         )
@@ -310,12 +310,7 @@ async def test_a_control_plane_starts_while_a_live_host_does_not_answer(
     with accounts_server(tmp_path / "nats", hosts=HOSTS) as server:
         platform = Platform(server.url, test_owner, "hosts", tmp_path)
         data = {h: str(tmp_path / f"host-{h}") for h in HOSTS}
-        agents = {
-            h: platform.start(
-                "aube.agent", AUBE_RUNTIME="process", AUBE_DATA_DIR=data[h], AUBE_LEASE_TTL="30", **server.agent_env(h)
-            )
-            for h in HOSTS
-        }
+        agents = start_agents(platform, server, data, lease_ttl=30)
         silent = agents["h1"].proc
         assert silent is not None
         cp_env = server.service_env("controlplane")
