@@ -147,16 +147,17 @@ def drain(rec: InstanceRecord, *, busy_ok: bool = False, instance_id: str | None
     _check("drain", rec, instance_id)
     if rec.state == "busy" and not busy_ok:
         raise Refused("drain", rec, "it is carrying a stream")
-    return msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None)
+    return msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None, handed_off=False)
 
 
 def mark_unhealthy(rec: InstanceRecord, *, by: str | None = None, instance_id: str | None = None) -> InstanceRecord:
     """busy/free -> unhealthy: it could not be reached or did not finish its stream; never handed out again. A busy
-    one only by the proxy holding it (`by`)."""
+    one only by the proxy holding it (`by`). The claim goes, and its `handed_off` flag with it: a flag says a live
+    claim's stream lives on in the instance (the reaper leaves such an entry alone), and this one is to be stopped."""
     _check("mark_unhealthy", rec, instance_id)
     if rec.state == "busy" and rec.claimed_by != by:
         raise Refused("mark_unhealthy", rec, f"claimed by {rec.claimed_by}")
-    return msgspec.structs.replace(rec, state="unhealthy", claimed_by=None, claimed_at=None)
+    return msgspec.structs.replace(rec, state="unhealthy", claimed_by=None, claimed_at=None, handed_off=False)
 
 
 def retire(rec: InstanceRecord, deadline: float | None, *, instance_id: str | None = None) -> InstanceRecord:

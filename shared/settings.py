@@ -179,10 +179,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # the function with no registry write (proxy/reserve.py); 0 releases it at once.
     reserve_seconds: float = 2.0
     # Socket handoff (proxy/handoff.py): "auto" passes a client's own socket to an instance on this host that takes
-    # it (the proxy is then out of the data path) and relays otherwise; "off" always relays. Off by default for now:
-    # a handed-off stream whose client stops answering pings ends after websockets' close timeout (about 12 s, not
-    # the manifest's ping bound), and the proxy cannot judge a handed-off instance hung (docs/handoff.md).
-    handoff: Literal["auto", "off"] = "off"
+    # it (the proxy is then out of the data path) and relays otherwise; "off" always relays. A handed-off stream
+    # ends at the manifest's ping bound like a relayed one, whichever peer hangs (docs/handoff.md).
+    handoff: Literal["auto", "off"] = "auto"
 
 
 def _default_host_id() -> str:

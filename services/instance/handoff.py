@@ -5,18 +5,26 @@ socket itself over the instance's handoff socket (AUBE_INSTANCE_HANDOFF, a Unix 
 which only the platform and this instance can reach) with SCM_RIGHTS. One control connection per stream:
 
     proxy -> instance   one offer: a header (">II": parameter length, prefix length), the parameters as JSON
-                        (`secret`, `idle_timeout`, `max_duration`, `ack_wait`), then the prefix: the bytes the proxy
-                        already read (the forwarded request head, which carries the instance credential as in the
-                        relay, and whatever followed it). The client's socket rides along with the first bytes.
-    instance -> proxy   {"taken": true} (or false: busy), then {"ended": reason} once the connection is closed.
+                        (`secret`, `idle_timeout`, `max_duration`, `ack_wait`, `ping_bound`), then the prefix: the
+                        bytes the proxy already read (the forwarded request head, which carries the instance
+                        credential as in the relay, and whatever followed it). The client's socket rides along with
+                        the first bytes.
+    instance -> proxy   {"taken": true, "beats": true} (or taken false: busy), then {"ended": reason} once the
+                        connection is closed.
+    proxy -> instance   {"beat": true} while the stream lasts (every quarter of `ping_bound`), each answered with
+                        {"beat": true}: a proxy that hears no answer within the bound judges the instance hung.
     proxy -> instance   {"ack": true} once the proxy has released (or otherwise settled) its claim.
 
 Only an offer carrying the instance credential is taken (its SHA-256 matches AUBE_INSTANCE_SECRET_SHA256); anything
 else is closed at once, the passed socket with it, and no offer is taken at all without a configured credential. The
 instance completes the WebSocket handshake on the received socket itself, through the same server (and checks) as a
 relayed stream, so the handshake is negotiated end to end, and enforces the stream's limits the proxy passed: no
-traffic either way for `idle_timeout`, or `max_duration` over, shuts the connection down (the client sees it close,
-as when the proxy ends a relayed stream).
+traffic either way for `idle_timeout`, `max_duration` over, or nothing from the client for `ping_bound` (the
+instance pings, so a live client answers within it) shuts the connection down at once (the client sees it close, as
+when the proxy ends a relayed stream; without it websockets would wait its close timeout for a hung client).
+
+Closing the received socket shuts it down first: the proxy keeps a copy of it (to end the stream of an instance it
+judges hung), so closing this one alone would not end the connection.
 
 A proxy that dies (kill -9) does not end the stream: the socket lives here. Who then accounts for the instance: the
 proxy's claim stays in the registry, flagged `handed_off`, and the reaper leaves such a claim alone; the instance,
@@ -60,15 +68,18 @@ class HandedOffSocket(socket.socket):
 
     prefix: bytes = b""
     moved: int = 0
+    received: int = 0  # from the client only: a live one answers pings
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
         self.moved += len(data)
+        self.received += len(data)
         return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         n = super().recv_into(buffer, nbytes, flags)
         self.moved += n
+        self.received += n
         return n
 
     def send(self, data: Any, flags: int = 0) -> int:
@@ -85,6 +96,13 @@ class HandedOffSocket(socket.socket):
         self.moved += n
         return n
 
+    def close(self) -> None:
+        # The proxy holds a copy of this socket: the connection ends only once every copy is closed, or shut down.
+        if self.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                self.shutdown(socket.SHUT_RDWR)
+        super().close()
+
 
 @dataclass(frozen=True)
 class Offer:
@@ -93,6 +111,7 @@ class Offer:
     idle_timeout: float | None
     max_duration: float | None
     ack_wait: float
+    ping_bound: float | None = None  # ping_interval + ping_timeout when this instance pings the client
 
 
 # Serves one received connection through the instance's WebSocket server; returns once the connection is closed.
@@ -110,18 +129,35 @@ def parse_offer(data: bytes) -> Offer | None:
         params = json.loads(data[HEADER.size : HEADER.size + params_len])
         secret = params["secret"]
         idle, longest, ack_wait = params.get("idle_timeout"), params.get("max_duration"), params["ack_wait"]
-    except (ValueError, KeyError, TypeError):
+        bound = params.get("ping_bound")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not isinstance(secret, str) or not all(v is None or isinstance(v, (int, float)) for v in (idle, longest)):
+    windows = (idle, longest, bound)
+    if not isinstance(secret, str) or not all(v is None or isinstance(v, (int, float)) for v in windows):
         return None
     if not isinstance(ack_wait, (int, float)):
         return None
     prefix = data[HEADER.size + params_len :]
-    return Offer(secret, prefix, idle or None, longest or None, float(ack_wait))
+    return Offer(secret, prefix, idle or None, longest or None, float(ack_wait), bound or None)
 
 
-def encode_offer(secret: str, prefix: bytes, idle: float | None, longest: float | None, ack_wait: float) -> bytes:
-    params = json.dumps({"secret": secret, "idle_timeout": idle, "max_duration": longest, "ack_wait": ack_wait})
+def encode_offer(
+    secret: str,
+    prefix: bytes,
+    idle: float | None,
+    longest: float | None,
+    ack_wait: float,
+    ping_bound: float | None = None,
+) -> bytes:
+    params = json.dumps(
+        {
+            "secret": secret,
+            "idle_timeout": idle,
+            "max_duration": longest,
+            "ack_wait": ack_wait,
+            "ping_bound": ping_bound,
+        }
+    )
     raw = params.encode()
     return HEADER.pack(len(raw), len(prefix)) + raw + prefix
 
@@ -175,12 +211,12 @@ class HandoffListener:
                     return
                 client = HandedOffSocket(fileno=fds.pop())
                 if client.type != socket.SOCK_STREAM or self.busy():
-                    client.close()
+                    os.close(client.detach())  # no shutdown: the connection is still the proxy's
                     _say(conn, {"taken": False})
                     return
                 client.prefix = offer.prefix
                 taken = True
-                _say(conn, {"taken": True})
+                _say(conn, {"taken": True, "beats": True})
                 reason = self._carry(client, offer, conn)
                 logger.info("handed-off stream ended (%s): reporting it", reason)
                 acknowledged = _acknowledged(conn, reason, offer.ack_wait)
@@ -196,8 +232,9 @@ class HandoffListener:
                 self.orphaned()
 
     def _carry(self, client: HandedOffSocket, offer: Offer, conn: socket.socket) -> str:
-        """Serve the stream until its connection closes; shut it down when it breaks a limit, or when the proxy says
-        {"end": reason} (the registry no longer accounts for this instance). Why it ended."""
+        """Serve the stream until its connection closes; shut it down when it breaks a limit, when the client is
+        silent past the ping bound, or when the proxy says {"end": reason} (the registry no longer accounts for this
+        instance); answer the proxy's heartbeats meanwhile. Why it ended."""
         done = threading.Event()
         reason = "closed"
 
@@ -209,20 +246,25 @@ class HandoffListener:
 
         threading.Thread(target=serve, name="aube-handoff-serve", daemon=True).start()
         started = last_change = time.monotonic()
-        last_moved = -1
-        windows = [w / 4 for w in (offer.idle_timeout, offer.max_duration) if w]
+        last_moved = last_received = -1
+        last_heard = started
+        windows = [w / 4 for w in (offer.idle_timeout, offer.max_duration, offer.ping_bound) if w]
         tick = min([WATCH_TICK, *windows])
         proxy_there = True
         while not done.wait(tick):
             now = time.monotonic()
             if client.moved != last_moved:
                 last_moved, last_change = client.moved, now
+            if client.received != last_received:
+                last_received, last_heard = client.received, now
             limit = None
             if proxy_there and select.select([conn], [], [], 0)[0]:
-                # Only {"end"} can come while the stream runs (the ack answers our report of its end).
+                # Only {"end"} and heartbeats come while the stream runs (the ack answers our report of its end).
                 said = _read_line(conn)
                 proxy_there = said is not None
-                if said is not None and said.get("end"):
+                if said is not None and said.get("beat"):
+                    proxy_there = _try_say(conn, {"beat": True})
+                elif said is not None and said.get("end"):
                     limit = str(said["end"])
             if limit is not None:
                 pass
@@ -230,6 +272,9 @@ class HandoffListener:
                 limit = "idle_timeout"
             elif offer.max_duration and now - started >= offer.max_duration:
                 limit = "max_duration"
+            elif offer.ping_bound and now - last_heard >= offer.ping_bound:
+                # A live client answers each ping within the bound: this one is hung (or gone without a word).
+                limit = "client_silent"
             if limit is not None and reason == "closed":
                 reason = limit
                 logger.info("handed-off stream reached its %s: closing", limit)
@@ -298,13 +343,27 @@ def _say(conn: socket.socket, message: dict[str, object]) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
+def _try_say(conn: socket.socket, message: dict[str, object]) -> bool:
+    """Say `message`; whether the proxy is still there to hear it."""
+    try:
+        _say(conn, message)
+    except OSError:
+        return False
+    return True
+
+
 def _acknowledged(conn: socket.socket, reason: str, wait: float) -> bool:
-    """Report the stream's end; whether the proxy acknowledges it within `wait`."""
+    """Report the stream's end; whether the proxy acknowledges it within `wait` (a heartbeat it sent before it
+    heard of the end may come first: skipped)."""
+    deadline = time.monotonic() + wait
     try:
         _say(conn, {"ended": reason})
-        conn.settimeout(wait)
-        line = _readline(conn)
-        said = json.loads(line) if line else None
+        while (left := deadline - time.monotonic()) > 0:
+            conn.settimeout(left)
+            line = _readline(conn)
+            said = json.loads(line) if line else None
+            if not (isinstance(said, dict) and said.get("beat")):
+                return isinstance(said, dict) and said.get("ack") is True
     except (OSError, ValueError):
         return False
-    return isinstance(said, dict) and said.get("ack") is True
+    return False

@@ -278,7 +278,15 @@ class Claimer:
         ack_wait = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 5.0
         try:
             outcome = await handoff.offer(
-                client, path, head, len(raw_head), rec.secret, (idle, longest), ack_wait, ANSWER_TIMEOUT
+                client,
+                path,
+                head,
+                len(raw_head),
+                rec.secret,
+                (idle, longest),
+                ack_wait,
+                ANSWER_TIMEOUT,
+                ping_bound=decisions.ping_bound(fn, rec),
             )
         except BaseException:
             # Cancelled (claim timeout, shutdown) while offering: the instance may have taken the client, so nothing

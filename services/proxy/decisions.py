@@ -15,7 +15,7 @@ import msgspec
 from aube.shared import names
 from aube.shared.instance_lifecycle import claimable, warm
 from aube.shared.registry import InstanceEntry
-from aube.shared.schemas import FunctionRecord, ScaleIntent
+from aube.shared.schemas import FunctionRecord, InstanceRecord, ScaleIntent
 
 
 def candidates(
@@ -73,3 +73,20 @@ def scale_intent(function: str, proxy_id: str, now: float, cooldown: float) -> S
     """
     window = min(max(cooldown, 0.0), names.SCALE_INTENT_MAX_AGE)
     return ScaleIntent(function=function, proxy_id=proxy_id, asked_at=now, expires_at=now + window)
+
+
+def ping_bound(fn: FunctionRecord | None, rec: InstanceRecord) -> float | None:
+    """How long a live peer of a stream on `rec` may stay silent: `ping_interval + ping_timeout`. None when the
+    instance does not ping (no `[limits] ping_interval`, or started under another version than `fn`'s, whose
+    policy it may not have: an older version's instance may be silent by right).
+
+    A pinging instance sends a frame at least every `ping_interval`, and a live client answers each ping within
+    `ping_timeout`; so either side silent past the bound is hung. The relay judges the instance by it
+    (streams.py), a handed-off stream's instance judges its client by it, and the proxy the instance's
+    heartbeat (handoff.py)."""
+    if fn is None or fn.version != rec.version:
+        return None
+    limits = fn.manifest.limits
+    if limits.ping_interval <= 0:
+        return None
+    return limits.ping_interval + limits.ping_timeout

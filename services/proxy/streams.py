@@ -23,6 +23,7 @@ import logging
 
 import anyio
 
+from aube.proxy import decisions
 from aube.proxy.handoff import HandedOff
 from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings
 from aube.proxy.metrics import Metrics
@@ -76,10 +77,7 @@ class Streams:
                 upstream.transport.close()
             idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
             longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
-            # Only an instance started under this manifest pings; an older version's may be silent by right.
-            pings = limits is not None and limits.ping_interval > 0 and fn is not None and fn.version == rec.version
-            silent = limits.ping_interval + limits.ping_timeout if pings and limits else None
-            reason = await self._relay(client, upstream, idle, longest, silent, gone)
+            reason = await self._relay(client, upstream, idle, longest, decisions.ping_bound(fn, rec), gone)
         finally:
             self.pool.forget(slot)
             self.metrics.streams_open[name] -= 1
@@ -115,9 +113,14 @@ class Streams:
         """Watch a stream its instance serves on the client's own socket (handoff.py) until the instance reports its
         end; then hand the instance back and acknowledge. No byte passes here: the instance enforces the limits.
 
+        With a ping policy the instance must answer heartbeats within the ping bound: one silent past it is hung, as
+        a relayed instance sending nothing for that long is. Its client's connection is shut down here and the
+        instance marked unhealthy (stopped, never handed out again); no acknowledgement, so should it wake it exits.
+
         No reserve (`reserve.py`) after a handed-off stream: its claim is flagged `handed_off`, which the release
         clears; keeping the instance would need one more write to clear it."""
         rec = slot.record
+        bound = decisions.ping_bound(self.pool.functions.get(name), rec)
         reason = "shutdown"
         self.metrics.streams_open[name] += 1
         self.metrics.streams_handed_off_total[name] += 1
@@ -134,18 +137,30 @@ class Streams:
                     log.warning("the registry no longer accounts for the instance (its entry is gone): ending")
                     handed.end("instance_gone")
 
+                async def judge(bound: float) -> None:
+                    nonlocal reason
+                    await handed.hung(bound)
+                    log.warning("instance answered no heartbeat for %.1fs though it pings: hung", bound)
+                    reason = "instance_silent"
+                    tg.cancel_scope.cancel()
+
                 tg.start_soon(end_when_gone)
+                if bound is not None:
+                    tg.start_soon(judge, bound)
                 reason = await handed.ended()
                 tg.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
-                bound = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
-                with anyio.move_on_after(bound):
-                    if gone.is_set():
+                settle_bound = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
+                with anyio.move_on_after(settle_bound):
+                    if reason == "instance_silent":
+                        handed.cut()
+                        await self.holdings.mark_unhealthy(slot, "hung")
+                    elif gone.is_set():
                         self.holdings.forget(slot)  # nothing left to release
                     else:
                         await self.holdings.release_when_done(slot)
                     settled = True
-                if settled:
+                if settled and reason != "instance_silent":
                     await handed.acknowledge()
         finally:
             self.pool.forget(slot)

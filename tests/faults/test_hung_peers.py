@@ -12,11 +12,16 @@ Two kinds of gone, detected by different means:
   ping_interval` the instance pings the client, so a stopped client ends the stream at the instance, and a stopped
   instance, whose pings stop, is ended by the proxy (and marked unhealthy). Without the policy the stream stays.
 
+Each runs twice: relayed (AUBE_HANDOFF=off) and handed off (the instance serves the client's own socket; the
+instance ends a silent client's stream at the ping bound, the proxy judges a silent instance by its heartbeat), and
+checks which of the two its stream took (the claim's `handed_off` flag).
+
 Each test prints the measured time from the fault to the stream's end (pytest -s shows it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -101,19 +106,31 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 class Instance:
     """`python -m aube.instance` on loopback TCP, or on a Unix socket in `socket_dir` (as sandboxed process
-    instances serve); `ping` is the policy as the runtimes pass it (AUBE_PING_*)."""
+    instances serve); `ping` is the policy as the runtimes pass it (AUBE_PING_*). With `handoff_dir` it also takes
+    handoffs on a socket there, with an instance credential (`secret`) as the runtimes give it."""
 
-    def __init__(self, fn_dir: Path, ping: tuple[float, float] | None = None, socket_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        fn_dir: Path,
+        ping: tuple[float, float] | None = None,
+        socket_dir: str | None = None,
+        handoff_dir: str | None = None,
+    ) -> None:
         self.id = f"i-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         self.socket = f"{socket_dir}/{self.id}.sock" if socket_dir else ""
+        self.handoff = f"{handoff_dir}/{self.id}.handoff" if handoff_dir else ""
+        self.secret = secrets.token_hex(16) if handoff_dir else ""
         extra = {
             "AUBE_FN_DIR": str(fn_dir),
             "AUBE_INSTANCE_HOST": "127.0.0.1",
             "AUBE_INSTANCE_PORT": str(self.port),
             "AUBE_INSTANCE_SOCKET": self.socket,
             "AUBE_INSTANCE_ID": self.id,
+            "AUBE_INSTANCE_HANDOFF": self.handoff,
         }
+        if self.secret:
+            extra["AUBE_INSTANCE_SECRET_SHA256"] = hashlib.sha256(self.secret.encode()).hexdigest()
         if ping is not None:
             extra[names.ENV_PING_INTERVAL], extra[names.ENV_PING_TIMEOUT] = (f"{v:g}" for v in ping)
         self.proc = subprocess.Popen(
@@ -149,10 +166,11 @@ class Instance:
 class Rig:
     """The registry (through a NATS connection of the test's), the proxy process, and what the test started."""
 
-    def __init__(self, server: LocalNatsServer, tmp: Path, registry: Registry) -> None:
+    def __init__(self, server: LocalNatsServer, tmp: Path, registry: Registry, mode: str) -> None:
         self.server = server
         self.tmp = tmp
         self.registry = registry
+        self.mode = mode  # "relay" or "handoff": how the proxy carries the streams
         self.instances: list[Instance] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self.socket_dir: str | None = None
@@ -161,9 +179,10 @@ class Rig:
         self, fn_dir: Path, limits: LimitsSection, ping: tuple[float, float] | None = None, *, unix: bool = False
     ) -> str:
         """Register function "f" with one free instance; the instance's registry key."""
-        if unix and self.socket_dir is None:
+        handoff = self.mode == "handoff"
+        if (unix or handoff) and self.socket_dir is None:
             self.socket_dir = tempfile.mkdtemp(prefix="aube-hung-")  # short: a socket path fits in 107 bytes
-        inst = Instance(fn_dir, ping, self.socket_dir if unix else None)
+        inst = Instance(fn_dir, ping, self.socket_dir if unix else None, self.socket_dir if handoff else None)
         self.instances.append(inst)
         now = time.time()
         manifest = Manifest(scaling=ScalingSection(min_free=0, max_instances=1), limits=limits)
@@ -182,6 +201,8 @@ class Rig:
             owner="test",
             address=f"unix:{inst.socket}" if unix else f"127.0.0.1:{inst.port}",
             created_at=now,
+            secret=inst.secret,
+            handoff=inst.handoff,
         )
         assert await self.registry.create_instance(rec) is not None
         return names.instance_key("f", 0)
@@ -198,6 +219,7 @@ class Rig:
             "AUBE_REUSE_PORT": "false",
             "AUBE_OPERATOR_PORT": str(free_port()),
             "AUBE_LOG_LEVEL": "DEBUG",
+            "AUBE_HANDOFF": "auto" if self.mode == "handoff" else "off",
             **env,
         }
         proc = subprocess.Popen(
@@ -250,6 +272,17 @@ class Rig:
         assert got is not None
         return got.record.state
 
+    async def carried_as_asked(self, key: str) -> None:
+        """The busy claim at `key` is handed off exactly when this rig hands off (the stream did not fall back). The
+        proxy flags the claim once the instance took the socket: a first exchange may come before it."""
+        with anyio.fail_after(5):
+            while True:
+                got = await self.registry.get_instance(key)
+                assert got is not None and got.record.state == "busy"
+                if got.record.handed_off == (self.mode == "handoff"):
+                    return
+                await anyio.sleep(0.05)
+
     async def seconds_until_not_busy(self, key: str, limit: float) -> float:
         """From now until the proxy lets go of the instance (its stream ended), at most `limit`."""
         began = time.monotonic()
@@ -260,10 +293,10 @@ class Rig:
         return float("inf")
 
 
-@pytest.fixture
-async def rig(nats_server: LocalNatsServer, tmp_path: Path) -> AsyncIterator[Rig]:
+@pytest.fixture(params=["relay", "handoff"])
+async def rig(nats_server: LocalNatsServer, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     nc = await nats.connect(nats_server.url)
-    p = Rig(nats_server, tmp_path, await Registry.open(nc.jetstream()))
+    p = Rig(nats_server, tmp_path, await Registry.open(nc.jetstream()), request.param)
     try:
         yield p
     finally:
@@ -283,6 +316,7 @@ async def wait_busy(rig: Rig, key: str) -> None:
     with anyio.fail_after(10):
         while await rig.state(key) != "busy":
             await anyio.sleep(0.05)
+    await rig.carried_as_asked(key)
 
 
 # -- a client whose host vanished --------------------------------------------------------------------------------
@@ -395,6 +429,7 @@ async def test_a_stopped_instance_is_ended_by_the_proxy_when_its_pings_stop(rig:
         async with connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:
             await ws.send("hello")
             assert await ws.recv() == "olleh"
+            await rig.carried_as_asked(key)
             await anyio.sleep(2.5)  # a live instance that only pings is not silent
             await ws.send("still")
             assert await ws.recv() == "llits"
@@ -415,6 +450,7 @@ async def test_without_the_ping_policy_a_stopped_instance_keeps_its_stream(rig: 
     async with rig.proxy() as port, connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:
         await ws.send("hello")
         assert await ws.recv() == "olleh"
+        await rig.carried_as_asked(key)
         rig.instances[0].proc.send_signal(signal.SIGSTOP)
         with anyio.move_on_after(sum(PING) + SLACK + 2):
             await ws.recv()
@@ -456,8 +492,22 @@ async def test_an_instance_held_up_by_a_client_that_stops_reading_is_not_judged_
 # -- end to end: aube.toml -> control plane -> runtime -> instance ----------------------------------------------
 
 
+# The platform's own runtimes: the proxy relays, or hands the client's socket to the instance (the default).
+MODES = pytest.mark.parametrize("mode", ["relay", "handoff"])
+
+
+async def carried_as_asked(registry: Registry, function: str, mode: str) -> None:
+    """The function's one busy claim is handed off exactly in "handoff" mode (flagged once the instance took it)."""
+    with anyio.fail_after(5):
+        while [e.record.handed_off for e in await registry.instances(function) if e.record.state == "busy"] != [
+            mode == "handoff"
+        ]:
+            await anyio.sleep(0.05)
+
+
+@MODES
 async def test_the_manifests_ping_policy_reaches_the_instance_through_the_control_plane(
-    platform: Any, tmp_path: Path
+    platform: Any, tmp_path: Path, mode: str
 ) -> None:
     """Deployed with `[limits] ping_interval`, a real control plane starts the instance with the policy: a stopped
     client's stream ends within the policy's bound (without pings nothing would end it)."""
@@ -469,6 +519,7 @@ async def test_the_manifests_ping_policy_reaches_the_instance_through_the_contro
         AUBE_PROXY_PORT=str(port),
         AUBE_PROXY_ID=f"proxy-{port}",
         AUBE_OPERATOR_PORT=str(free_port()),
+        AUBE_HANDOFF="auto" if mode == "handoff" else "off",
     )
     async with nats_client(platform.nats_url) as (nc, registry):
         policy = f"ping_interval = {PING[0]:g}\nping_timeout = {PING[1]:g}\n"
@@ -496,6 +547,7 @@ async def test_the_manifests_ping_policy_reaches_the_instance_through_the_contro
             with anyio.fail_after(10):
                 while await busy() != 1:
                     await anyio.sleep(0.05)
+            await carried_as_asked(registry, "rev", mode)
             client.send_signal(signal.SIGSTOP)
             began = time.monotonic()
             with anyio.fail_after(15):
@@ -532,11 +584,13 @@ async def test_both_tcp_legs_carry_keepalive(rig: Rig) -> None:
             return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
 
         # While a segment waits for its ACK the kernel shows the retransmission timer instead: look again then.
+        # A handed-off client's socket keeps the options the proxy set on it; there is no instance leg then.
+        relayed = rig.mode == "relay"
         with anyio.fail_after(5):
             while True:
                 client_leg = timers(f"( sport = :{port} )")  # the proxy's end of the client's connection
                 instance_leg = timers(f"( dport = :{inst.port} )")  # the proxy's connection to the instance
-                if "timer:(keepalive" in client_leg and "timer:(keepalive" in instance_leg:
+                if "timer:(keepalive" in client_leg and ("timer:(keepalive" in instance_leg) == relayed:
                     break
                 await anyio.sleep(0.2)
         print(f"client leg: {client_leg.strip()}\ninstance leg: {instance_leg.strip()}")
@@ -575,7 +629,8 @@ def hang(runtime: str, instance_id: str, handle: str) -> None:
         os.kill(pid, signal.SIGSTOP)
 
 
-async def test_a_hung_instance_is_ended_stopped_and_never_served_again(platform: Any) -> None:
+@MODES
+async def test_a_hung_instance_is_ended_stopped_and_never_served_again(platform: Any, mode: str) -> None:
     """A deployed function with a ping policy: its instance hangs mid-stream (SIGSTOP, or `docker pause`). The
     client's stream ends within the policy's bound, the control plane stops that instance, and the next client is
     served by another one."""
@@ -587,7 +642,7 @@ async def test_a_hung_instance_is_ended_stopped_and_never_served_again(platform:
         AUBE_PROXY_PORT=str(port),
         AUBE_PROXY_ID=f"proxy-{port}",
         AUBE_OPERATOR_PORT=str(free_port()),
-        AUBE_HANDOFF="off",  # the proxy's verdict on a silent instance needs the relayed bytes (docs/handoff.md)
+        AUBE_HANDOFF="auto" if mode == "handoff" else "off",
     )
     url = f"ws://127.0.0.1:{port}/who"
     async with nats_client(platform.nats_url) as (nc, registry):
@@ -605,6 +660,7 @@ async def test_a_hung_instance_is_ended_stopped_and_never_served_again(platform:
         try:
             await ws.send("x")
             hung_id = json.loads(await ws.recv())["instance"]
+            await carried_as_asked(registry, "who", mode)
             entry = next(e for e in await registry.instances("who") if e.record.instance_id == hung_id)
             hang(platform.runtime, hung_id, entry.record.handle)
             began = time.monotonic()

@@ -15,6 +15,15 @@ def test_an_offer_round_trips() -> None:
     assert parse_offer(wire) == Offer(SECRET, b"GET / HTTP/1.1\r\n\r\nrest", 1.5, None, 20.0)
 
 
+def test_an_offer_carries_the_ping_bound_and_an_older_proxys_offer_has_none() -> None:
+    wire = encode_offer(SECRET, b"head", None, None, 20.0, 2.5)
+    assert parse_offer(wire) == Offer(SECRET, b"head", None, None, 20.0, 2.5)
+    older = b'{"secret": "s3cret", "idle_timeout": null, "max_duration": null, "ack_wait": 20.0}'
+    assert parse_offer(HEADER.pack(len(older), 0) + older) == Offer(SECRET, b"", None, None, 20.0, None)
+    bad_bound = b'{"secret": "s3cret", "ack_wait": 1, "ping_bound": "2"}'
+    assert parse_offer(HEADER.pack(len(bad_bound), 0) + bad_bound) is None
+
+
 def test_truncated_oversized_or_malformed_offers_are_none() -> None:
     wire = encode_offer(SECRET, b"head", None, None, 1.0)
     assert parse_offer(wire[:-1]) is None

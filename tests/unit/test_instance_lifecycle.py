@@ -104,6 +104,17 @@ def test_hand_off_flags_only_the_very_claim_and_release_clears_it() -> None:
     assert not lifecycle.release(flagged, fn(fresh=True), 5.0, by="p1").handed_off
 
 
+def test_marking_a_handed_off_claim_unhealthy_or_draining_it_clears_the_flag() -> None:
+    """A hung instance of a handed-off stream is marked unhealthy by its proxy: the flag must go with the claim, or
+    the entry would read as a live handed-off stream (which the reaper leaves alone) for as long as it lasts."""
+    busy = rec("busy")
+    flagged = lifecycle.hand_off(busy, busy)
+    unhealthy = lifecycle.mark_unhealthy(flagged, by="p1")
+    assert (unhealthy.state, unhealthy.claimed_by, unhealthy.handed_off) == ("unhealthy", None, False)
+    drained = lifecycle.drain(flagged, busy_ok=True)
+    assert (drained.state, drained.handed_off) == ("draining", False)
+
+
 def test_release_drains_what_must_not_serve_again() -> None:
     busy = rec("busy")
     assert lifecycle.release(busy, fn(fresh=True), 5.0, by="p1").state == "draining"

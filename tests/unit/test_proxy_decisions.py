@@ -8,7 +8,7 @@ from aube.proxy import decisions
 from aube.proxy.decisions import PoolCounts
 from aube.shared import names, records
 from aube.shared.registry import InstanceEntry
-from aube.shared.schemas import FunctionRecord, InstanceRecord, Manifest, ScalingSection
+from aube.shared.schemas import FunctionRecord, InstanceRecord, LimitsSection, Manifest, ScalingSection
 
 
 def _fn(version: int = 2, *, min_free: int = 1, max_instances: int = 10, fresh: bool = False) -> FunctionRecord:
@@ -88,3 +88,13 @@ def test_a_scale_intent_holds_its_cooldown_within_what_the_bucket_keeps() -> Non
     for cooldown in (1e9, -5.0, 0.0, 2.0):
         intent = decisions.scale_intent("f", "p1", 1000.0, cooldown)
         assert records.problem("f", intent) is None
+
+
+def test_the_ping_bound_is_interval_plus_timeout_only_for_an_instance_that_pings() -> None:
+    pinging = msgspec.structs.replace(
+        _fn(), manifest=Manifest(limits=LimitsSection(ping_interval=1.0, ping_timeout=1.5))
+    )
+    assert decisions.ping_bound(pinging, _slot(0).record) == 2.5
+    assert decisions.ping_bound(_fn(), _slot(0).record) is None  # no ping policy
+    assert decisions.ping_bound(pinging, _slot(0, version=1).record) is None  # started under another manifest
+    assert decisions.ping_bound(None, _slot(0).record) is None
