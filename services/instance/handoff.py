@@ -11,8 +11,10 @@ which only the platform and this instance can reach) with SCM_RIGHTS. One contro
                         the first bytes.
     instance -> proxy   {"taken": true, "beats": true} (or taken false: busy), then {"ended": reason} once the
                         connection is closed.
-    proxy -> instance   {"beat": true} while the stream lasts (every quarter of `ping_bound`), each answered with
-                        {"beat": true}: a proxy that hears no answer within the bound judges the instance hung.
+    proxy -> instance   {"beat": true} while the stream lasts (every quarter of `ping_bound`), answered with
+                        {"beat": true} while the stream's server is live: it sent the client something within the
+                        bound (it pings), or the client leaves our bytes in the send queue. A proxy that hears no
+                        answer within the bound judges the instance hung (a stopped process, a blocked event loop).
     proxy -> instance   {"ack": true} once the proxy has released (or otherwise settled) its claim.
 
 Only an offer carrying the instance credential is taken (its SHA-256 matches AUBE_INSTANCE_SECRET_SHA256); anything
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -47,6 +50,7 @@ import os
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +73,7 @@ class HandedOffSocket(socket.socket):
     prefix: bytes = b""
     moved: int = 0
     received: int = 0  # from the client only: a live one answers pings
+    sent: int = 0  # to the client only: a live pinging instance sends at least every ping_interval
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
@@ -85,16 +90,28 @@ class HandedOffSocket(socket.socket):
     def send(self, data: Any, flags: int = 0) -> int:
         n = super().send(data, flags)
         self.moved += n
+        self.sent += n
         return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         super().sendall(data, flags)
-        self.moved += len(memoryview(data))
+        n = len(memoryview(data))
+        self.moved += n
+        self.sent += n
 
     def sendmsg(self, buffers: Any, *args: Any) -> int:
         n = super().sendmsg(buffers, *args)
         self.moved += n
+        self.sent += n
         return n
+
+    def unsent(self) -> int:
+        """Bytes in the kernel's send queue not yet acknowledged by the client (0 when it cannot be told)."""
+        try:
+            raw = fcntl.ioctl(self.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", raw)[0])
 
     def close(self) -> None:
         # The proxy holds a copy of this socket: the connection ends only once every copy is closed, or shut down.
@@ -246,8 +263,8 @@ class HandoffListener:
 
         threading.Thread(target=serve, name="aube-handoff-serve", daemon=True).start()
         started = last_change = time.monotonic()
-        last_moved = last_received = -1
-        last_heard = started
+        last_moved = last_received = last_sent = -1
+        last_heard = last_spoke = started
         windows = [w / 4 for w in (offer.idle_timeout, offer.max_duration, offer.ping_bound) if w]
         tick = min([WATCH_TICK, *windows])
         proxy_there = True
@@ -257,13 +274,19 @@ class HandoffListener:
                 last_moved, last_change = client.moved, now
             if client.received != last_received:
                 last_received, last_heard = client.received, now
+            # While the client does not take our bytes (they wait in the send queue) our silence is its doing.
+            if client.sent != last_sent or (offer.ping_bound and client.unsent()):
+                last_sent, last_spoke = client.sent, now
             limit = None
             if proxy_there and select.select([conn], [], [], 0)[0]:
                 # Only {"end"} and heartbeats come while the stream runs (the ack answers our report of its end).
                 said = _read_line(conn)
                 proxy_there = said is not None
                 if said is not None and said.get("beat"):
-                    proxy_there = _try_say(conn, {"beat": True})
+                    # Answered only while this stream's server is live: it pings, so it sends within the bound
+                    # (unless its event loop is blocked), as the relay judges an instance by the bytes it sends.
+                    if not offer.ping_bound or now - last_spoke < offer.ping_bound:
+                        proxy_there = _try_say(conn, {"beat": True})
                 elif said is not None and said.get("end"):
                     limit = str(said["end"])
             if limit is not None:

@@ -11,8 +11,9 @@ the end acknowledged.
 
 A hung instance: the proxy keeps a duplicate of the client's descriptor (`HandedOff.client`, never read or written)
 and, when the function pings (`decisions.ping_bound`), asks the instance for a heartbeat on the control connection
-every quarter of the bound (`hung`). An instance silent past the bound is judged hung as a relay judges a silent
-one: the duplicate is shut down (`cut`), which ends the client's connection whoever else holds it.
+every quarter of the bound (`hung`; it answers only while its stream's server sends, aube.instance.handoff). An
+instance silent past the bound is judged hung as a relay judges a silent one: the duplicate is shut down (`cut`),
+which ends the client's connection whoever else holds it.
 
 `offer` says what came of it: `HandedOff`; "busy" (the instance refused, the socket is still only ours);
 "unavailable" (nothing was passed: no handoff socket, or it cannot be reached: the caller relays instead); or

@@ -445,6 +445,39 @@ async def test_a_stopped_instance_is_ended_by_the_proxy_when_its_pings_stop(rig:
                 await anyio.sleep(0.1)
 
 
+# An `async def fn` that blocks its event loop after one reply: its process runs (threads included), its pings stop.
+BLOCKER = """
+import time
+
+async def fn(websocket):
+    await websocket.recv()
+    await websocket.send("blocking")
+    time.sleep(60)
+"""
+
+
+async def test_a_function_blocking_its_event_loop_is_judged_hung(rig: Rig, tmp_path: Path) -> None:
+    """Only the event loop stops (the instance server's other threads run on): a handed-off instance answers the
+    proxy's heartbeat only while its stream's server sends (it pings), as the relay judges the bytes it sends."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "fn.py").write_text(BLOCKER)
+    key = await rig.function(blocker, ping_limits(), ping=PING)
+    async with rig.proxy() as port, connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:
+        await ws.send("hello")
+        assert await ws.recv() == "blocking"
+        began = time.monotonic()
+        await rig.carried_as_asked(key)
+        with anyio.fail_after(15), pytest.raises(ConnectionClosed):
+            await ws.recv()
+        took = time.monotonic() - began
+        print(f"event loop blocked, ping {PING[0]:g}/{PING[1]:g}: client saw the end after {took:.1f}s")
+        assert took < sum(PING) + SLACK
+        with anyio.fail_after(5):
+            while await rig.state(key) != "unhealthy":  # never handed to the next client
+                await anyio.sleep(0.1)
+
+
 async def test_without_the_ping_policy_a_stopped_instance_keeps_its_stream(rig: Rig) -> None:
     key = await rig.function(REVERSE, LimitsSection())
     async with rig.proxy() as port, connect(f"ws://127.0.0.1:{port}/f", proxy=None, ping_interval=None) as ws:

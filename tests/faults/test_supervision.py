@@ -71,7 +71,8 @@ async def controlplane_answers(nc: NATS, timeout: float = 60) -> None:
 async def test_kill_9_of_one_proxy_spares_the_other_replicas_streams_and_it_serves_again(
     platform, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    start = AubeStart(tmp_path, platform.env(), proxies=2)
+    # Relayed: a handed-off stream outlives its proxy (tests/integration/test_handoff.py covers that case).
+    start = AubeStart(tmp_path, platform.env(AUBE_HANDOFF="off"), proxies=2)
     try:
         await wait_http(start.proxy_port)
         await start.deploy("who", WHOAMI, "[scaling]\nmin_free = 4\nmax_instances = 20\n")

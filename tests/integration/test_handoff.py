@@ -185,7 +185,7 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
                 theirs.close()
                 answer = control.recv(1024)
                 got = mine.recv(1024)  # b"" once the instance closed its copy: no 101, no 403 even
-                if answer.startswith(b'{"taken": true}'):
+                if answer.startswith(b'{"taken": true,'):
                     mine.close()  # the stream ends; acknowledged, the instance serves on
                     while b"ended" not in answer:
                         answer += control.recv(1024)
@@ -202,7 +202,7 @@ async def test_handoff_socket_refuses_a_local_process_without_the_credential(pla
         assert said.count("refused a handoff without the instance credential") == 4
         # The control: the same offer with the right secret is taken, and the instance answers the handshake.
         answer, got = await anyio.to_thread.run_sync(attempt, entry.record.secret)
-        assert answer.startswith(b'{"taken": true}') and got.startswith(b"HTTP/1.1 101")
+        assert answer.startswith(b'{"taken": true,') and got.startswith(b"HTTP/1.1 101")
         # The instances serve on, through the proxy.
         async with ws(port, "who") as a, ws(port, "who") as b:
             assert (await whoami(a, "after"))["echo"] == (await whoami(b, "after"))["echo"] == "after"

@@ -89,7 +89,7 @@ def hand_off_one_stream(
             socket.send_fds(control, [encode_offer(SECRET, forwarded, None, longest, 3.0)], [conn.fileno()])
         # The proxy's copy is closed: the client's connection lives in the instance only.
         lines = control.makefile("rb")
-        assert json.loads(lines.readline()) == {"taken": True}
+        assert json.loads(lines.readline()) == {"taken": True, "beats": True}
         talker.join(15)
         assert json.loads(lines.readline()) == {"ended": ended}
         if acknowledge:
