@@ -99,11 +99,15 @@ class HandedOff:
             await self.writer.drain()
         self.close()
 
+    def let_go(self) -> None:
+        """Close the copy of the client's socket (no shutdown: the instance may still be closing it cleanly)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
     def close(self) -> None:
         self.writer.close()
-        if self.client is not None:
-            self.client.close()  # no shutdown: the instance may still be closing the connection cleanly
-            self.client = None
+        self.let_go()
 
 
 Outcome = HandedOff | Literal["busy", "unavailable", "lost"]

@@ -149,11 +149,13 @@ class Streams:
                     tg.start_soon(judge, bound)
                 reason = await handed.ended()
                 tg.cancel_scope.cancel()
+            if reason in ("instance_silent", "instance_gone"):
+                handed.cut()  # hung, or its process is gone: only our copy would keep the client's connection open
+            handed.let_go()
             with anyio.CancelScope(shield=True):
                 settle_bound = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
                 with anyio.move_on_after(settle_bound):
                     if reason == "instance_silent":
-                        handed.cut()
                         await self.holdings.mark_unhealthy(slot, "hung")
                     elif gone.is_set():
                         self.holdings.forget(slot)  # nothing left to release
