@@ -40,6 +40,46 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# Autobahn|Testsuite's fuzzing client (tests/integration/test_autobahn.py): wstest 0.8.2 runs on Python 2.7 only,
+# so it gets a virtualenv of its own, .venv-autobahn, with every dependency pinned (scripts/autobahn-requirements.txt).
+# Python 2.7: AUBE_PYTHON27, else pyenv's, else python2.7 on PATH. Without one the test skips (fails in CI, where
+# AUBE_REQUIRE_DOCKER=1 — as a missing install fails it there).
+find_python27() {
+  if [ -n "${AUBE_PYTHON27:-}" ]; then echo "$AUBE_PYTHON27"; return; fi
+  local found
+  found=$(ls -d "$HOME"/.pyenv/versions/2.7*/bin/python2.7 2>/dev/null | sort -V | tail -1)
+  if [ -n "$found" ]; then echo "$found"; return; fi
+  command -v python2.7 || true
+}
+install_autobahn() {
+  local py=$1 tools
+  tools=$(mktemp -d)
+  # virtualenv 16.7.12 is the last that runs on 2.7; it is only needed to make the environment, so it goes to a
+  # throwaway folder rather than into that interpreter's own packages.
+  "$py" -m pip install -q --disable-pip-version-check --no-warn-script-location --target "$tools" virtualenv==16.7.12 \
+    && rm -rf .venv-autobahn \
+    && PYTHONPATH="$tools" "$py" -m virtualenv -q .venv-autobahn \
+    && .venv-autobahn/bin/pip install -q --disable-pip-version-check -r scripts/autobahn-requirements.txt \
+    && .venv-autobahn/bin/wstest --help >/dev/null 2>&1
+  local rc=$?
+  rm -rf "$tools"
+  return $rc
+}
+autobahn_stamp=.venv-autobahn/.aube-installed
+if [ ! -f "$autobahn_stamp" ] || [ scripts/autobahn-requirements.txt -nt "$autobahn_stamp" ]; then
+  py27=$(find_python27)
+  if [ -z "$py27" ] || [ ! -x "$py27" ]; then
+    echo "setup: no Python 2.7 (set AUBE_PYTHON27): the Autobahn|Testsuite test will skip" >&2
+  elif install_autobahn "$py27" 2> >(grep -v -i 'deprecat\|python 2' >&2); then
+    touch "$autobahn_stamp"
+  elif [ "${AUBE_REQUIRE_DOCKER:-0}" = 1 ]; then
+    echo "setup: could not install Autobahn|Testsuite into .venv-autobahn with $py27" >&2
+    exit 1
+  else
+    echo "setup: could not install Autobahn|Testsuite with $py27: the Autobahn|Testsuite test will skip" >&2
+  fi
+fi
+
 if [ "${AUBE_SKIP_IMAGES:-0}" != 1 ] && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   .venv/bin/python -m aube.controlplane.runtimes.images
   # deploy/compose.yaml's image: the test rig's host image (scripts/rig/images.py), tagged aube-platform:local.

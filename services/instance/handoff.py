@@ -227,6 +227,11 @@ class HandoffListener:
                     logger.warning("refused a handoff without the instance credential (or malformed)")
                     return
                 client = HandedOffSocket(fileno=fds.pop())
+                # The descriptor shares the proxy's file description, which its event loop made non-blocking, while
+                # Python takes a socket made from a descriptor for a blocking one: the sync server's `sendall` would
+                # then stop with BlockingIOError (a partial write) as soon as the send buffer is full. The asyncio
+                # server sets its own mode; the sync one needs it blocking.
+                client.setblocking(True)
                 if client.type != socket.SOCK_STREAM or self.busy():
                     os.close(client.detach())  # no shutdown: the connection is still the proxy's
                     _say(conn, {"taken": False})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import subprocess
 import time
@@ -250,3 +251,26 @@ async def test_kill_9_of_the_proxy_cuts_no_handed_off_stream(platform) -> None: 
         await wait_free(registry, "who", 1)  # the control plane's top-up replaced them
         async with ws(other_port, "who") as conn:
             assert (await whoami(conn, "again"))["echo"] == "again"
+
+
+@process_only
+async def test_sync_function_sends_a_large_message_on_a_handed_off_socket(platform) -> None:  # type: ignore[no-untyped-def]
+    """The client's socket comes from the proxy's event loop, non-blocking; the `def fn` server writes with plain
+    `sendall`, which on such a socket stops with BlockingIOError (a partial write) once the socket's buffer is full.
+    A client that reads slowly (a small receive buffer) fills it with any reply larger than the buffers on the way."""
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
+    async with nats_client(platform.nats_url) as (nc, _):
+        manifest = '[scaling]\nmin_free = 1\n[limits]\nmemory = "512m"\nmax_message = "16m"\n'
+        await upload(nc, "big", manifest, REVERSE)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.connect(("127.0.0.1", port))
+        data = os.urandom(12 << 20)  # no compression: the reply is as large on the wire
+        url = f"ws://127.0.0.1:{port}/big"
+        async with connect(url, sock=sock, max_size=None, compression=None, open_timeout=60) as conn:
+            for _ in range(2):
+                await conn.send(data)
+                with anyio.fail_after(120):
+                    assert await conn.recv() == data[::-1]
+        assert (await metrics(proxy))[handed_off("big")] == 1
