@@ -5,11 +5,9 @@ CapacityLimiter (builds under their own, so a long build never holds up start/st
 HTTP timeout (`docker_timeout`; builds use a second client with `build_timeout`). Docker's exceptions are
 translated here (RuntimeFailure, BuildFailed for builds) and results are returned as our Structs.
 
-A container runs the in-instance server as nobody (65534) on a read-only root with all capabilities dropped,
-no-new-privileges, memory/cpu/pids limits from the manifest, a small /tmp tmpfs, and its port published on
-`publish_host` only (127.0.0.1 by default) at a random host port. It joins the instance network (`instancenet`):
-no traffic to other containers, and no new connection to the host; `connect` refuses to return a runtime whose
-network or host firewall is not in place (unless the operator turned the firewall off).
+A container is hardened as docker_spec.py says. It joins the instance network (`instancenet`): no traffic to other
+containers, and no new connection to the host; `connect` refuses to return a runtime whose network or host firewall
+is not in place (unless the operator turned the firewall off). Starts take turns (`docker_start_concurrency`).
 
 Exits are followed on the engine's event stream (`watch_exits`): a worker thread of its own reads the `die`
 events of the owner's containers and hands each container id to the event loop; a broken stream is opened again,
@@ -36,12 +34,9 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig
 
-from aube.controlplane.bounds import memory_bytes, nano_cpus
-from aube.controlplane.runtimes import deps, handoffdir, images, instancenet
+from aube.controlplane.runtimes import deps, docker_spec, handoffdir, images, instancenet
 from aube.controlplane.runtimes.base import (
-    INSTANCE_PORT,
     Artifact,
     BuildLog,
     ExitListener,
@@ -49,12 +44,10 @@ from aube.controlplane.runtimes.base import (
     Inventory,
     RunningInstance,
     StartedInstance,
-    instance_environment,
-    instance_labels,
 )
 from aube.controlplane.runtimes.docker_output import DockerOutput
 from aube.controlplane.runtimes.output import OutputSink
-from aube.shared import addresses, names
+from aube.shared import names
 from aube.shared.errors import AubeError, BuildFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
 from aube.shared.settings import ControlPlaneSettings
@@ -63,9 +56,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Seconds between SIGTERM and SIGKILL: enough for the server to close its stream with 1001 (going away).
-STOP_GRACE = 5
-_PORT_KEY = f"{INSTANCE_PORT}/tcp"
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 # The container events that mean its instance ended ("die" comes for every end: exit, kill, OOM, removal by force).
 EXIT_EVENTS = ("die",)
@@ -83,6 +73,8 @@ class DockerRuntime:
         # urllib3 keeps 10 connections per client; stay below so no call waits for a connection.
         self._limiter = anyio.CapacityLimiter(8)
         self._build_limiter = anyio.CapacityLimiter(2)
+        # Container starts in progress at once (`start`); a waiting start keeps its "starting" registry entry.
+        self._start_turns = anyio.Semaphore(settings.docker_start_concurrency)
         self._init_supported = True
         # Instances' handoff folders (handoffdir.py), apart from the process runtime's socket folders.
         data_runs = Path(settings.data_dir).absolute() / "run-docker"
@@ -238,36 +230,44 @@ class DockerRuntime:
     # Instances
 
     async def start(self, spec: InstanceSpec) -> StartedInstance:
-        limits = spec.manifest.limits
-        api = self._client.api
-        try:
-            # In bytes, parsed the way the upload checked it (Docker's own parser reads "512Mi" or "1t" otherwise).
-            memory = memory_bytes(limits.memory)
-        except ValueError as e:
-            raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+        api, s = self._client.api, self._settings
         # Where a proxy of this host hands the instance clients' own sockets (handoffdir.py).
         handoff = self._runs / spec.owner / spec.instance_id
         uid, gid = (int(part) for part in images.NOBODY.split(":"))
         await anyio.to_thread.run_sync(handoffdir.make, handoff, uid, gid)
         try:
-            host_config = api.create_host_config(
-                port_bindings={_PORT_KEY: (self._settings.publish_host, None)},
-                read_only=True,
-                tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                mem_limit=memory,
-                memswap_limit=memory,  # no swap on top of the memory limit
-                nano_cpus=nano_cpus(limits.cpus),
-                pids_limit=limits.pids,
-                init=True if self._init_supported else None,
-                network_mode=self._settings.instance_network,
-                log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
-                binds={str(handoff): {"bind": handoffdir.CONTAINER_DIR, "mode": "rw"}},
-            )
-        except docker.errors.DockerException as e:  # e.g. an unparseable memory limit
+            options = docker_spec.host_config_options(spec.manifest.limits, s, handoff, init=self._init_supported)
+            host_config = api.create_host_config(**options)
+        except (ValueError, docker.errors.DockerException) as e:  # e.g. an unparseable memory limit
             raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+        name = names.container_name(spec.owner, spec.function, spec.instance_id)
+        create = functools.partial(
+            api.create_container, spec.artifact, **docker_spec.container_options(spec, name, host_config)
+        )
+        # Starts take turns (`docker_start_concurrency` at once): the engine serialises much of each (bench/NOTES.md,
+        # "Parallel Docker starts"), so a burst's unbounded parallel starts made every one of them slow; in turns the
+        # first instances are up early and the last no later. Only the engine's part takes a turn: the wait for the
+        # server inside (the handoff socket here, health in the caller) runs beside the next starts.
+        async with self._start_turns:
+            created = await self._create_and_start(spec, name, create)
+        if created is None:  # the engine cannot run --init: again, without it
+            return await self.start(spec)
+        handle, port = created
+        try:
+            handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, s.health_timeout)
+        except BaseException:
+            with anyio.move_on_after(s.docker_timeout, shield=True):
+                await self._remove(handle)
+            raise
+        logger.info("started %s (%s) on port %s", name, handle[:12], port)
+        address = f"{s.advertise_host}:{port}"
+        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
 
+    async def _create_and_start(
+        self, spec: InstanceSpec, name: str, create: Callable[[], Any]
+    ) -> tuple[str, int] | None:
+        """Create and start the container: its handle and published port, or None when it must be started again
+        without --init (the engine has no docker-init); a container that cannot run is removed."""
         s = self._settings
         # A few listings (about 10 ms): worth it so that no instance ever starts on a network left open.
         await self._call(
@@ -278,22 +278,6 @@ class DockerRuntime:
             s.instance_bridge,
             s.instance_firewall,
         )
-        name = names.container_name(spec.owner, spec.function, spec.instance_id)
-        create = functools.partial(
-            api.create_container,
-            spec.artifact,
-            name=name,
-            user=images.NOBODY,
-            labels=instance_labels(spec),
-            environment={
-                **instance_environment(spec, INSTANCE_PORT),
-                handoffdir.ENV_HANDOFF: f"{handoffdir.CONTAINER_DIR}/{addresses.HANDOFF_SOCKET_NAME}",
-            },
-            ports=[INSTANCE_PORT],
-            host_config=host_config,
-            stop_timeout=STOP_GRACE,
-            use_config_proxy=False,
-        )
         try:
             created = await self._call(f"creating container {name}", create)
         except docker.errors.NotFound as e:
@@ -301,7 +285,7 @@ class DockerRuntime:
         handle = str(created["Id"])
         try:
             try:
-                await self._call(f"starting container {name}", api.start, handle)
+                await self._call(f"starting container {name}", self._client.api.start, handle)
             except RuntimeFailure as e:
                 if not (self._init_supported and "docker-init" in str(e)):
                     raise
@@ -309,22 +293,17 @@ class DockerRuntime:
                 logger.warning("the Docker engine cannot run --init; starting instances without it: %s", e)
                 self._init_supported = False
                 await self._remove(handle)
-                return await self.start(spec)
-            port = await self._published_port(name, handle)
-            timeout = self._settings.health_timeout
-            handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, timeout)
+                return None
+            return handle, await self._published_port(name, handle)
         except BaseException:
-            with anyio.move_on_after(self._settings.docker_timeout, shield=True):
+            with anyio.move_on_after(s.docker_timeout, shield=True):
                 await self._remove(handle)
             raise
-        logger.info("started %s (%s) on port %s", name, handle[:12], port)
-        address = f"{self._settings.advertise_host}:{port}"
-        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
 
     async def _published_port(self, name: str, handle: str) -> int:
         """The host port Docker picked for the instance port; RuntimeFailure (with the logs) if there is none."""
         info = await self._call(f"inspecting container {name}", self._client.api.inspect_container, handle)
-        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(_PORT_KEY) or []
+        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(docker_spec.PORT_KEY) or []
         for binding in bindings:
             if binding.get("HostPort"):
                 return int(binding["HostPort"])
@@ -353,7 +332,9 @@ class DockerRuntime:
     async def stop(self, handle: str) -> None:
         try:
             # SIGTERM first: the in-instance server closes its stream with 1001 before SIGKILL.
-            await self._call(f"stopping container {handle[:12]}", self._client.api.stop, handle, timeout=STOP_GRACE)
+            await self._call(
+                f"stopping container {handle[:12]}", self._client.api.stop, handle, timeout=docker_spec.STOP_GRACE
+            )
         except docker.errors.NotFound:
             return
         except RuntimeFailure as e:
