@@ -59,6 +59,11 @@ T = TypeVar("T")
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 # The container events that mean its instance ended ("die" comes for every end: exit, kill, OOM, removal by force).
 EXIT_EVENTS = ("die",)
+# A start keeps its turn until the server in its container listens, this long at most. When dozens of interpreters
+# start at once on a small machine each takes half a minute (measured: a burst of 48 at load 28, 25-42 s each),
+# so the first of a burst come up no sooner than the last; in turns they come up one batch after another. Bounded,
+# so that a function whose server never listens holds up other starts for no longer than this.
+SERVER_WAIT_IN_TURN = 10.0
 # Seconds between attempts to follow the engine's events again after the stream broke.
 EVENTS_RETRY = 1.0
 
@@ -245,21 +250,33 @@ class DockerRuntime:
             api.create_container, spec.artifact, **docker_spec.container_options(spec, name, host_config)
         )
         # Starts take turns (`docker_start_concurrency` at once): the engine serialises much of each (bench/NOTES.md,
-        # "Parallel Docker starts"), so a burst's unbounded parallel starts made every one of them slow; in turns the
-        # first instances are up early and the last no later. Only the engine's part takes a turn: the wait for the
-        # server inside (the handoff socket here, health in the caller) runs beside the next starts.
-        async with self._start_turns:
+        # "Parallel Docker starts") and the servers' interpreters share the CPUs, so a burst's unbounded parallel
+        # starts made every one of them slow; in turns the first instances are up early and the last no later. A turn
+        # lasts until the server listens (SERVER_WAIT_IN_TURN at most); its health check is the caller's.
+        queued = time.monotonic()
+        turn = contextlib.AsyncExitStack()
+        async with turn:
+            await turn.enter_async_context(self._start_turns)
+            began = time.monotonic()
             created = await self._create_and_start(spec, name, create)
-        if created is None:  # the engine cannot run --init: again, without it
-            return await self.start(spec)
-        handle, port = created
-        try:
-            handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, s.health_timeout)
-        except BaseException:
-            with anyio.move_on_after(s.docker_timeout, shield=True):
-                await self._remove(handle)
-            raise
-        logger.info("started %s (%s) on port %s", name, handle[:12], port)
+            if created is None:  # the engine cannot run --init: again, without it (and with a turn of its own)
+                await turn.aclose()
+                return await self.start(spec)
+            handle, port = created
+            in_engine = time.monotonic() - began
+            try:
+                wait = min(SERVER_WAIT_IN_TURN, s.health_timeout)
+                await anyio.to_thread.run_sync(handoffdir.wait_listening, handoff, wait)
+                await turn.aclose()  # the next start's turn; this one's server may still be on its way
+                handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, s.health_timeout)
+            except BaseException:
+                with anyio.move_on_after(s.docker_timeout, shield=True):
+                    await self._remove(handle)
+                raise
+        logger.info(
+            "started %s (%s) on port %s: %.1fs waiting its turn, %.1fs in the engine, %.1fs until its server listened",
+            *(name, handle[:12], port, began - queued, in_engine, time.monotonic() - began - in_engine),
+        )
         address = f"{s.advertise_host}:{port}"
         return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
 
