@@ -59,11 +59,6 @@ T = TypeVar("T")
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 # The container events that mean its instance ended ("die" comes for every end: exit, kill, OOM, removal by force).
 EXIT_EVENTS = ("die",)
-# A start keeps its turn until the server in its container listens, this long at most. When dozens of interpreters
-# start at once on a small machine each takes half a minute (measured: a burst of 48 at load 28, 25-42 s each),
-# so the first of a burst come up no sooner than the last; in turns they come up one batch after another. Bounded,
-# so that a function whose server never listens holds up other starts for no longer than this.
-SERVER_WAIT_IN_TURN = 10.0
 # Seconds between attempts to follow the engine's events again after the stream broke.
 EVENTS_RETRY = 1.0
 
@@ -135,7 +130,7 @@ class DockerRuntime:
         except docker.errors.NotFound:
             raise
         except _DOCKER_ERRORS as e:
-            raise RuntimeFailure(f"docker: {what} failed: {_explain(e)}") from e
+            raise RuntimeFailure(f"docker: {what} failed: {docker_spec.explain(e)}") from e
 
     async def _build(self, fn: Callable[[BuildLog], T], log: BuildLog) -> T:
         """Run a blocking build step in a worker thread; its log lines are handed back to the event loop."""
@@ -148,7 +143,7 @@ class DockerRuntime:
         except AubeError:
             raise
         except _DOCKER_ERRORS as e:
-            raise BuildFailed(f"docker: image build failed: {_explain(e)}") from e
+            raise BuildFailed(f"docker: image build failed: {docker_spec.explain(e)}") from e
 
     # -----------------------------------------------------------------------------------------------------
     # Images
@@ -224,7 +219,7 @@ class DockerRuntime:
         for image in found:
             labels = image.get("Labels") or {}
             function = labels.get(names.LABEL_FUNCTION, "")
-            version = _int(labels.get(names.LABEL_VERSION))
+            version = docker_spec.label_int(labels.get(names.LABEL_VERSION))
             tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
             # An untagged one is a leftover (an interrupted build); listing it by id lets it be removed.
             for ref in tags or [image["Id"]]:
@@ -252,7 +247,7 @@ class DockerRuntime:
         # Starts take turns (`docker_start_concurrency` at once): the engine serialises much of each (bench/NOTES.md,
         # "Parallel Docker starts") and the servers' interpreters share the CPUs, so a burst's unbounded parallel
         # starts made every one of them slow; in turns the first instances are up early and the last no later. A turn
-        # lasts until the server listens (SERVER_WAIT_IN_TURN at most); its health check is the caller's.
+        # lasts until the server listens (docker_spec.SERVER_WAIT_IN_TURN at most); its health check is the caller's.
         queued = time.monotonic()
         turn = contextlib.AsyncExitStack()
         async with turn:
@@ -265,7 +260,7 @@ class DockerRuntime:
             handle, port = created
             in_engine = time.monotonic() - began
             try:
-                wait = min(SERVER_WAIT_IN_TURN, s.health_timeout)
+                wait = min(docker_spec.SERVER_WAIT_IN_TURN, s.health_timeout)
                 await anyio.to_thread.run_sync(handoffdir.wait_listening, handoff, wait)
                 await turn.aclose()  # the next start's turn; this one's server may still be on its way
                 handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, s.health_timeout)
@@ -273,9 +268,13 @@ class DockerRuntime:
                 with anyio.move_on_after(s.docker_timeout, shield=True):
                     await self._remove(handle)
                 raise
+        times = (began - queued, in_engine, time.monotonic() - began - in_engine)
         logger.info(
-            "started %s (%s) on port %s: %.1fs waiting its turn, %.1fs in the engine, %.1fs until its server listened",
-            *(name, handle[:12], port, began - queued, in_engine, time.monotonic() - began - in_engine),
+            "started %s (%s) on port %s: %.1fs for its turn, %.1fs in the engine, %.1fs to listen",
+            name,
+            handle[:12],
+            port,
+            *times,
         )
         address = f"{s.advertise_host}:{port}"
         return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
@@ -320,10 +319,9 @@ class DockerRuntime:
     async def _published_port(self, name: str, handle: str) -> int:
         """The host port Docker picked for the instance port; RuntimeFailure (with the logs) if there is none."""
         info = await self._call(f"inspecting container {name}", self._client.api.inspect_container, handle)
-        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(docker_spec.PORT_KEY) or []
-        for binding in bindings:
-            if binding.get("HostPort"):
-                return int(binding["HostPort"])
+        port = docker_spec.published_port(info)
+        if port is not None:
+            return port
         state = info.get("State") or {}
         logs = await self._call(f"reading logs of {name}", self._client.api.logs, handle, tail=20)
         text = logs.decode(errors="replace").strip() if isinstance(logs, bytes) else str(logs)
@@ -386,8 +384,8 @@ class DockerRuntime:
                     handle=str(c["Id"]),
                     instance_id=labels.get(names.LABEL_INSTANCE, ""),
                     function=labels.get(names.LABEL_FUNCTION, ""),
-                    version=_int(labels.get(names.LABEL_VERSION)),
-                    slot=_int(labels.get(names.LABEL_SLOT)),
+                    version=docker_spec.label_int(labels.get(names.LABEL_VERSION)),
+                    slot=docker_spec.label_int(labels.get(names.LABEL_SLOT)),
                     alive=c.get("State") == "running",
                 )
             )
@@ -423,7 +421,7 @@ class DockerRuntime:
                     if isinstance(handle, str) and event.get("Action", event.get("status")) in EXIT_EVENTS:
                         anyio.from_thread.run_sync(exited, handle)
             except _DOCKER_ERRORS as e:
-                raise RuntimeFailure(f"docker: the event stream broke: {_explain(e)}") from e
+                raise RuntimeFailure(f"docker: the event stream broke: {docker_spec.explain(e)}") from e
             except (OSError, ValueError, AttributeError) as e:  # the socket closed under the reader
                 raise RuntimeFailure(f"docker: the event stream broke: {e}") from e
 
@@ -434,20 +432,3 @@ class DockerRuntime:
         finally:
             with contextlib.suppress(Exception):
                 stream.close()
-
-
-def _int(value: object) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return -1
-
-
-def _explain(e: BaseException) -> str:
-    if isinstance(e, docker.errors.APIError):
-        return str(e.explanation or e)
-    if isinstance(e, requests.exceptions.Timeout):
-        return f"the Docker engine did not answer in time ({e})"
-    if isinstance(e, requests.exceptions.ConnectionError):
-        return f"cannot reach the Docker engine ({e})"
-    return str(e) or type(e).__name__

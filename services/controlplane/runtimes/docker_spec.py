@@ -6,7 +6,8 @@ no-new-privileges, memory/cpu/pids limits from the manifest, a small /tmp tmpfs,
 and its handoff folder (handoffdir.py) is bind-mounted at `handoffdir.CONTAINER_DIR`.
 
 `host_config_options` is handed to the SDK's `create_host_config`, `container_options` to `create_container`;
-bench/docker_starts.py starts containers from the same options to measure the engine.
+bench/docker_starts.py starts containers from the same options to measure the engine. The rest reads what the
+engine answers: a published port, a number in a label, an error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import docker.errors
+import requests.exceptions
 from docker.types import LogConfig
 
 from aube.controlplane.bounds import memory_bytes, nano_cpus
@@ -26,6 +29,11 @@ from aube.shared.settings import ControlPlaneSettings
 PORT_KEY = f"{INSTANCE_PORT}/tcp"
 # Seconds between SIGTERM and SIGKILL: enough for the server to close its stream with 1001 (going away).
 STOP_GRACE = 5
+# A start keeps its turn (DockerRuntime.start) until the server in its container listens, this long at most. When
+# dozens of interpreters start at once on a small machine each takes half a minute (a burst of 48 at load 28: 25-42 s
+# each), so the first of a burst come up no sooner than the last; in turns they come up one batch after another.
+# Bounded, so that a function whose server never listens holds up other starts for no longer than this.
+SERVER_WAIT_IN_TURN = 10.0
 
 
 def host_config_options(
@@ -67,3 +75,30 @@ def container_options(spec: InstanceSpec, name: str, host_config: Any) -> dict[s
         "stop_timeout": STOP_GRACE,
         "use_config_proxy": False,
     }
+
+
+def published_port(info: dict[str, Any]) -> int | None:
+    """The host port Docker picked for the instance port, from the container's inspection; None if there is none."""
+    for binding in ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(PORT_KEY) or []:
+        if binding.get("HostPort"):
+            return int(binding["HostPort"])
+    return None
+
+
+def label_int(value: object) -> int:
+    """A number from a label; -1 when it is not one (reconcile then sees a container it does not know)."""
+    try:
+        return int(str(value))
+    except ValueError:
+        return -1
+
+
+def explain(e: BaseException) -> str:
+    """What a Docker SDK error says, for a RuntimeFailure's message."""
+    if isinstance(e, docker.errors.APIError):
+        return str(e.explanation or e)
+    if isinstance(e, requests.exceptions.Timeout):
+        return f"the Docker engine did not answer in time ({e})"
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return f"cannot reach the Docker engine ({e})"
+    return str(e) or type(e).__name__
