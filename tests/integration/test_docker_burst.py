@@ -162,3 +162,73 @@ async def test_container_starts_take_turns_on_the_engine(
     print(f"six starts, two at a time: at most {most} containers between create and start")
     assert len(timeline) == 12
     assert most <= 2
+
+
+CRASHING_FN = """\
+import os
+
+if os.environ.get("AUBE_INSTANCE_ID"):
+    os._exit(3)  # dies on every instance start (the build does not import it)
+
+
+def fn(websocket):
+    pass
+"""
+
+
+async def test_a_server_that_dies_at_once_gives_its_turn_back(
+    instance_network: tuple[str, str], docker_cleanup: str, docker_client: Any, tmp_path: Path
+) -> None:
+    """A turn lasts until the server listens, 10 s at most; a container that died gives it back within a second or
+    two, so a function that crashes on start does not hold up the next start (one at a time here) for 10 s."""
+    network, bridge = instance_network
+    settings = ControlPlaneSettings(
+        owner=docker_cleanup,
+        data_dir=str(tmp_path / "data"),
+        health_timeout=15.0,
+        instance_network=network,
+        instance_bridge=bridge,
+        docker_start_concurrency=1,
+    )
+    runtime = await DockerRuntime.connect(settings)
+    try:
+        tags = {}
+        for function, source in (("crash", CRASHING_FN), ("fine", ECHO_FN)):
+            folder = tmp_path / function
+            folder.mkdir()
+            (folder / "fn.py").write_text(source)
+            tags[function] = await runtime.prepare(function, 1, folder, Manifest(), docker_cleanup, lambda _: None)
+        since = int(time.time()) - 1
+        handles: list[str] = []
+
+        async def start(function: str) -> None:
+            spec = InstanceSpec(
+                function=function,
+                version=1,
+                slot=0,
+                instance_id=uuid.uuid4().hex[:8],
+                artifact=tags[function],
+                manifest=Manifest(),
+                owner=docker_cleanup,
+            )
+            handles.append((await runtime.start(spec)).handle)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, "crash")
+            await anyio.sleep(0.3)  # the crashing one takes the only turn first
+            tg.start_soon(start, "fine")
+        until = int(time.time()) + 2
+        owned = {"type": ["container"], "event": ["create", "die"], "label": [f"{names.LABEL_OWNER}={docker_cleanup}"]}
+
+        def read_events() -> dict[tuple[str, str], float]:
+            events = docker_client.api.events(since=since, until=until, decode=True, filters=owned)
+            return {(e["Actor"]["Attributes"][names.LABEL_FUNCTION], e["Action"]): e["timeNano"] / 1e9 for e in events}
+
+        times = await anyio.to_thread.run_sync(read_events)
+        for handle in handles:
+            await runtime.stop(handle)
+    finally:
+        await runtime.close()
+    gap = times[("fine", "create")] - times[("crash", "die")]
+    print(f"the next start was created {gap:.1f}s after the crashed server's container died")
+    assert gap < 5.0

@@ -260,8 +260,7 @@ class DockerRuntime:
             handle, port = created
             in_engine = time.monotonic() - began
             try:
-                wait = min(docker_spec.SERVER_WAIT_IN_TURN, s.health_timeout)
-                await anyio.to_thread.run_sync(handoffdir.wait_listening, handoff, wait)
+                await self._until_listening(handle, handoff)
                 await turn.aclose()  # the next start's turn; this one's server may still be on its way
                 handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, s.health_timeout)
             except BaseException:
@@ -278,6 +277,16 @@ class DockerRuntime:
         )
         address = f"{s.advertise_host}:{port}"
         return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
+
+    async def _until_listening(self, handle: str, handoff: Path) -> None:
+        """Until the container's server listens, its container ended (checked every second: a function that dies at
+        once gives its turn back at once) or docker_spec.SERVER_WAIT_IN_TURN passed."""
+        deadline = anyio.current_time() + min(docker_spec.SERVER_WAIT_IN_TURN, self._settings.health_timeout)
+        while (left := deadline - anyio.current_time()) > 0:
+            if await anyio.to_thread.run_sync(handoffdir.wait_listening, handoff, min(1.0, left)):
+                return
+            if not await self.is_alive(handle):
+                return
 
     async def _create_and_start(
         self, spec: InstanceSpec, name: str, create: Callable[[], Any]
