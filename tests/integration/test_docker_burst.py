@@ -12,7 +12,8 @@ ceiling to 240 s: at the default 60 s a run at load 28 had 34 clients refused at
 start queue, is what refuses them on a loaded machine). Figures are printed (pytest -s); each start's time waiting
 its turn, in the engine and until its server listened is in the control plane's log.
 
-The second test shows the turns themselves on the engine's own events."""
+The other two show the turns on the engine's own events: at most N containers between create and start, and a
+container that dies on start gives its turn back at once."""
 
 from __future__ import annotations
 
