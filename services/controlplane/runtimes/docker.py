@@ -5,11 +5,9 @@ CapacityLimiter (builds under their own, so a long build never holds up start/st
 HTTP timeout (`docker_timeout`; builds use a second client with `build_timeout`). Docker's exceptions are
 translated here (RuntimeFailure, BuildFailed for builds) and results are returned as our Structs.
 
-A container runs the in-instance server as nobody (65534) on a read-only root with all capabilities dropped,
-no-new-privileges, memory/cpu/pids limits from the manifest, a small /tmp tmpfs, and its port published on
-`publish_host` only (127.0.0.1 by default) at a random host port. It joins the instance network (`instancenet`):
-no traffic to other containers, and no new connection to the host; `connect` refuses to return a runtime whose
-network or host firewall is not in place (unless the operator turned the firewall off).
+A container is hardened as docker_spec.py says. It joins the instance network (`instancenet`): no traffic to other
+containers, and no new connection to the host; `connect` refuses to return a runtime whose network or host firewall
+is not in place (unless the operator turned the firewall off). Starts take turns (`docker_start_concurrency`).
 
 Exits are followed on the engine's event stream (`watch_exits`): a worker thread of its own reads the `die`
 events of the owner's containers and hands each container id to the event loop; a broken stream is opened again,
@@ -36,12 +34,9 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig
 
-from aube.controlplane.bounds import memory_bytes, nano_cpus
-from aube.controlplane.runtimes import deps, handoffdir, images, instancenet
+from aube.controlplane.runtimes import deps, docker_spec, handoffdir, images, instancenet
 from aube.controlplane.runtimes.base import (
-    INSTANCE_PORT,
     Artifact,
     BuildLog,
     ExitListener,
@@ -49,12 +44,10 @@ from aube.controlplane.runtimes.base import (
     Inventory,
     RunningInstance,
     StartedInstance,
-    instance_environment,
-    instance_labels,
 )
 from aube.controlplane.runtimes.docker_output import DockerOutput
 from aube.controlplane.runtimes.output import OutputSink
-from aube.shared import addresses, names
+from aube.shared import names
 from aube.shared.errors import AubeError, BuildFailed, RuntimeFailure
 from aube.shared.schemas import Manifest, RuntimeKind
 from aube.shared.settings import ControlPlaneSettings
@@ -63,9 +56,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Seconds between SIGTERM and SIGKILL: enough for the server to close its stream with 1001 (going away).
-STOP_GRACE = 5
-_PORT_KEY = f"{INSTANCE_PORT}/tcp"
 _DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 # The container events that mean its instance ended ("die" comes for every end: exit, kill, OOM, removal by force).
 EXIT_EVENTS = ("die",)
@@ -83,6 +73,8 @@ class DockerRuntime:
         # urllib3 keeps 10 connections per client; stay below so no call waits for a connection.
         self._limiter = anyio.CapacityLimiter(8)
         self._build_limiter = anyio.CapacityLimiter(2)
+        # Container starts in progress at once (`start`); a waiting start keeps its "starting" registry entry.
+        self._start_turns = anyio.Semaphore(settings.docker_start_concurrency)
         self._init_supported = True
         # Instances' handoff folders (handoffdir.py), apart from the process runtime's socket folders.
         data_runs = Path(settings.data_dir).absolute() / "run-docker"
@@ -138,7 +130,7 @@ class DockerRuntime:
         except docker.errors.NotFound:
             raise
         except _DOCKER_ERRORS as e:
-            raise RuntimeFailure(f"docker: {what} failed: {_explain(e)}") from e
+            raise RuntimeFailure(f"docker: {what} failed: {docker_spec.explain(e)}") from e
 
     async def _build(self, fn: Callable[[BuildLog], T], log: BuildLog) -> T:
         """Run a blocking build step in a worker thread; its log lines are handed back to the event loop."""
@@ -151,7 +143,7 @@ class DockerRuntime:
         except AubeError:
             raise
         except _DOCKER_ERRORS as e:
-            raise BuildFailed(f"docker: image build failed: {_explain(e)}") from e
+            raise BuildFailed(f"docker: image build failed: {docker_spec.explain(e)}") from e
 
     # -----------------------------------------------------------------------------------------------------
     # Images
@@ -227,7 +219,7 @@ class DockerRuntime:
         for image in found:
             labels = image.get("Labels") or {}
             function = labels.get(names.LABEL_FUNCTION, "")
-            version = _int(labels.get(names.LABEL_VERSION))
+            version = docker_spec.label_int(labels.get(names.LABEL_VERSION))
             tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
             # An untagged one is a leftover (an interrupted build); listing it by id lets it be removed.
             for ref in tags or [image["Id"]]:
@@ -238,36 +230,69 @@ class DockerRuntime:
     # Instances
 
     async def start(self, spec: InstanceSpec) -> StartedInstance:
-        limits = spec.manifest.limits
-        api = self._client.api
-        try:
-            # In bytes, parsed the way the upload checked it (Docker's own parser reads "512Mi" or "1t" otherwise).
-            memory = memory_bytes(limits.memory)
-        except ValueError as e:
-            raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+        api, s = self._client.api, self._settings
         # Where a proxy of this host hands the instance clients' own sockets (handoffdir.py).
         handoff = self._runs / spec.owner / spec.instance_id
         uid, gid = (int(part) for part in images.NOBODY.split(":"))
         await anyio.to_thread.run_sync(handoffdir.make, handoff, uid, gid)
         try:
-            host_config = api.create_host_config(
-                port_bindings={_PORT_KEY: (self._settings.publish_host, None)},
-                read_only=True,
-                tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                mem_limit=memory,
-                memswap_limit=memory,  # no swap on top of the memory limit
-                nano_cpus=nano_cpus(limits.cpus),
-                pids_limit=limits.pids,
-                init=True if self._init_supported else None,
-                network_mode=self._settings.instance_network,
-                log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
-                binds={str(handoff): {"bind": handoffdir.CONTAINER_DIR, "mode": "rw"}},
-            )
-        except docker.errors.DockerException as e:  # e.g. an unparseable memory limit
+            options = docker_spec.host_config_options(spec.manifest.limits, s, handoff, init=self._init_supported)
+            host_config = api.create_host_config(**options)
+        except (ValueError, docker.errors.DockerException) as e:  # e.g. an unparseable memory limit
             raise RuntimeFailure(f"invalid container limits for {spec.function}: {e}") from e
+        name = names.container_name(spec.owner, spec.function, spec.instance_id)
+        create = functools.partial(
+            api.create_container, spec.artifact, **docker_spec.container_options(spec, name, host_config)
+        )
+        # Starts take turns (`docker_start_concurrency` at once): the engine serialises much of each (bench/NOTES.md,
+        # "Parallel Docker starts") and the servers' interpreters share the CPUs, so a burst's unbounded parallel
+        # starts made every one of them slow; in turns the first instances are up early and the last no later. A turn
+        # lasts until the server listens (docker_spec.SERVER_WAIT_IN_TURN at most); its health check is the caller's.
+        queued = time.monotonic()
+        turn = contextlib.AsyncExitStack()
+        async with turn:
+            await turn.enter_async_context(self._start_turns)
+            began = time.monotonic()
+            created = await self._create_and_start(spec, name, create)
+            if created is None:  # the engine cannot run --init: again, without it (and with a turn of its own)
+                await turn.aclose()
+                return await self.start(spec)
+            handle, port = created
+            in_engine = time.monotonic() - began
+            try:
+                await self._until_listening(handle, handoff)
+                await turn.aclose()  # the next start's turn; this one's server may still be on its way
+                handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, s.health_timeout)
+            except BaseException:
+                with anyio.move_on_after(s.docker_timeout, shield=True):
+                    await self._remove(handle)
+                raise
+        times = (began - queued, in_engine, time.monotonic() - began - in_engine)
+        logger.info(
+            "started %s (%s) on port %s: %.1fs for its turn, %.1fs in the engine, %.1fs to listen",
+            name,
+            handle[:12],
+            port,
+            *times,
+        )
+        address = f"{s.advertise_host}:{port}"
+        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
 
+    async def _until_listening(self, handle: str, handoff: Path) -> None:
+        """Until the container's server listens, its container ended (checked every second: a function that dies at
+        once gives its turn back at once) or docker_spec.SERVER_WAIT_IN_TURN passed."""
+        deadline = anyio.current_time() + min(docker_spec.SERVER_WAIT_IN_TURN, self._settings.health_timeout)
+        while (left := deadline - anyio.current_time()) > 0:
+            if await anyio.to_thread.run_sync(handoffdir.wait_listening, handoff, min(1.0, left)):
+                return
+            if not await self.is_alive(handle):
+                return
+
+    async def _create_and_start(
+        self, spec: InstanceSpec, name: str, create: Callable[[], Any]
+    ) -> tuple[str, int] | None:
+        """Create and start the container: its handle and published port, or None when it must be started again
+        without --init (the engine has no docker-init); a container that cannot run is removed."""
         s = self._settings
         # A few listings (about 10 ms): worth it so that no instance ever starts on a network left open.
         await self._call(
@@ -278,22 +303,6 @@ class DockerRuntime:
             s.instance_bridge,
             s.instance_firewall,
         )
-        name = names.container_name(spec.owner, spec.function, spec.instance_id)
-        create = functools.partial(
-            api.create_container,
-            spec.artifact,
-            name=name,
-            user=images.NOBODY,
-            labels=instance_labels(spec),
-            environment={
-                **instance_environment(spec, INSTANCE_PORT),
-                handoffdir.ENV_HANDOFF: f"{handoffdir.CONTAINER_DIR}/{addresses.HANDOFF_SOCKET_NAME}",
-            },
-            ports=[INSTANCE_PORT],
-            host_config=host_config,
-            stop_timeout=STOP_GRACE,
-            use_config_proxy=False,
-        )
         try:
             created = await self._call(f"creating container {name}", create)
         except docker.errors.NotFound as e:
@@ -301,7 +310,7 @@ class DockerRuntime:
         handle = str(created["Id"])
         try:
             try:
-                await self._call(f"starting container {name}", api.start, handle)
+                await self._call(f"starting container {name}", self._client.api.start, handle)
             except RuntimeFailure as e:
                 if not (self._init_supported and "docker-init" in str(e)):
                     raise
@@ -309,25 +318,19 @@ class DockerRuntime:
                 logger.warning("the Docker engine cannot run --init; starting instances without it: %s", e)
                 self._init_supported = False
                 await self._remove(handle)
-                return await self.start(spec)
-            port = await self._published_port(name, handle)
-            timeout = self._settings.health_timeout
-            handoff_socket = await anyio.to_thread.run_sync(handoffdir.lock, handoff, timeout)
+                return None
+            return handle, await self._published_port(name, handle)
         except BaseException:
-            with anyio.move_on_after(self._settings.docker_timeout, shield=True):
+            with anyio.move_on_after(s.docker_timeout, shield=True):
                 await self._remove(handle)
             raise
-        logger.info("started %s (%s) on port %s", name, handle[:12], port)
-        address = f"{self._settings.advertise_host}:{port}"
-        return StartedInstance(instance_id=spec.instance_id, handle=handle, address=address, handoff=handoff_socket)
 
     async def _published_port(self, name: str, handle: str) -> int:
         """The host port Docker picked for the instance port; RuntimeFailure (with the logs) if there is none."""
         info = await self._call(f"inspecting container {name}", self._client.api.inspect_container, handle)
-        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(_PORT_KEY) or []
-        for binding in bindings:
-            if binding.get("HostPort"):
-                return int(binding["HostPort"])
+        port = docker_spec.published_port(info)
+        if port is not None:
+            return port
         state = info.get("State") or {}
         logs = await self._call(f"reading logs of {name}", self._client.api.logs, handle, tail=20)
         text = logs.decode(errors="replace").strip() if isinstance(logs, bytes) else str(logs)
@@ -353,7 +356,9 @@ class DockerRuntime:
     async def stop(self, handle: str) -> None:
         try:
             # SIGTERM first: the in-instance server closes its stream with 1001 before SIGKILL.
-            await self._call(f"stopping container {handle[:12]}", self._client.api.stop, handle, timeout=STOP_GRACE)
+            await self._call(
+                f"stopping container {handle[:12]}", self._client.api.stop, handle, timeout=docker_spec.STOP_GRACE
+            )
         except docker.errors.NotFound:
             return
         except RuntimeFailure as e:
@@ -388,8 +393,8 @@ class DockerRuntime:
                     handle=str(c["Id"]),
                     instance_id=labels.get(names.LABEL_INSTANCE, ""),
                     function=labels.get(names.LABEL_FUNCTION, ""),
-                    version=_int(labels.get(names.LABEL_VERSION)),
-                    slot=_int(labels.get(names.LABEL_SLOT)),
+                    version=docker_spec.label_int(labels.get(names.LABEL_VERSION)),
+                    slot=docker_spec.label_int(labels.get(names.LABEL_SLOT)),
                     alive=c.get("State") == "running",
                 )
             )
@@ -425,7 +430,7 @@ class DockerRuntime:
                     if isinstance(handle, str) and event.get("Action", event.get("status")) in EXIT_EVENTS:
                         anyio.from_thread.run_sync(exited, handle)
             except _DOCKER_ERRORS as e:
-                raise RuntimeFailure(f"docker: the event stream broke: {_explain(e)}") from e
+                raise RuntimeFailure(f"docker: the event stream broke: {docker_spec.explain(e)}") from e
             except (OSError, ValueError, AttributeError) as e:  # the socket closed under the reader
                 raise RuntimeFailure(f"docker: the event stream broke: {e}") from e
 
@@ -436,20 +441,3 @@ class DockerRuntime:
         finally:
             with contextlib.suppress(Exception):
                 stream.close()
-
-
-def _int(value: object) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return -1
-
-
-def _explain(e: BaseException) -> str:
-    if isinstance(e, docker.errors.APIError):
-        return str(e.explanation or e)
-    if isinstance(e, requests.exceptions.Timeout):
-        return f"the Docker engine did not answer in time ({e})"
-    if isinstance(e, requests.exceptions.ConnectionError):
-        return f"cannot reach the Docker engine ({e})"
-    return str(e) or type(e).__name__

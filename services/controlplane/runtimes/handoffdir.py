@@ -35,6 +35,16 @@ def make(path: Path, uid: int, gid: int) -> None:
     os.chown(path, uid, gid)
 
 
+def wait_listening(path: Path, timeout: float) -> bool:
+    """Whether the instance's handoff socket appeared within `timeout` (its server listens by then)."""
+    deadline = time.monotonic() + timeout
+    while not _is_socket(path / addresses.HANDOFF_SOCKET_NAME):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
 def lock(path: Path, timeout: float) -> str:
     """Once the instance's handoff socket is there: the folder becomes root's; the socket's host path, or "" when
     it did not appear within `timeout` or is something else (the instance is then relayed)."""
