@@ -178,6 +178,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # After a stream, its instance stays claimed by this replica this long and goes to the replica's next client of
     # the function with no registry write (proxy/reserve.py); 0 releases it at once.
     reserve_seconds: float = 2.0
+    # Free instances of each function this replica claims ahead of demand and holds for its next clients, served with
+    # no NATS round trip (proxy/reserve.py, docs/reservations.md). 0: none (the default; see docs/reservations.md).
+    reserve: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Socket handoff (proxy/handoff.py): "auto" passes a client's own socket to an instance on this host that takes
     # it (the proxy is then out of the data path) and relays otherwise; "off" always relays. Off by default for now:
     # a handed-off stream whose client stops answering pings ends after websockets' close timeout (about 12 s, not

@@ -1,4 +1,5 @@
-"""Pure claim and scale decisions: which instances a proxy may try, in which order, and when to scale.
+"""Pure claim, scale and reservation decisions: which instances a proxy may try, in which order, when to scale,
+and how many free instances to hold reserved ahead of demand (and when to give one back).
 
 No I/O here: the service feeds in its local view of the registry (kept by a KV watch), and writes each claim by
 compare-and-set (`Registry.apply` with `instance_lifecycle.claim`). Exclusivity does not rest on this module: a
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Literal
 
 import msgspec
 
 from aube.shared import names
-from aube.shared.instance_lifecycle import claimable, warm
+from aube.shared.instance_lifecycle import claimable, holds, warm
 from aube.shared.registry import InstanceEntry
 from aube.shared.schemas import FunctionRecord, ScaleIntent
 
@@ -73,3 +75,60 @@ def scale_intent(function: str, proxy_id: str, now: float, cooldown: float) -> S
     """
     window = min(max(cooldown, 0.0), names.SCALE_INTENT_MAX_AGE)
     return ScaleIntent(function=function, proxy_id=proxy_id, asked_at=now, expires_at=now + window)
+
+
+# -- reservations (proxy/reserve.py) ----------------------------------------------------------------------------
+
+Fate = Literal["keep", "give_back", "forget"]
+
+
+def reservations_to_take(fn: FunctionRecord, pool: PoolCounts, *, held: int, setting: int) -> int:
+    """How many free instances of `fn` this replica claims now as reservations, ahead of demand.
+
+    Up to `setting` per function, counting what it already holds (reserved, or kept after a stream). None while the
+    function is at `max_instances`: it cannot grow, so a free instance reserved here could be the one another
+    replica's client is waiting for. Below the cap the control plane's keeper counts a reservation as busy and tops
+    the warm pool back up to `min_free`, so taking free instances never leaves the function without warm ones for
+    long, and the total stays bounded (min_free + replicas x setting, within max_instances): no endless scale-out.
+    """
+    if setting <= 0 or fn.deleting or pool.total >= fn.manifest.scaling.max_instances:
+        return 0
+    return max(0, min(setting - held, pool.free))
+
+
+def reservation_fate(
+    fn: FunctionRecord | None, held: InstanceEntry, current: InstanceEntry | None, *, others_starved: bool = False
+) -> Fate:
+    """What to do with an instance this replica holds reserved (`held`: its claim as written), seeing `current` (its
+    entry in the view) and `fn` (the function as the view shows it; None when deleted or being deleted).
+
+    - "forget": the entry is gone, names another instance, was moved on by someone else (draining, unhealthy) or
+      shows a claim that is not this one at a newer revision: nothing of ours is left to release;
+    - "give_back": release it (`instance_lifecycle.release`, which drains what must not serve again), because the
+      function was deleted, a new version is live or the instance was marked to retire (so retirement can stop the
+      old version at once), or `others_starved`: the function is at its cap with nothing free or starting, so
+      another replica's client may wait for exactly this instance;
+    - "keep": it may serve this replica's next client.
+
+    The view may lag behind this replica's own claim (still showing the entry free at an older revision): only a
+    newer revision without our claim counts as changed under us.
+    """
+    claim = held.record
+    if current is None or current.record.instance_id != claim.instance_id:
+        return "forget"
+    rec = current.record
+    if rec.state in ("draining", "unhealthy"):
+        return "forget"
+    if current.revision > held.revision and not holds(rec, claim):
+        return "forget"
+    if fn is None or fn.deleting or claim.version != fn.version or rec.retire or claim.function != fn.name:
+        return "give_back"
+    if others_starved:
+        return "give_back"
+    return "keep"
+
+
+def starved_at_cap(fn: FunctionRecord, pool: PoolCounts) -> bool:
+    """The function is at `max_instances` with no instance free or starting: whatever this replica holds reserved is
+    all that could serve another replica's client."""
+    return pool.total >= fn.manifest.scaling.max_instances and pool.free == 0 and pool.starting == 0
