@@ -82,18 +82,31 @@ def scale_intent(function: str, proxy_id: str, now: float, cooldown: float) -> S
 Fate = Literal["keep", "give_back", "forget"]
 
 
+def reservation_target(fn: FunctionRecord | None, setting: int) -> int:
+    """How many instances of `fn` this replica holds reserved (`setting`, AUBE_RESERVE), or 0.
+
+    None for a function with `min_free = 0`: it has no warm pool that the control plane's keeper tops back up, so
+    every free instance is one a scale-out started for a waiting client (of this replica or another) or one left
+    after a stream to be reaped; reserving it would take it from that client.
+    """
+    if fn is None or fn.deleting or fn.manifest.scaling.min_free <= 0:
+        return 0
+    return max(0, setting)
+
+
 def reservations_to_take(fn: FunctionRecord, pool: PoolCounts, *, held: int, setting: int) -> int:
     """How many free instances of `fn` this replica claims now as reservations, ahead of demand.
 
-    Up to `setting` per function, counting what it already holds (reserved, or kept after a stream). None while the
-    function is at `max_instances`: it cannot grow, so a free instance reserved here could be the one another
-    replica's client is waiting for. Below the cap the control plane's keeper counts a reservation as busy and tops
-    the warm pool back up to `min_free`, so taking free instances never leaves the function without warm ones for
-    long, and the total stays bounded (min_free + replicas x setting, within max_instances): no endless scale-out.
+    Up to `reservation_target` per function, counting what it already holds (reserved, or kept after a stream).
+    None while the function is at `max_instances`: it cannot grow, so a free instance reserved here could be the one
+    another replica's client is waiting for. Below the cap the control plane's keeper counts a reservation as busy
+    and tops the warm pool back up to `min_free`, so taking free instances never leaves the function without warm
+    ones for long, and the total stays bounded (min_free + replicas x setting, within max_instances): no endless
+    scale-out.
     """
-    if setting <= 0 or fn.deleting or pool.total >= fn.manifest.scaling.max_instances:
+    if pool.total >= fn.manifest.scaling.max_instances:
         return 0
-    return max(0, min(setting - held, pool.free))
+    return max(0, min(reservation_target(fn, setting) - held, pool.free))
 
 
 def reservation_fate(

@@ -137,8 +137,9 @@ class Reserve:
                     starved = False  # one given back is free for the others: keep the rest
                 else:
                     held.append(k)
-            # Oldest first: those kept past `seconds` go, except the newest `ahead` of all, which stay as reservations.
-            while len(held) > self.ahead and held[0].since <= cutoff:
+            # Oldest first: those kept past `seconds` go, except the newest few, which stay on as reservations.
+            target = decisions.reservation_target(fn, self.ahead)
+            while len(held) > target and held[0].since <= cutoff:
                 self.holdings.tg.start_soon(self._release, held.pop(0).entry)
             if held:
                 self.kept[function] = held

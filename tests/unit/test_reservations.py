@@ -125,3 +125,13 @@ def test_given_back_when_others_are_starved_at_the_cap() -> None:
     assert not decisions.starved_at_cap(capped, PoolCounts(free=1, starting=0, total=2))
     assert not decisions.starved_at_cap(capped, PoolCounts(free=0, starting=1, total=2))
     assert not decisions.starved_at_cap(capped, PoolCounts(free=0, starting=0, total=1))
+
+
+def test_none_for_a_function_without_a_warm_pool() -> None:
+    """min_free 0: no keeper tops up what a reservation takes; a free instance is a waiting client's scale-out."""
+    fn = msgspec.structs.replace(_fn(), manifest=Manifest(scaling=ScalingSection(min_free=0, max_instances=10)))
+    assert decisions.reservation_target(fn, 2) == 0
+    assert decisions.reservations_to_take(fn, PoolCounts(free=3, total=3), held=0, setting=2) == 0
+    assert decisions.reservation_target(_fn(), 2) == 2
+    assert decisions.reservation_target(None, 2) == 0
+    assert decisions.reservation_target(_fn(deleting=True), 2) == 0
