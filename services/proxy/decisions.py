@@ -82,36 +82,30 @@ def scale_intent(function: str, proxy_id: str, now: float, cooldown: float) -> S
 Fate = Literal["keep", "give_back", "forget"]
 
 
-def reservation_target(fn: FunctionRecord | None, setting: int) -> int:
-    """How many instances of `fn` this replica holds reserved (`setting`, AUBE_RESERVE), or 0.
+def reservation_target(fn: FunctionRecord | None, pool: PoolCounts, setting: int) -> int:
+    """How many instances of `fn` this replica holds reserved now: `setting` (AUBE_RESERVE), or 0.
 
-    None for a function with `min_free = 0`: it has no warm pool that the control plane's keeper tops back up, so
-    every free instance is one a scale-out started for a waiting client (of this replica or another) or one left
-    after a stream to be reaped; reserving it would take it from that client.
+    0 for a function with `min_free = 0`: it has no warm pool that the control plane's keeper tops back up, so every
+    free instance is one a scale-out started for a waiting client (of this replica or another) or one left after a
+    stream, to be reaped; reserving it would take it from that client. 0 too while the function is at
+    `max_instances` (`pool.total`, slots in any state): it cannot grow, so a free instance held here could be the
+    one another replica's client waits for. Below the cap the keeper counts a reservation as busy and tops the warm
+    pool back up to `min_free`, so the total stays bounded (min_free + replicas x setting, within max_instances).
     """
     if fn is None or fn.deleting or fn.manifest.scaling.min_free <= 0:
+        return 0
+    if pool.total >= fn.manifest.scaling.max_instances:
         return 0
     return max(0, setting)
 
 
 def reservations_to_take(fn: FunctionRecord, pool: PoolCounts, *, held: int, setting: int) -> int:
-    """How many free instances of `fn` this replica claims now as reservations, ahead of demand.
-
-    Up to `reservation_target` per function, counting what it already holds (reserved, or kept after a stream).
-    None while the function is at `max_instances`: it cannot grow, so a free instance reserved here could be the one
-    another replica's client is waiting for. Below the cap the control plane's keeper counts a reservation as busy
-    and tops the warm pool back up to `min_free`, so taking free instances never leaves the function without warm
-    ones for long, and the total stays bounded (min_free + replicas x setting, within max_instances): no endless
-    scale-out.
-    """
-    if pool.total >= fn.manifest.scaling.max_instances:
-        return 0
-    return max(0, min(reservation_target(fn, setting) - held, pool.free))
+    """How many free instances of `fn` this replica claims now as reservations, ahead of demand: up to
+    `reservation_target`, counting what it already holds (reserved, or kept after a stream)."""
+    return max(0, min(reservation_target(fn, pool, setting) - held, pool.free))
 
 
-def reservation_fate(
-    fn: FunctionRecord | None, held: InstanceEntry, current: InstanceEntry | None, *, others_starved: bool = False
-) -> Fate:
+def reservation_fate(fn: FunctionRecord | None, held: InstanceEntry, current: InstanceEntry | None) -> Fate:
     """What to do with an instance this replica holds reserved (`held`: its claim as written), seeing `current` (its
     entry in the view) and `fn` (the function as the view shows it; None when deleted or being deleted).
 
@@ -119,8 +113,7 @@ def reservation_fate(
       shows a claim that is not this one at a newer revision: nothing of ours is left to release;
     - "give_back": release it (`instance_lifecycle.release`, which drains what must not serve again), because the
       function was deleted, a new version is live or the instance was marked to retire (so retirement can stop the
-      old version at once), or `others_starved`: the function is at its cap with nothing free or starting, so
-      another replica's client may wait for exactly this instance;
+      old version at once);
     - "keep": it may serve this replica's next client.
 
     The view may lag behind this replica's own claim (still showing the entry free at an older revision): only a
@@ -136,12 +129,4 @@ def reservation_fate(
         return "forget"
     if fn is None or fn.deleting or claim.version != fn.version or rec.retire or claim.function != fn.name:
         return "give_back"
-    if others_starved:
-        return "give_back"
     return "keep"
-
-
-def starved_at_cap(fn: FunctionRecord, pool: PoolCounts) -> bool:
-    """The function is at `max_instances` with no instance free or starting: whatever this replica holds reserved is
-    all that could serve another replica's client."""
-    return pool.total >= fn.manifest.scaling.max_instances and pool.free == 0 and pool.starting == 0

@@ -13,12 +13,14 @@ A reservation is an ordinary claim (instance_lifecycle.claim, this replica's lea
 - exclusivity: the registry shows it busy and claimed by this replica, so no other replica claims it, and this
   replica hands it to one client at a time (`take` removes it before it is handed out);
 - scaling: the control plane's keeper counts it busy, not warm, so it tops the warm pool back up to `min_free`
-  (bounded: at most `reserve` per function per replica, never at `max_instances`); this replica's own scale
+  (bounded: at most `reserve` per function per replica, none at `max_instances`); this replica's own scale
   decisions count what it holds as free (it serves its clients first);
 - retirement: a new version, a delete or a retire flag gives it back at once (`decisions.reservation_fate`), and the
   release drains it, so retirement stops the old version without waiting for it;
 - a dead replica: the reaper drains its claims once its lease is dead, reservations among them, and the keeper
-  replaces them; a function at its cap with nothing free gets its reservations back so other replicas can serve.
+  replaces them;
+- other replicas: none is held for a function at `max_instances` (past `reserve_seconds` after a stream) or with
+  `min_free = 0`, where a free instance may be the one another replica's client waits for.
 
 A held instance is handed out only while its fate is "keep" and this replica's lease was renewed within half its
 ttl: a replica cut off from NATS for longer may be judged dead, and its claims drained under the next stream.
@@ -72,7 +74,13 @@ class Reserve:
         self.on_kept = on_kept  # wakes a client of that function waiting in line
         self.kept: dict[str, list[Kept]] = {}  # function -> held instances, oldest first
         self.topping: set[str] = set()  # functions with reservations being claimed now
+        # Something changed since the last top-up (the view, or what is held): only then are the functions scanned.
+        self.dirty = True
         self.closed = False
+        pool.listeners.append(self._changed)
+
+    def _changed(self) -> None:
+        self.dirty = True
 
     def count(self, function: str) -> int:
         return len(self.kept.get(function, ()))
@@ -98,6 +106,7 @@ class Reserve:
         fresh = self.lease_fresh()
         fn = self.pool.function(function)
         while kept:
+            self.dirty = True
             entry = kept.pop().entry
             if not kept:
                 del self.kept[function]
@@ -121,31 +130,26 @@ class Reserve:
         cutoff = time.monotonic() - self.seconds
         for function in list(self.kept):
             fn = self.pool.function(function)
-            starved = fn is not None and decisions.starved_at_cap(fn, self._counts(fn))
             held: list[Kept] = []
             for k in self.kept[function]:
-                # One kept after a stream is this replica's for `seconds` whatever others need (as before reservations).
-                others = starved and k.since <= cutoff
-                fate = decisions.reservation_fate(
-                    fn, k.entry, self.pool.entries.get(k.entry.key), others_starved=others
-                )
+                fate = decisions.reservation_fate(fn, k.entry, self.pool.entries.get(k.entry.key))
                 if fate == "forget":
                     self.holdings.forget(k.entry)
                 elif fate == "give_back":
                     log.info("giving back reserved %s (%s)", k.entry.key, k.entry.record.instance_id)
                     self.holdings.tg.start_soon(self._release, k.entry)
-                    starved = False  # one given back is free for the others: keep the rest
                 else:
                     held.append(k)
             # Oldest first: those kept past `seconds` go, except the newest few, which stay on as reservations.
-            target = decisions.reservation_target(fn, self.ahead)
+            target = 0 if fn is None else decisions.reservation_target(fn, self._counts(fn), self.ahead)
             while len(held) > target and held[0].since <= cutoff:
                 self.holdings.tg.start_soon(self._release, held.pop(0).entry)
             if held:
                 self.kept[function] = held
             else:
                 del self.kept[function]
-        if self.ahead > 0 and not self.closed and self.lease_fresh():
+        if self.ahead > 0 and self.dirty and not self.closed and self.lease_fresh():
+            self.dirty = False
             for fn in list(self.pool.functions.values()):
                 self._top_up(fn)
 
@@ -182,6 +186,7 @@ class Reserve:
             log.debug("reserving %s: the registry is unreachable (%s)", fn.name, e)
         finally:
             self.topping.discard(fn.name)
+            self.dirty = True  # a lost race or an unreachable registry: look again next pass
 
     async def run(self) -> None:
         """Tend what is held every TEND_POLL seconds, until cancelled; then release everything held."""

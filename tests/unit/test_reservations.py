@@ -117,21 +117,19 @@ def test_unhealthy_wins_over_a_new_version() -> None:
     assert decisions.reservation_fate(_fn(version=2), held, unhealthy) == "forget"
 
 
-def test_given_back_when_others_are_starved_at_the_cap() -> None:
-    held = _reserved()
-    assert decisions.reservation_fate(_fn(), held, held, others_starved=True) == "give_back"
-    capped = _fn(max_instances=2)
-    assert decisions.starved_at_cap(capped, PoolCounts(free=0, starting=0, total=2))
-    assert not decisions.starved_at_cap(capped, PoolCounts(free=1, starting=0, total=2))
-    assert not decisions.starved_at_cap(capped, PoolCounts(free=0, starting=1, total=2))
-    assert not decisions.starved_at_cap(capped, PoolCounts(free=0, starting=0, total=1))
-
-
 def test_none_for_a_function_without_a_warm_pool() -> None:
     """min_free 0: no keeper tops up what a reservation takes; a free instance is a waiting client's scale-out."""
     fn = msgspec.structs.replace(_fn(), manifest=Manifest(scaling=ScalingSection(min_free=0, max_instances=10)))
-    assert decisions.reservation_target(fn, 2) == 0
-    assert decisions.reservations_to_take(fn, PoolCounts(free=3, total=3), held=0, setting=2) == 0
-    assert decisions.reservation_target(_fn(), 2) == 2
-    assert decisions.reservation_target(None, 2) == 0
-    assert decisions.reservation_target(_fn(deleting=True), 2) == 0
+    pool = PoolCounts(free=3, total=3)
+    assert decisions.reservation_target(fn, pool, 2) == 0
+    assert decisions.reservations_to_take(fn, pool, held=0, setting=2) == 0
+    assert decisions.reservation_target(_fn(), pool, 2) == 2
+    assert decisions.reservation_target(None, pool, 2) == 0
+    assert decisions.reservation_target(_fn(deleting=True), pool, 2) == 0
+
+
+def test_none_held_at_the_cap() -> None:
+    """At max_instances even what is held (kept after a stream) goes back, past AUBE_RESERVE_SECONDS."""
+    capped = _fn(max_instances=2)
+    assert decisions.reservation_target(capped, PoolCounts(free=0, total=2), 1) == 0
+    assert decisions.reservation_target(capped, PoolCounts(free=0, starting=1, total=1), 1) == 1
