@@ -124,7 +124,8 @@ async def test_setup_time_with_and_without_a_reservation(platform) -> None:  # t
     )
     claiming, _ = await platform.start_proxy(AUBE_RESERVE="0", AUBE_RESERVE_SECONDS="0", AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc, "[scaling]\nmin_free = 2\nmax_instances = 4\n")
+        # Room below the cap (no reservation is held at max_instances): the claiming replica's scale asks add some.
+        await deploy(nc, "[scaling]\nmin_free = 2\nmax_instances = 8\n")
         await reserved_by(registry, reserving_proxy.env["AUBE_PROXY_ID"], 1)
         with anyio.fail_after(60):
             while sum(e.record.state == "free" for e in await registry.instances("who")) < 2:
