@@ -183,6 +183,10 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # After a stream, its instance stays claimed by this replica this long and goes to the replica's next client of
     # the function with no registry write (proxy/reserve.py); 0 releases it at once.
     reserve_seconds: float = 2.0
+    # Free instances of each function this replica claims ahead of demand and holds for its next clients, served with
+    # no NATS round trip (proxy/reserve.py); none for `min_free = 0`. 0: none, the default (docs/reservations.md: the
+    # dashboard counts busy instances as open streams).
+    reserve: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Socket handoff (proxy/handoff.py): "auto" passes a client's own socket to an instance on this host that takes
     # it (the proxy is then out of the data path) and relays otherwise; "off" always relays. A handed-off stream
     # ends at the manifest's ping bound like a relayed one, whichever peer hangs (docs/handoff.md).

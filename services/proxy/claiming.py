@@ -92,7 +92,7 @@ class Claimer:
         self.pool = pool
         self.metrics = metrics
         self.holdings = holdings
-        self.reserve = reserve  # instances this replica kept after a stream, for its next client
+        self.reserve = reserve  # instances this replica holds for its next clients (reserved, or kept after a stream)
         self.tg = tg  # scale asks and busy instances' releases run beside the clients
         self.waiting = WaitingClients()  # clients waiting for an instance, per function, in arrival order
         self._scale_quiet_until: dict[str, float] = {}  # per function, monotonic: a recent ask (ours or not)

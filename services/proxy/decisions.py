@@ -1,4 +1,5 @@
-"""Pure claim and scale decisions: which instances a proxy may try, in which order, and when to scale.
+"""Pure claim, scale and reservation decisions: which instances a proxy may try, in which order, when to scale,
+and how many free instances to hold reserved ahead of demand (and when to give one back).
 
 No I/O here: the service feeds in its local view of the registry (kept by a KV watch), and writes each claim by
 compare-and-set (`Registry.apply` with `instance_lifecycle.claim`). Exclusivity does not rest on this module: a
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Literal
 
 import msgspec
 
 from aube.shared import names
-from aube.shared.instance_lifecycle import claimable, warm
+from aube.shared.instance_lifecycle import claimable, holds, warm
 from aube.shared.registry import InstanceEntry
 from aube.shared.schemas import FunctionRecord, InstanceRecord, ScaleIntent
 
@@ -90,3 +92,58 @@ def ping_bound(fn: FunctionRecord | None, rec: InstanceRecord) -> float | None:
     if limits.ping_interval <= 0:
         return None
     return limits.ping_interval + limits.ping_timeout
+
+
+# -- reservations (proxy/reserve.py) ----------------------------------------------------------------------------
+
+Fate = Literal["keep", "give_back", "forget"]
+
+
+def reservation_target(fn: FunctionRecord | None, pool: PoolCounts, setting: int) -> int:
+    """How many instances of `fn` this replica holds reserved now: `setting` (AUBE_RESERVE), or 0.
+
+    0 for a function with `min_free = 0`: it has no warm pool that the control plane's keeper tops back up, so every
+    free instance is one a scale-out started for a waiting client (of this replica or another) or one left after a
+    stream, to be reaped; reserving it would take it from that client. 0 too while the function is at
+    `max_instances` (`pool.total`, slots in any state): it cannot grow, so a free instance held here could be the
+    one another replica's client waits for. Below the cap the keeper counts a reservation as busy and tops the warm
+    pool back up to `min_free`, so the total stays bounded (min_free + replicas x setting, within max_instances).
+    """
+    if fn is None or fn.deleting or fn.manifest.scaling.min_free <= 0:
+        return 0
+    if pool.total >= fn.manifest.scaling.max_instances:
+        return 0
+    return max(0, setting)
+
+
+def reservations_to_take(fn: FunctionRecord, pool: PoolCounts, *, held: int, setting: int) -> int:
+    """How many free instances of `fn` this replica claims now as reservations, ahead of demand: up to
+    `reservation_target`, counting what it already holds (reserved, or kept after a stream)."""
+    return max(0, min(reservation_target(fn, pool, setting) - held, pool.free))
+
+
+def reservation_fate(fn: FunctionRecord | None, held: InstanceEntry, current: InstanceEntry | None) -> Fate:
+    """What to do with an instance this replica holds reserved (`held`: its claim as written), seeing `current` (its
+    entry in the view) and `fn` (the function as the view shows it; None when deleted or being deleted).
+
+    - "forget": the entry is gone, names another instance, was moved on by someone else (draining, unhealthy) or
+      shows a claim that is not this one at a newer revision: nothing of ours is left to release;
+    - "give_back": release it (`instance_lifecycle.release`, which drains what must not serve again), because the
+      function was deleted, a new version is live or the instance was marked to retire (so retirement can stop the
+      old version at once);
+    - "keep": it may serve this replica's next client.
+
+    The view may lag behind this replica's own claim (still showing the entry free at an older revision): only a
+    newer revision without our claim counts as changed under us.
+    """
+    claim = held.record
+    if current is None or current.record.instance_id != claim.instance_id:
+        return "forget"
+    rec = current.record
+    if rec.state in ("draining", "unhealthy"):
+        return "forget"
+    if current.revision > held.revision and not holds(rec, claim):
+        return "forget"
+    if fn is None or fn.deleting or claim.version != fn.version or rec.retire or claim.function != fn.name:
+        return "give_back"
+    return "keep"

@@ -84,6 +84,7 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                         holdings,
                         lease_fresh=lease_clock.fresh,
                         on_kept=lambda function: claimer.waiting.nudge(function),
+                        ahead=settings.reserve,
                     )
                     claimer = Claimer(settings, nc, registry, pool, metrics, holdings, reserve, tcp_options, tg)
                     streams = Streams(settings, pool, metrics, holdings, reserve)
