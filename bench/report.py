@@ -37,7 +37,14 @@ def machine() -> dict[str, str]:
         "nginx": nginx_version(),
         "docker": sh("docker", "version", "--format", "{{.Server.Version}}"),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "load average (1, 5, 15 min) at the start": load_average(),
     }
+
+
+def load_average() -> str:
+    """The machine's load when read: other work on a shared machine shows here (every figure is slower)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def fmt(v: Any, digits: int = 0) -> str:

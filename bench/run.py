@@ -48,7 +48,7 @@ from common import (  # noqa: E402
     wait_until,
 )
 from harness import http_status  # noqa: E402
-from report import chart, machine, write_report  # noqa: E402
+from report import chart, load_average, machine, write_report  # noqa: E402
 
 from aube.shared import names  # noqa: E402
 from aube.shared.natsserver import free_port  # noqa: E402
@@ -405,6 +405,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
             docker_client.close()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+    results["machine"]["load average (1, 5, 15 min) at the end"] = load_average()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     write_report(results, out_dir, s)
     chart(results, out_dir)
