@@ -1,13 +1,15 @@
 """What one open stream costs a proxy, and what a proxy's death costs handed-off streams (bench/README.md).
 
-- Memory per open stream: the proxy's resident memory (VmRSS) with N streams open and echoed once, minus the same
-  with none open, divided by N; relay and handoff, interleaved. The streams are the bench process's own sockets.
+- Memory per open stream: a fresh proxy replica's resident memory (VmRSS) with N streams open and echoed once,
+  minus the same after one stream, divided by N - 1; relay and handoff, interleaved. The streams are the bench
+  process's own sockets.
 - kill -9 during handoff: open `kill_streams` streams through a proxy that hands them over, check the registry
   flags them handed off, SIGKILL the proxy, and then echo on every stream again. A stream that does not echo is cut.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -46,33 +48,39 @@ def close_all(streams: list[lg.Stream]) -> None:
         stream.close()
 
 
-def rss_with_streams(stack: Stack, count: int) -> tuple[int, int]:
-    """(VmRSS KiB with no stream open, VmRSS KiB with `count` open), the first after a round of `count` streams
-    opened and closed, so that one-off allocations (the first stream's imports, buffers) are in both."""
-    assert stack.proxy is not None
-    close_all(open_streams(stack.proxy_port, count))
-    time.sleep(0.5)  # releases (registry writes) settle
-    idle = proc_status_kib(stack.proxy.pid, "VmRSS")
-    streams = open_streams(stack.proxy_port, count)
+def rss_with_streams(stack: Stack, env: dict[str, str], count: int) -> tuple[int, int]:
+    """(VmRSS KiB, VmRSS KiB with `count` streams open) of a fresh proxy replica on `stack` (with `env`), the first
+    after one stream opened and closed: that one's one-off allocations (code paths run once, buffers) are in both,
+    and its freed memory serves the first of the `count`, so the difference is `count - 1` streams' worth. A
+    fresh replica, because an older one reuses the memory of every stream it carried at once before (the data
+    path's 16) and shows no growth at all."""
+    port, proxy = anyio.run(functools.partial(stack.platform.start_proxy, **env))
     try:
-        time.sleep(0.2)
-        loaded = proc_status_kib(stack.proxy.pid, "VmRSS")
+        anyio.run(free_addresses, stack, "echo", count)
+        close_all(open_streams(port, 1))
+        time.sleep(0.5)  # the release (registry writes) settles
+        idle = proc_status_kib(proxy.pid, "VmRSS")
+        streams = open_streams(port, count)
+        try:
+            time.sleep(0.2)
+            loaded = proc_status_kib(proxy.pid, "VmRSS")
+        finally:
+            close_all(streams)
     finally:
-        close_all(streams)
-    time.sleep(0.5)
+        proxy.stop()
     return idle, loaded
 
 
-def memory_per_stream(s: Settings, stacks: dict[str, Stack]) -> dict[str, Any]:
+def memory_per_stream(s: Settings, stacks: dict[str, tuple[Stack, dict[str, str]]]) -> dict[str, Any]:
     count = max(s.streams)  # every platform keeps this many echo instances free (the data path's)
     log(f"proxy memory per open stream: {count} streams, {' and '.join(stacks)}")
     samples: dict[str, list[float]] = {label: [] for label in stacks}
     for rep in range(s.memory_reps):
         for label in rotate(list(stacks), rep):
-            anyio.run(free_addresses, stacks[label], "echo", count)
-            idle, loaded = rss_with_streams(stacks[label], count)
-            samples[label].append((loaded - idle) / count)
-            log(f"  {label}: {idle} KiB idle, {loaded} KiB with {count} streams")
+            stack, env = stacks[label]
+            idle, loaded = rss_with_streams(stack, env, count)
+            samples[label].append((loaded - idle) / max(1, count - 1))
+            log(f"  {label}: {idle} KiB after one stream, {loaded} KiB with {count} streams")
     return {
         "streams": count,
         "kib_per_stream": {label: median(v) for label, v in samples.items()},

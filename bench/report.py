@@ -335,9 +335,9 @@ def section_per_stream(mem: dict[str, Any], kill: dict[str, Any] | None) -> list
         "",
         "## 2b. Per open stream, and a proxy killed during handed-off streams",
         "",
-        f"Proxy memory per open stream: the proxy's VmRSS with {mem['streams']} streams open (each echoed once) minus "
-        "its VmRSS with none open (after a first round of the same streams opened and closed), divided by "
-        "the streams (bench/perstream.py).",
+        f"Proxy memory per open stream: a fresh proxy replica's VmRSS with {mem['streams']} streams open (each echoed "
+        "once) minus its VmRSS after one stream opened and closed, divided by the streams less one "
+        "(bench/perstream.py; a replica that carried as many streams before reuses their memory and shows no growth).",
         "",
         "| path | KiB per open stream (median) | samples |",
         "| --- | --- | --- |",

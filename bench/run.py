@@ -380,7 +380,9 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
             dp = scenario_datapath(s, proc, hand, work, stop)
             results["datapath"] = dp
             results["setup"] = scenario_setup(s, proc, hand, dp["addresses"])
-            results["memory"] = perstream.memory_per_stream(s, {"relay": proc, "handoff": hand})
+            results["memory"] = perstream.memory_per_stream(
+                s, {"relay": (proc, {"AUBE_HANDOFF": "off"}), "handoff": (hand, {"AUBE_HANDOFF": "auto"})}
+            )
             # Last on the handoff platform: it leaves that platform without its proxy.
             results["kill"] = perstream.kill_during_handoff(s, hand)
             results["profile"] = profile_proxy(s, proc, work)
