@@ -331,6 +331,7 @@ def run_setup(targets: list[Target], count: int) -> dict[str, object]:
         "mode": "setup",
         "count": count,
         "p50_ms": percentile(ordered, 0.5) * 1000,
+        "p95_ms": percentile(ordered, 0.95) * 1000,
         "p99_ms": percentile(ordered, 0.99) * 1000,
         "samples_ms": [s * 1000 for s in samples],
     }

@@ -12,191 +12,46 @@ Everything started is stopped at the end: services, nginx (own prefix and config
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, ExitStack
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from aube.shared import names
-from aube.shared.bus import request
-from aube.shared.errors import AubeError, UnknownFunction
-from aube.shared.natsserver import LocalNatsServer, free_port
-from aube.shared.registry import Registry
-from aube.shared.schemas import (
-    DeleteReply,
-    DeleteRequest,
-    ScaleReply,
-    ScaleRequest,
-    StopInstanceReply,
-    StopInstanceRequest,
-    UploadReply,
-    UploadRequest,
-)
-
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-LOADGEN = BENCH / "loadgen.py"
-ECHO = BENCH / "echo"
-PY = sys.executable
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts, not a package
-sys.path.insert(1, str(REPO / "tests"))  # the platform harness the tests run on too (tests/harness.py)
+sys.path.insert(1, str(BENCH.parent / "tests"))  # the platform harness the tests run on too (tests/harness.py)
 import harness  # noqa: E402
-import loadgen as lg  # noqa: E402
+import perstream  # noqa: E402
+from coldstart import cold_process, scenario_cold  # noqa: E402
+from common import (  # noqa: E402
+    CREDENTIALS,
+    PY,
+    Settings,
+    Stack,
+    delete,
+    free_addresses,
+    loadgen,
+    log,
+    manifest,
+    median,
+    rotate,
+    upload,
+    wait_until,
+)
 from harness import http_status  # noqa: E402
+from report import chart, load_average, machine, write_report  # noqa: E402
 
-# The services' settings in a benchmark run, beyond the harness's own. Direct connections are the baseline:
-# instances on loopback TCP, which sandboxed process instances (no network; a Unix socket) are not. The sandbox is
-# not what these figures are about.
-SERVICE_ENV = {"AUBE_LOG_LEVEL": "INFO", "AUBE_HEALTH_TIMEOUT": "120", "AUBE_SANDBOX": "none"}
-
-# Instance credentials by address, for the baselines that dial instances straight (direct, nginx): instances answer
-# the platform only, and these stand in for the proxy. Filled from the registry as instances are found.
-CREDENTIALS: dict[str, str] = {}
-
-
-@dataclass(frozen=True)
-class Settings:
-    smoke: bool
-    reps: int
-    duration: float  # seconds per data-path measurement window
-    warmup: float
-    sizes: tuple[int, ...]
-    streams: tuple[int, ...]
-    setup_count: int  # sequential setups per repetition and configuration
-    setups_parallel: int
-    setups_duration: float
-    cold_reps: int
-    burst_clients: int
-    burst_reps: int
-    upload_reps: int
-    profile_seconds: float
-    docker: bool
-    nginx: bool
-
-    @classmethod
-    def full(cls, docker: bool, nginx: bool) -> Settings:
-        return cls(False, 3, 3.0, 0.5, (64, 65536), (1, 16), 100, 4, 3.0, 5, 50, 3, 3, 6.0, docker, nginx)
-
-    @classmethod
-    def smoke_run(cls, docker: bool, nginx: bool) -> Settings:
-        return cls(True, 1, 0.3, 0.1, (64, 65536), (1, 2), 5, 2, 0.5, 1, 5, 1, 1, 0.0, docker, nginx)
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processes
-
-
-class Stack:
-    """One platform: its own nats-server, a control plane on one runtime, optionally a proxy replica (harness.py)."""
-
-    def __init__(self, work: Path, runtime: str, owner: str, stack: ExitStack, label: str = "", **env: str) -> None:
-        self.runtime = runtime
-        self.label = label or runtime  # how the report names it ("process (no zygote)")
-        self.owner = owner
-        self.nats = stack.enter_context(LocalNatsServer())
-        folder = work / self.label.replace(" ", "-").replace("(", "").replace(")", "")
-        self.platform = harness.Platform(self.nats.url, owner, runtime, folder, env_defaults={**SERVICE_ENV, **env})
-        self.work = self.platform.tmp
-        stack.callback(self.platform.stop_all, show_logs=False)
-        self.controlplane = self.platform.start("aube.controlplane")
-        self.proxy: harness.ServiceProcess | None = None
-        self.proxy_port = 0
-
-    def start_proxy(self) -> None:
-        port = free_port()
-        start = functools.partial(self.platform.start_proxy, AUBE_PROXY_PORT=str(port), AUBE_PROXY_ID=f"bench-{port}")
-        self.proxy_port, self.proxy = anyio.run(start)
-
-    async def wait_ready(self) -> None:
-        await self.platform.wait_ready(self.controlplane)
-
-    def client(self) -> AbstractAsyncContextManager[tuple[Any, Registry]]:
-        return harness.nats_client(self.nats.url)
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.002) -> float:
-    t0 = time.perf_counter()
-    while True:
-        if check():
-            return time.perf_counter() - t0
-        if time.perf_counter() - t0 > timeout:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
-def loadgen(*args: str, timeout: float = 300) -> dict[str, Any]:
-    env = {**os.environ, "AUBE_BENCH_CREDENTIALS": json.dumps(CREDENTIALS)}
-    out = subprocess.run(
-        [PY, str(LOADGEN), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"loadgen {' '.join(args[:3])} failed: {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
-
-
-def manifest(min_free: int, max_instances: int) -> str:
-    # Both cores for the echo instance: the data path measures the proxy, so the echo must not be throttled by the
-    # default limit of half a core (which both runtimes enforce).
-    return f"[scaling]\nmin_free = {min_free}\nmax_instances = {max_instances}\n[limits]\ncpus = 2.0\n"
-
-
-async def upload(stack: Stack, name: str, toml: str, code_suffix: str = "") -> tuple[float, UploadReply]:
-    extra = {"aube.toml": toml}
-    if code_suffix:
-        extra["fn.py"] = (ECHO / "fn.py").read_text() + code_suffix
-    body = UploadRequest(name=name, zip=harness.zip_base64(ECHO, extra))
-    async with stack.client() as (nc, _):
-        t0 = time.perf_counter()
-        reply = await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 900)
-        return time.perf_counter() - t0, reply
-
-
-async def delete(stack: Stack, name: str) -> None:
-    """Delete, retrying: a delete racing the proxy's releases of just-closed streams can fail with a CAS error."""
-    async with stack.client() as (nc, _):
-        for attempt in range(5):
-            try:
-                await request(nc, names.SUBJECT_DELETE, DeleteRequest(name=name, grace=0), DeleteReply, 120)
-                return
-            except UnknownFunction:
-                return  # an earlier attempt did delete it, and only its reply failed
-            except AubeError as e:
-                log(f"  delete {name} failed (attempt {attempt + 1}): {e}")
-                await anyio.sleep(1)
-
-
-async def free_addresses(stack: Stack, name: str, want: int, timeout: float = 120) -> list[str]:
-    async with stack.client() as (_, registry):
-        free = (await harness.wait_free(registry, name, want, timeout))[:want]
-    CREDENTIALS.update((e.record.address, e.record.secret) for e in free if e.record.secret)
-    return [e.record.address for e in free]
-
+from aube.shared import names  # noqa: E402
+from aube.shared.natsserver import free_port  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # nginx
@@ -268,49 +123,42 @@ http {{
                 self.proc.wait()
 
 
-def nginx_version() -> str:
-    try:
-        out = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False)
-        return out.stderr.strip().removeprefix("nginx version: ")
-    except OSError:
-        return "not installed"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Scenarios
 
 
-def rotate(configs: list[str], rep: int) -> list[str]:
-    """Interleaving: every repetition runs every configuration, starting one further along each time."""
-    k = rep % len(configs)
-    return configs[k:] + configs[:k]
-
-
-def scenario_datapath(s: Settings, stack: Stack, work: Path, stop: ExitStack) -> dict[str, Any]:
+def scenario_datapath(s: Settings, stack: Stack, hand: Stack, work: Path, stop: ExitStack) -> dict[str, Any]:
+    """Echo round trips on each path. `stack` (instances on loopback TCP) serves direct, relay and both nginx;
+    `hand` (sandboxed instances, whose socket folders take handoffs) serves the handoff path through its proxy."""
     n = max(s.streams)
-    log(f"data path: uploading echo with {n} warm instances")
+    log(f"data path: uploading echo with {n} warm instances on each platform")
     anyio.run(upload, stack, "echo", manifest(n, n))
+    anyio.run(upload, hand, "echo", manifest(n, n))
     addrs = anyio.run(free_addresses, stack, "echo", n)
+    anyio.run(free_addresses, hand, "echo", n)
     assert stack.proxy is not None
-    configs = ["direct", "aube"]
+    assert hand.proxy is not None
+    configs = ["direct", "relay", "handoff"]
     nginxes: dict[str, Nginx] = {}
     if s.nginx:
         for label, tuned in (("nginx-stock", False), ("nginx-tuned", True)):
             nginxes[label] = Nginx(work, label, addrs, tuned)
             stop.callback(nginxes[label].stop)
             configs.append(label)
+    proxies = {"relay": stack, "handoff": hand}
 
     def targets(config: str, streams: int) -> list[str]:
         if config == "direct":
             return [f"{a}/echo" for a in addrs[:streams]]
-        if config == "aube":
-            return [f"127.0.0.1:{stack.proxy_port}/echo"] * streams
+        if config in proxies:
+            return [f"127.0.0.1:{proxies[config].proxy_port}/echo"] * streams
         return [f"127.0.0.1:{nginxes[config].port}/i{i}" for i in range(streams)]
 
     def watch(config: str) -> list[str]:
-        if config == "aube":
-            assert stack.proxy is not None
-            return ["--watch", f"proxy={stack.proxy.pid}"]
+        if config in proxies:
+            proxy = proxies[config].proxy
+            assert proxy is not None
+            return ["--watch", f"proxy={proxy.pid}"]
         if config in nginxes:
             return ["--watch-tree", f"proxy={nginxes[config].proc.pid}"]
         return []
@@ -369,248 +217,59 @@ def scenario_datapath(s: Settings, stack: Stack, work: Path, stop: ExitStack) ->
     return {"configs": configs, "runs": runs, "table": table, "addresses": addrs, "nginx": bool(nginxes)}
 
 
-def scenario_setup(s: Settings, stack: Stack, addrs: list[str]) -> dict[str, Any]:
-    assert stack.proxy is not None
-    log("stream setup: connect to first echo, proxy vs direct")
-    per: dict[str, list[dict[str, Any]]] = {"aube": [], "direct": []}
+def scenario_setup(s: Settings, stack: Stack, hand: Stack, addrs: list[str]) -> dict[str, Any]:
+    """Sequential setups (connect, upgrade, first echo) by relay, by handoff and direct; then setups per second
+    through each proxy with the proxy's CPU per setup (from accept to the release after the close)."""
+    proxies = {"relay": stack, "handoff": hand}
+    log("stream setup: connect to first echo, relay and handoff vs direct")
+    per: dict[str, list[dict[str, Any]]] = {"relay": [], "handoff": [], "direct": []}
     for rep in range(s.reps):
-        for config in rotate(["aube", "direct"], rep):
-            targets = [f"127.0.0.1:{stack.proxy_port}/echo"] if config == "aube" else [f"{a}/echo" for a in addrs]
+        for config in rotate(list(per), rep):
+            if config == "direct":
+                targets = [f"{a}/echo" for a in addrs]
+            else:
+                targets = [f"127.0.0.1:{proxies[config].proxy_port}/echo"]
             per[config].append(loadgen("setup", *targets, "--count", str(s.setup_count)))
-    rates = []
-    for _ in range(s.reps):
-        r = loadgen(
-            "setups",
-            f"127.0.0.1:{stack.proxy_port}/echo",
-            "--parallel",
-            str(s.setups_parallel),
-            "--duration",
-            str(s.setups_duration),
-            "--watch",
-            f"proxy={stack.proxy.pid}",
-        )
-        r["proxy_cpu_us_per_setup"] = r["watched_cpu_s"]["proxy"] * 1e6 / max(1, r["setups"])
-        rates.append(r)
+    rates: dict[str, list[dict[str, Any]]] = {"relay": [], "handoff": []}
+    for rep in range(s.reps):
+        for config in rotate(list(rates), rep):
+            proxy = proxies[config].proxy
+            assert proxy is not None
+            r = loadgen(
+                "setups",
+                f"127.0.0.1:{proxies[config].proxy_port}/echo",
+                "--parallel",
+                str(s.setups_parallel),
+                "--duration",
+                str(s.setups_duration),
+                "--watch",
+                f"proxy={proxy.pid}",
+            )
+            r["proxy_cpu_us_per_setup"] = r["watched_cpu_s"]["proxy"] * 1e6 / max(1, r["setups"])
+            rates[config].append(r)
     out = {
-        c: {"p50_ms": median([r["p50_ms"] for r in rs]), "p99_ms": median([r["p99_ms"] for r in rs])}
+        c: {"p50_ms": median([r["p50_ms"] for r in rs]), "p95_ms": median([r["p95_ms"] for r in rs]),
+            "p99_ms": median([r["p99_ms"] for r in rs])}
         for c, rs in per.items()
-    }
+    }  # fmt: skip
+    direct = out["direct"]
     result = {
         "setup": out,
-        "added_p50_ms": out["aube"]["p50_ms"] - out["direct"]["p50_ms"],
-        "setups_per_s": median([r["setups_per_s"] for r in rates]),
-        "proxy_cpu_us_per_setup": median([r["proxy_cpu_us_per_setup"] for r in rates]),
+        "added_p50_ms": {c: out[c]["p50_ms"] - direct["p50_ms"] for c in proxies},
+        "added_p95_ms": {c: out[c]["p95_ms"] - direct["p95_ms"] for c in proxies},
+        "setups_per_s": {c: median([r["setups_per_s"] for r in rs]) for c, rs in rates.items()},
+        "proxy_cpu_us_per_setup": {c: median([r["proxy_cpu_us_per_setup"] for r in rs]) for c, rs in rates.items()},
         "setups_parallel": s.setups_parallel,
-        "setups_errors": sum(len(r["errors"]) for r in rates),
+        "setups_errors": {c: sum(len(r["errors"]) for r in rs) for c, rs in rates.items()},
     }
     log(f"  {result}")
     return result
 
 
-def first_echo(address: str, timeout: float = 30) -> None:
-    """Connect, send one message, wait for its echo (raw frames, as the load generator does)."""
-    frame = lg.client_frame(b"x" * 64)
-    lg.CREDENTIALS.update(CREDENTIALS)
-    if address.startswith("unix:"):  # a sandboxed process instance
-        target = lg.Target("instance", 0, "/echo", unix=address.removeprefix("unix:"))
-    else:
-        host, _, port = address.rpartition(":")
-        target = lg.Target(host, int(port), "/echo")
-    sock, buf = lg.connect(target, timeout)
-    stream = lg.Stream(sock, buf, frame, 64)
-    try:
-        stream.send()
-        while not stream.feed():
-            pass
-    finally:
-        stream.close()
-
-
-async def aube_cold_start(stack: Stack, name: str) -> dict[str, float]:
-    """Scale request -> reply (instance healthy and free) -> first echo on it; then stop it again."""
-    async with stack.client() as (nc, registry):
-        t0 = time.perf_counter()
-        reply = await request(nc, names.SUBJECT_SCALE, ScaleRequest(name=name, count=1), ScaleReply, 120)
-        t_reply = time.perf_counter()
-        started = reply.started[0]
-        # The credential, which a proxy has from its registry watch without asking: not part of the timing.
-        looked_up = time.perf_counter()
-        entry = await registry.get_instance(names.instance_key(name, started.slot))
-        address = started.address
-        if entry is not None:
-            address = entry.record.address  # a reply shows a Unix socket as "unix" only; the registry has its path
-            if entry.record.secret:
-                CREDENTIALS[address] = entry.record.secret
-        lookup_s = time.perf_counter() - looked_up
-        first_echo(address)
-        t_echo = time.perf_counter()
-        await request(
-            nc,
-            names.SUBJECT_STOP_INSTANCE,
-            StopInstanceRequest(name=name, slot=started.slot, instance_id=started.instance_id, reason="bench"),
-            StopInstanceReply,
-            60,
-        )
-    return {"total_s": t_echo - t0 - lookup_s, "scale_reply_s": t_reply - t0}
-
-
-def bare_process_start(work: Path) -> dict[str, float]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUBE_")}
-    env.update(
-        AUBE_FN_DIR=str(ECHO),
-        AUBE_INSTANCE_HOST="127.0.0.1",
-        AUBE_INSTANCE_PORT=str(port),
-        AUBE_FUNCTION="echo",
-        AUBE_INSTANCE_ID="bare",
-        AUBE_VERSION="1",
-        PYTHONDONTWRITEBYTECODE="1",
-    )
-    with (work / "bare-process.log").open("ab") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([PY, "-m", "aube.instance"], env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            up = wait_until(lambda: http_status("127.0.0.1", port, names.INSTANCE_HEALTH_PATH) == 200, 60, "bare")
-            first_echo(f"127.0.0.1:{port}")
-            echo = time.perf_counter() - t0
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    return {"port_s": up, "echo_s": echo}
-
-
-def bare_docker_start(client: Any, image: str, owner: str) -> dict[str, float]:
-    """`docker run -d -p 127.0.0.1:<port>:8080 <image>` through the Engine API, until the port answers."""
-    port = free_port()
-    env = {
-        "AUBE_INSTANCE_ID": "bare",
-        "AUBE_FUNCTION": "cold",
-        "AUBE_VERSION": "1",
-        "AUBE_INSTANCE_PORT": "8080",
-    }
-    t0 = time.perf_counter()
-    container = client.containers.run(
-        image,
-        detach=True,
-        environment=env,
-        ports={"8080/tcp": ("127.0.0.1", port)},
-        labels={names.LABEL_OWNER: owner, "aube.bench": "bare"},
-    )
-    try:
-        up = wait_until(lambda: http_status("127.0.0.1", port, names.INSTANCE_HEALTH_PATH) == 200, 60, "docker run")
-        first_echo(f"127.0.0.1:{port}")
-        echo = time.perf_counter() - t0
-    finally:
-        container.remove(force=True)
-    return {"port_s": up, "echo_s": echo}
-
-
-def bare_python_start() -> float:
-    """`python -c pass`: the interpreter's own floor, which no fresh process can go under."""
-    t0 = time.perf_counter()
-    subprocess.run([PY, "-c", "pass"], check=True)
-    return time.perf_counter() - t0
-
-
-def scenario_cold_process(s: Settings, stacks: list[Stack], work: Path) -> list[dict[str, Any]]:
-    """Process cold start with each stack's settings (with and without a zygote), interleaved with the two floors:
-    the bare instance server until its port answers, and a bare `python -c pass`."""
-    log(f"cold start on {', '.join(st.label for st in stacks)}")
-    for stack in stacks:
-        anyio.run(upload, stack, "cold", manifest(0, 4))
-    aube: dict[str, list[dict[str, float]]] = {st.label: [] for st in stacks}
-    bare: list[dict[str, float]] = []
-    python: list[float] = []
-    for rep in range(s.cold_reps):
-        for config in rotate([*aube, "bare", "python"], rep):
-            if config == "bare":
-                bare.append(bare_process_start(work))
-            elif config == "python":
-                python.append(bare_python_start())
-            else:
-                stack = next(st for st in stacks if st.label == config)
-                aube[config].append(anyio.run(aube_cold_start, stack, "cold"))
-    floor_s, python_s = median([r["port_s"] for r in bare]), median(python)
-    results = []
-    for label, samples in aube.items():
-        aube_s = median([r["total_s"] for r in samples])
-        results.append(
-            {
-                "runtime": label,
-                "aube_s": aube_s,
-                "ratio": aube_s / floor_s,
-                "aube_scale_reply_s": median([r["scale_reply_s"] for r in samples]),
-                "floor_port_s": floor_s,
-                "floor_echo_s": median([r["echo_s"] for r in bare]),
-                "python_s": python_s,
-                "ratio_python": aube_s / python_s,
-                "aube_samples_s": [r["total_s"] for r in samples],
-                "floor_samples_s": [r["port_s"] for r in bare],
-                "python_samples_s": python,
-            }
-        )
-        log(f"  {results[-1]}")
-    return results
-
-
-def cold_process(s: Settings, work: Path, owner: str, stop: ExitStack) -> list[dict[str, Any]]:
-    """Process cold start in bubblewrap (the default wherever it works; the zygote exists for sandboxed instances
-    only), with the zygote and without, each on a platform and owner of its own."""
-    stacks = [
-        Stack(work, "process", f"{owner}z", stop, "process sandboxed (zygote)", AUBE_SANDBOX="bwrap"),
-        Stack(
-            work, "process", f"{owner}f", stop, "process sandboxed (no zygote)", AUBE_SANDBOX="bwrap", AUBE_ZYGOTE="off"
-        ),
-    ]
-    for stack in stacks:
-        anyio.run(stack.wait_ready)
-    return scenario_cold_process(s, stacks, work)
-
-
-def scenario_cold(s: Settings, stack: Stack, work: Path, docker_client: Any = None) -> dict[str, Any]:
-    runtime = stack.runtime
-    log(f"cold start on {runtime}")
-    anyio.run(upload, stack, "cold", manifest(0, 4))
-    image = ""
-    if runtime == "docker":
-
-        async def version() -> int:
-            async with stack.client() as (_, registry):
-                fn = await registry.get_function("cold")
-                assert fn is not None
-                return int(fn.record.version)
-
-        image = names.image_tag(stack.owner, "cold", anyio.run(version))
-    aube: list[dict[str, float]] = []
-    bare: list[dict[str, float]] = []
-    for rep in range(s.cold_reps):
-        for config in rotate(["aube", "bare"], rep):
-            if config == "aube":
-                aube.append(anyio.run(aube_cold_start, stack, "cold"))
-            elif runtime == "process":
-                bare.append(bare_process_start(work))
-            else:
-                bare.append(bare_docker_start(docker_client, image, stack.owner))
-    aube_s = median([r["total_s"] for r in aube])
-    floor_s = median([r["port_s"] for r in bare])
-    result: dict[str, Any] = {
-        "runtime": runtime,
-        "aube_s": aube_s,
-        "ratio": aube_s / floor_s,
-        "aube_scale_reply_s": median([r["scale_reply_s"] for r in aube]),
-        "floor_port_s": floor_s,
-        "floor_echo_s": median([r["echo_s"] for r in bare]),
-        "aube_samples_s": [r["total_s"] for r in aube],
-        "floor_samples_s": [r["port_s"] for r in bare],
-    }
-    log(f"  {result}")
-    return result
-
-
-def scenario_burst(s: Settings, stack: Stack) -> dict[str, Any]:
-    log(f"burst: {s.burst_clients} clients at once, min_free = 2")
+def scenario_burst(s: Settings, stack: Stack, reps: int) -> dict[str, Any]:
+    log(f"burst on {stack.runtime}: {s.burst_clients} clients at once, min_free = 2")
     runs = []
-    for rep in range(s.burst_reps):
+    for rep in range(reps):
         name = f"burst{rep}"
         anyio.run(upload, stack, name, manifest(2, max(s.burst_clients, 2)))
         anyio.run(free_addresses, stack, name, 2)
@@ -619,6 +278,7 @@ def scenario_burst(s: Settings, stack: Stack) -> dict[str, Any]:
         runs.append(r)
         anyio.run(delete, stack, name)
     return {
+        "runtime": stack.runtime,
         "clients": s.burst_clients,
         "all_served_s": median([r["all_served_s"] for r in runs]),
         "first_served_s": median([r["first_served_s"] for r in runs]),
@@ -682,273 +342,6 @@ def profile_proxy(s: Settings, stack: Stack, work: Path) -> dict[str, Any] | Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Report
-
-
-def machine() -> dict[str, str]:
-    def sh(*cmd: str) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=20)
-            return (out.stdout or out.stderr).strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "n/a"
-
-    model = "n/a"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])
-    return {
-        "cpus (nproc)": str(os.cpu_count()),
-        "cpu model": model,
-        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "nginx": nginx_version(),
-        "docker": sh("docker", "version", "--format", "{{.Server.Version}}"),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
-
-
-def fmt(v: Any, digits: int = 0) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "-"
-    return f"{v:,.{digits}f}" if isinstance(v, float | int) else str(v)
-
-
-def targets_of(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    out: list[tuple[str, str, bool | None]] = []
-    dp = results.get("datapath")
-    if dp and dp["nginx"]:
-        for size in sorted({row["size"] for row in dp["table"]}):
-            rows = [r for r in dp["table"] if r["size"] == size]
-            for streams in sorted({r["streams"] for r in rows}):
-                by = {r["config"]: r for r in rows if r["streams"] == streams}
-                a, t = by["aube"], by["nginx-tuned"]
-                cpu = a["proxy_cpu_us_per_rt"] / t["proxy_cpu_us_per_rt"] if t["proxy_cpu_us_per_rt"] else None
-                thr = a["rt_per_s"] / t["rt_per_s"]
-                out.append(
-                    (
-                        f"proxy CPU/round trip <= 1.0x tuned nginx ({size} B, {streams} streams)",
-                        f"{fmt(cpu, 2)}x ({fmt(a['proxy_cpu_us_per_rt'], 1)} vs {fmt(t['proxy_cpu_us_per_rt'], 1)} µs)",
-                        None if cpu is None else cpu <= 1.0,
-                    )
-                )
-                out.append(
-                    (
-                        f"throughput >= tuned nginx ({size} B, {streams} streams)",
-                        f"{thr:.2f}x ({a['rt_per_s']:,.0f} vs {t['rt_per_s']:,.0f} rt/s)",
-                        thr >= 1.0,
-                    )
-                )
-    su = results.get("setup")
-    if su:
-        out.append(
-            ("stream setup p50 adds <= 1 ms over direct", f"+{su['added_p50_ms']:.2f} ms", su["added_p50_ms"] <= 1.0)
-        )
-    for cold in results.get("cold", []):
-        if cold["runtime"] == "docker":
-            out.append(
-                (
-                    "Docker cold start <= 1.2x bare docker run",
-                    f"{cold['ratio']:.2f}x ({cold['aube_s'] * 1000:.0f} vs {cold['floor_port_s'] * 1000:.0f} ms)",
-                    cold["ratio"] <= 1.2,
-                )
-            )
-        elif "no zygote" not in cold["runtime"]:
-            python = cold.get("python_s")
-            against = f", bare `python -c pass` {python * 1000:.0f} ms, {cold['ratio_python']:.2f}x" if python else ""
-            out.append(
-                (
-                    "process cold start to first echo <= 100 ms",
-                    f"{cold['aube_s'] * 1000:.0f} ms (bare server start {cold['floor_port_s'] * 1000:.0f} ms{against})",
-                    cold["aube_s"] <= 0.100,
-                )
-            )
-    b = results.get("burst")
-    if b:
-        ok = all(x == b["clients"] for x in b["served"]) and not any(b["rejected"])
-        out.append(
-            (f"burst of {b['clients']} serves all, rejects none", f"served {b['served']}, rejected {b['rejected']}", ok)
-        )
-    return out
-
-
-def write_report(results: dict[str, Any], out_dir: Path, s: Settings) -> Path:
-    lines = ["# Aube benchmark results", ""]
-    lines.append(
-        "Generated by `make bench` (bench/run.py"
-        + (", smoke settings: numbers mean nothing" if s.smoke else "")
-        + "). "
-        f"Every configuration ran interleaved with the others, {s.reps} repetition(s); figures are medians over the "
-        "repetitions, and every comparison is a ratio from the same run. Method: bench/README.md."
-    )
-    lines += ["", "## Machine", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in results["machine"].items()]
-    lines += ["", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
-    for name, measured, met in targets_of(results):
-        lines.append(f"| {name} | {measured} | {'yes' if met else ('n/a' if met is None else '**no**')} |")
-    dp = results.get("datapath")
-    if dp:
-        lines += [
-            "",
-            "## 1. Data path (echo round trips)",
-            "",
-            f"{s.duration:g} s measured per run after {s.warmup:g} s warm-up; closed loop per stream. Proxy CPU is "
-            "utime+stime of the proxy process (nginx: master + workers) over the window, divided by round trips. "
-            "The load generator's CPU is shown too (100% = one core).",
-            "",
-            "| size | streams | path | round trips/s | p50 µs | p99 µs | proxy CPU µs/rt | loadgen CPU % "
-            "| loadgen µs/rt |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in dp["table"]:
-            lines.append(
-                f"| {r['size']} B | {r['streams']} | {r['config']} | {fmt(r['rt_per_s'])} | {fmt(r['p50_us'])} | "
-                f"{fmt(r['p99_us'])} | {fmt(r['proxy_cpu_us_per_rt'], 1)} | {fmt(r['loadgen_cpu_pct'])} | "
-                f"{fmt(r['loadgen_cpu_us_per_rt'], 1)} |"
-            )
-        lines += ["", "![chart](results.png)"]
-    su = results.get("setup")
-    if su:
-        lines += [
-            "",
-            "## 2. Stream setup (warm pool)",
-            "",
-            "Connect, upgrade, first 64 B echo; sequential, one client. `direct` rotates over free instances.",
-            "",
-            "| path | p50 ms | p99 ms |",
-            "| --- | --- | --- |",
-        ]
-        for c, v in su["setup"].items():
-            lines.append(f"| {c} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
-        lines += [
-            "",
-            f"Stream setups per second through one proxy replica ({su['setups_parallel']} clients looping connect, "
-            f"echo, close): **{su['setups_per_s']:.0f}/s**, proxy CPU {su['proxy_cpu_us_per_setup']:.0f} µs per "
-            f"setup (errors: {su['setups_errors']}).",
-        ]
-    if results.get("cold"):
-        lines += [
-            "",
-            "## 3. Cold start",
-            "",
-            "Scale request to the first echoed message on the new instance, against the floor: a bare start of the "
-            "same server (`python -m aube.instance`; for Docker the same image through the Engine API, as `docker "
-            "run -d -p`) until its port answers. The process runtime runs with its zygote (the default as root: each "
-            "instance forked into its own sandbox) and without (`AUBE_ZYGOTE=off`: a fresh interpreter per "
-            "instance); both against a bare `python -c pass` too.",
-            "",
-            "| runtime | Aube: scale → first echo ms | of which scale reply ms | floor: start → port answers ms | "
-            "floor → first echo ms | ratio | bare `python -c pass` ms | ratio to it |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for c in results["cold"]:
-            python = c.get("python_s")
-            lines.append(
-                f"| {c['runtime']} | {c['aube_s'] * 1000:.0f} | {c['aube_scale_reply_s'] * 1000:.0f} | "
-                f"{c['floor_port_s'] * 1000:.0f} | {c['floor_echo_s'] * 1000:.0f} | {c['ratio']:.2f}x | "
-                f"{fmt(python * 1000 if python else None)} | "
-                f"{fmt(c.get('ratio_python'), 2) + 'x' if python else '-'} |"
-            )
-    b = results.get("burst")
-    if b:
-        lines += [
-            "",
-            "## 4. Burst",
-            "",
-            f"{b['clients']} clients connect at once through one proxy to a function with `min_free = 2` "
-            f"(process runtime, `max_instances = {b['clients']}`, default claim timeout). Each holds its stream "
-            "until all are served.",
-            "",
-            "| last client served, median s (all only where served = clients) | first served s | served per rep "
-            "| rejected per rep |",
-            "| --- | --- | --- | --- |",
-            f"| {b['all_served_s']:.2f} | {b['first_served_s']:.3f} | {b['served']} | {b['rejected']} |",
-        ]
-        if b["errors"]:
-            lines += ["", f"Errors: `{b['errors']}`"]
-    if results.get("upload"):
-        lines += [
-            "",
-            "## 5. Upload to ready",
-            "",
-            "Upload request to its reply (function built, an instance health-checked and free). First upload of a "
-            "new name (cold function image; the base and runtime images already exist), then a re-upload of changed "
-            "code (cached layers).",
-            "",
-            "| runtime | first upload s | re-upload s |",
-            "| --- | --- | --- |",
-        ]
-        for u in results["upload"]:
-            lines.append(f"| {u['runtime']} | {u['first_s']:.2f} | {u['reupload_s']:.2f} |")
-    prof = results.get("profile")
-    if prof:
-        lines += ["", "## 6. Where the proxy's time goes", ""]
-        if "error" in prof:
-            lines.append(f"py-spy could not record here: `{prof['error']}`")
-        else:
-            lines += [
-                f"py-spy (`record --native --rate 100`, {prof['samples']} samples; it pauses the process to sample, "
-                "so the proxy is slower while profiled) of the proxy relaying 64 KiB round trips on "
-                "one stream; own time by innermost frame (full stacks: bench/profile-proxy.txt):",
-                "",
-                "| % of samples | frame |",
-                "| --- | --- |",
-            ]
-            lines += [f"| {pct:.1f} | `{frame[:110]}` |" for frame, pct in prof["top"]]
-    lines += ["", *results.get("notes", [])]
-    notes = BENCH / "NOTES.md"  # a reading of the misses, written by hand after looking at a full run
-    if not s.smoke and notes.exists():
-        lines += ["", notes.read_text().strip()]
-    path = out_dir / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def chart(results: dict[str, Any], out_dir: Path) -> Path | None:
-    dp = results.get("datapath")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib missing: no chart")
-        return None
-    if not dp:
-        return None
-    groups = [(r["size"], r["streams"]) for r in dp["table"] if r["config"] == "direct"]
-    configs = dp["configs"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / len(configs)
-    colors = {"direct": "#4c72b0", "aube": "#dd8452", "nginx-stock": "#55a868", "nginx-tuned": "#c44e52"}
-    for i, config in enumerate(configs):
-        rows = {(r["size"], r["streams"]): r for r in dp["table"] if r["config"] == config}
-        xs = [g + i * width for g in range(len(groups))]
-        ax1.bar(xs, [rows[g]["rt_per_s"] or 0 for g in groups], width, label=config, color=colors.get(config))
-        if config != "direct":
-            cpu = [rows[g]["proxy_cpu_us_per_rt"] or 0 for g in groups]
-            ax2.bar(xs, cpu, width, label=config, color=colors.get(config))
-    labels = [f"{'64 KiB' if sz == 65536 else f'{sz} B'} x{st}" for sz, st in groups]
-    for ax, title in (
-        (ax1, "round trips per second (higher is better)"),
-        (ax2, "proxy CPU µs per round trip (lower is better)"),
-    ):
-        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], labels)
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    path = out_dir / "results.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def docker_or_none() -> Any:
@@ -977,22 +370,34 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
     try:
         with ExitStack() as stop:
             proc = Stack(work, "process", owner, stop)
+            # Handoff needs the instance's socket folder, which only a sandboxed process instance has
+            # (docs/handoff.md): its own platform and owner, with the proxy handing sockets over.
+            hand = Stack(work, "process", f"{owner}h", stop, "handoff", AUBE_SANDBOX="bwrap")
             anyio.run(proc.wait_ready)
-            proc.start_proxy()
-            dp = scenario_datapath(s, proc, work, stop)
+            anyio.run(hand.wait_ready)
+            proc.start_proxy(AUBE_HANDOFF="off")
+            hand.start_proxy(AUBE_HANDOFF="auto")
+            dp = scenario_datapath(s, proc, hand, work, stop)
             results["datapath"] = dp
-            results["setup"] = scenario_setup(s, proc, dp["addresses"])
+            results["setup"] = scenario_setup(s, proc, hand, dp["addresses"])
+            results["memory"] = perstream.memory_per_stream(
+                s, {"relay": (proc, {"AUBE_HANDOFF": "off"}), "handoff": (hand, {"AUBE_HANDOFF": "auto"})}
+            )
+            # Last on the handoff platform: it leaves that platform without its proxy.
+            results["kill"] = perstream.kill_during_handoff(s, hand)
             results["profile"] = profile_proxy(s, proc, work)
             # The same runtime without a zygote, on a platform (and owner) of its own, for the comparison.
             results["cold"] = cold_process(s, work, owner, stop)
-            results["burst"] = scenario_burst(s, proc)
+            results["burst"] = scenario_burst(s, proc, s.burst_reps)
             results["upload"] = [scenario_upload(s, proc)]
             if docker_client is not None:
                 try:
                     dock = Stack(work, "docker", owner, stop)
                     anyio.run(dock.wait_ready)
+                    dock.start_proxy(AUBE_HANDOFF="off")
                     results["upload"].append(scenario_upload(s, dock))
                     results["cold"].append(scenario_cold(s, dock, work, docker_client))
+                    results["docker_burst"] = scenario_burst(s, dock, s.docker_burst_reps)
                 except Exception as e:  # the process-runtime results still get reported
                     log(f"Docker scenarios failed: {e!r}")
                     results["notes"].append(f"The Docker scenarios failed: `{e!r}`.")
@@ -1002,6 +407,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
             docker_client.close()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+    results["machine"]["load average (1, 5, 15 min) at the end"] = load_average()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     write_report(results, out_dir, s)
     chart(results, out_dir)
