@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,15 @@ from harness import accounts_server as accounts_server
 from harness import nats_client as nats_client
 from harness import wait_http as wait_http
 from harness import zip_base64 as zip_base64
+from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import InvalidStatus
 
 from aube.shared import addresses, credentials, names
+from aube.shared.bus import request
 from aube.shared.natsserver import free_port
 from aube.shared.registry import Registry
-from aube.shared.schemas import InstanceRecord
+from aube.shared.schemas import InstanceRecord, UploadReply, UploadRequest
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -218,6 +220,23 @@ async def exchange(conn: ClientConnection, text: str, timeout: float = 10) -> di
         reply: dict[str, Any] = json.loads(await conn.recv())
     assert reply["echo"] == text, reply
     return reply
+
+
+WHOAMI = REPO / "examples" / "whoami"
+
+
+@contextlib.asynccontextmanager
+async def whoami_stream(port: int, timeout: float = 30) -> AsyncIterator[ClientConnection]:
+    """A client stream to the function `who` (examples/whoami) through the proxy on `port`, pings off (the tests
+    judge liveness themselves)."""
+    async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=timeout, ping_interval=None) as ws:
+        yield ws
+
+
+async def deploy_whoami(nc: NATS, manifest: str) -> UploadReply:
+    """Deploy examples/whoami as `who` with `manifest` as its aube.toml."""
+    body = UploadRequest(name="who", zip=zip_base64(WHOAMI, {"aube.toml": manifest}))
+    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
 
 
 class Stream(msgspec.Struct, kw_only=True):

@@ -9,47 +9,24 @@ and how many streams it carries. Each test prints what it measured (pytest -s sh
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 import pytest
-from support import nats_client, zip_base64
-from websockets.asyncio.client import ClientConnection, connect
+from support import deploy_whoami, exchange, nats_client, whoami_stream
 
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.registry import InstanceEntry, Registry
-from aube.shared.schemas import DeleteReply, DeleteRequest, UploadReply, UploadRequest
+from aube.shared.schemas import DeleteReply, DeleteRequest
 
 pytestmark = pytest.mark.anyio
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCALING = "[scaling]\nmin_free = 1\nmax_instances = 4\n"
-
-
-@asynccontextmanager
-async def stream(port: int, timeout: float = 30) -> AsyncIterator[ClientConnection]:
-    async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=timeout, ping_interval=None) as ws:
-        yield ws
-
-
-async def ask(ws: ClientConnection, text: str = "hi") -> dict[str, object]:
-    await ws.send(text)
-    reply: dict[str, object] = json.loads(await ws.recv())
-    return reply
-
-
-async def deploy(nc, manifest: str = SCALING) -> UploadReply:  # type: ignore[no-untyped-def]
-    body = UploadRequest(name="who", zip=zip_base64(EXAMPLES / "whoami", {"aube.toml": manifest}))
-    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
 
 
 async def reserved_by(registry: Registry, proxy_id: str, count: int, timeout: float = 30) -> list[InstanceEntry]:
@@ -81,7 +58,7 @@ async def test_a_client_is_served_from_a_reservation_while_nats_is_stopped(platf
     port, proxy = await platform.start_proxy(AUBE_RESERVE="1", AUBE_LEASE_TTL="30", AUBE_HANDOFF="off")
     proxy_id = proxy.env["AUBE_PROXY_ID"]
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc)
+        await deploy_whoami(nc, SCALING)
         (held,) = await reserved_by(registry, proxy_id, 1)
         # The keeper counts the reservation busy and tops the warm pool back up to min_free: one free besides it.
         with anyio.fail_after(60):
@@ -92,9 +69,9 @@ async def test_a_client_is_served_from_a_reservation_while_nats_is_stopped(platf
         try:
             started = time.monotonic()
             with anyio.fail_after(5):
-                async with stream(port, timeout=5) as ws:
+                async with whoami_stream(port, timeout=5) as ws:
                     setup = time.monotonic() - started
-                    reply = await ask(ws)
+                    reply = await exchange(ws, "hi")
         finally:
             os.kill(nats_server.process.pid, signal.SIGCONT)
         print(f"served from the reservation in {setup * 1000:.1f} ms while nats-server was stopped")
@@ -107,9 +84,9 @@ async def _setup_times(port: int, clients: int) -> tuple[list[float], set[str]]:
     served: set[str] = set()
     for _ in range(clients):
         started = time.monotonic()
-        async with stream(port) as ws:
+        async with whoami_stream(port) as ws:
             times.append(time.monotonic() - started)
-            served.add(str((await ask(ws))["instance"]))
+            served.add(str((await exchange(ws, "hi"))["instance"]))
         await anyio.sleep(0.3)  # the instance's handler returns; then it is reserved again (or released)
     return times, served
 
@@ -125,7 +102,7 @@ async def test_setup_time_with_and_without_a_reservation(platform) -> None:  # t
     claiming, _ = await platform.start_proxy(AUBE_RESERVE="0", AUBE_RESERVE_SECONDS="0", AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
         # Room below the cap (no reservation is held at max_instances): the claiming replica's scale asks add some.
-        await deploy(nc, "[scaling]\nmin_free = 2\nmax_instances = 8\n")
+        await deploy_whoami(nc, "[scaling]\nmin_free = 2\nmax_instances = 8\n")
         await reserved_by(registry, reserving_proxy.env["AUBE_PROXY_ID"], 1)
         with anyio.fail_after(60):
             while sum(e.record.state == "free" for e in await registry.instances("who")) < 2:
@@ -149,7 +126,7 @@ async def test_kill_9_of_the_proxy_holding_reservations_recycles_them(platform) 
     platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.5", AUBE_LEASE_TTL=str(lease_ttl))
     _, victim = await platform.start_proxy(AUBE_RESERVE="2", AUBE_LEASE_TTL=str(lease_ttl), AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc)
+        await deploy_whoami(nc, SCALING)
         held = await reserved_by(registry, victim.env["AUBE_PROXY_ID"], 2)
         ids = {e.record.instance_id for e in held}
         await anyio.sleep(1.0)  # a stable state: reservations held, the keeper's top-up started
@@ -162,8 +139,8 @@ async def test_kill_9_of_the_proxy_holding_reservations_recycles_them(platform) 
         print(f"a dead proxy's reservations were recycled {recycled:.2f}s after kill -9 (lease ttl {lease_ttl:.0f}s)")
         # The warm pool is whole again, and another replica serves from it.
         port, _ = await platform.start_proxy(AUBE_HANDOFF="off")
-        async with stream(port) as ws:
-            reply = await ask(ws)
+        async with whoami_stream(port) as ws:
+            reply = await exchange(ws, "hi")
         assert reply["instance"] not in ids and reply["streams"] == 1
 
 
@@ -179,15 +156,15 @@ async def test_no_instance_carries_two_streams_under_bursts(platform) -> None:  
         for _ in range(2)
     ]
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc, "[scaling]\nmin_free = 2\nmax_instances = 6\n")
+        await deploy_whoami(nc, "[scaling]\nmin_free = 2\nmax_instances = 6\n")
         for _, proxy in replicas:
             await reserved_by(registry, proxy.env["AUBE_PROXY_ID"], 2)
         replies: list[dict[str, object]] = []
 
         async def client(port: int) -> None:
-            async with stream(port, timeout=90) as ws:
+            async with whoami_stream(port, timeout=90) as ws:
                 for n in range(3):
-                    replies.append(await ask(ws, str(n)))
+                    replies.append(await exchange(ws, str(n)))
                     await anyio.sleep(0.05)
 
         for _ in range(3):
@@ -211,9 +188,9 @@ async def test_a_new_version_and_a_delete_take_reservations_back(platform) -> No
     _, proxy = await platform.start_proxy(AUBE_RESERVE="1", AUBE_HANDOFF="off")
     proxy_id = proxy.env["AUBE_PROXY_ID"]
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc)
+        await deploy_whoami(nc, SCALING)
         (old,) = await reserved_by(registry, proxy_id, 1)
-        uploaded = await deploy(nc, SCALING + "# v2\n")
+        uploaded = await deploy_whoami(nc, SCALING + "# v2\n")
         # The old version's reservation is given back and retired (drained, stopped) without any client; the
         # replica reserves one of the new version instead.
         started = time.monotonic()

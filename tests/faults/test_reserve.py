@@ -8,46 +8,20 @@ which instance answered and how many streams it carries.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 import pytest
-from support import nats_client, zip_base64
-from websockets.asyncio.client import ClientConnection, connect
+from support import deploy_whoami, exchange, nats_client, whoami_stream
 
-from aube.shared import names
-from aube.shared.bus import request
 from aube.shared.registry import Registry
-from aube.shared.schemas import UploadReply, UploadRequest
 
 pytestmark = pytest.mark.anyio
 
 # Reservations are kept after relayed streams only (a handed-off stream's claim is released at once: proxy/streams.py).
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ONE = "[scaling]\nmin_free = 1\nmax_instances = 1\n"
-
-
-@asynccontextmanager
-async def stream(port: int, timeout: float = 15) -> AsyncIterator[ClientConnection]:
-    async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=timeout, ping_interval=None) as ws:
-        yield ws
-
-
-async def ask(ws: ClientConnection, text: str = "hi") -> dict[str, object]:
-    await ws.send(text)
-    reply: dict[str, object] = json.loads(await ws.recv())
-    return reply
-
-
-async def deploy(nc, manifest: str = ONE) -> UploadReply:  # type: ignore[no-untyped-def]
-    body = UploadRequest(name="who", zip=zip_base64(EXAMPLES / "whoami", {"aube.toml": manifest}))
-    return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
 
 
 async def state_of(registry: Registry, instance_id: str) -> str | None:
@@ -62,16 +36,16 @@ async def test_the_next_client_is_served_by_the_kept_instance_while_the_registry
     await platform.start_controlplane()
     port, _ = await platform.start_proxy(AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc)
-        async with stream(port) as ws:
-            first = (await ask(ws))["instance"]
+        await deploy_whoami(nc, ONE)
+        async with whoami_stream(port, timeout=15) as ws:
+            first = (await exchange(ws, "hi"))["instance"]
         await anyio.sleep(0.3)  # the proxy asks the instance whether its handler returned, then keeps it
         assert await state_of(registry, str(first)) == "busy"  # still this replica's claim: nobody else's
         os.kill(nats_server.process.pid, signal.SIGSTOP)
         try:
             with anyio.fail_after(5):
-                async with stream(port, timeout=5) as ws:
-                    reply = await ask(ws)
+                async with whoami_stream(port, timeout=5) as ws:
+                    reply = await exchange(ws, "hi")
         finally:
             os.kill(nats_server.process.pid, signal.SIGCONT)
         assert reply["instance"] == first and reply["streams"] == 1
@@ -87,13 +61,13 @@ async def test_another_replica_gets_the_instance_only_once_the_keeper_released_i
     keeper, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="3", AUBE_HANDOFF="off")
     other, _ = await platform.start_proxy(AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, _registry):
-        await deploy(nc)
-        async with stream(keeper) as ws:
-            first = (await ask(ws))["instance"]
+        await deploy_whoami(nc, ONE)
+        async with whoami_stream(keeper, timeout=15) as ws:
+            first = (await exchange(ws, "hi"))["instance"]
         left = anyio.current_time()
-        async with stream(other) as ws:
+        async with whoami_stream(other, timeout=15) as ws:
             waited = anyio.current_time() - left
-            reply = await ask(ws)
+            reply = await exchange(ws, "hi")
         print(f"the other replica's client was served {waited:.2f}s after the keeper's client left")
         assert reply["instance"] == first and reply["streams"] == 1
         assert waited > 2.5  # the keeper held it for its 3 s; nobody else could claim it meanwhile
@@ -104,15 +78,15 @@ async def test_a_kept_instance_of_an_older_version_is_not_handed_out(platform) -
     await platform.start_controlplane()
     port, _ = await platform.start_proxy(AUBE_RESERVE_SECONDS="120", AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n")
-        async with stream(port) as ws:
-            old = (await ask(ws))["instance"]
+        await deploy_whoami(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n")
+        async with whoami_stream(port, timeout=15) as ws:
+            old = (await exchange(ws, "hi"))["instance"]
         await anyio.sleep(0.3)
         assert await state_of(registry, str(old)) == "busy"  # kept
-        await deploy(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n# v2\n")
+        await deploy_whoami(nc, "[scaling]\nmin_free = 1\nmax_instances = 3\n# v2\n")
         await anyio.sleep(0.5)  # the proxy's view follows the new record
-        async with stream(port) as ws:
-            new = (await ask(ws))["instance"]
+        async with whoami_stream(port, timeout=15) as ws:
+            new = (await exchange(ws, "hi"))["instance"]
         assert new != old
         # The old one was released when it could not be handed out (retired: drained and stopped).
         with anyio.fail_after(15):
@@ -125,9 +99,9 @@ async def test_a_stopping_proxy_releases_what_it_kept(platform) -> None:  # type
     await platform.start_controlplane()
     port, proxy = await platform.start_proxy(AUBE_RESERVE_SECONDS="120", AUBE_HANDOFF="off")
     async with nats_client(platform.nats_url) as (nc, registry):
-        await deploy(nc)
-        async with stream(port) as ws:
-            first = (await ask(ws))["instance"]
+        await deploy_whoami(nc, ONE)
+        async with whoami_stream(port, timeout=15) as ws:
+            first = (await exchange(ws, "hi"))["instance"]
         await anyio.sleep(0.3)
         assert await state_of(registry, str(first)) == "busy"
         proxy.proc.send_signal(signal.SIGTERM)
