@@ -11,6 +11,7 @@ overwrite.
         |                    |                \\--mark_unhealthy--> unhealthy --drain--> draining
         \\--drain--> draining <--drain--------/ (busy only when its proxy is dead or its grace is over)
     draining: the control plane that owns the instance stops it and deletes the entry (the only way out).
+    busy --hand_off--> busy, flagged `handed_off`; --keep_claim--> busy, unflagged (kept after that stream ended).
 
 `retire` is a flag, not a state: a busy instance of a retired version finishes its stream and is then drained by its
 release instead of freed; `retire_deadline` is when a delete's grace ends.
@@ -28,7 +29,9 @@ import msgspec
 
 from aube.shared.schemas import FunctionRecord, InstanceRecord, InstanceState
 
-Transition = Literal["started", "mark_free", "claim", "hand_off", "release", "drain", "mark_unhealthy", "retire"]
+Transition = Literal[
+    "started", "mark_free", "claim", "hand_off", "keep_claim", "release", "drain", "mark_unhealthy", "retire"
+]
 
 # The allowed transitions: from which states each one may be taken. `release` ends in "free" or "draining" (see
 # `release`); `retire` keeps the state and sets the flag.
@@ -37,6 +40,7 @@ ALLOWED: Mapping[Transition, frozenset[InstanceState]] = {
     "mark_free": frozenset({"starting"}),
     "claim": frozenset({"free"}),
     "hand_off": frozenset({"busy"}),
+    "keep_claim": frozenset({"busy"}),
     "release": frozenset({"busy"}),
     "drain": frozenset({"free", "busy", "unhealthy", "draining", "starting"}),
     "mark_unhealthy": frozenset({"busy", "free"}),
@@ -109,6 +113,16 @@ def hand_off(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecor
     if not holds(rec, claim_record):
         raise Refused("hand_off", rec, "it no longer shows this claim")
     return msgspec.structs.replace(rec, handed_off=True)
+
+
+def keep_claim(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
+    """The handed-off stream ended and the claimant keeps the instance for its next client (proxy/reserve.py), as
+    after a relayed stream: the claim stays, its `handed_off` flag goes (no stream lives on in the instance, so the
+    reaper may recycle the claim should its proxy die, as a relayed one's). Streams are counted at the release."""
+    _check("keep_claim", rec, claim_record.instance_id)
+    if not holds(rec, claim_record):
+        raise Refused("keep_claim", rec, "it no longer shows this claim")
+    return msgspec.structs.replace(rec, handed_off=False)
 
 
 def release(

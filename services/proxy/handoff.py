@@ -6,8 +6,8 @@ request head, forwarded as for a relay: X-Forwarded-For and the instance credent
 The instance answers the handshake itself on that socket (the wire and the instance's rules: aube.instance.handoff).
 Once it says it took the socket, the proxy closes its transport (no shutdown: the connection lives on in the
 instance) and is out of the data path: no byte of the stream passes here. It keeps the control connection open, on
-which the instance reports the stream's end; then the claim is released as after a relayed stream (streams.py) and
-the end acknowledged.
+which the instance reports the stream's end; then the claim is released as after a relayed stream, or kept for the
+next client with its flag cleared where the relay would keep it (streams.py), and the end acknowledged.
 
 A hung instance: the proxy keeps a duplicate of the client's descriptor (`HandedOff.client`, never read or written)
 and, when the function pings (`decisions.ping_bound`), asks the instance for a heartbeat on the control connection
@@ -92,12 +92,16 @@ class HandedOff:
         with contextlib.suppress(OSError):
             self.writer.write(json.dumps({"end": reason}).encode() + b"\n")
 
-    async def acknowledge(self) -> None:
-        """The claim is settled: the instance may serve on (without this it exits after its stream)."""
+    async def acknowledge(self) -> bool:
+        """The claim is settled: the instance may serve on (without this it exits after its stream). Whether the
+        acknowledgement went out (a broken control connection: the instance is gone, or exits without it)."""
+        sent = False
         with contextlib.suppress(OSError):
             self.writer.write(b'{"ack": true}\n')
             await self.writer.drain()
+            sent = True
         self.close()
+        return sent
 
     def let_go(self) -> None:
         """Close the copy of the client's socket (no shutdown: the instance may still be closing it cleanly)."""

@@ -96,12 +96,45 @@ class Holdings:
         """Free means free (reliability finding 5): the instance goes back to the pool only once it says its
         stream's handler has returned; one still busy after the grace (or silent) is never handed out again.
         `keep`: offered the instance first once its handler returned (proxy/reserve.py); True keeps it claimed."""
-        if await instance_done(slot.record, self.settings.handler_grace):
-            if keep is not None and keep(slot):
-                return
+        if not await self._handler_returned(slot):
+            return
+        if keep is not None and keep(slot):
+            return
+        await self.release(slot, used=True)
+
+    async def settle_handed_off(
+        self, slot: InstanceEntry, keeps: Callable[[InstanceEntry], bool]
+    ) -> InstanceEntry | None:
+        """`release_when_done` after a handed-off stream, before its instance is acknowledged. An instance that
+        `keeps` would keep (reserve.py: what the relay keeps) keeps its claim, unflagged (`lifecycle.keep_claim`: the
+        one compare-and-set, in place of the release): that entry is returned, for the caller to keep once the
+        instance is acknowledged. None: released (or drained), marked unhealthy, or no longer ours."""
+        if not await self._handler_returned(slot):
+            return None
+        if not keeps(slot):
             await self.release(slot, used=True)
+            return None
+        claim = slot.record
+        outcome = await self._apply(slot, partial(lifecycle.keep_claim, claim_record=claim))
+        if isinstance(outcome, Written):
+            log.debug("kept %s after its handed-off stream", slot.key)
+            self.held[slot.key] = outcome.entry
+            return outcome.entry
+        if isinstance(outcome, Unknown):
+            # Flagged or not, the claim is still ours: settled (released) once the registry answers, as a release is.
+            log.warning("unflagging %s failed (%s); released once the registry answers", slot.key, outcome.error)
+            self.unsettled.add(slot.key, claim, used=True)
         else:
-            await self.mark_unhealthy(slot, "handler still running after its stream")
+            log.debug("%s not kept (%s): nothing to do", slot.key, outcome.why)
+        self.forget(slot)
+        return None
+
+    async def _handler_returned(self, slot: InstanceEntry) -> bool:
+        """Whether the instance says its stream's handler returned; one that does not is marked unhealthy here."""
+        if await instance_done(slot.record, self.settings.handler_grace):
+            return True
+        await self.mark_unhealthy(slot, "handler still running after its stream")
+        return False
 
     async def flag_handed_off(self, slot: InstanceEntry) -> InstanceEntry:
         """Flag the claim `handed_off` (the instance holds the client's socket): the reaper then leaves it alone

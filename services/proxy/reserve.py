@@ -2,7 +2,9 @@
 Either way a client is served from one with no registry round trip on its critical path.
 
 Kept after a stream: its instance stays claimed by this replica for up to `reserve_seconds` (instead of going back to
-the pool by a compare-and-set) and goes to the replica's next client of the function directly. Reserved ahead of
+the pool by a compare-and-set) and goes to the replica's next client of the function directly. After a handed-off
+stream too: there the claim's `handed_off` flag is cleared instead (one compare-and-set, the claim kept) before the
+instance is acknowledged and kept (streams.py; docs/handoff.md). Reserved ahead of
 demand (`reserve`, docs/reservations.md): the replica claims up to `reserve` free instances per function before any
 client asks (`decisions.reservations_to_take`), and holds them until a client takes one. A kept instance that
 expires while the function holds fewer than `reserve` stays on as a reservation; the rest are released as before.
@@ -85,14 +87,19 @@ class Reserve:
     def count(self, function: str) -> int:
         return len(self.kept.get(function, ()))
 
-    def keep(self, slot: InstanceEntry) -> bool:
-        """Keep `slot` (its stream ended, its handler returned) for the next client; False: release it now."""
+    def keeps(self, slot: InstanceEntry) -> bool:
+        """Whether `keep` would keep `slot` now: the one decision, for relayed and handed-off streams alike (a
+        handed-off one's claim is first unflagged, `Holdings.settle_handed_off`, then kept)."""
         rec = slot.record
         if self.closed or (self.seconds <= 0 and self.ahead <= 0):
             return False
-        if not lifecycle.reusable(self.pool.function(rec.function), rec):
+        return lifecycle.reusable(self.pool.function(rec.function), rec)
+
+    def keep(self, slot: InstanceEntry) -> bool:
+        """Keep `slot` (its stream ended, its handler returned) for the next client; False: release it now."""
+        if not self.keeps(slot):
             return False
-        self._hold(rec.function, slot)
+        self._hold(slot.record.function, slot)
         return True
 
     def _hold(self, function: str, slot: InstanceEntry) -> None:

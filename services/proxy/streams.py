@@ -117,8 +117,9 @@ class Streams:
         a relayed instance sending nothing for that long is. Its client's connection is shut down here and the
         instance marked unhealthy (stopped, never handed out again); no acknowledgement, so should it wake it exits.
 
-        No reserve (`reserve.py`) after a handed-off stream: its claim is flagged `handed_off`, which the release
-        clears; keeping the instance would need one more write to clear it."""
+        Kept (`reserve.py`) where a relayed stream's instance would be: the claim's flag is cleared in place of the
+        release (one compare-and-set, `Holdings.settle_handed_off`), the instance acknowledged, then kept for this
+        replica's next client, who gets it with no claim write (the flag is written again once it took the socket)."""
         rec = slot.record
         bound = decisions.ping_bound(self.pool.functions.get(name), rec)
         reason = "shutdown"
@@ -128,6 +129,7 @@ class Streams:
         gone = asyncio.Event()
         self.pool.carried(slot, gone.set)
         settled = False
+        kept: InstanceEntry | None = None  # the claim, unflagged, to keep once the instance is acknowledged
         try:
             slot = await self.holdings.flag_handed_off(slot)
             async with anyio.create_task_group() as tg:
@@ -160,10 +162,13 @@ class Streams:
                     elif gone.is_set():
                         self.holdings.forget(slot)  # nothing left to release
                     else:
-                        await self.holdings.release_when_done(slot)
+                        kept = await self.holdings.settle_handed_off(slot, self.reserve.keeps)
                     settled = True
-                if settled and reason != "instance_silent":
-                    await handed.acknowledge()
+                acknowledged = settled and reason != "instance_silent" and await handed.acknowledge()
+                if kept is not None and not (acknowledged and self.reserve.keep(kept)):
+                    # Not acknowledged (it exits), or the reserve closed meanwhile: released as it would have been.
+                    with anyio.move_on_after(2 * REQUEST_TIMEOUT):
+                        await self.holdings.release(kept, used=True)
         finally:
             self.pool.forget(slot)
             self.metrics.streams_open[name] -= 1

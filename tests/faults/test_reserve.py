@@ -19,7 +19,8 @@ from aube.shared.registry import Registry
 
 pytestmark = pytest.mark.anyio
 
-# Reservations are kept after relayed streams only (a handed-off stream's claim is released at once: proxy/streams.py).
+# Relayed here (AUBE_HANDOFF=off); kept after a handed-off stream too, its claim unflagged: tests/integration/
+# test_handoff.py (test_the_next_client_is_handed_the_kept_instance_with_no_claim_write).
 
 ONE = "[scaling]\nmin_free = 1\nmax_instances = 1\n"
 

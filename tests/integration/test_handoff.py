@@ -4,7 +4,8 @@
 A stream through a handoff round-trips while the proxy's relayed-bytes counter stays still (the proxy is out of the
 data path); AUBE_HANDOFF=off relays as before; a local process on the handoff socket without the instance credential
 is refused; the idle timeout still ends a handed-off stream; and a proxy killed with SIGKILL cuts none of its
-handed-off streams, whose instances no other client gets while they last and which come back after they end.
+handed-off streams, whose instances no other client gets while they last and which come back after they end. After a
+handed-off stream the proxy keeps its instance for its next client, as after a relayed one (no claim write).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -274,3 +276,39 @@ async def test_sync_function_sends_a_large_message_on_a_handed_off_socket(platfo
                 with anyio.fail_after(120):
                     assert await conn.recv() == data[::-1]
         assert (await metrics(proxy))[handed_off("big")] == 1
+
+
+@process_only
+async def test_the_next_client_is_handed_the_kept_instance_with_no_claim_write(platform, nats_server) -> None:  # type: ignore[no-untyped-def]
+    """After a handed-off stream the proxy keeps its instance as after a relayed one (proxy/reserve.py): one write
+    clears the claim's flag and keeps the claim, and the proxy's next client of the function is handed the same
+    instance with no claim write, so it is served while nats-server is stopped (SIGSTOP: no write could land)."""
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto", AUBE_RESERVE_SECONDS="6")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", "[scaling]\nmin_free = 1\nmax_instances = 1\n")
+        async with ws(port, "who") as conn:
+            first = (await whoami(conn))["instance"]
+            with anyio.fail_after(5):
+                while (await states(registry, "who")).get(first) != ("busy", True):
+                    await anyio.sleep(0.05)
+        # Kept: still this replica's claim, unflagged (no stream lives on in it: the reaper may recycle it).
+        with anyio.fail_after(5):
+            while (await states(registry, "who")).get(first) != ("busy", False):
+                await anyio.sleep(0.05)
+        os.kill(nats_server.process.pid, signal.SIGSTOP)
+        try:
+            with anyio.fail_after(5):
+                async with connect(f"ws://127.0.0.1:{port}/who", proxy=None, open_timeout=5) as conn:
+                    reply = await whoami(conn, "kept")
+        finally:
+            os.kill(nats_server.process.pid, signal.SIGCONT)
+        assert (reply["instance"], reply["streams"], reply["echo"]) == (first, 1, "kept")
+        seen = await metrics(proxy)
+        assert seen[handed_off("who")] == 2  # handed off both times, never relayed
+        assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0
+        assert seen['aube_claims_total{function="who",result="reserved"}'] == 1
+        # Not taken again: released once the reserve's 6 s are over, unflagged.
+        with anyio.fail_after(20):
+            while (await states(registry, "who")).get(first) != ("free", False):
+                await anyio.sleep(0.1)

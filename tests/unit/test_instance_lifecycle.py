@@ -47,6 +47,9 @@ def attempt(transition: lifecycle.Transition, r: InstanceRecord, instance_id: st
     if transition == "hand_off":
         claim = msgspec.structs.replace(r, instance_id=instance_id or r.instance_id)
         return lifecycle.hand_off(r, claim)
+    if transition == "keep_claim":
+        claim = msgspec.structs.replace(r, instance_id=instance_id or r.instance_id)
+        return lifecycle.keep_claim(r, claim)
     if transition == "release":
         return lifecycle.release(r, fn(), 5.0, by="p1", instance_id=instance_id)
     if transition == "drain":
@@ -102,6 +105,28 @@ def test_hand_off_flags_only_the_very_claim_and_release_clears_it() -> None:
         lifecycle.hand_off(busy, msgspec.structs.replace(busy, claimed_at=2.0))  # another claim of the slot
     assert not lifecycle.release(flagged, fn(), 5.0, by="p1").handed_off
     assert not lifecycle.release(flagged, fn(fresh=True), 5.0, by="p1").handed_off
+
+
+def test_keep_claim_clears_the_flag_and_keeps_the_very_claim() -> None:
+    """After a handed-off stream the claimant keeps the instance (proxy/reserve.py): one write clears the flag (the
+    reaper may then recycle the claim, which carries no stream, like a relayed one's) and keeps the claim, so the
+    next client is served with no claim write and a later release still counts and clears as usual."""
+    busy = rec("busy", streams_served=3)
+    flagged = lifecycle.hand_off(busy, busy)
+    assert lifecycle.reusable(fn(), flagged)  # the relay's decision to keep applies to a handed-off claim as is
+    kept = lifecycle.keep_claim(flagged, busy)
+    assert kept == busy  # the claim as written, the flag gone, nothing counted yet
+    assert lifecycle.holds(kept, busy) and lifecycle.holds(kept, flagged)
+    assert lifecycle.hand_off(kept, kept).handed_off  # the next handed-off stream flags it again
+    assert lifecycle.release(kept, fn(), 5.0, by="p1", streams=2).streams_served == 5
+    with pytest.raises(lifecycle.Refused, match="no longer shows this claim"):
+        lifecycle.keep_claim(flagged, msgspec.structs.replace(busy, claimed_at=2.0))  # another claim of the slot
+    with pytest.raises(lifecycle.Refused, match="no longer shows this claim"):
+        lifecycle.keep_claim(flagged, msgspec.structs.replace(busy, claimed_by="p2"))  # another replica's
+    with pytest.raises(lifecycle.Refused):
+        lifecycle.keep_claim(lifecycle.release(flagged, fn(), 5.0, by="p1"), busy)  # released meanwhile
+    with pytest.raises(lifecycle.Refused):
+        lifecycle.keep_claim(lifecycle.drain(flagged, busy_ok=True), busy)  # drained by the reaper meanwhile
 
 
 def test_marking_a_handed_off_claim_unhealthy_or_draining_it_clears_the_flag() -> None:
