@@ -220,6 +220,9 @@ class Rig:
             "AUBE_OPERATOR_PORT": str(free_port()),
             "AUBE_LOG_LEVEL": "DEBUG",
             "AUBE_HANDOFF": "auto" if self.mode == "handoff" else "off",
+            # A stream's end is read off its claim's release (`seconds_until_not_busy`): nothing is kept after it
+            # (proxy/reserve.py keeps relayed and handed-off streams' instances alike).
+            "AUBE_RESERVE_SECONDS": "0",
             **env,
         }
         proc = subprocess.Popen(
@@ -553,6 +556,7 @@ async def test_the_manifests_ping_policy_reaches_the_instance_through_the_contro
         AUBE_PROXY_ID=f"proxy-{port}",
         AUBE_OPERATOR_PORT=str(free_port()),
         AUBE_HANDOFF="auto" if mode == "handoff" else "off",
+        AUBE_RESERVE_SECONDS="0",  # the stream's end is read off its claim's release: nothing kept after it
     )
     async with nats_client(platform.nats_url) as (nc, registry):
         policy = f"ping_interval = {PING[0]:g}\nping_timeout = {PING[1]:g}\n"
