@@ -3,11 +3,11 @@ Either way a client is served from one with no registry round trip on its critic
 
 Kept after a stream: its instance stays claimed by this replica for up to `reserve_seconds` (instead of going back to
 the pool by a compare-and-set) and goes to the replica's next client of the function directly. After a handed-off
-stream too: there the claim's `handed_off` flag is cleared instead (one compare-and-set, the claim kept) before the
-instance is acknowledged and kept (streams.py; docs/handoff.md). Reserved ahead of
-demand (`reserve`, docs/reservations.md): the replica claims up to `reserve` free instances per function before any
-client asks (`decisions.reservations_to_take`), and holds them until a client takes one. A kept instance that
-expires while the function holds fewer than `reserve` stays on as a reservation; the rest are released as before.
+stream alike (`keeps` decides for both): there one compare-and-set clears the claim's `handed_off` flag and keeps
+the claim, and the instance is kept once it was acknowledged (streams.py, docs/handoff.md). Reserved ahead of demand
+(`reserve`, docs/reservations.md): the replica claims up to `reserve` free instances per function before any client
+asks (`decisions.reservations_to_take`), and holds them until a client takes one. A kept instance that expires
+while the function holds fewer than `reserve` stays on as a reservation; the rest are released as before.
 So a registry between leaders (nats-server's followers wait 4 to 9 s for a lost leader before they elect another)
 does not stop clients that a held instance can serve.
 
