@@ -222,6 +222,25 @@ async def exchange(conn: ClientConnection, text: str, timeout: float = 10) -> di
     return reply
 
 
+async def proxy_metrics(proxy: Any) -> dict[str, float]:
+    """The proxy's metrics (its operator port), by sample line (name and labels)."""
+    port = int(proxy.env["AUBE_OPERATOR_PORT"])
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        chunks = []
+        try:
+            while True:
+                chunks.append(await stream.receive())
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+    body = b"".join(chunks).decode().partition("\r\n\r\n")[2]
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
 WHOAMI = REPO / "examples" / "whoami"
 
 

@@ -270,9 +270,6 @@ class Claimer:
     ) -> handoff.HandedOff | Literal["unavailable"] | None:
         rec = slot.record
         fn = self.pool.functions.get(rec.function)
-        limits = fn.manifest.limits if fn is not None else None
-        idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
-        longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
         head = handshake.forward_head(raw_head, client.client_ip, rec.secret)
         # The instance waits this long for the end's acknowledgement: what `release_when_done` may take, and more.
         ack_wait = self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 5.0
@@ -283,7 +280,7 @@ class Claimer:
                 head,
                 len(raw_head),
                 rec.secret,
-                (idle, longest),
+                decisions.stream_limits(fn),
                 ack_wait,
                 ANSWER_TIMEOUT,
                 ping_bound=decisions.ping_bound(fn, rec),

@@ -94,6 +94,32 @@ def ping_bound(fn: FunctionRecord | None, rec: InstanceRecord) -> float | None:
     return limits.ping_interval + limits.ping_timeout
 
 
+def stream_limits(fn: FunctionRecord | None) -> tuple[float | None, float | None]:
+    """The stream's idle timeout and longest duration from `[limits]` (None: not limited), as the relay enforces
+    them and as a handed-off stream's instance is told them."""
+    if fn is None:
+        return None, None
+    limits = fn.manifest.limits
+    idle = limits.stream_idle_timeout if limits.stream_idle_timeout > 0 else None
+    longest = limits.stream_max_duration if limits.stream_max_duration > 0 else None
+    return idle, longest
+
+
+def broken_limit(
+    elapsed: float, quiet: float | None, limits: tuple[float | None, float | None], grace: float
+) -> str | None:
+    """Which limit a handed-off stream broke, judged by the proxy (a backstop: the instance closes the stream at the
+    limit itself, but it runs the function's code, which can stop it). `elapsed`: since the handoff; `quiet`: seconds
+    since the client's connection last carried data either way, as its kernel counts (None: unknown). `grace` lets
+    an honest instance close the stream first."""
+    idle, longest = limits
+    if longest is not None and elapsed >= longest + grace:
+        return "max_duration"
+    if idle is not None and quiet is not None and quiet >= idle + grace:
+        return "idle_timeout"
+    return None
+
+
 # -- reservations (proxy/reserve.py) ----------------------------------------------------------------------------
 
 Fate = Literal["keep", "give_back", "forget"]

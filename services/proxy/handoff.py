@@ -15,6 +15,12 @@ every quarter of the bound (`hung`; it answers only while its stream's server se
 instance silent past the bound is judged hung as a relay judges a silent one: the duplicate is shut down (`cut`),
 which ends the client's connection whoever else holds it.
 
+Limits: the instance closes the stream at its idle timeout and longest duration, but it runs the function's code,
+which can stop that (it shares the process). So the proxy enforces them too, from what the function cannot touch
+(`past_limits`): the time since the handoff, and the client connection's own quiet time as its kernel counts it
+(`TCP_INFO`: the last data sent and received). A stream past a limit by `LIMIT_GRACE` (the instance's chance to
+close it first) is cut, as a hung instance's is.
+
 `offer` says what came of it: `HandedOff`; "busy" (the instance refused, the socket is still only ours);
 "unavailable" (nothing was passed: no handoff socket, or it cannot be reached: the caller relays instead); or
 "lost" (the socket was passed but no answer came: the instance may be serving the client, so the proxy lets go of
@@ -27,20 +33,43 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
 
 from aube.instance.handoff import encode_offer
+from aube.proxy import decisions
 from aube.proxy.relay import ClientSide
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 4096
+LIMIT_GRACE = 1.0  # past a limit by this much, the proxy cuts a stream its instance did not close
+LIMIT_TICK = 0.25  # the idle check samples the kernel's counters at most this often (and a quarter window at least)
+
+# struct tcp_info (linux/tcp.h): tcpi_last_data_sent, tcpi_last_ack_sent, tcpi_last_data_recv, in ms, at byte 44.
+_TCP_INFO_LAST_DATA = struct.Struct("=III")
+_TCP_INFO_LAST_DATA_AT = 44
+_TCP_INFO_LEN = _TCP_INFO_LAST_DATA_AT + _TCP_INFO_LAST_DATA.size
+
+
+def quiet_for(sock: socket.socket) -> float | None:
+    """Seconds since the TCP connection last carried data either way (acknowledgements and keepalive probes do not
+    count; WebSocket pings do, as they do in the relay), as the kernel counts it. None if it cannot tell."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    sent, _, received = _TCP_INFO_LAST_DATA.unpack_from(info, _TCP_INFO_LAST_DATA_AT)
+    return float(min(sent, received)) / 1000
 
 
 @dataclass
@@ -50,6 +79,7 @@ class HandedOff:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     client: socket.socket | None = None  # a duplicate of the client's socket: only ever shut down (`cut`)
+    limits: tuple[float | None, float | None] = (None, None)  # idle timeout, longest duration (the instance's too)
     beats: bool = False  # the instance answers heartbeats (one that does not is never judged by them)
     started: float = field(default_factory=anyio.current_time)
     heard: float = field(default_factory=anyio.current_time)  # the instance's last word on the control connection
@@ -80,6 +110,22 @@ class HandedOff:
                 return
             with contextlib.suppress(OSError):
                 self.writer.write(b'{"beat": true}\n')
+
+    async def past_limits(self) -> str:
+        """Return the limit the stream broke by `LIMIT_GRACE`, judged from the kernel's view of the client's
+        connection and the time since the handoff (never without a limit or a copy of the client's socket)."""
+        idle, longest = self.limits
+        if self.client is None or (idle is None and longest is None):
+            await anyio.sleep_forever()
+        assert self.client is not None
+        while True:
+            elapsed = anyio.current_time() - self.started
+            limit = decisions.broken_limit(elapsed, quiet_for(self.client), self.limits, LIMIT_GRACE)
+            if limit is not None:
+                return limit
+            next_idle_check = max(idle / 4, LIMIT_TICK) if idle is not None else math.inf
+            until_longest = longest + LIMIT_GRACE - elapsed if longest is not None else math.inf
+            await anyio.sleep(max(min(next_idle_check, until_longest), 0.01))
 
     def cut(self) -> None:
         """End the client's connection (the instance is hung): a shutdown ends it for every holder of the socket."""
@@ -185,4 +231,5 @@ async def offer(
         kept = None
     # The instance holds the client's socket: drop the transport without a shutdown (that would end the connection).
     transport.abort()
-    return HandedOff(reader, writer, client=kept, beats=kept is not None and answer.get("beats") is True)
+    beats = kept is not None and answer.get("beats") is True
+    return HandedOff(reader, writer, client=kept, limits=limits, beats=beats)

@@ -20,6 +20,8 @@ class Metrics:
         self.streams_open: defaultdict[str, int] = defaultdict(int)
         # Streams whose client socket went to the instance (proxy/handoff.py): no byte of them is relayed.
         self.streams_handed_off_total: defaultdict[str, int] = defaultdict(int)
+        # Handed-off streams the proxy cut because their instance left them open past a limit: (function, limit).
+        self.limits_enforced_total: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.claims_total: defaultdict[tuple[str, str], int] = defaultdict(int)  # (function, result)
         self.scale_requests_total: defaultdict[str, int] = defaultdict(int)
         self.handshakes_rejected_total: defaultdict[str, int] = defaultdict(int)
@@ -54,6 +56,15 @@ def render(m: Metrics) -> str:
 
     family(out, "aube_streams_handed_off_total", "counter", "Streams handed to their instance, by function.")
     _by_label(out, "aube_streams_handed_off_total", "function", m.streams_handed_off_total)
+    family(
+        out,
+        "aube_handed_off_limits_enforced_total",
+        "counter",
+        "Handed-off streams the proxy cut past a limit their instance did not enforce, by function and limit.",
+    )
+    for function, limit in sorted(m.limits_enforced_total):
+        labels = [("function", function), ("limit", limit)]
+        sample(out, "aube_handed_off_limits_enforced_total", labels, m.limits_enforced_total[(function, limit)])
     family(out, "aube_relayed_bytes_total", "counter", "Bytes relayed after the handshake, by direction.")
     sample(out, "aube_relayed_bytes_total", [("direction", "client_to_instance")], m.bytes_client_to_instance)
     sample(out, "aube_relayed_bytes_total", [("direction", "instance_to_client")], m.bytes_instance_to_client)

@@ -54,7 +54,6 @@ class Streams:
         """Relay the stream the instance at `slot` answered until it ends; then hand the instance back."""
         rec = slot.record
         fn = self.pool.functions.get(name)
-        limits = fn.manifest.limits if fn is not None else None
         reason = "shutdown"
         relay_started = anyio.current_time()
         self.metrics.streams_open[name] += 1
@@ -75,8 +74,7 @@ class Streams:
             client.attach(upstream)
             if client.ended.is_set():
                 upstream.transport.close()
-            idle = limits.stream_idle_timeout if limits and limits.stream_idle_timeout > 0 else None
-            longest = limits.stream_max_duration if limits and limits.stream_max_duration > 0 else None
+            idle, longest = decisions.stream_limits(fn)
             reason = await self._relay(client, upstream, idle, longest, decisions.ping_bound(fn, rec), gone)
         finally:
             self.pool.forget(slot)
@@ -111,7 +109,11 @@ class Streams:
 
     async def carry_handed_off(self, name: str, slot: InstanceEntry, handed: HandedOff, client_ip: str) -> None:
         """Watch a stream its instance serves on the client's own socket (handoff.py) until the instance reports its
-        end; then hand the instance back and acknowledge. No byte passes here: the instance enforces the limits.
+        end; then hand the instance back and acknowledge. No byte passes here.
+
+        The instance enforces the stream's limits; the proxy cuts a stream the instance left open past one
+        (`HandedOff.past_limits`: its function can stop the instance's own check). The instance then has the
+        handler's grace to report the end; one that does not is marked unhealthy (its function outlives its stream).
 
         With a ping policy the instance must answer heartbeats within the ping bound: one silent past it is hung, as
         a relayed instance sending nothing for that long is. Its client's connection is shut down here and the
@@ -130,6 +132,7 @@ class Streams:
         self.pool.carried(slot, gone.set)
         settled = False
         kept: InstanceEntry | None = None  # the claim, unflagged, to keep once the instance is acknowledged
+        enforced: str | None = None  # the limit the proxy cut the stream for (past_limits)
         try:
             slot = await self.holdings.flag_handed_off(slot)
             async with anyio.create_task_group() as tg:
@@ -146,11 +149,28 @@ class Streams:
                     reason = "instance_silent"
                     tg.cancel_scope.cancel()
 
+                async def enforce_limits() -> None:
+                    nonlocal reason, enforced
+                    enforced = await handed.past_limits()
+                    log.warning("handed-off stream past its %s and still open: cut by the proxy", enforced)
+                    self.metrics.limits_enforced_total[(name, enforced)] += 1
+                    handed.cut()
+                    await anyio.sleep(self.settings.handler_grace + 2)
+                    log.warning(
+                        "instance reported no end %.1fs after its stream was cut: unhealthy",
+                        self.settings.handler_grace + 2,
+                    )
+                    reason = "instance_silent"
+                    tg.cancel_scope.cancel()
+
                 tg.start_soon(end_when_gone)
+                tg.start_soon(enforce_limits)
                 if bound is not None:
                     tg.start_soon(judge, bound)
                 reason = await handed.ended()
                 tg.cancel_scope.cancel()
+            if enforced is not None and reason != "instance_silent":
+                reason = enforced  # the instance reports only that its connection closed
             if reason in ("instance_silent", "instance_gone"):
                 handed.cut()  # hung, or its process is gone: only our copy would keep the client's connection open
             handed.let_go()

@@ -24,7 +24,7 @@ import anyio
 import pytest
 from harness import wait_free
 from nats.aio.client import Client as NATS
-from support import nats_client, zip_base64
+from support import nats_client, proxy_metrics, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -59,25 +59,6 @@ async def whoami(conn: ClientConnection, text: str = "x") -> dict[str, Any]:
     return json.loads(reply)  # type: ignore[no-any-return]
 
 
-async def metrics(proxy: Any) -> dict[str, float]:
-    """The proxy's metrics (its operator port), by sample line (name and labels)."""
-    port = int(proxy.env["AUBE_OPERATOR_PORT"])
-    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-        await stream.send(b"GET /_aube/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        chunks = []
-        try:
-            while True:
-                chunks.append(await stream.receive())
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
-    body = b"".join(chunks).decode().partition("\r\n\r\n")[2]
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in body.splitlines()
-        if line and not line.startswith("#")
-    }
-
-
 RELAYED_IN = 'aube_relayed_bytes_total{direction="client_to_instance"}'
 RELAYED_OUT = 'aube_relayed_bytes_total{direction="instance_to_client"}'
 
@@ -102,7 +83,7 @@ async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) ->
                 assert reply["echo"].startswith(f"message {i} ")
             instance = reply["instance"]
             assert (await states(registry, "who"))[instance] == ("busy", True)  # flagged: the reaper keeps off
-            seen = await metrics(proxy)
+            seen = await proxy_metrics(proxy)
             assert seen[handed_off("who")] == 1
             assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0  # 100 kB moved, none through the proxy
         # The stream's end reaches the proxy: the instance is free again, unflagged, and serves the next client.
@@ -117,13 +98,13 @@ async def test_handed_off_stream_round_trips_without_a_relayed_byte(platform) ->
             for text in ("hello", "x" * 70_000):
                 await conn.send(text)
                 assert await conn.recv() == text[::-1]
-        seen = await metrics(proxy)
+        seen = await proxy_metrics(proxy)
         assert seen[handed_off("who")] == 2 and seen[handed_off("rev")] == 1
         assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0
         # AUBE_HANDOFF=off: the same instances, relayed as before.
         async with ws(relay_port, "who") as conn:
             assert (await whoami(conn, "relayed"))["echo"] == "relayed"
-        seen = await metrics(relay_proxy)
+        seen = await proxy_metrics(relay_proxy)
         assert seen.get(handed_off("who"), 0) == 0
         assert seen[RELAYED_IN] > 0 and seen[RELAYED_OUT] > 0
 
@@ -142,7 +123,7 @@ async def test_idle_timeout_ends_a_handed_off_stream(platform) -> None:  # type:
             with anyio.fail_after(10), pytest.raises(ConnectionClosed):
                 await conn.recv()
             assert 1.4 <= time.monotonic() - started <= 5
-        assert (await metrics(proxy))[handed_off("idle")] == 1
+        assert (await proxy_metrics(proxy))[handed_off("idle")] == 1
         with anyio.fail_after(15):
             while (await states(registry, "idle")).get(instance) != ("free", False):
                 await anyio.sleep(0.05)
@@ -275,7 +256,7 @@ async def test_sync_function_sends_a_large_message_on_a_handed_off_socket(platfo
                 await conn.send(data)
                 with anyio.fail_after(120):
                     assert await conn.recv() == data[::-1]
-        assert (await metrics(proxy))[handed_off("big")] == 1
+        assert (await proxy_metrics(proxy))[handed_off("big")] == 1
 
 
 @process_only
@@ -304,7 +285,7 @@ async def test_the_next_client_is_handed_the_kept_instance_with_no_claim_write(p
         finally:
             os.kill(nats_server.process.pid, signal.SIGCONT)
         assert (reply["instance"], reply["streams"], reply["echo"]) == (first, 1, "kept")
-        seen = await metrics(proxy)
+        seen = await proxy_metrics(proxy)
         assert seen[handed_off("who")] == 2  # handed off both times, never relayed
         assert seen[RELAYED_IN] == seen[RELAYED_OUT] == 0
         assert seen['aube_claims_total{function="who",result="reserved"}'] == 1

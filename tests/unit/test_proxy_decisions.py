@@ -98,3 +98,23 @@ def test_the_ping_bound_is_interval_plus_timeout_only_for_an_instance_that_pings
     assert decisions.ping_bound(_fn(), _slot(0).record) is None  # no ping policy
     assert decisions.ping_bound(pinging, _slot(0, version=1).record) is None  # started under another manifest
     assert decisions.ping_bound(None, _slot(0).record) is None
+
+
+def test_stream_limits_read_zero_as_unlimited() -> None:
+    assert decisions.stream_limits(None) == (None, None)
+    assert decisions.stream_limits(_fn()) == (None, None)
+    limited = msgspec.structs.replace(
+        _fn(), manifest=Manifest(limits=LimitsSection(stream_idle_timeout=30, stream_max_duration=600))
+    )
+    assert decisions.stream_limits(limited) == (30, 600)
+
+
+def test_a_handed_off_stream_breaks_a_limit_only_past_the_grace() -> None:
+    limits = (10.0, 60.0)
+    assert decisions.broken_limit(60.9, 0.0, limits, 1.0) is None  # the instance's turn to close it
+    assert decisions.broken_limit(61.0, 0.0, limits, 1.0) == "max_duration"
+    assert decisions.broken_limit(5.0, 10.9, limits, 1.0) is None
+    assert decisions.broken_limit(5.0, 11.0, limits, 1.0) == "idle_timeout"
+    assert decisions.broken_limit(5.0, None, limits, 1.0) is None  # the kernel could not say: no idle judgement
+    assert decisions.broken_limit(1e9, 1e9, (None, None), 1.0) is None
+    assert decisions.broken_limit(70.0, 70.0, limits, 1.0) == "max_duration"  # the longest first: it always holds
