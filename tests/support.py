@@ -342,6 +342,16 @@ class RegistryTrail:
             else:
                 self.changes.append((time.monotonic(), change.key, change.revision, change.record))
 
+    async def quiet(self, *, for_seconds: float = 0.5, timeout: float = 15.0) -> None:
+        """Wait until no change has come for `for_seconds`: the writes that follow an event (a handed-off stream's
+        flag on its claim, the keeper's scale-out) are done, so a fault injected next is not mistaken for them."""
+        with anyio.fail_after(timeout):
+            while True:
+                seen = len(self.changes)
+                await anyio.sleep(for_seconds)
+                if len(self.changes) == seen:
+                    return
+
     def timeline(self, instance_id: str) -> list[tuple[float, str]]:
         """When (monotonic) instance `instance_id` reached each of its states: a claim is "busy:<proxy id>", the
         deletion of its entry "gone"."""

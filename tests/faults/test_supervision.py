@@ -7,6 +7,7 @@ reaper (idle reaping goes on). Each test prints what it measured (pytest -s show
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -135,7 +136,7 @@ async def test_kill_9_of_the_control_plane_cuts_no_stream_keeps_the_warm_pool_an
             await tg.start(trail.follow, registry)
             streams = [await open_stream(url, start.proxy_port, proxies) for _ in range(3)]
             warm = await free_ids(registry, "who", 2)
-            await anyio.sleep(1)  # the keeper and the proxy are done with their last writes
+            await trail.quiet()  # the keeper and the proxy are done with their last writes
             talk = Talk(streams)
             tg.start_soon(talk.run)
 
@@ -188,6 +189,7 @@ async def test_kill_9_of_the_reaper_cuts_no_stream_and_idle_reaping_goes_on(plat
         ):
             await tg.start(trail.follow, registry)
             streams = [await open_stream(url, start.proxy_port, proxies) for _ in range(4)]
+            await trail.quiet()  # the proxy's last write (a handed-off stream's flag) comes before the kill
             talk = Talk(streams)
             tg.start_soon(talk.run)
 
@@ -216,7 +218,11 @@ async def test_kill_9_of_the_reaper_cuts_no_stream_and_idle_reaping_goes_on(plat
             reaped = [s.instance for s in streams[:3] if s.instance != kept]
             assert len(reaped) >= 2
             for instance in reaped:
-                assert trail.history(instance, since=killed_at) == ["free", "draining", "gone"]
+                # The one proxy may keep it a moment after its stream (busy, claimed by that proxy still); then it
+                # is free, drained and stopped, and nobody claims it again.
+                history = trail.history(instance, since=killed_at)
+                kept = list(itertools.takewhile(lambda state: state.startswith("busy:"), history))
+                assert len(set(kept)) <= 1 and history[len(kept) :] == ["free", "draining", "gone"], history
             assert start.output()[log_after_restart:].count("reaping who instance") >= len(reaped)
             assert (await exchange(streams[3].conn, "last"))["instance"] == streams[3].instance
             await streams[3].conn.close()
