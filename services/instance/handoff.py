@@ -40,6 +40,7 @@ Only the standard library here: this module ships into every function image with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -131,8 +132,30 @@ class Offer:
     ping_bound: float | None = None  # ping_interval + ping_timeout when this instance pings the client
 
 
-# Serves one received connection through the instance's WebSocket server; returns once the connection is closed.
-Serve = Callable[[HandedOffSocket], None]
+# Starts serving one received connection through the instance's WebSocket server; the future is done once the
+# connection is closed. The asyncio server's is its event loop's own future (no thread), the sync server's a thread's
+# (`in_thread`).
+Serve = Callable[[HandedOffSocket], "concurrent.futures.Future[None]"]
+
+
+def in_thread(serve: Callable[[HandedOffSocket], None]) -> Serve:
+    """`serve`, which returns once the connection is closed, run in a thread of its own."""
+
+    def start(sock: HandedOffSocket) -> concurrent.futures.Future[None]:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                serve(sock)
+            except BaseException as e:
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+        threading.Thread(target=run, name="aube-handoff-serve", daemon=True).start()
+        return done
+
+    return start
 
 
 def parse_offer(data: bytes) -> Offer | None:
@@ -238,7 +261,6 @@ class HandoffListener:
                     return
                 client.prefix = offer.prefix
                 taken = True
-                _say(conn, {"taken": True, "beats": True})
                 reason = self._carry(client, offer, conn)
                 logger.info("handed-off stream ended (%s): reporting it", reason)
                 acknowledged = _acknowledged(conn, reason, offer.ack_wait)
@@ -257,23 +279,18 @@ class HandoffListener:
         """Serve the stream until its connection closes; shut it down when it breaks a limit, when the client is
         silent past the ping bound, or when the proxy says {"end": reason} (the registry no longer accounts for this
         instance); answer the proxy's heartbeats meanwhile. Why it ended."""
-        done = threading.Event()
+        # Serving starts before the proxy hears it was taken: the client waits for its handshake answer, the proxy
+        # for nothing but its bookkeeping.
+        served = self.serve(client)
+        _say(conn, {"taken": True, "beats": True})
         reason = "closed"
-
-        def serve() -> None:
-            try:
-                self.serve(client)
-            finally:
-                done.set()
-
-        threading.Thread(target=serve, name="aube-handoff-serve", daemon=True).start()
         started = last_change = time.monotonic()
         last_moved = last_received = last_sent = -1
         last_heard = last_spoke = started
         windows = [w / 4 for w in (offer.idle_timeout, offer.max_duration, offer.ping_bound) if w]
         tick = min([WATCH_TICK, *windows])
         proxy_there = True
-        while not done.wait(tick):
+        while not concurrent.futures.wait([served], timeout=tick).done:
             now = time.monotonic()
             if client.moved != last_moved:
                 last_moved, last_change = client.moved, now
@@ -308,6 +325,8 @@ class HandoffListener:
                 logger.info("handed-off stream reached its %s: closing", limit)
                 with contextlib.suppress(OSError):
                     client.shutdown(socket.SHUT_RDWR)
+        if served.exception() is not None:
+            logger.error("serving a handed-off stream failed", exc_info=served.exception())
         return reason
 
 

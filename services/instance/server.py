@@ -8,6 +8,7 @@ Only the standard library and websockets here: this module ships into every func
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ from websockets.typing import Subprotocol
 
 from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
-from aube.instance.handoff import HandedOffSocket, HandoffListener, Serve, take_async
+from aube.instance.handoff import HandedOffSocket, HandoffListener, Serve, in_thread, take_async
 from aube.instance.shutdown import Stopper
 from aube.instance.slot import StreamSlot
 
@@ -356,7 +357,7 @@ def serve_sync(
     else:
         server = sserver.serve(handler, config.host, config.port, **options)
     if config.handoff:
-        serve_handed_off = lambda sock: server.handler(sock, ("handoff", 0))  # noqa: E731
+        serve_handed_off = in_thread(lambda sock: server.handler(sock, ("handoff", 0)))
         start_handoff(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop)
     announce(config, "sync", 0 if config.socket else server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
@@ -439,8 +440,8 @@ async def serve_async(
         server = await aserver.serve(handler, config.host, config.port, **options)
     if config.handoff:
 
-        def serve_handed_off(sock: HandedOffSocket) -> None:
-            asyncio.run_coroutine_threadsafe(take_async(server, sock), loop).result()
+        def serve_handed_off(sock: HandedOffSocket) -> concurrent.futures.Future[None]:
+            return asyncio.run_coroutine_threadsafe(take_async(server, sock), loop)
 
         start_handoff(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop)
     port = next(iter(server.sockets)).getsockname()[1] if server.sockets and not config.socket else config.port
