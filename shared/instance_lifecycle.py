@@ -23,7 +23,7 @@ and the reaper's reaping alike (`obsolete`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -107,12 +107,13 @@ def holds(rec: InstanceRecord, claim_record: InstanceRecord) -> bool:
     )
 
 
-def hand_off(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
-    """The claimant handed the client's socket to the instance: flag its claim (`InstanceRecord.handed_off`)."""
+def hand_off(rec: InstanceRecord, claim_record: InstanceRecord, now: float) -> InstanceRecord:
+    """The claimant handed the client's socket to the instance at `now`: flag its claim (`InstanceRecord.handed_off`,
+    `handed_off_at`)."""
     _check("hand_off", rec, claim_record.instance_id)
     if not holds(rec, claim_record):
         raise Refused("hand_off", rec, "it no longer shows this claim")
-    return msgspec.structs.replace(rec, handed_off=True)
+    return msgspec.structs.replace(rec, handed_off=True, handed_off_at=now)
 
 
 def keep_claim(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
@@ -122,7 +123,7 @@ def keep_claim(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRec
     _check("keep_claim", rec, claim_record.instance_id)
     if not holds(rec, claim_record):
         raise Refused("keep_claim", rec, "it no longer shows this claim")
-    return msgspec.structs.replace(rec, handed_off=False)
+    return msgspec.structs.replace(rec, handed_off=False, handed_off_at=None)
 
 
 def release(
@@ -143,15 +144,14 @@ def release(
         raise Refused("release", rec, f"claimed by {rec.claimed_by}, not {by}")
     fresh = fn is not None and fn.manifest.scaling.fresh_per_stream and used
     if fn is None or obsolete(rec, fn) or fresh:
-        return msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None, handed_off=False)
+        return _unclaimed(rec, "draining")
+    return _unclaimed(rec, "free", last_used=now, streams_served=rec.streams_served + (streams if used else 0))
+
+
+def _unclaimed(rec: InstanceRecord, state: InstanceState, **changes: Any) -> InstanceRecord:
+    """`rec` in `state` with no claim: the claimant, its time and its handoff go together."""
     return msgspec.structs.replace(
-        rec,
-        state="free",
-        claimed_by=None,
-        claimed_at=None,
-        handed_off=False,
-        last_used=now,
-        streams_served=rec.streams_served + (streams if used else 0),
+        rec, state=state, claimed_by=None, claimed_at=None, handed_off=False, handed_off_at=None, **changes
     )
 
 
@@ -161,7 +161,7 @@ def drain(rec: InstanceRecord, *, busy_ok: bool = False, instance_id: str | None
     _check("drain", rec, instance_id)
     if rec.state == "busy" and not busy_ok:
         raise Refused("drain", rec, "it is carrying a stream")
-    return msgspec.structs.replace(rec, state="draining", claimed_by=None, claimed_at=None, handed_off=False)
+    return _unclaimed(rec, "draining")
 
 
 def mark_unhealthy(rec: InstanceRecord, *, by: str | None = None, instance_id: str | None = None) -> InstanceRecord:
@@ -171,7 +171,7 @@ def mark_unhealthy(rec: InstanceRecord, *, by: str | None = None, instance_id: s
     _check("mark_unhealthy", rec, instance_id)
     if rec.state == "busy" and rec.claimed_by != by:
         raise Refused("mark_unhealthy", rec, f"claimed by {rec.claimed_by}")
-    return msgspec.structs.replace(rec, state="unhealthy", claimed_by=None, claimed_at=None, handed_off=False)
+    return _unclaimed(rec, "unhealthy")
 
 
 def retire(rec: InstanceRecord, deadline: float | None, *, instance_id: str | None = None) -> InstanceRecord:

@@ -120,6 +120,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # instance, not in the proxy, so the reaper leaves the claim alone even once the proxy is dead; the instance
     # exits after such a stream unless its proxy acknowledged the end (and so settled the claim). Cleared by release.
     handed_off: bool = False
+    # When (the claimant's wall clock) the socket was handed over: the stream's start, from which the reaper times a
+    # dead proxy's handed-off stream against its longest duration. None when not handed off, or by an older proxy.
+    handed_off_at: float | None = None
     # Host path of the instance's handoff socket when it is not beside its Unix address (a Docker instance's
     # bind-mounted folder, controlplane/runtimes/handoffdir.py); "" = that, or none. A host path: never in a reply.
     handoff: str = ""

@@ -37,6 +37,7 @@ STOP_REASONS = frozenset(
         "dead_proxy",
         "lease_expired",
         "dead_host",
+        "overdue",
         # the proxy's
         "fresh_per_stream",
         "unhealthy",

@@ -140,7 +140,7 @@ class Holdings:
         """Flag the claim `handed_off` (the instance holds the client's socket): the reaper then leaves it alone
         should this replica die (aube.instance.handoff). The entry as now held; as before when it was not written
         (the stream goes on: only a crash of this replica meanwhile would let the reaper recycle the instance)."""
-        outcome = await self._apply(slot, partial(lifecycle.hand_off, claim_record=slot.record))
+        outcome = await self._apply(slot, partial(lifecycle.hand_off, claim_record=slot.record, now=time.time()))
         if not isinstance(outcome, Written):
             log.warning("could not flag %s as handed off: %s", slot.key, getattr(outcome, "why", outcome))
             return slot

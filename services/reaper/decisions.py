@@ -14,9 +14,11 @@ Which free instances are reaped, per function:
 - of a version newer than the record (an upload still in flight) or of a function without a record (not
   published yet, or already gone): only once idle longer than the idle timeout, never counted toward `min_free`.
 Busy instances are only touched when the proxy holding them is dead (invariant 4); then their stream state is
-unknown, so they are recycled rather than reused. A claim flagged `handed_off` is never touched: its stream lives
-in the instance, not in the dead proxy, and the instance exits once that stream ended unacknowledged (the control
-plane then removes its entry; aube.instance.handoff).
+unknown, so they are recycled rather than reused. A claim flagged `handed_off` is left alone: its stream lives in the
+instance, not in the dead proxy, and the instance exits once that stream ended unacknowledged (the control plane then
+removes its entry; aube.instance.handoff). But the instance runs the function's code, which can switch off its own
+check of the stream's longest duration, and with its proxy dead nothing else checks it: such a claim is drained
+(and its stream cut) once it is older than the function's `stream_max_duration` plus OVERDUE_GRACE.
 
 When is a proxy dead? Its lease must be past `renewed_at + ttl` by the clock AND this reaper must have seen that
 same lease revision, unchanged, for longer than `ttl` (plus FAILOVER_GRACE) of its own successful passes, each of
@@ -47,6 +49,7 @@ Reason = Literal[
     "dead_proxy",  # busy, claimed by a proxy without a live lease
     "lease_expired",  # a proxy lease past renewed_at + ttl
     "dead_host",  # placed on a host whose agent's lease expired (or is gone): the instance went with its host
+    "overdue",  # a dead proxy's handed-off stream past the function's longest duration plus OVERDUE_GRACE
 ]
 
 _DEFAULT_SCALING = ScalingSection()
@@ -118,6 +121,10 @@ HOST_MEMORY = "host:"  # prefix of a host lease's entry in `seen`
 # server), and only then renews. Without it the rig saw a live proxy or host judged dead, and its streams cut, when
 # its server was paused while the lease bucket's leader lived elsewhere.
 FAILOVER_GRACE = 2.0
+# Seconds past a handed-off stream's longest duration before the reaper cuts it (its proxy dead): an honest instance
+# closes the stream at the limit and exits within its acknowledgement wait (a few seconds) well before, and the
+# proxy's and the reaper's wall clocks may differ by a little.
+OVERDUE_GRACE = 10.0
 
 
 def plan(snapshot: Snapshot, seen: dict[str, Seen], now: float, policy: Policy) -> Plan:
@@ -133,7 +140,7 @@ def plan(snapshot: Snapshot, seen: dict[str, Seen], now: float, policy: Policy) 
     forgotten = {f.entry.key for f in lost}
     remaining = [i for i in snapshot.instances if i.key not in forgotten]
     actions.extend(idle_reaps(snapshot.functions, remaining, now))
-    actions.extend(orphaned_claims(remaining, live, now, policy.lease_grace))
+    actions.extend(orphaned_claims(snapshot.functions, remaining, live, now, policy.lease_grace))
     return Plan(actions=actions, seen={**lease_memory, **host_memory})
 
 
@@ -219,17 +226,34 @@ def idle_reaps(functions: dict[str, FunctionRecord], instances: list[InstanceEnt
     return drains
 
 
-def orphaned_claims(instances: list[InstanceEntry], live: set[str], now: float, lease_grace: float) -> list[Drain]:
-    """Busy instances whose proxy holds no live lease (and claimed longer than the grace): recycle them."""
+def orphaned_claims(
+    functions: dict[str, FunctionRecord], instances: list[InstanceEntry], live: set[str], now: float, lease_grace: float
+) -> list[Drain]:
+    """Busy instances whose proxy holds no live lease (and claimed longer than the grace): recycle them; a handed-off
+    one only once its stream is overdue (`overdue`)."""
     drains: list[Drain] = []
     for inst in instances:
         rec = inst.record
-        if rec.state != "busy" or (rec.claimed_by is not None and rec.claimed_by in live) or rec.handed_off:
+        if rec.state != "busy" or (rec.claimed_by is not None and rec.claimed_by in live):
+            continue
+        if rec.handed_off:
+            if overdue(rec, functions.get(rec.function), now):
+                drains.append(_drain(inst, "overdue", busy_ok=True))
             continue
         claimed_at = rec.claimed_at if rec.claimed_at is not None else rec.created_at
         if now - claimed_at > lease_grace:
             drains.append(_drain(inst, "dead_proxy", busy_ok=True))
     return drains
+
+
+def overdue(rec: InstanceRecord, fn: FunctionRecord | None, now: float) -> bool:
+    """Whether a handed-off stream is past its function's longest duration plus OVERDUE_GRACE. Not when the limit is
+    unknown (no function record: the control plane drains a deleted function's instances) or unset, nor when the
+    handoff time is (a claim flagged by an older proxy)."""
+    if fn is None or rec.handed_off_at is None:
+        return False
+    longest = fn.manifest.limits.stream_max_duration
+    return longest > 0 and now - rec.handed_off_at > longest + OVERDUE_GRACE
 
 
 def _scaling(fn: FunctionRecord | None) -> ScalingSection:

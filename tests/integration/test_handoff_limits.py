@@ -6,7 +6,8 @@ in the function's own process, so the function can switch that off: these functi
 parser to drop the limits, or its stream watcher never to report the end. The proxy enforces the limits from what the
 function cannot reach (its copy of the client's socket: the kernel's count of the connection's quiet time, and the
 time since the handoff) and cuts the stream; an instance that does not report the end after the cut is marked
-unhealthy and replaced, never handed to the next client. Without the proxy's check these streams never end.
+unhealthy and replaced, never handed to the next client. Without the proxy's check these streams never end. With the
+proxy killed, the reaper cuts such a stream once past its longest duration plus its grace (reaper/decisions.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from support import exchange, nats_client, proxy_metrics, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from aube.reaper.decisions import OVERDUE_GRACE
 from aube.shared import names
 from aube.shared.bus import request
 from aube.shared.registry import Registry
@@ -92,9 +94,9 @@ async def states(registry: Registry, name: str) -> dict[str, tuple[str, bool]]:
     return {e.record.instance_id: (e.record.state, e.record.handed_off) for e in await registry.instances(name)}
 
 
-async def talk_until_cut(conn: ClientConnection) -> None:
-    """Exchange a message every 0.2 s until the connection is closed (fails after 20 s)."""
-    with anyio.fail_after(20):
+async def talk_until_cut(conn: ClientConnection, limit: float = 20) -> None:
+    """Exchange a message every 0.2 s until the connection is closed (fails after `limit` seconds)."""
+    with anyio.fail_after(limit):
         while True:
             try:
                 await exchange(conn, "x")
@@ -162,3 +164,29 @@ async def test_an_instance_that_reports_no_end_after_the_cut_is_replaced(platfor
         await wait_free(registry, "clinger", 1)
         async with ws(port, "clinger") as conn:
             assert (await exchange(conn, "x"))["instance"] != first
+
+
+async def test_the_reaper_cuts_an_overdue_stream_whose_proxy_died(platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A handed-off stream outlives its proxy (test_handoff.py); with the function's own check off, nothing but the
+    reaper is left to end it past its longest duration."""
+    lease = 2.0
+    await platform.start_controlplane()
+    reaper = platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.5", AUBE_LEASE_TTL=str(lease))
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto", AUBE_LEASE_TTL=str(lease))
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, tmp_path, "outlast", UNLIMITED, "stream_max_duration = 3")
+        async with ws(port, "outlast") as conn:
+            started = time.monotonic()
+            instance = (await exchange(conn, "x"))["instance"]
+            with anyio.fail_after(10):
+                while (await states(registry, "outlast")).get(instance) != ("busy", True):
+                    await anyio.sleep(0.05)
+            proxy.kill9()
+            await talk_until_cut(conn, limit=60)
+            took = time.monotonic() - started
+        print(f"max_duration 3 s, evaded by the function, its proxy killed: cut by the reaper after {took:.2f} s")
+        assert took >= 3 + OVERDUE_GRACE
+        with anyio.fail_after(30):
+            while instance in await states(registry, "outlast"):
+                await anyio.sleep(0.1)
+        assert f"reaping outlast instance {instance} (overdue)" in reaper.log_text()

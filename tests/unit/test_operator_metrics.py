@@ -92,6 +92,7 @@ def test_head_gets_no_body() -> None:
         ("making room for a new version", "making_room_for_a_new_version"),
         ("idle", "idle"),
         ("dead_proxy", "dead_proxy"),
+        ("overdue", "overdue"),
         ("fresh_per_stream", "fresh_per_stream"),
         ("unreachable (settled after a registry outage)", "unhealthy"),
         ("no answer to a request head", "unhealthy"),

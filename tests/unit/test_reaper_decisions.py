@@ -10,6 +10,7 @@ from aube.reaper.decisions import (
     FAILOVER_GRACE,
     HOST_MEMORY,
     LEASE_MEMORY,
+    OVERDUE_GRACE,
     DeleteHost,
     DeleteLease,
     Drain,
@@ -22,7 +23,15 @@ from aube.reaper.decisions import (
 )
 from aube.shared.hostbook import HostEntry
 from aube.shared.registry import InstanceEntry, LeaseEntry
-from aube.shared.schemas import FunctionRecord, HostLease, InstanceRecord, Manifest, ProxyLease, ScalingSection
+from aube.shared.schemas import (
+    FunctionRecord,
+    HostLease,
+    InstanceRecord,
+    LimitsSection,
+    Manifest,
+    ProxyLease,
+    ScalingSection,
+)
 
 NOW = 10_000.0
 POLICY = Policy(lease_grace=6.0)
@@ -227,6 +236,26 @@ def test_a_handed_off_claim_of_a_dead_proxy_is_left_to_its_instance() -> None:
         inst(3, state="busy", claimed_by="gone", claimed_at=NOW - 200, handed_off=True),
     ]
     assert drained(run(instances, leases=leases, seen=watched(leases))) == {"echo.2": "dead_proxy"}
+
+
+def test_a_dead_proxys_handed_off_stream_is_cut_once_past_its_longest_duration() -> None:
+    """The instance enforces the longest duration itself, but it runs the function's code, which can switch that
+    off; with its proxy dead, only the reaper is left to end such a stream."""
+    limited = msgspec.structs.replace(fn(), manifest=Manifest(limits=LimitsSection(stream_max_duration=60)))
+    leases = [lease("dead", renewed_at=NOW - 100)]
+    past = NOW - 60 - OVERDUE_GRACE
+    instances = [
+        inst(1, state="busy", claimed_by="dead", claimed_at=past - 5, handed_off=True, handed_off_at=past - 1),
+        inst(2, state="busy", claimed_by="dead", claimed_at=past - 5, handed_off=True, handed_off_at=past + 1),
+        inst(3, state="busy", claimed_by="dead", claimed_at=past - 5, handed_off=True),  # by an older proxy
+        inst(4, state="busy", claimed_by="alive", claimed_at=past - 5, handed_off=True, handed_off_at=past - 1),
+    ]
+    leases.append(lease("alive", renewed_at=NOW))
+    p = run(instances, [limited], leases=leases, seen=watched(leases))
+    assert drained(p) == {"echo.1": "overdue"}
+    assert all(a.busy_ok for a in p.actions if isinstance(a, Drain))
+    # No longest duration set: the stream may last as long as it likes.
+    assert drained(run(instances, leases=leases, seen=watched(leases))) == {}
 
 
 def test_busy_instance_of_a_proxy_without_any_lease_is_recycled_after_the_grace() -> None:
