@@ -107,13 +107,13 @@ def holds(rec: InstanceRecord, claim_record: InstanceRecord) -> bool:
     )
 
 
-def hand_off(rec: InstanceRecord, claim_record: InstanceRecord, now: float) -> InstanceRecord:
-    """The claimant handed the client's socket to the instance at `now`: flag its claim (`InstanceRecord.handed_off`,
-    `handed_off_at`)."""
+def hand_off(rec: InstanceRecord, claim_record: InstanceRecord, until: float | None) -> InstanceRecord:
+    """The claimant handed the client's socket to the instance, whose stream may last `until` (None: no longest
+    duration): flag its claim (`InstanceRecord.handed_off`, `handed_off_until`)."""
     _check("hand_off", rec, claim_record.instance_id)
     if not holds(rec, claim_record):
         raise Refused("hand_off", rec, "it no longer shows this claim")
-    return msgspec.structs.replace(rec, handed_off=True, handed_off_at=now)
+    return msgspec.structs.replace(rec, handed_off=True, handed_off_until=until)
 
 
 def keep_claim(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
@@ -123,7 +123,7 @@ def keep_claim(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRec
     _check("keep_claim", rec, claim_record.instance_id)
     if not holds(rec, claim_record):
         raise Refused("keep_claim", rec, "it no longer shows this claim")
-    return msgspec.structs.replace(rec, handed_off=False, handed_off_at=None)
+    return msgspec.structs.replace(rec, handed_off=False, handed_off_until=None)
 
 
 def release(
@@ -151,7 +151,7 @@ def release(
 def _unclaimed(rec: InstanceRecord, state: InstanceState, **changes: Any) -> InstanceRecord:
     """`rec` in `state` with no claim: the claimant, its time and its handoff go together."""
     return msgspec.structs.replace(
-        rec, state=state, claimed_by=None, claimed_at=None, handed_off=False, handed_off_at=None, **changes
+        rec, state=state, claimed_by=None, claimed_at=None, handed_off=False, handed_off_until=None, **changes
     )
 
 

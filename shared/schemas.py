@@ -117,12 +117,14 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # plane's own runtime (a single machine). A host whose lease expires takes its instances with it (the reaper).
     host: str = ""
     # The claimant handed the client's own socket to the instance (aube.instance.handoff): the stream lives in the
-    # instance, not in the proxy, so the reaper leaves the claim alone even once the proxy is dead; the instance
-    # exits after such a stream unless its proxy acknowledged the end (and so settled the claim). Cleared by release.
+    # instance, not in the proxy, so the reaper leaves the claim alone even once the proxy is dead (until
+    # `handed_off_until`); the instance exits after such a stream unless its proxy acknowledged the end (and so
+    # settled the claim). Cleared, with the next field, whenever the claim goes or is kept after its stream.
     handed_off: bool = False
-    # When (the claimant's wall clock) the socket was handed over: the stream's start, from which the reaper times a
-    # dead proxy's handed-off stream against its longest duration. None when not handed off, or by an older proxy.
-    handed_off_at: float | None = None
+    # When the stream's longest duration ends (the claimant's wall clock: the handoff plus the limit it passed to the
+    # instance): past it, the reaper cuts a dead proxy's handed-off stream. None: no longest duration, not handed
+    # off, or flagged by an older proxy.
+    handed_off_until: float | None = None
     # Host path of the instance's handoff socket when it is not beside its Unix address (a Docker instance's
     # bind-mounted folder, controlplane/runtimes/handoffdir.py); "" = that, or none. A host path: never in a reply.
     handoff: str = ""

@@ -29,9 +29,10 @@ Closing the received socket shuts it down first: the proxy keeps a copy of it (t
 judges hung), so closing this one alone would not end the connection.
 
 A proxy that dies (kill -9) does not end the stream: the socket lives here. Who then accounts for the instance: the
-proxy's claim stays in the registry, flagged `handed_off`, and the reaper leaves such a claim alone; the instance,
-when a handed-off stream ends without the proxy's ack within `ack_wait` (the proxy is gone), exits, and the control
-plane removes the entry of an instance that exited. So the claim is never given to another client while the stream
+proxy's claim stays in the registry, flagged `handed_off`, and the reaper leaves such a claim alone (until the stream
+is 10 s past the longest duration passed here: the function can stop this module enforcing it); the instance, when a
+handed-off stream ends without the proxy's ack within `ack_wait` (the proxy is gone), exits, and the control plane
+removes the entry of an instance that exited. So the claim is never given to another client while the stream
 lasts, and the slot comes back once it ended (docs/handoff.md).
 
 Only the standard library here: this module ships into every function image with the rest of `aube.instance`.

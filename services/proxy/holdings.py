@@ -136,11 +136,13 @@ class Holdings:
         await self.mark_unhealthy(slot, "handler still running after its stream")
         return False
 
-    async def flag_handed_off(self, slot: InstanceEntry) -> InstanceEntry:
-        """Flag the claim `handed_off` (the instance holds the client's socket): the reaper then leaves it alone
-        should this replica die (aube.instance.handoff). The entry as now held; as before when it was not written
-        (the stream goes on: only a crash of this replica meanwhile would let the reaper recycle the instance)."""
-        outcome = await self._apply(slot, partial(lifecycle.hand_off, claim_record=slot.record, now=time.time()))
+    async def flag_handed_off(self, slot: InstanceEntry, longest: float | None) -> InstanceEntry:
+        """Flag the claim `handed_off` (the instance holds the client's socket), with the end of its longest duration
+        `longest` (as passed to the instance; None: none): should this replica die, the reaper leaves it alone until
+        then (aube.instance.handoff). The entry as now held; as before when it was not written (the stream goes on:
+        only a crash of this replica meanwhile would let the reaper recycle the instance)."""
+        until = None if longest is None else time.time() + longest
+        outcome = await self._apply(slot, partial(lifecycle.hand_off, claim_record=slot.record, until=until))
         if not isinstance(outcome, Written):
             log.warning("could not flag %s as handed off: %s", slot.key, getattr(outcome, "why", outcome))
             return slot

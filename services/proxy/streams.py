@@ -134,7 +134,7 @@ class Streams:
         kept: InstanceEntry | None = None  # the claim, unflagged, to keep once the instance is acknowledged
         enforced: str | None = None  # the limit the proxy cut the stream for (past_limits)
         try:
-            slot = await self.holdings.flag_handed_off(slot)
+            slot = await self.holdings.flag_handed_off(slot, handed.limits[1])
             async with anyio.create_task_group() as tg:
 
                 async def end_when_gone() -> None:

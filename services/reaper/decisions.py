@@ -18,7 +18,8 @@ unknown, so they are recycled rather than reused. A claim flagged `handed_off` i
 instance, not in the dead proxy, and the instance exits once that stream ended unacknowledged (the control plane then
 removes its entry; aube.instance.handoff). But the instance runs the function's code, which can switch off its own
 check of the stream's longest duration, and with its proxy dead nothing else checks it: such a claim is drained
-(and its stream cut) once it is older than the function's `stream_max_duration` plus OVERDUE_GRACE.
+(and its stream cut) once OVERDUE_GRACE past the end of the longest duration its proxy passed to the instance
+(`handed_off_until`: the limit the stream started with, whatever a redeploy set since).
 
 When is a proxy dead? Its lease must be past `renewed_at + ttl` by the clock AND this reaper must have seen that
 same lease revision, unchanged, for longer than `ttl` (plus FAILOVER_GRACE) of its own successful passes, each of
@@ -49,7 +50,7 @@ Reason = Literal[
     "dead_proxy",  # busy, claimed by a proxy without a live lease
     "lease_expired",  # a proxy lease past renewed_at + ttl
     "dead_host",  # placed on a host whose agent's lease expired (or is gone): the instance went with its host
-    "overdue",  # a dead proxy's handed-off stream past the function's longest duration plus OVERDUE_GRACE
+    "overdue",  # a dead proxy's handed-off stream OVERDUE_GRACE past the longest duration it started with
 ]
 
 _DEFAULT_SCALING = ScalingSection()
@@ -140,7 +141,7 @@ def plan(snapshot: Snapshot, seen: dict[str, Seen], now: float, policy: Policy) 
     forgotten = {f.entry.key for f in lost}
     remaining = [i for i in snapshot.instances if i.key not in forgotten]
     actions.extend(idle_reaps(snapshot.functions, remaining, now))
-    actions.extend(orphaned_claims(snapshot.functions, remaining, live, now, policy.lease_grace))
+    actions.extend(orphaned_claims(remaining, live, now, policy.lease_grace))
     return Plan(actions=actions, seen={**lease_memory, **host_memory})
 
 
@@ -226,34 +227,22 @@ def idle_reaps(functions: dict[str, FunctionRecord], instances: list[InstanceEnt
     return drains
 
 
-def orphaned_claims(
-    functions: dict[str, FunctionRecord], instances: list[InstanceEntry], live: set[str], now: float, lease_grace: float
-) -> list[Drain]:
+def orphaned_claims(instances: list[InstanceEntry], live: set[str], now: float, lease_grace: float) -> list[Drain]:
     """Busy instances whose proxy holds no live lease (and claimed longer than the grace): recycle them; a handed-off
-    one only once its stream is overdue (`overdue`)."""
+    one only once its stream is OVERDUE_GRACE past its longest duration."""
     drains: list[Drain] = []
     for inst in instances:
         rec = inst.record
         if rec.state != "busy" or (rec.claimed_by is not None and rec.claimed_by in live):
             continue
         if rec.handed_off:
-            if overdue(rec, functions.get(rec.function), now):
+            if rec.handed_off_until is not None and now > rec.handed_off_until + OVERDUE_GRACE:
                 drains.append(_drain(inst, "overdue", busy_ok=True))
             continue
         claimed_at = rec.claimed_at if rec.claimed_at is not None else rec.created_at
         if now - claimed_at > lease_grace:
             drains.append(_drain(inst, "dead_proxy", busy_ok=True))
     return drains
-
-
-def overdue(rec: InstanceRecord, fn: FunctionRecord | None, now: float) -> bool:
-    """Whether a handed-off stream is past its function's longest duration plus OVERDUE_GRACE. Not when the limit is
-    unknown (no function record: the control plane drains a deleted function's instances) or unset, nor when the
-    handoff time is (a claim flagged by an older proxy)."""
-    if fn is None or rec.handed_off_at is None:
-        return False
-    longest = fn.manifest.limits.stream_max_duration
-    return longest > 0 and now - rec.handed_off_at > longest + OVERDUE_GRACE
 
 
 def _scaling(fn: FunctionRecord | None) -> ScalingSection:

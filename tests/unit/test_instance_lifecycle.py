@@ -46,7 +46,7 @@ def attempt(transition: lifecycle.Transition, r: InstanceRecord, instance_id: st
         return lifecycle.claim(r, "p1", 5.0, instance_id=instance_id)
     if transition == "hand_off":
         claim = msgspec.structs.replace(r, instance_id=instance_id or r.instance_id)
-        return lifecycle.hand_off(r, claim, 5.0)
+        return lifecycle.hand_off(r, claim, 65.0)
     if transition == "keep_claim":
         claim = msgspec.structs.replace(r, instance_id=instance_id or r.instance_id)
         return lifecycle.keep_claim(r, claim)
@@ -99,14 +99,14 @@ def test_release_frees_with_last_used_and_counts_the_stream() -> None:
 
 def test_hand_off_flags_only_the_very_claim_and_release_clears_it() -> None:
     busy = rec("busy")
-    flagged = lifecycle.hand_off(busy, busy, 5.0)
+    flagged = lifecycle.hand_off(busy, busy, 65.0)
     assert flagged.handed_off and lifecycle.holds(flagged, busy)  # the claim itself is unchanged
-    assert flagged.handed_off_at == 5.0  # the stream's start, which the reaper times a dead proxy's stream from
+    assert flagged.handed_off_until == 65.0  # the end of its longest duration: the reaper's deadline should it die
     with pytest.raises(lifecycle.Refused):
-        lifecycle.hand_off(busy, msgspec.structs.replace(busy, claimed_at=2.0), 5.0)  # another claim of the slot
+        lifecycle.hand_off(busy, msgspec.structs.replace(busy, claimed_at=2.0), 65.0)  # another claim of the slot
     assert not lifecycle.release(flagged, fn(), 5.0, by="p1").handed_off
     assert not lifecycle.release(flagged, fn(fresh=True), 5.0, by="p1").handed_off
-    assert lifecycle.release(flagged, fn(), 5.0, by="p1").handed_off_at is None
+    assert lifecycle.release(flagged, fn(), 5.0, by="p1").handed_off_until is None
 
 
 def test_keep_claim_clears_the_flag_and_keeps_the_very_claim() -> None:
@@ -114,12 +114,12 @@ def test_keep_claim_clears_the_flag_and_keeps_the_very_claim() -> None:
     reaper may then recycle the claim, which carries no stream, like a relayed one's) and keeps the claim, so the
     next client is served with no claim write and a later release still counts and clears as usual."""
     busy = rec("busy", streams_served=3)
-    flagged = lifecycle.hand_off(busy, busy, 5.0)
+    flagged = lifecycle.hand_off(busy, busy, 65.0)
     assert lifecycle.reusable(fn(), flagged)  # the relay's decision to keep applies to a handed-off claim as is
     kept = lifecycle.keep_claim(flagged, busy)
     assert kept == busy  # the claim as written, the flag gone, nothing counted yet
     assert lifecycle.holds(kept, busy) and lifecycle.holds(kept, flagged)
-    assert lifecycle.hand_off(kept, kept, 6.0).handed_off  # the next handed-off stream flags it again
+    assert lifecycle.hand_off(kept, kept, None).handed_off  # the next handed-off stream flags it again
     assert lifecycle.release(kept, fn(), 5.0, by="p1", streams=2).streams_served == 5
     with pytest.raises(lifecycle.Refused, match="no longer shows this claim"):
         lifecycle.keep_claim(flagged, msgspec.structs.replace(busy, claimed_at=2.0))  # another claim of the slot
@@ -135,16 +135,16 @@ def test_marking_a_handed_off_claim_unhealthy_or_draining_it_clears_the_flag() -
     """A hung instance of a handed-off stream is marked unhealthy by its proxy: the flag must go with the claim, or
     the entry would read as a live handed-off stream (which the reaper leaves alone) for as long as it lasts."""
     busy = rec("busy")
-    flagged = lifecycle.hand_off(busy, busy, 5.0)
+    flagged = lifecycle.hand_off(busy, busy, 65.0)
     unhealthy = lifecycle.mark_unhealthy(flagged, by="p1")
-    assert (unhealthy.state, unhealthy.claimed_by, unhealthy.handed_off, unhealthy.handed_off_at) == (
+    assert (unhealthy.state, unhealthy.claimed_by, unhealthy.handed_off, unhealthy.handed_off_until) == (
         "unhealthy",
         None,
         False,
         None,
     )
     drained = lifecycle.drain(flagged, busy_ok=True)
-    assert (drained.state, drained.handed_off, drained.handed_off_at) == ("draining", False, None)
+    assert (drained.state, drained.handed_off, drained.handed_off_until) == ("draining", False, None)
 
 
 def test_release_drains_what_must_not_serve_again() -> None:

@@ -240,22 +240,21 @@ def test_a_handed_off_claim_of_a_dead_proxy_is_left_to_its_instance() -> None:
 
 def test_a_dead_proxys_handed_off_stream_is_cut_once_past_its_longest_duration() -> None:
     """The instance enforces the longest duration itself, but it runs the function's code, which can switch that
-    off; with its proxy dead, only the reaper is left to end such a stream."""
-    limited = msgspec.structs.replace(fn(), manifest=Manifest(limits=LimitsSection(stream_max_duration=60)))
-    leases = [lease("dead", renewed_at=NOW - 100)]
-    past = NOW - 60 - OVERDUE_GRACE
+    off; with its proxy dead, only the reaper is left to end such a stream. It goes by the end its proxy recorded
+    (the limit the stream started with): a redeploy's shorter limit (60 s here) does not cut an older stream."""
+    shorter = msgspec.structs.replace(fn(), manifest=Manifest(limits=LimitsSection(stream_max_duration=60)))
+    leases = [lease("dead", renewed_at=NOW - 100), lease("alive", renewed_at=NOW)]
+    ended = NOW - OVERDUE_GRACE  # the longest duration ended this long ago
     instances = [
-        inst(1, state="busy", claimed_by="dead", claimed_at=past - 5, handed_off=True, handed_off_at=past - 1),
-        inst(2, state="busy", claimed_by="dead", claimed_at=past - 5, handed_off=True, handed_off_at=past + 1),
-        inst(3, state="busy", claimed_by="dead", claimed_at=past - 5, handed_off=True),  # by an older proxy
-        inst(4, state="busy", claimed_by="alive", claimed_at=past - 5, handed_off=True, handed_off_at=past - 1),
+        inst(1, state="busy", claimed_by="dead", claimed_at=NOW - 9000, handed_off=True, handed_off_until=ended - 1),
+        inst(2, state="busy", claimed_by="dead", claimed_at=NOW - 9000, handed_off=True, handed_off_until=ended + 1),
+        inst(3, state="busy", claimed_by="dead", claimed_at=NOW - 9000, handed_off=True),  # no longest duration
+        inst(4, state="busy", claimed_by="alive", claimed_at=NOW - 9000, handed_off=True, handed_off_until=ended - 1),
     ]
-    leases.append(lease("alive", renewed_at=NOW))
-    p = run(instances, [limited], leases=leases, seen=watched(leases))
-    assert drained(p) == {"echo.1": "overdue"}
-    assert all(a.busy_ok for a in p.actions if isinstance(a, Drain))
-    # No longest duration set: the stream may last as long as it likes.
-    assert drained(run(instances, leases=leases, seen=watched(leases))) == {}
+    for functions in ([fn()], [shorter], []):
+        p = run(instances, functions, leases=leases, seen=watched(leases))
+        assert drained(p) == {"echo.1": "overdue"}
+        assert all(a.busy_ok for a in p.actions if isinstance(a, Drain))
 
 
 def test_busy_instance_of_a_proxy_without_any_lease_is_recycled_after_the_grace() -> None:
