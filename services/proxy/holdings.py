@@ -104,16 +104,18 @@ class Holdings:
 
     async def settle_handed_off(
         self, slot: InstanceEntry, keeps: Callable[[InstanceEntry], bool]
-    ) -> InstanceEntry | None:
+    ) -> InstanceEntry | Unknown | None:
         """`release_when_done` after a handed-off stream, before its instance is acknowledged. An instance that
         `keeps` would keep (reserve.py: what the relay keeps) keeps its claim, unflagged (`lifecycle.keep_claim`: the
         one compare-and-set, in place of the release): that entry is returned, for the caller to keep once the
-        instance is acknowledged. None: released (or drained), marked unhealthy, or no longer ours."""
+        instance is acknowledged. None: released (or drained), marked unhealthy, or no longer ours. Unknown: the
+        registry did not answer; the claim, still flagged, is settled once it does (`unsettled`), and meanwhile the
+        instance must not be acknowledged: should this replica die first, the flag would hold an idle instance for
+        ever, while an instance without the ack exits (and its entry goes)."""
         if not await self._handler_returned(slot):
             return None
         if not keeps(slot):
-            await self.release(slot, used=True)
-            return None
+            return await self.release(slot, used=True)
         claim = slot.record
         outcome = await self._apply(slot, partial(lifecycle.keep_claim, claim_record=claim))
         if isinstance(outcome, Written):
@@ -124,8 +126,9 @@ class Holdings:
             # Flagged or not, the claim is still ours: settled (released) once the registry answers, as a release is.
             log.warning("unflagging %s failed (%s); released once the registry answers", slot.key, outcome.error)
             self.unsettled.add(slot.key, claim, used=True)
-        else:
-            log.debug("%s not kept (%s): nothing to do", slot.key, outcome.why)
+            self.forget(slot)
+            return outcome
+        log.debug("%s not kept (%s): nothing to do", slot.key, outcome.why)
         self.forget(slot)
         return None
 
@@ -159,10 +162,11 @@ class Holdings:
         self.held.pop(slot.key, None)
         self.streams_carried.pop(slot.key, None)
 
-    async def release(self, slot: InstanceEntry, *, used: bool) -> None:
+    async def release(self, slot: InstanceEntry, *, used: bool) -> Unknown | None:
         """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again.
 
-        A registry that does not answer leaves the outcome unknown: the claim is settled once it answers again."""
+        A registry that does not answer leaves the outcome unknown (returned): the claim is settled once it answers
+        again."""
         claim = slot.record
         streams = self.streams_carried.get(slot.key, 1 if used else 0)
 
@@ -177,7 +181,8 @@ class Holdings:
             if isinstance(outcome, Unknown):
                 log.warning("release of %s failed (%s); settled once the registry answers", slot.key, outcome.error)
                 self.unsettled.add(slot.key, claim, used=used)
-            elif isinstance(outcome, NotWritten):
+                return outcome
+            if isinstance(outcome, NotWritten):
                 log.debug("%s not released (%s): nothing to do", slot.key, outcome.why)
             elif outcome.entry.record.state == "draining":
                 rec = outcome.entry.record
@@ -187,6 +192,7 @@ class Holdings:
                 log.debug("released %s -> free", slot.key)
         finally:
             self.forget(slot)
+        return None
 
     async def _apply(
         self, slot: InstanceEntry, change: Callable[[InstanceRecord], InstanceRecord]

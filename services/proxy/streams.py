@@ -30,7 +30,7 @@ from aube.proxy.metrics import Metrics
 from aube.proxy.pool import Pool
 from aube.proxy.relay import ClientSide, UpstreamSide
 from aube.proxy.reserve import Reserve
-from aube.shared.registry import InstanceEntry
+from aube.shared.registry import InstanceEntry, Unknown
 from aube.shared.settings import ProxySettings
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class Streams:
         settled = False
         kept: InstanceEntry | None = None  # the claim, unflagged, to keep once the instance is acknowledged
         enforced: str | None = None  # the limit the proxy cut the stream for (past_limits)
+        unwritten = False  # the claim's settlement is not written yet (the registry did not answer)
         try:
             slot = await self.holdings.flag_handed_off(slot, handed.limits[1])
             async with anyio.create_task_group() as tg:
@@ -182,9 +183,15 @@ class Streams:
                     elif gone.is_set():
                         self.holdings.forget(slot)  # nothing left to release
                     else:
-                        kept = await self.holdings.settle_handed_off(slot, self.reserve.keeps)
+                        settlement = await self.holdings.settle_handed_off(slot, self.reserve.keeps)
+                        # Not written yet (the registry did not answer): no ack, so the instance exits rather than
+                        # wait, idle and flagged, on a release this replica may die before it writes.
+                        if isinstance(settlement, Unknown):
+                            unwritten = True
+                        else:
+                            kept = settlement
                     settled = True
-                acknowledged = settled and reason != "instance_silent" and await handed.acknowledge()
+                acknowledged = settled and not unwritten and reason != "instance_silent" and await handed.acknowledge()
                 if kept is not None and not (acknowledged and self.reserve.keep(kept)):
                     # Not acknowledged (it exits), or the reserve closed meanwhile: released as it would have been.
                     with anyio.move_on_after(2 * REQUEST_TIMEOUT):
