@@ -8,7 +8,7 @@ Only the standard library and websockets here: this module ships into every func
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import hashlib
 import hmac
 import json
@@ -29,7 +29,7 @@ from websockets.typing import Subprotocol
 
 from aube.instance.config import LISTENING_MARKER, SECRET_HEADER, SECRET_SHA256_ENV, InstanceConfig
 from aube.instance.handlers import exception_reason
-from aube.instance.handoff import HandedOffSocket, HandoffListener, Serve, in_thread, take_async
+from aube.instance.handoff import HandedOffSocket, HandoffListener, Serve, in_thread, on_loop, take_async
 from aube.instance.shutdown import Stopper
 from aube.instance.slot import StreamSlot
 
@@ -37,13 +37,18 @@ logger = logging.getLogger(__name__)
 
 
 def start_handoff(
-    path: str, secret_sha256: str, serve: Serve, busy: Callable[[], bool], orphaned: Callable[[], None]
+    path: str,
+    secret_sha256: str,
+    serve: Serve,
+    slot: StreamSlot,
+    orphaned: Callable[[], None],
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> None:
-    """Take handed-off clients on `path`; an instance that cannot listen there is relayed, it does not fail (a
-    control plane in a container gave it a folder the engine made on its own host, which the instance cannot
-    write)."""
+    """Take handed-off clients on `path` (on `loop`, which `serve` serves on, when given: HandoffListener); an
+    instance that cannot listen there is relayed, it does not fail (a control plane in a container gave it a folder
+    the engine made on its own host, which the instance cannot write)."""
     try:
-        HandoffListener(path, secret_sha256, serve, busy, orphaned).start()
+        HandoffListener(path, secret_sha256, serve, slot, orphaned).start(loop)
     except OSError as e:
         logger.warning("no socket handoff (clients are relayed): cannot listen on %s: %s", path, e)
 
@@ -358,7 +363,7 @@ def serve_sync(
         server = sserver.serve(handler, config.host, config.port, **options)
     if config.handoff:
         serve_handed_off = in_thread(lambda sock: server.handler(sock, ("handoff", 0)))
-        start_handoff(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop)
+        start_handoff(config.handoff, config.secret_sha256, serve_handed_off, slot, stopper.stop)
     announce(config, "sync", 0 if config.socket else server.socket.getsockname()[1])
     thread = threading.Thread(target=server.serve_forever, name="aube-accept", daemon=True)
     thread.start()
@@ -439,11 +444,8 @@ async def serve_async(
     else:
         server = await aserver.serve(handler, config.host, config.port, **options)
     if config.handoff:
-
-        def serve_handed_off(sock: HandedOffSocket) -> concurrent.futures.Future[None]:
-            return asyncio.run_coroutine_threadsafe(take_async(server, sock), loop)
-
-        start_handoff(config.handoff, config.secret_sha256, serve_handed_off, lambda: slot.busy, stopper.stop)
+        serve_handed_off = on_loop(loop, functools.partial(take_async, server))
+        start_handoff(config.handoff, config.secret_sha256, serve_handed_off, slot, stopper.stop, loop)
     port = next(iter(server.sockets)).getsockname()[1] if server.sockets and not config.socket else config.port
     announce(config, "asyncio", 0 if config.socket else port)
     await stop.wait()

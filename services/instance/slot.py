@@ -22,6 +22,7 @@ class StreamSlot:
         self._clock = clock
         self._pending_timeout = pending_timeout
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)  # notified whenever the slot is given back
         self._owner: object | None = None
         self._pending_since: float | None = None  # None once the owner's handler runs
         self._served = 0
@@ -80,6 +81,12 @@ class StreamSlot:
             if self._owner is owner:
                 self._owner = None
                 self._pending_since = None
+                self._freed.notify_all()
+
+    def wait_free(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the slot to be free (a stream's handler to return); whether it is."""
+        with self._lock:
+            return self._freed.wait_for(self._free_locked, timeout)
 
     def abandon(self, owner: object) -> None:
         """`owner`'s connection closed: a claim of it still pending (its handshake died, so no handler will run)
@@ -88,6 +95,7 @@ class StreamSlot:
             if self._owner is owner and self._pending_since is not None:
                 self._owner = None
                 self._pending_since = None
+                self._freed.notify_all()
 
     def health(self, instance_id: str) -> dict[str, object]:
         with self._lock:

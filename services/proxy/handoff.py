@@ -43,7 +43,7 @@ from typing import Literal
 
 import anyio
 
-from aube.instance.handoff import encode_offer
+from aube.instance.handoff_wire import encode_offer
 from aube.proxy import decisions
 from aube.proxy.relay import ClientSide
 
@@ -83,10 +83,11 @@ class HandedOff:
     beats: bool = False  # the instance answers heartbeats (one that does not is never judged by them)
     started: float = field(default_factory=anyio.current_time)
     heard: float = field(default_factory=anyio.current_time)  # the instance's last word on the control connection
+    handler_returned: bool = False  # the instance said, with the end, that its stream's handler has returned
 
     async def ended(self) -> str:
-        """Wait for the instance's report of the stream's end: why it ended ("instance_gone": the connection broke).
-        Heartbeat answers met on the way are noted (`heard`)."""
+        """Wait for the instance's report of the stream's end: why it ended ("instance_gone": the connection broke),
+        and whether its handler returned (`handler_returned`). Heartbeat answers met on the way are noted (`heard`)."""
         try:
             while True:
                 line = await self.reader.readline()
@@ -95,6 +96,7 @@ class HandedOff:
                 said = json.loads(line)
                 self.heard = anyio.current_time()
                 if not said.get("beat"):
+                    self.handler_returned = said.get("free") is True
                     return str(said["ended"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return "instance_gone"

@@ -103,7 +103,7 @@ class Holdings:
         await self.release(slot, used=True)
 
     async def settle_handed_off(
-        self, slot: InstanceEntry, keeps: Callable[[InstanceEntry], bool]
+        self, slot: InstanceEntry, keeps: Callable[[InstanceEntry], bool], *, handler_returned: bool = False
     ) -> InstanceEntry | Unknown | None:
         """`release_when_done` after a handed-off stream, before its instance is acknowledged. An instance that
         `keeps` would keep (reserve.py: what the relay keeps) keeps its claim, unflagged (`lifecycle.keep_claim`: the
@@ -111,8 +111,12 @@ class Holdings:
         instance is acknowledged. None: released (or drained), marked unhealthy, or no longer ours. Unknown: the
         registry did not answer; the claim, still flagged, is settled once it does (`unsettled`), and meanwhile the
         instance must not be acknowledged: should this replica die first, the flag would hold an idle instance for
-        ever, while an instance without the ack exits (and its entry goes)."""
-        if not await self._handler_returned(slot):
+        ever, while an instance without the ack exits (and its entry goes).
+
+        `handler_returned`: the instance said so with the stream's end, so it is not asked again (its health): it
+        would answer from the same process. Should it lie, the next client's offer finds its slot still taken and
+        is refused as busy (aube.instance.handoff), so exclusivity does not rest on the word."""
+        if not handler_returned and not await self._handler_returned(slot):
             return None
         if not keeps(slot):
             return await self.release(slot, used=True)

@@ -183,7 +183,9 @@ class Streams:
                     elif gone.is_set():
                         self.holdings.forget(slot)  # nothing left to release
                     else:
-                        settlement = await self.holdings.settle_handed_off(slot, self.reserve.keeps)
+                        settlement = await self.holdings.settle_handed_off(
+                            slot, self.reserve.keeps, handler_returned=handed.handler_returned
+                        )
                         # Not written yet (the registry did not answer): no ack, so the instance exits rather than
                         # wait, idle and flagged, on a release this replica may die before it writes.
                         if isinstance(settlement, Unknown):

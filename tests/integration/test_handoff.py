@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from aube.instance.config import SECRET_HEADER
-from aube.instance.handoff import encode_offer
+from aube.instance.handoff_wire import encode_offer
 from aube.shared import addresses, names
 from aube.shared.bus import request
 from aube.shared.registry import Registry
@@ -293,3 +293,51 @@ async def test_the_next_client_is_handed_the_kept_instance_with_no_claim_write(p
         with anyio.fail_after(20):
             while (await states(registry, "who")).get(first) != ("free", False):
                 await anyio.sleep(0.1)
+
+
+LINGERING = """
+import asyncio, json, os
+
+streams = 0
+
+
+async def fn(websocket):
+    global streams
+    streams += 1
+    try:
+        async for message in websocket:
+            reply = {"instance": os.environ.get("AUBE_INSTANCE_ID", ""), "streams": streams, "echo": message}
+            await websocket.send(json.dumps(reply))
+        await asyncio.sleep(2.0)  # still running after its client left
+    finally:
+        streams -= 1
+"""
+
+
+@process_only
+async def test_a_handler_still_running_after_its_stream_is_waited_for_before_the_next_client(  # type: ignore[no-untyped-def]
+    platform, tmp_path
+) -> None:
+    """The instance reports a handed-off stream's end with whether its handler returned. When it has not, the proxy
+    asks the instance's health until it has, and only then keeps or frees the instance: the next client is handed it
+    once it is free, never offered it while busy (no refusal as busy), and it never carries two streams."""
+    folder = tmp_path / "lingering"
+    folder.mkdir()
+    (folder / "fn.py").write_text(LINGERING)
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
+    async with nats_client(platform.nats_url) as (nc, _):
+        reply = await upload(nc, "linger", "[scaling]\nmin_free = 1\nmax_instances = 1\n", folder)
+        assert reply.ok, reply
+        async with ws(port, "linger") as conn:
+            first = await whoami(conn, "one")
+        ended = time.monotonic()
+        async with ws(port, "linger") as conn:
+            second = await whoami(conn, "two")
+        waited = time.monotonic() - ended
+    print(f"the next client was served {waited:.2f}s after the first stream ended (its handler ran on for 2 s)")
+    assert (second["instance"], second["streams"]) == (first["instance"], 1)
+    assert waited >= 1.5
+    seen = await proxy_metrics(proxy)
+    assert seen[handed_off("linger")] == 2
+    assert seen.get('aube_claims_total{function="linger",result="instance_busy"}', 0) == 0

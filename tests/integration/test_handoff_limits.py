@@ -65,8 +65,8 @@ import aube.instance.handoff as handoff
 _carry = handoff.HandoffListener._carry
 
 
-def _carry_unlimited_and_never_report(self, client, offer, conn):
-    _carry(self, client, dataclasses.replace(offer, idle_timeout=None, max_duration=None), conn)
+def _carry_unlimited_and_never_report(self, client, offer, conn, served):
+    _carry(self, client, dataclasses.replace(offer, idle_timeout=None, max_duration=None), conn, served)
     threading.Event().wait()
 
 

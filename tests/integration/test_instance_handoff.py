@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from aube.instance.config import SECRET_HEADER, SECRET_SHA256_ENV
-from aube.instance.handoff import encode_offer
+from aube.instance.handoff_wire import encode_offer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SECRET = "handoff-test-secret"
@@ -32,9 +32,15 @@ SECRET = "handoff-test-secret"
 
 @pytest.fixture(params=["reverse", "reverse-async"])
 def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    with running_instance(EXAMPLES / request.param, tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running_instance(fn_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     env = {
         **os.environ,
-        "AUBE_FN_DIR": str(EXAMPLES / request.param),
+        "AUBE_FN_DIR": str(fn_dir),
         "AUBE_INSTANCE_SOCKET": str(tmp_path / "instance.sock"),
         "AUBE_INSTANCE_HANDOFF": str(tmp_path / "handoff.sock"),
         SECRET_SHA256_ENV: hashlib.sha256(SECRET.encode()).hexdigest(),
@@ -57,10 +63,17 @@ def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
 
 
 def hand_off_one_stream(
-    handoff: Path, *, acknowledge: bool, longest: float | None = None, ended: str = "closed"
+    handoff: Path,
+    *,
+    acknowledge: bool,
+    longest: float | None = None,
+    ended: str = "closed",
+    free: bool = True,
+    pieces: bool = False,
 ) -> str:
     """A client's stream handed to the instance (`longest`: its max duration; the client then talks until it is
-    ended); what the client got back first."""
+    ended); what the client got back first. `free`: whether the instance is to say its handler returned with the
+    end; `pieces`: the offer comes in two writes, the descriptor with the first few bytes, the rest a little later."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     replies: list[str] = []
@@ -86,12 +99,17 @@ def hand_off_one_stream(
             forwarded = head[:-2] + f"{SECRET_HEADER}: {SECRET}\r\n\r\n".encode()  # as the proxy forwards it
             control.settimeout(10)
             control.connect(str(handoff))
-            socket.send_fds(control, [encode_offer(SECRET, forwarded, None, longest, 3.0)], [conn.fileno()])
+            offer = encode_offer(SECRET, forwarded, None, longest, 3.0)
+            split = 5 if pieces else len(offer)
+            socket.send_fds(control, [offer[:split]], [conn.fileno()])
+            if pieces:
+                time.sleep(0.3)
+                control.sendall(offer[split:])
         # The proxy's copy is closed: the client's connection lives in the instance only.
         lines = control.makefile("rb")
         assert json.loads(lines.readline()) == {"taken": True, "beats": True}
         talker.join(15)
-        assert json.loads(lines.readline()) == {"ended": ended}
+        assert json.loads(lines.readline()) == {"ended": ended, "free": free}
         if acknowledge:
             control.sendall(b'{"ack": true}\n')
     assert replies, "the client got no reply"
@@ -124,3 +142,50 @@ def test_the_instance_ends_a_handed_off_stream_at_its_max_duration(
     assert hand_off_one_stream(handoff, acknowledge=True, longest=1.0, ended="max_duration") == "olleh"
     assert 1.0 <= time.monotonic() - began < 5
     assert proc.poll() is None
+
+
+def test_an_offer_that_comes_in_pieces_is_taken(instance: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """The asyncio server reads offers on its event loop, and one not whole at the first read is finished by a
+    thread (the threaded server reads it there in any case): both serve it."""
+    proc, handoff = instance
+    assert hand_off_one_stream(handoff, acknowledge=True, pieces=True) == "olleh"
+    assert hand_off_one_stream(handoff, acknowledge=True) == "olleh"
+    assert proc.poll() is None
+
+
+def test_a_silent_control_connection_holds_up_no_offer_and_is_closed(
+    instance: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """A peer that connects to the handoff socket and says nothing (the function itself may) does not stop the
+    proxy's offers, and is closed after the offer timeout."""
+    proc, handoff = instance
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(handoff))
+        assert hand_off_one_stream(handoff, acknowledge=True) == "olleh"
+        silent.settimeout(15)
+        began = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the instance
+        print(f"silent control connection closed after {time.monotonic() - began:.1f}s more")
+    assert hand_off_one_stream(handoff, acknowledge=True) == "olleh"
+    assert proc.poll() is None
+
+
+LINGERING = """
+import asyncio
+
+async def fn(websocket):
+    async for message in websocket:
+        await websocket.send(message[::-1])
+    await asyncio.sleep(2.0)  # still running after its client left
+"""
+
+
+def test_the_end_report_says_so_when_the_handler_still_runs(tmp_path: Path) -> None:
+    """The report of a stream's end says whether its handler returned (`free`), for the proxy to skip asking the
+    instance's health; a handler still running after its client left is reported not free, and the proxy asks."""
+    fn_dir = tmp_path / "fn"
+    fn_dir.mkdir()
+    (fn_dir / "fn.py").write_text(LINGERING)
+    with running_instance(fn_dir, tmp_path) as (proc, handoff):
+        assert hand_off_one_stream(handoff, acknowledge=True, free=False) == "olleh"
+        assert proc.poll() is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from aube.instance.handoff import HEADER, MAX_PREFIX, Offer, authentic, encode_offer, parse_offer
+from aube.instance.handoff_wire import HEADER, MAX_PREFIX, Offer, authentic, encode_offer, parse_offer
 
 SECRET = "s3cret"
 DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from aube.instance.slot import StreamSlot
 
 
@@ -86,3 +88,21 @@ def test_a_closed_connection_gives_back_a_pending_claim_only() -> None:
     assert not slot.start(a)  # the abandoned one's handler, should it start after all, does not get the slot
     slot.release(b)
     assert not busy(slot)
+
+
+def test_wait_free_returns_when_the_handler_gives_the_slot_back() -> None:
+    slot = StreamSlot()
+    owner = object()
+    assert slot.try_claim(owner) and slot.start(owner)
+    assert slot.wait_free(0.01) is False  # its handler still runs
+    threading.Timer(0.05, slot.release, args=(owner,)).start()
+    assert slot.wait_free(10) is True
+    assert slot.wait_free(0) is True
+
+
+def test_wait_free_counts_an_abandoned_handshake_as_free() -> None:
+    slot = StreamSlot()
+    owner = object()
+    assert slot.try_claim(owner)
+    threading.Timer(0.05, slot.abandon, args=(owner,)).start()
+    assert slot.wait_free(10) is True
