@@ -11,7 +11,8 @@ overwrite.
         |                    |                \\--mark_unhealthy--> unhealthy --drain--> draining
         \\--drain--> draining <--drain--------/ (busy only when its proxy is dead or its grace is over)
     draining: the control plane that owns the instance stops it and deletes the entry (the only way out).
-    busy --hand_off--> busy, flagged `handed_off`; --keep_claim--> busy, unflagged (kept after that stream ended).
+    busy --hand_off--> busy, flagged `handed_off`; --keep_claim--> busy, unflagged (kept after that stream ended, by
+    a proxy whose instance cannot hold a kept claim's control connection; one that can stays flagged, unwritten).
 
 `retire` is a flag, not a state: a busy instance of a retired version finishes its stream and is then drained by its
 release instead of freed; `retire_deadline` is when a delete's grace ends.
@@ -119,7 +120,9 @@ def hand_off(rec: InstanceRecord, claim_record: InstanceRecord, until: float | N
 def keep_claim(rec: InstanceRecord, claim_record: InstanceRecord) -> InstanceRecord:
     """The handed-off stream ended and the claimant keeps the instance for its next client (proxy/reserve.py), as
     after a relayed stream: the claim stays, its `handed_off` flag goes (no stream lives on in the instance, so the
-    reaper may recycle the claim should its proxy die, as a relayed one's). Streams are counted at the release."""
+    reaper may recycle the claim should its proxy die, as a relayed one's). Streams are counted at the release.
+    Only for an instance that does not hold a kept claim's control connection (an older one): one that does keeps
+    the flag, with no write, and exits should its proxy die (docs/handoff.md)."""
     _check("keep_claim", rec, claim_record.instance_id)
     if not holds(rec, claim_record):
         raise Refused("keep_claim", rec, "it no longer shows this claim")

@@ -5,14 +5,20 @@
                         bytes the proxy already read (the forwarded request head, which carries the instance
                         credential as in the relay, and whatever followed it). The client's socket rides along with
                         the first bytes.
-    instance -> proxy   {"taken": true, "beats": true} (or taken false: busy), then {"ended": reason, "free": bool}
+    instance -> proxy   {"taken": true, "beats": true, "keeps": true} (or taken false: busy), then {"ended": reason,
+                        "free": bool}
                         once the connection is closed (`free`: the stream's handler has returned, so the proxy need
                         not ask the instance's health before it settles the claim).
     proxy -> instance   {"beat": true} while the stream lasts (every quarter of `ping_bound`), answered with
                         {"beat": true} while the stream's server is live: it sent the client something within the
                         bound (it pings), or the client leaves our bytes in the send queue. A proxy that hears no
                         answer within the bound judges the instance hung (a stopped process, a blocked event loop).
-    proxy -> instance   {"ack": true} once the proxy has released (or otherwise settled) its claim.
+    proxy -> instance   {"ack": true} once the proxy has released (or otherwise settled) its claim; or, to an instance
+                        that said "keeps", {"ack": true, "kept": true}: the proxy keeps its claim, still flagged,
+                        for its next client. The instance then holds this connection open until the proxy says
+                        {"released": true} (its claim is released), or its next stream is offered (on a new
+                        connection: this one is then closed), and exits if the connection ends before either (the
+                        proxy is gone, and no one else may account for the flagged claim).
 
 The proxy encodes offers with `encode_offer` (aube.proxy.handoff); the instance's side is aube.instance.handoff.
 Only the standard library here: this module ships into every function image with the rest of `aube.instance`.
@@ -145,8 +151,9 @@ def try_say(conn: socket.socket, message: dict[str, object]) -> bool:
     return True
 
 
-def report_end(conn: socket.socket, report: dict[str, object], wait: float) -> bool:
-    """Report the stream's end; whether the proxy acknowledges it within `wait` (a heartbeat it sent before it
+def report_end(conn: socket.socket, report: dict[str, object], wait: float) -> dict[str, Any] | None:
+    """Report the stream's end; the proxy's acknowledgement if it came within `wait` ({"ack": true}, with
+    "kept": true when it keeps its claim, flagged, for its next client), else None (a heartbeat it sent before it
     heard of the end may come first: skipped)."""
     deadline = time.monotonic() + wait
     try:
@@ -156,7 +163,21 @@ def report_end(conn: socket.socket, report: dict[str, object], wait: float) -> b
             line = readline(conn)
             said = json.loads(line) if line else None
             if not (isinstance(said, dict) and said.get("beat")):
-                return isinstance(said, dict) and said.get("ack") is True
+                return said if isinstance(said, dict) and said.get("ack") is True else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def released(conn: socket.socket) -> bool:
+    """Wait, with no time limit, for the proxy that keeps this instance to say {"released": true}; False when the
+    connection ends first (the proxy is gone, or the connection was shut down here: `Kept.supersede`)."""
+    try:
+        conn.settimeout(None)
+        while line := readline(conn):
+            said = json.loads(line)
+            if isinstance(said, dict) and said.get("released") is True:
+                return True
     except (OSError, ValueError):
         return False
     return False

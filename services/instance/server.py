@@ -113,6 +113,14 @@ class AsyncStreamConnection(aserver.ServerConnection):
     messages_out = 0
     slot: StreamSlot | None = None  # the slot this connection claimed at its handshake (`HttpSide._claimed`)
     handed_prefix = b""  # a handed-off socket's request head, read by the proxy (handoff.py)
+    handshake_answered: Callable[[], None] | None = None  # a handed-off socket's: told once the handshake is over
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            if self.handshake_answered is not None:
+                self.handshake_answered()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -116,7 +116,7 @@ class Claimer:
             waiter: Waiter | None = None
             try:
                 with anyio.CancelScope(deadline=started + self.settings.claim_timeout) as waiting:
-                    while not client.ended.is_set():
+                    while not client.gone:
                         fn = self.pool.function(name)
                         if fn is None:
                             msg = f"unknown function {name!r}"
@@ -156,7 +156,7 @@ class Claimer:
             message = "the platform's registry is unreachable; retry shortly"
             error = handshake.HeadError(status=503, reason="registry_unreachable", message=message)
             return Refusal(error=error, retry_after=2.0)
-        if client.ended.is_set():
+        if client.gone:
             self.metrics.claims_total[(name, "client_gone")] += 1
             return None
         self.metrics.claims_total[(name, "timeout")] += 1

@@ -81,6 +81,7 @@ class HandedOff:
     client: socket.socket | None = None  # a duplicate of the client's socket: only ever shut down (`cut`)
     limits: tuple[float | None, float | None] = (None, None)  # idle timeout, longest duration (the instance's too)
     beats: bool = False  # the instance answers heartbeats (one that does not is never judged by them)
+    keeps: bool = False  # the instance holds a kept claim's control connection (handoff_wire: "kept")
     started: float = field(default_factory=anyio.current_time)
     heard: float = field(default_factory=anyio.current_time)  # the instance's last word on the control connection
     handler_returned: bool = False  # the instance said, with the end, that its stream's handler has returned
@@ -140,16 +141,28 @@ class HandedOff:
         with contextlib.suppress(OSError):
             self.writer.write(json.dumps({"end": reason}).encode() + b"\n")
 
-    async def acknowledge(self) -> bool:
+    async def acknowledge(self, *, kept: bool = False) -> bool:
         """The claim is settled: the instance may serve on (without this it exits after its stream). Whether the
-        acknowledgement went out (a broken control connection: the instance is gone, or exits without it)."""
+        acknowledgement went out (a broken control connection: the instance is gone, or exits without it).
+
+        `kept`: the claim stays this replica's, flagged, for its next client; the control connection stays open,
+        and the instance exits should it end before `release_kept` (this replica died) or the next stream."""
         sent = False
         with contextlib.suppress(OSError):
-            self.writer.write(b'{"ack": true}\n')
+            self.writer.write(b'{"ack": true, "kept": true}\n' if kept else b'{"ack": true}\n')
             await self.writer.drain()
             sent = True
-        self.close()
+        if kept and sent:
+            self.let_go()
+        else:
+            self.close()
         return sent
+
+    def release_kept(self) -> None:
+        """The kept claim is released (written): the instance serves on, no longer held."""
+        with contextlib.suppress(OSError):
+            self.writer.write(b'{"released": true}\n')
+        self.close()
 
     def let_go(self) -> None:
         """Close the copy of the client's socket (no shutdown: the instance may still be closing it cleanly)."""
@@ -202,8 +215,12 @@ async def offer(
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.setblocking(False)
     try:
-        with anyio.fail_after(timeout):
-            await loop.sock_connect(control, path)
+        try:
+            # A listening Unix socket with room in its backlog takes the connection at once: no trip round the loop.
+            control.connect(path)
+        except BlockingIOError:
+            with anyio.fail_after(timeout):
+                await loop.sock_connect(control, path)
         client_fd = transport.get_extra_info("socket").fileno()
         # One sendmsg: the offer is a few KiB on a fresh local connection, which takes it whole.
         sent = socket.send_fds(control, [wire], [client_fd])
@@ -234,4 +251,4 @@ async def offer(
     # The instance holds the client's socket: drop the transport without a shutdown (that would end the connection).
     transport.abort()
     beats = kept is not None and answer.get("beats") is True
-    return HandedOff(reader, writer, client=kept, limits=limits, beats=beats)
+    return HandedOff(reader, writer, client=kept, limits=limits, beats=beats, keeps=answer.get("keeps") is True)

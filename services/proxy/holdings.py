@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 
+from aube.proxy.handoff import HandedOff
 from aube.proxy.pool import Pool
 from aube.proxy.unsettled import Pending, Unsettled
 from aube.shared import bus, instance_health, names
@@ -66,6 +67,9 @@ class Holdings:
         # Streams carried under each claim held (several when the instance was kept between streams, reserve.py).
         self.streams_carried: dict[str, int] = {}
         self.unsettled = Unsettled()  # claims and releases whose write timed out: settled when NATS answers
+        # Control connections of kept claims still flagged `handed_off`, by key: the instance exits when one ends
+        # before it is told {"released"} (`release`) or offered its next stream (`superseded`). docs/handoff.md.
+        self.kept_controls: dict[str, HandedOff] = {}
 
     async def claim(self, cand: InstanceEntry) -> InstanceEntry | None:
         """free -> busy for this replica: the entry now held, or None when the race was lost.
@@ -103,7 +107,12 @@ class Holdings:
         await self.release(slot, used=True)
 
     async def settle_handed_off(
-        self, slot: InstanceEntry, keeps: Callable[[InstanceEntry], bool], *, handler_returned: bool = False
+        self,
+        slot: InstanceEntry,
+        keeps: Callable[[InstanceEntry], bool],
+        *,
+        handler_returned: bool = False,
+        keep_flagged: bool = False,
     ) -> InstanceEntry | Unknown | None:
         """`release_when_done` after a handed-off stream, before its instance is acknowledged. An instance that
         `keeps` would keep (reserve.py: what the relay keeps) keeps its claim, unflagged (`lifecycle.keep_claim`: the
@@ -113,6 +122,9 @@ class Holdings:
         instance must not be acknowledged: should this replica die first, the flag would hold an idle instance for
         ever, while an instance without the ack exits (and its entry goes).
 
+        `keep_flagged`: the instance holds a kept claim's control connection (it said "keeps"), so a kept claim
+        stays as it is, flagged, with no write; the caller acknowledges it as kept and `hold_kept`s the connection.
+
         `handler_returned`: the instance said so with the stream's end, so it is not asked again (its health): it
         would answer from the same process. Should it lie, the next client's offer finds its slot still taken and
         is refused as busy (aube.instance.handoff), so exclusivity does not rest on the word."""
@@ -120,6 +132,10 @@ class Holdings:
             return None
         if not keeps(slot):
             return await self.release(slot, used=True)
+        if keep_flagged:
+            # The instance holds the control connection while kept and exits if it ends (this replica died): the
+            # flag may stay, so keeping needs no write at all (`hold_kept`).
+            return slot
         claim = slot.record
         outcome = await self._apply(slot, partial(lifecycle.keep_claim, claim_record=claim))
         if isinstance(outcome, Written):
@@ -149,6 +165,8 @@ class Holdings:
         then (aube.instance.handoff). The entry as now held; as before when it was not written (the stream goes on:
         only a crash of this replica meanwhile would let the reaper recycle the instance)."""
         until = None if longest is None else time.time() + longest
+        if slot.record.handed_off and until is None and slot.record.handed_off_until is None:
+            return slot  # a kept claim, still flagged, and no deadline to record: nothing to write
         outcome = await self._apply(slot, partial(lifecycle.hand_off, claim_record=slot.record, until=until))
         if not isinstance(outcome, Written):
             log.warning("could not flag %s as handed off: %s", slot.key, getattr(outcome, "why", outcome))
@@ -161,10 +179,25 @@ class Holdings:
         """A stream starts on the instance held at `slot` (counted into its `streams_served` at the release)."""
         self.streams_carried[slot.key] = self.streams_carried.get(slot.key, 0) + 1
 
+    def hold_kept(self, slot: InstanceEntry, control: HandedOff) -> None:
+        """`slot` is kept, flagged, and its instance acknowledged as kept: hold its control connection until the
+        claim is released (`release` says so to the instance) or its next stream is taken (`superseded`)."""
+        self.superseded(slot)
+        self.kept_controls[slot.key] = control
+
+    def superseded(self, slot: InstanceEntry) -> None:
+        """A new stream was handed to `slot`'s instance: the kept control connection (if any) is done with (the
+        instance closed its end when it took the stream)."""
+        control = self.kept_controls.pop(slot.key, None)
+        if control is not None:
+            control.close()
+
     def forget(self, slot: InstanceEntry) -> None:
-        """Stop holding `slot` without a write: its entry is gone, or someone else moved it on."""
+        """Stop holding `slot` without a write: its entry is gone, or someone else moved it on. A kept claim's
+        control connection is closed unreleased, so its instance exits (no one may account for it)."""
         self.held.pop(slot.key, None)
         self.streams_carried.pop(slot.key, None)
+        self.superseded(slot)
 
     async def release(self, slot: InstanceEntry, *, used: bool) -> Unknown | None:
         """busy -> free, or -> draining (and ask the control plane to stop it) when it must not serve again.
@@ -191,12 +224,20 @@ class Holdings:
             elif outcome.entry.record.state == "draining":
                 rec = outcome.entry.record
                 log.debug("released %s -> draining", slot.key)
+                self._release_kept(slot)
                 await self._stop(rec, "retired" if rec.retire else "fresh_per_stream")
             else:
                 log.debug("released %s -> free", slot.key)
+                self._release_kept(slot)
         finally:
             self.forget(slot)
         return None
+
+    def _release_kept(self, slot: InstanceEntry) -> None:
+        """The release of a kept claim is written: its instance is told, so it stays (and serves whoever claims it)."""
+        control = self.kept_controls.pop(slot.key, None)
+        if control is not None:
+            control.release_kept()
 
     async def _apply(
         self, slot: InstanceEntry, change: Callable[[InstanceRecord], InstanceRecord]

@@ -59,6 +59,12 @@ class ClientSide(asyncio.Protocol):
         self._data = asyncio.Event()
         await self._data.wait()
 
+    @property
+    def gone(self) -> bool:
+        """The client left, or its connection was let go here (a handoff whose answer never came): nothing more may
+        be done for it, though `ended` is set only once the loop has run the transport's callbacks."""
+        return self.ended.is_set() or self.transport is None or self.transport.is_closing()
+
     def take_buffer(self) -> bytes:
         data = bytes(self.buffer)
         self.buffer.clear()

@@ -3,8 +3,9 @@ Either way a client is served from one with no registry round trip on its critic
 
 Kept after a stream: its instance stays claimed by this replica for up to `reserve_seconds` (instead of going back to
 the pool by a compare-and-set) and goes to the replica's next client of the function directly. After a handed-off
-stream alike (`keeps` decides for both): there one compare-and-set clears the claim's `handed_off` flag and keeps
-the claim, and the instance is kept once it was acknowledged (streams.py, docs/handoff.md). Reserved ahead of demand
+stream alike (`keeps` decides for both): the instance is kept once it was acknowledged as kept, its claim still
+flagged `handed_off` while it holds the control connection (or, for an instance that cannot, unflagged by one
+compare-and-set): streams.py, docs/handoff.md. Reserved ahead of demand
 (`reserve`, docs/reservations.md): the replica claims up to `reserve` free instances per function before any client
 asks (`decisions.reservations_to_take`), and holds them until a client takes one. A kept instance that expires
 while the function holds fewer than `reserve` stays on as a reservation; the rest are released as before.
@@ -89,7 +90,7 @@ class Reserve:
 
     def keeps(self, slot: InstanceEntry) -> bool:
         """Whether `keep` would keep `slot` now: the one decision, for relayed and handed-off streams alike (a
-        handed-off one's claim is first unflagged, `Holdings.settle_handed_off`, then kept)."""
+        handed-off one's claim is settled first, `Holdings.settle_handed_off`, then kept)."""
         rec = slot.record
         if self.closed or (self.seconds <= 0 and self.ahead <= 0):
             return False

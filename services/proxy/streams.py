@@ -119,9 +119,12 @@ class Streams:
         a relayed instance sending nothing for that long is. Its client's connection is shut down here and the
         instance marked unhealthy (stopped, never handed out again); no acknowledgement, so should it wake it exits.
 
-        Kept (`reserve.py`) where a relayed stream's instance would be: the claim's flag is cleared in place of the
-        release (one compare-and-set, `Holdings.settle_handed_off`), the instance acknowledged, then kept for this
-        replica's next client, who gets it with no claim write (the flag is written again once it took the socket)."""
+        Kept (`reserve.py`) where a relayed stream's instance would be, for this replica's next client, who gets it
+        with no claim write. An instance that said it "keeps" is acknowledged as kept and holds the control
+        connection (`Holdings.hold_kept`; it exits should this replica die), so the claim stays flagged and nothing
+        is written at all (the next stream writes only a deadline, when the function has a longest duration).
+        Otherwise the flag is cleared in place of the release (one compare-and-set, `Holdings.settle_handed_off`)
+        and written again once the next stream's instance took the socket."""
         rec = slot.record
         bound = decisions.ping_bound(self.pool.functions.get(name), rec)
         reason = "shutdown"
@@ -131,10 +134,12 @@ class Streams:
         gone = asyncio.Event()
         self.pool.carried(slot, gone.set)
         settled = False
-        kept: InstanceEntry | None = None  # the claim, unflagged, to keep once the instance is acknowledged
+        kept: InstanceEntry | None = None  # the claim to keep once the instance is acknowledged
         enforced: str | None = None  # the limit the proxy cut the stream for (past_limits)
         unwritten = False  # the claim's settlement is not written yet (the registry did not answer)
+        held_kept = False  # the instance was acknowledged as kept: its control connection is the holdings' now
         try:
+            self.holdings.superseded(slot)  # a kept claim's last control connection: this stream replaces it
             slot = await self.holdings.flag_handed_off(slot, handed.limits[1])
             async with anyio.create_task_group() as tg:
 
@@ -184,7 +189,10 @@ class Streams:
                         self.holdings.forget(slot)  # nothing left to release
                     else:
                         settlement = await self.holdings.settle_handed_off(
-                            slot, self.reserve.keeps, handler_returned=handed.handler_returned
+                            slot,
+                            self.reserve.keeps,
+                            handler_returned=handed.handler_returned,
+                            keep_flagged=handed.keeps,
                         )
                         # Not written yet (the registry did not answer): no ack, so the instance exits rather than
                         # wait, idle and flagged, on a release this replica may die before it writes.
@@ -193,7 +201,15 @@ class Streams:
                         else:
                             kept = settlement
                     settled = True
-                acknowledged = settled and not unwritten and reason != "instance_silent" and await handed.acknowledge()
+                # A claim kept flagged (no write, `keep_flagged`) is acknowledged as kept: the instance then holds
+                # the control connection, which the holdings keep until the claim is released or used again.
+                flagged = kept is not None and kept.record.handed_off
+                acknowledged = (
+                    settled and not unwritten and reason != "instance_silent" and await handed.acknowledge(kept=flagged)
+                )
+                if kept is not None and flagged and acknowledged:
+                    self.holdings.hold_kept(kept, handed)
+                    held_kept = True
                 if kept is not None and not (acknowledged and self.reserve.keep(kept)):
                     # Not acknowledged (it exits), or the reserve closed meanwhile: released as it would have been.
                     with anyio.move_on_after(2 * REQUEST_TIMEOUT):
@@ -205,7 +221,8 @@ class Streams:
                 # Shutdown (or a release that could not finish): no acknowledgement, so the instance exits once its
                 # stream ends, and the control plane drops its entry; the flagged claim is left to that.
                 self.holdings.forget(slot)
-            handed.close()
+            if not held_kept:
+                handed.close()
             log.info(
                 "stream function=%s instance=%s slot=%d client=%s duration=%.3f handed_off=1 close=%s",
                 name,

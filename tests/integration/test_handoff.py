@@ -26,7 +26,7 @@ from harness import wait_free
 from nats.aio.client import Client as NATS
 from support import nats_client, proxy_metrics, zip_base64
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from aube.instance.config import SECRET_HEADER
 from aube.instance.handoff_wire import encode_offer
@@ -261,9 +261,11 @@ async def test_sync_function_sends_a_large_message_on_a_handed_off_socket(platfo
 
 @process_only
 async def test_the_next_client_is_handed_the_kept_instance_with_no_claim_write(platform, nats_server) -> None:  # type: ignore[no-untyped-def]
-    """After a handed-off stream the proxy keeps its instance as after a relayed one (proxy/reserve.py): one write
-    clears the claim's flag and keeps the claim, and the proxy's next client of the function is handed the same
-    instance with no claim write, so it is served while nats-server is stopped (SIGSTOP: no write could land)."""
+    """After a handed-off stream the proxy keeps its instance as after a relayed one (proxy/reserve.py), with no
+    write at all: the claim stays flagged while the instance holds the kept control connection (it would exit,
+    were the proxy to die). The proxy's next client of the function is handed the same instance with no write either
+    (the flag is there, and there is no deadline to record), so it is served while nats-server is stopped (SIGSTOP:
+    no write could land). The release, once the reserve's time is over, clears the flag."""
     await platform.start_controlplane()
     port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto", AUBE_RESERVE_SECONDS="6")
     async with nats_client(platform.nats_url) as (nc, registry):
@@ -273,10 +275,9 @@ async def test_the_next_client_is_handed_the_kept_instance_with_no_claim_write(p
             with anyio.fail_after(5):
                 while (await states(registry, "who")).get(first) != ("busy", True):
                     await anyio.sleep(0.05)
-        # Kept: still this replica's claim, unflagged (no stream lives on in it: the reaper may recycle it).
-        with anyio.fail_after(5):
-            while (await states(registry, "who")).get(first) != ("busy", False):
-                await anyio.sleep(0.05)
+        # Kept: still this replica's claim, still flagged (no write since the stream's end).
+        await anyio.sleep(1.0)
+        assert (await states(registry, "who")).get(first) == ("busy", True)
         os.kill(nats_server.process.pid, signal.SIGSTOP)
         try:
             with anyio.fail_after(5):
@@ -341,3 +342,82 @@ async def test_a_handler_still_running_after_its_stream_is_waited_for_before_the
     seen = await proxy_metrics(proxy)
     assert seen[handed_off("linger")] == 2
     assert seen.get('aube_claims_total{function="linger",result="instance_busy"}', 0) == 0
+
+
+@process_only
+async def test_kill_9_of_the_proxy_frees_the_instances_it_kept_flagged(platform) -> None:  # type: ignore[no-untyped-def]
+    """A kept claim stays flagged, so the reaper leaves it alone even once its proxy's lease is dead; what frees the
+    instance is the instance itself: the proxy's death ends the kept control connection, the instance exits, and
+    the control plane drops its entry and tops the function up. Without that, the entry would stay busy for ever."""
+    lease = 2.0
+    await platform.start_controlplane()
+    platform.start("aube.reaper", AUBE_REAP_INTERVAL="0.2", AUBE_LEASE_TTL=str(lease))
+    doomed_port, doomed = await platform.start_proxy(
+        AUBE_LEASE_TTL=str(lease), AUBE_HANDOFF="auto", AUBE_RESERVE_SECONDS="600"
+    )
+    other_port, _ = await platform.start_proxy(AUBE_LEASE_TTL=str(lease))
+    async with nats_client(platform.nats_url) as (nc, registry):
+        await upload(nc, "who", "[scaling]\nmin_free = 2\nmax_instances = 2\n")
+        await wait_free(registry, "who", 2)
+        async with ws(doomed_port, "who") as a, ws(doomed_port, "who") as b:
+            ids = {(await whoami(a))["instance"], (await whoami(b))["instance"]}
+        # Both kept (for 600 s), flagged: no other replica can claim them.
+        await anyio.sleep(1.0)
+        assert {iid: st for iid, st in (await states(registry, "who")).items() if iid in ids} == {
+            iid: ("busy", True) for iid in ids
+        }
+        began = time.monotonic()
+        doomed.kill9()
+        with anyio.fail_after(60):
+            while ids & set(await states(registry, "who")):
+                await anyio.sleep(0.2)
+        print(f"kept instances gone {time.monotonic() - began:.1f}s after their proxy's SIGKILL")
+        await wait_free(registry, "who", 1)
+        async with ws(other_port, "who") as conn:
+            reply = await whoami(conn, "again")
+        assert reply["echo"] == "again" and reply["instance"] not in ids
+
+
+# Takes the client's socket, then closes the control connection without a word (its own instance's code: the
+# function shares the process), so the proxy never hears whether the stream was taken.
+SILENT_TAKER = (
+    (WHOAMI / "fn.py").read_text()
+    + """
+
+import aube.instance.handoff as handoff
+
+
+def _take_and_say_nothing(self, conn, offer, fds):
+    conn.close()
+    return None
+
+
+handoff.HandoffListener._take = _take_and_say_nothing
+"""
+)
+
+
+@process_only
+async def test_a_client_let_go_after_an_unanswered_offer_is_not_offered_again(  # type: ignore[no-untyped-def]
+    platform, tmp_path
+) -> None:
+    """An offer that got no answer may have been taken, so the proxy lets the client go ("lost"). It must then stop:
+    before, it went on to the next instance with the let-go client, relayed to it, and failed writing its answer to
+    a closed transport (an error logged, and that instance claimed for nothing)."""
+    folder = tmp_path / "silent"
+    folder.mkdir()
+    (folder / "fn.py").write_text(SILENT_TAKER)
+    await platform.start_controlplane()
+    port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
+    async with nats_client(platform.nats_url) as (nc, registry):
+        reply = await upload(nc, "silent", "[scaling]\nmin_free = 2\nmax_instances = 2\n", folder)
+        assert reply.ok, reply
+        await wait_free(registry, "silent", 2)
+        with pytest.raises((ConnectionClosed, OSError, TimeoutError, InvalidStatus, InvalidMessage)):
+            async with connect(f"ws://127.0.0.1:{port}/silent", proxy=None, open_timeout=10) as conn:
+                await whoami(conn)
+        await anyio.sleep(1.0)
+    seen = await proxy_metrics(proxy)
+    print({k: v for k, v in seen.items() if "claims_total" in k})
+    assert seen.get('aube_claims_total{function="silent",result="client_gone"}', 0) == 1
+    assert "connection from" not in proxy.log_text()  # the gateway's "connection from ... failed"

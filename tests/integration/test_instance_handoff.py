@@ -70,10 +70,12 @@ def hand_off_one_stream(
     ended: str = "closed",
     free: bool = True,
     pieces: bool = False,
+    kept: list[socket.socket] | None = None,
 ) -> str:
     """A client's stream handed to the instance (`longest`: its max duration; the client then talks until it is
     ended); what the client got back first. `free`: whether the instance is to say its handler returned with the
-    end; `pieces`: the offer comes in two writes, the descriptor with the first few bytes, the rest a little later."""
+    end; `pieces`: the offer comes in two writes, the descriptor with the first few bytes, the rest a little later;
+    `kept`: acknowledge the end as a kept claim and leave the control connection open (appended to the list)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     replies: list[str] = []
@@ -90,7 +92,10 @@ def hand_off_one_stream(
 
     talker = threading.Thread(target=client)
     talker.start()
-    with listener, socket.socket(socket.AF_UNIX) as control:
+    control = socket.socket(socket.AF_UNIX)
+    with listener, contextlib.ExitStack() as leave_open:
+        if kept is None:
+            leave_open.enter_context(control)
         conn, _ = listener.accept()
         with conn:
             head = b""
@@ -107,11 +112,13 @@ def hand_off_one_stream(
                 control.sendall(offer[split:])
         # The proxy's copy is closed: the client's connection lives in the instance only.
         lines = control.makefile("rb")
-        assert json.loads(lines.readline()) == {"taken": True, "beats": True}
+        assert json.loads(lines.readline()) == {"taken": True, "beats": True, "keeps": True}
         talker.join(15)
         assert json.loads(lines.readline()) == {"ended": ended, "free": free}
         if acknowledge:
-            control.sendall(b'{"ack": true}\n')
+            control.sendall(b'{"ack": true, "kept": true}\n' if kept is not None else b'{"ack": true}\n')
+        if kept is not None:
+            kept.append(control)
     assert replies, "the client got no reply"
     return replies[0]
 
@@ -189,3 +196,36 @@ def test_the_end_report_says_so_when_the_handler_still_runs(tmp_path: Path) -> N
     with running_instance(fn_dir, tmp_path) as (proc, handoff):
         assert hand_off_one_stream(handoff, acknowledge=True, free=False) == "olleh"
         assert proc.poll() is None
+
+
+def test_a_kept_claim_is_held_until_released_or_the_next_stream(instance: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """Acknowledged as kept, the instance holds the control connection: the proxy's {"released"} lets it go, and so
+    does the next stream (the instance closes the old connection itself); it serves on either way."""
+    proc, handoff = instance
+    kept: list[socket.socket] = []
+    assert hand_off_one_stream(handoff, acknowledge=True, kept=kept) == "olleh"
+    first = kept.pop()
+    with first:
+        assert hand_off_one_stream(handoff, acknowledge=True, kept=kept) == "olleh"
+        first.settimeout(10)
+        assert first.recv(1) == b""  # the next stream was taken: the instance let the old one go
+    with kept.pop() as second:
+        second.sendall(b'{"released": true}\n')
+        second.settimeout(10)
+        assert second.recv(1) == b""
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert hand_off_one_stream(handoff, acknowledge=True) == "olleh"
+    assert proc.poll() is None
+
+
+def test_a_kept_instance_whose_proxy_goes_away_exits(instance: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """The kept claim is still flagged in the registry, so the reaper leaves it alone: only the instance can end
+    it, and it does once the proxy that keeps it is gone (its control connection ends without {"released"})."""
+    proc, handoff = instance
+    kept: list[socket.socket] = []
+    assert hand_off_one_stream(handoff, acknowledge=True, kept=kept) == "olleh"
+    time.sleep(0.5)
+    assert proc.poll() is None  # held, while the proxy is there
+    kept.pop().close()  # the proxy dies
+    assert proc.wait(timeout=15) == 0
