@@ -119,7 +119,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # The claimant handed the client's own socket to the instance (aube.instance.handoff): the stream lives in the
     # instance, not in the proxy, so the reaper leaves the claim alone even once the proxy is dead (until
     # `handed_off_until`); the instance exits after such a stream unless its proxy acknowledged the end (and so
-    # settled the claim). Cleared, with the next field, whenever the claim goes or is kept after its stream.
+    # settled the claim). Cleared, with the next field, whenever the claim goes; a claim kept for the proxy's next
+    # client stays flagged while its instance holds the kept control connection (it exits should the proxy die), and
+    # is cleared by one write (`keep_claim`) for an instance that cannot.
     handed_off: bool = False
     # When the stream's longest duration ends (the claimant's wall clock: the handoff plus the limit it passed to the
     # instance): past it, the reaper cuts a dead proxy's handed-off stream. None: no longest duration, not handed

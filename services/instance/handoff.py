@@ -127,8 +127,8 @@ class HandedOffSocket(socket.socket):
 
 
 # Starts serving one received connection through the instance's WebSocket server; the future is done once the
-# connection is closed. The asyncio server's is its event loop's own future (no thread), the sync server's a thread's
-# (`in_thread`).
+# connection is closed. The asyncio server's is set by its task on the event loop (`on_loop`: no thread), the sync
+# server's by a thread (`in_thread`).
 Serve = Callable[[HandedOffSocket], "concurrent.futures.Future[None]"]
 
 
@@ -186,7 +186,8 @@ def in_thread(serve: Callable[[HandedOffSocket], None]) -> Serve:
 class HandoffListener:
     """Accepts the proxy's control connections on the handoff socket.
 
-    Without an event loop (the sync server), a thread accepts them and one thread each carries the stream. With the
+    Without an event loop (the sync server), a thread accepts them and a worker thread carries each stream (workers
+    are reused, `Workers`). With the
     asyncio server's loop (`start(loop)`), the loop accepts each, reads its offer and starts serving the client, all
     in its own callbacks: the client's handshake answer waits for no thread to start and no hop between threads
     (measured on a handoff: 0.12 ms to start the thread, 0.15 ms to hand the socket to the loop). A thread then
@@ -270,8 +271,14 @@ class HandoffListener:
         loop.remove_reader(conn.fileno())
         data, fds = first[0], list(first[1])
         if len(data) < offer_size(data):
-            conn.setblocking(True)
-            self._follow_in_thread(conn, received=(data, fds))
+            try:
+                conn.setblocking(True)
+                self._follow_in_thread(conn, received=(data, fds))
+            except Exception:
+                logger.exception("handoff failed: no thread to read the offer")
+                for fd in fds:
+                    os.close(fd)
+                conn.close()
             return
         try:
             taken = self._take(conn, parse_offer(data), fds)
@@ -293,8 +300,14 @@ class HandoffListener:
 
         def follow() -> None:
             if started.acquire(blocking=False):
-                conn.setblocking(True)
-                self._follow_in_thread(conn, taken=taken, announced=True)
+                try:
+                    conn.setblocking(True)
+                    self._follow_in_thread(conn, taken=taken, announced=True)
+                except Exception:
+                    # No thread to follow the stream (none could start): the proxy, its connection closed, judges
+                    # the instance gone, cuts the client and has the instance stopped.
+                    logger.exception("handoff failed: no thread to follow the stream")
+                    conn.close()
 
         client.answered = follow
         served.add_done_callback(lambda _: follow())

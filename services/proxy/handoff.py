@@ -7,7 +7,8 @@ The instance answers the handshake itself on that socket (the wire and the insta
 Once it says it took the socket, the proxy closes its transport (no shutdown: the connection lives on in the
 instance) and is out of the data path: no byte of the stream passes here. It keeps the control connection open, on
 which the instance reports the stream's end; then the claim is released as after a relayed stream, or kept for the
-next client with its flag cleared where the relay would keep it (streams.py), and the end acknowledged.
+next client where the relay would keep it (streams.py): still flagged, with no write, the instance acknowledged as
+kept and holding this connection until the claim is released or used again (docs/handoff.md).
 
 A hung instance: the proxy keeps a duplicate of the client's descriptor (`HandedOff.client`, never read or written)
 and, when the function pings (`decisions.ping_bound`), asks the instance for a heartbeat on the control connection

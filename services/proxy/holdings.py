@@ -115,12 +115,13 @@ class Holdings:
         keep_flagged: bool = False,
     ) -> InstanceEntry | Unknown | None:
         """`release_when_done` after a handed-off stream, before its instance is acknowledged. An instance that
-        `keeps` would keep (reserve.py: what the relay keeps) keeps its claim, unflagged (`lifecycle.keep_claim`: the
-        one compare-and-set, in place of the release): that entry is returned, for the caller to keep once the
-        instance is acknowledged. None: released (or drained), marked unhealthy, or no longer ours. Unknown: the
-        registry did not answer; the claim, still flagged, is settled once it does (`unsettled`), and meanwhile the
-        instance must not be acknowledged: should this replica die first, the flag would hold an idle instance for
-        ever, while an instance without the ack exits (and its entry goes).
+        `keeps` would keep (reserve.py: what the relay keeps) keeps its claim: still flagged with no write
+        (`keep_flagged`, below), or else unflagged (`lifecycle.keep_claim`: the one compare-and-set, in place of the
+        release): that entry is returned, for the caller to keep once the instance is acknowledged. None: released
+        (or drained), marked unhealthy, or no longer ours. Unknown: the registry did not answer; the claim, still
+        flagged, is settled once it does (`unsettled`), and meanwhile the instance must not be acknowledged: should
+        this replica die first, the flag would hold an idle instance for ever, while an instance without the ack
+        exits (and its entry goes).
 
         `keep_flagged`: the instance holds a kept claim's control connection (it said "keeps"), so a kept claim
         stays as it is, flagged, with no write; the caller acknowledges it as kept and `hold_kept`s the connection.
@@ -132,9 +133,10 @@ class Holdings:
             return None
         if not keeps(slot):
             return await self.release(slot, used=True)
-        if keep_flagged:
+        if keep_flagged and slot.record.handed_off:
             # The instance holds the control connection while kept and exits if it ends (this replica died): the
-            # flag may stay, so keeping needs no write at all (`hold_kept`).
+            # flag may stay, so keeping needs no write at all (`hold_kept`). A claim whose flag write did not land
+            # as far as this replica knows is kept by the write below: kept unflagged, the reaper may recycle it.
             return slot
         claim = slot.record
         outcome = await self._apply(slot, partial(lifecycle.keep_claim, claim_record=claim))

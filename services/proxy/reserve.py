@@ -21,7 +21,9 @@ A reservation is an ordinary claim (instance_lifecycle.claim, this replica's lea
 - retirement: a new version, a delete or a retire flag gives it back at once (`decisions.reservation_fate`), and the
   release drains it, so retirement stops the old version without waiting for it;
 - a dead replica: the reaper drains its claims once its lease is dead, reservations among them, and the keeper
-  replaces them;
+  replaces them; except a claim kept flagged after a handed-off stream, which the reaper leaves alone: its
+  instance exits once the replica's control connection ends (the process died), so a replica that is only
+  paused, or cut off from NATS, holds such instances until it resumes (docs/handoff.md);
 - other replicas: none is held for a function at `max_instances` (past `reserve_seconds` after a stream) or with
   `min_free = 0`, where a free instance may be the one another replica's client waits for.
 

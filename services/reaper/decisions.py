@@ -16,8 +16,10 @@ Which free instances are reaped, per function:
 Busy instances are only touched when the proxy holding them is dead (invariant 4); then their stream state is
 unknown, so they are recycled rather than reused. A claim flagged `handed_off` is left alone: its stream lives in the
 instance, not in the dead proxy, and the instance exits once that stream ended unacknowledged (the control plane then
-removes its entry; aube.instance.handoff). But the instance runs the function's code, which can switch off its own
-check of the stream's longest duration, and with its proxy dead nothing else checks it: such a claim is drained
+removes its entry; aube.instance.handoff). A claim its proxy keeps flagged after such a stream, for its next
+client, is left alone too: that instance exits once its proxy's control connection ends. But the instance runs the
+function's code, which can switch off its own check of the stream's longest duration, and with its proxy dead
+nothing else checks it: such a claim is drained
 (and its stream cut) once OVERDUE_GRACE past the end of the longest duration its proxy passed to the instance
 (`handed_off_until`: the limit the stream started with, whatever a redeploy set since).
 
