@@ -356,6 +356,19 @@ def docker_or_none() -> Any:
         return None
 
 
+def relay_and_handoff(work: Path, owner: str, stop: ExitStack) -> tuple[Stack, Stack]:
+    """The two platforms the data path and setup scenarios compare, each ready with its proxy: one relaying, one
+    handing sockets over. Handoff needs the instance's socket folder, which only a sandboxed process instance has
+    (docs/handoff.md): its own platform and owner."""
+    proc = Stack(work, "process", owner, stop)
+    hand = Stack(work, "process", f"{owner}h", stop, "handoff", AUBE_SANDBOX="bwrap")
+    anyio.run(proc.wait_ready)
+    anyio.run(hand.wait_ready)
+    proc.start_proxy(AUBE_HANDOFF="off")
+    hand.start_proxy(AUBE_HANDOFF="auto")
+    return proc, hand
+
+
 def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="aube-bench-"))
@@ -369,14 +382,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
     log(f"work folder {work}, owner {owner}")
     try:
         with ExitStack() as stop:
-            proc = Stack(work, "process", owner, stop)
-            # Handoff needs the instance's socket folder, which only a sandboxed process instance has
-            # (docs/handoff.md): its own platform and owner, with the proxy handing sockets over.
-            hand = Stack(work, "process", f"{owner}h", stop, "handoff", AUBE_SANDBOX="bwrap")
-            anyio.run(proc.wait_ready)
-            anyio.run(hand.wait_ready)
-            proc.start_proxy(AUBE_HANDOFF="off")
-            hand.start_proxy(AUBE_HANDOFF="auto")
+            proc, hand = relay_and_handoff(work, owner, stop)
             dp = scenario_datapath(s, proc, hand, work, stop)
             results["datapath"] = dp
             results["setup"] = scenario_setup(s, proc, hand, dp["addresses"])
@@ -460,12 +466,7 @@ def setup_only(s: Settings, out_dir: Path) -> None:
     n = max(s.streams)
     try:
         with ExitStack() as stop:
-            proc = Stack(work, "process", owner, stop)
-            hand = Stack(work, "process", f"{owner}h", stop, "handoff", AUBE_SANDBOX="bwrap")
-            anyio.run(proc.wait_ready)
-            anyio.run(hand.wait_ready)
-            proc.start_proxy(AUBE_HANDOFF="off")
-            hand.start_proxy(AUBE_HANDOFF="auto")
+            proc, hand = relay_and_handoff(work, owner, stop)
             anyio.run(upload, proc, "echo", manifest(n, n))
             anyio.run(upload, hand, "echo", manifest(n, n))
             addrs = anyio.run(free_addresses, proc, "echo", n)
