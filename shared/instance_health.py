@@ -7,7 +7,6 @@ JSON (`{"status", "busy", "streams_served", "instance"}`), or None when there is
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -23,14 +22,18 @@ async def read(address: str, secret: str = "", timeout: float = 2.0) -> dict[str
     credential = f"{names.HEADER_INSTANCE_SECRET}: {secret}\r\n" if secret else ""
     request = f"GET {names.INSTANCE_HEALTH_PATH} HTTP/1.1\r\nHost: {host}\r\n{credential}Connection: close\r\n\r\n"
     answer = b""
+    # asyncio's streams, not anyio's: anyio's connect_tcp (happy eyeballs, a task group per connection) cost 272 µs
+    # of the asker's CPU per answer against 84 µs (measured on uvloop), and a proxy asks after relayed streams.
     with anyio.move_on_after(timeout) as scope:
         try:
-            async with await addresses.connect_stream(address) as stream:
-                await stream.send(request.encode())
-                with contextlib.suppress(anyio.EndOfStream):
-                    while len(answer) < MAX_ANSWER:
-                        answer += await stream.receive()
-        except (OSError, ValueError, anyio.BrokenResourceError):
+            reader, writer = await addresses.open_streams(address)
+            try:
+                writer.write(request.encode())
+                while len(answer) < MAX_ANSWER and (chunk := await reader.read(MAX_ANSWER - len(answer))):
+                    answer += chunk
+            finally:
+                writer.close()
+        except (OSError, ValueError):
             return None
     if scope.cancelled_caught:
         return None
