@@ -48,6 +48,13 @@ async def upload(nc: NATS, name: str, manifest: str, folder: Path = WHOAMI) -> U
     return await request(nc, names.SUBJECT_UPLOAD, body, UploadReply, 300)
 
 
+def function_folder(folder: Path, code: str) -> Path:
+    """A function folder holding `code` as its fn.py (a function written for one test)."""
+    folder.mkdir()
+    (folder / "fn.py").write_text(code)
+    return folder
+
+
 def ws(port: int, name: str) -> connect:
     return connect(f"ws://127.0.0.1:{port}/{name}", proxy=None, open_timeout=60)
 
@@ -322,9 +329,7 @@ async def test_a_handler_still_running_after_its_stream_is_waited_for_before_the
     """The instance reports a handed-off stream's end with whether its handler returned. When it has not, the proxy
     asks the instance's health until it has, and only then keeps or frees the instance: the next client is handed it
     once it is free, never offered it while busy (no refusal as busy), and it never carries two streams."""
-    folder = tmp_path / "lingering"
-    folder.mkdir()
-    (folder / "fn.py").write_text(LINGERING)
+    folder = function_folder(tmp_path / "lingering", LINGERING)
     await platform.start_controlplane()
     port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
     async with nats_client(platform.nats_url) as (nc, _):
@@ -404,9 +409,7 @@ async def test_a_client_let_go_after_an_unanswered_offer_is_not_offered_again(  
     """An offer that got no answer may have been taken, so the proxy lets the client go ("lost"). It must then stop:
     before, it went on to the next instance with the let-go client, relayed to it, and failed writing its answer to
     a closed transport (an error logged, and that instance claimed for nothing)."""
-    folder = tmp_path / "silent"
-    folder.mkdir()
-    (folder / "fn.py").write_text(SILENT_TAKER)
+    folder = function_folder(tmp_path / "silent", SILENT_TAKER)
     await platform.start_controlplane()
     port, proxy = await platform.start_proxy(AUBE_HANDOFF="auto")
     async with nats_client(platform.nats_url) as (nc, registry):
