@@ -35,10 +35,15 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 stamp=.venv/.aube-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# The install also builds the proxy's native relay engine (native/relay) with cargo; without a Rust toolchain it goes
+# on without it and the proxy relays in Python (AUBE_RELAY_ENGINE=auto).
+command -v cargo >/dev/null || echo "setup: no cargo: the proxy's native relay engine is not built (https://rustup.rs)" >&2
+newer=$(find pyproject.toml native/relay/Cargo.toml native/relay/Cargo.lock native/relay/src -newer "$stamp" 2>/dev/null | head -1 || true)
+if [ ! -f "$stamp" ] || [ -n "$newer" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
 fi
+.venv/bin/python -c 'from aube.proxy import native_relay as n; n.available() or print("setup: the native relay engine is not built")' >&2
 
 # Autobahn|Testsuite's fuzzing client (tests/integration/test_autobahn.py): wstest 0.8.2 runs on Python 2.7 only,
 # so it gets a virtualenv of its own, .venv-autobahn, with every dependency pinned (scripts/autobahn-requirements.txt).

@@ -191,6 +191,10 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     # it (the proxy is then out of the data path) and relays otherwise; "off" always relays. A handed-off stream
     # ends at the manifest's ping bound like a relayed one, whichever peer hangs (docs/handoff.md).
     handoff: Literal["auto", "off"] = "auto"
+    # How a relayed stream's bytes move once its instance answered (proxy/native_relay.py): "native" on the relay
+    # engine's own thread (a compiled module, native/relay), "python" in the event loop's protocols, "auto" native when
+    # the module is installed. "native" without the module is a startup error.
+    relay_engine: Literal["auto", "native", "python"] = "auto"
 
 
 def _default_host_id() -> str:

@@ -1,14 +1,15 @@
 """The proxy's counters and their Prometheus text rendering, through `aube.shared.metrics`'s line writers (pure:
 no I/O, no clock).
 
-The relay adds to plain integer attributes per chunk; everything else changes once per handshake or stream.
+The Python relay adds to plain integer attributes per chunk, the native engine keeps its own totals (read at
+rendering); everything else changes once per handshake or stream.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aube.shared.metrics import family, histogram, sample
 
@@ -20,14 +21,18 @@ class Metrics:
         self.streams_open: defaultdict[str, int] = defaultdict(int)
         # Streams whose client socket went to the instance (proxy/handoff.py): no byte of them is relayed.
         self.streams_handed_off_total: defaultdict[str, int] = defaultdict(int)
+        # Relayed streams by the engine that moved their bytes ("native" or "python", proxy/native_relay.py).
+        self.streams_relayed_total: defaultdict[str, int] = defaultdict(int)
         # Handed-off streams the proxy cut because their instance left them open past a limit: (function, limit).
         self.limits_enforced_total: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.claims_total: defaultdict[tuple[str, str], int] = defaultdict(int)  # (function, result)
         self.scale_requests_total: defaultdict[str, int] = defaultdict(int)
         self.handshakes_rejected_total: defaultdict[str, int] = defaultdict(int)
-        # Hot path: two plain ints, added to per relayed chunk.
+        # Hot path: two plain ints, added to per chunk the protocols relay (relay.py).
         self.bytes_client_to_instance = 0
         self.bytes_instance_to_client = 0
+        # The native relay engine's own totals (client -> instance, instance -> client), read when rendered.
+        self.native_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.claim_latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # last one is +Inf
         self.claim_latency_sum = 0.0
 
@@ -65,9 +70,16 @@ def render(m: Metrics) -> str:
     for function, limit in sorted(m.limits_enforced_total):
         labels = [("function", function), ("limit", limit)]
         sample(out, "aube_handed_off_limits_enforced_total", labels, m.limits_enforced_total[(function, limit)])
+    family(out, "aube_streams_relayed_total", "counter", "Streams relayed by the proxy, by relay engine.")
+    _by_label(out, "aube_streams_relayed_total", "engine", m.streams_relayed_total)
     family(out, "aube_relayed_bytes_total", "counter", "Bytes relayed after the handshake, by direction.")
-    sample(out, "aube_relayed_bytes_total", [("direction", "client_to_instance")], m.bytes_client_to_instance)
-    sample(out, "aube_relayed_bytes_total", [("direction", "instance_to_client")], m.bytes_instance_to_client)
+    native_in, native_out = m.native_bytes()
+    sample(
+        out, "aube_relayed_bytes_total", [("direction", "client_to_instance")], m.bytes_client_to_instance + native_in
+    )
+    sample(
+        out, "aube_relayed_bytes_total", [("direction", "instance_to_client")], m.bytes_instance_to_client + native_out
+    )
 
     family(out, "aube_handshakes_rejected_total", "counter", "Requests answered before any upgrade, by reason.")
     _by_label(out, "aube_handshakes_rejected_total", "reason", m.handshakes_rejected_total)

@@ -17,12 +17,17 @@ until then the instance closing does not touch the client.
 
 Closing: EOF or loss on either side closes the other one (`close` flushes what is buffered first); the
 service waits for both sides with a bounded grace and aborts what will not close.
+
+Once the instance's answer has been forwarded, the bytes of most streams leave these protocols for the native relay
+engine (native_relay.py); `Legs` is what stream supervision sees of either engine, `ProtocolLegs` this one's.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Protocol, cast
+
+import anyio
 
 from aube.proxy.metrics import Metrics
 
@@ -208,3 +213,73 @@ class UpstreamSide(asyncio.Protocol):
         ct = self.client.transport
         if ct is not None and not ct.is_closing():
             ct.resume_reading()
+
+
+class Legs(Protocol):
+    """A relayed stream's two legs as its supervision sees them, whichever engine moves the bytes."""
+
+    @property
+    def ended(self) -> asyncio.Event:
+        """Set when either side ended the stream (and to wake the supervision early)."""
+        ...
+
+    @property
+    def bytes_in(self) -> int: ...  # client -> instance, relayed so far
+
+    @property
+    def bytes_out(self) -> int: ...  # instance -> client
+
+    @property
+    def client_full(self) -> bool:
+        """The client leg holds bytes the client has not taken: the instance is not being read meanwhile."""
+        ...
+
+    def closed_by(self) -> str | None:
+        """`instance_closed` or `client_closed` once a side ended the stream; None while both are open."""
+        ...
+
+    async def close(self, grace: float) -> None:
+        """Close both legs, letting each flush for up to `grace` seconds; returns once both are closed."""
+        ...
+
+
+class ProtocolLegs:
+    """`Legs` over the two protocols above, for streams whose bytes stay in the event loop."""
+
+    def __init__(self, client: ClientSide, upstream: UpstreamSide) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    @property
+    def ended(self) -> asyncio.Event:
+        return self.client.ended
+
+    @property
+    def bytes_in(self) -> int:
+        return self.client.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.upstream.bytes_out
+
+    @property
+    def client_full(self) -> bool:
+        return self.client.writing_paused
+
+    def closed_by(self) -> str | None:
+        if self.upstream.lost.is_set() or self.upstream.eof_from_instance:
+            return "instance_closed"
+        if self.client.lost.is_set() or self.client.eof:
+            return "client_closed"
+        return None
+
+    async def close(self, grace: float) -> None:
+        upstream = self.upstream
+        if not upstream.lost.is_set():
+            upstream.transport.close()
+            with anyio.move_on_after(grace):
+                await upstream.lost.wait()
+            if not upstream.lost.is_set():
+                upstream.transport.abort()
+        if self.client.transport is not None:
+            self.client.transport.close()

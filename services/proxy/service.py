@@ -16,6 +16,7 @@ INFO lifecycle and the one canonical line per stream, DEBUG transitions and lost
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -24,7 +25,7 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
-from aube.proxy import sockopts
+from aube.proxy import native_relay, sockopts
 from aube.proxy.claiming import Claimer
 from aube.proxy.dashboard import Dashboard
 from aube.proxy.gateway import Gateway
@@ -46,6 +47,9 @@ REGISTRY_CALL_TIMEOUT = 2.0  # seconds a registry read or write may take before 
 async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run one proxy replica until cancelled; `task_status.started(port)` once listening and watching."""
     tcp_options = sockopts.plan(settings)  # an unusable socket option setting stops the start before anything runs
+    use_native = settings.relay_engine == "native" or (settings.relay_engine == "auto" and native_relay.available())
+    if settings.relay_engine == "native" and not native_relay.available():
+        raise RuntimeError("AUBE_RELAY_ENGINE=native, but the native relay engine is not installed (scripts/setup.sh)")
     renew_now = RenewSignal()
 
     async def reconnected() -> None:
@@ -87,7 +91,11 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                         ahead=settings.reserve,
                     )
                     claimer = Claimer(settings, nc, registry, pool, metrics, holdings, reserve, tcp_options, tg)
-                    streams = Streams(settings, pool, metrics, holdings, reserve)
+                    native = native_relay.NativeRelay(asyncio.get_running_loop()) if use_native else None
+                    if native is not None:
+                        stack.callback(native.shutdown)  # after the task group: every stream has closed its legs
+                        metrics.native_bytes = lambda: native.totals
+                    streams = Streams(settings, pool, metrics, holdings, reserve, native)
                     dashboard = (
                         Dashboard(settings.proxy_id, pool, metrics, settings.operator_host)
                         if operator_sock is not None
@@ -110,7 +118,13 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                         tg.start_soon(gateway.accept_loop, operator_sock, tg, True)
                     if dashboard is not None:
                         tg.start_soon(dashboard.run)
-                    log.info("proxy %s listening on %s:%d", settings.proxy_id, settings.proxy_host, port)
+                    log.info(
+                        "proxy %s listening on %s:%d (relay engine: %s)",
+                        settings.proxy_id,
+                        settings.proxy_host,
+                        port,
+                        "native" if native is not None else "python",
+                    )
                     if operator_port is not None:
                         log.info(
                             "proxy %s serves /_aube/metrics and /_aube/dashboard on %s:%d",

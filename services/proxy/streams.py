@@ -27,8 +27,9 @@ from aube.proxy import decisions
 from aube.proxy.handoff import HandedOff
 from aube.proxy.holdings import REQUEST_TIMEOUT, Holdings
 from aube.proxy.metrics import Metrics
+from aube.proxy.native_relay import NativeRelay
 from aube.proxy.pool import Pool
-from aube.proxy.relay import ClientSide, UpstreamSide
+from aube.proxy.relay import ClientSide, Legs, ProtocolLegs, UpstreamSide
 from aube.proxy.reserve import Reserve
 from aube.shared.registry import InstanceEntry, Unknown
 from aube.shared.settings import ProxySettings
@@ -40,9 +41,16 @@ CLOSE_GRACE = 2.0  # how long a closed side may take to flush before it is abort
 
 class Streams:
     def __init__(
-        self, settings: ProxySettings, pool: Pool, metrics: Metrics, holdings: Holdings, reserve: Reserve
+        self,
+        settings: ProxySettings,
+        pool: Pool,
+        metrics: Metrics,
+        holdings: Holdings,
+        reserve: Reserve,
+        native: NativeRelay | None = None,
     ) -> None:
         self.settings = settings
+        self.native = native  # moves established streams' bytes off the event loop; None: the protocols carry them
         self.pool = pool
         self.metrics = metrics
         self.holdings = holdings
@@ -55,14 +63,18 @@ class Streams:
         rec = slot.record
         fn = self.pool.functions.get(name)
         reason = "shutdown"
+        client_ip = client.client_ip  # asked while the proxy still holds the client's transport
         relay_started = anyio.current_time()
         self.metrics.streams_open[name] += 1
         self.holdings.carrying(slot)
         gone = asyncio.Event()
+        legs: Legs | None = None
 
         def instance_gone() -> None:
             gone.set()
             client.ended.set()  # wakes `_relay`
+            if legs is not None:
+                legs.ended.set()
 
         self.pool.carried(slot, instance_gone)
         try:
@@ -74,21 +86,21 @@ class Streams:
             client.attach(upstream)
             if client.ended.is_set():
                 upstream.transport.close()
+            native = self.native.take(client, upstream) if self.native else None
+            legs = native or ProtocolLegs(client, upstream)
+            self.metrics.streams_relayed_total["native" if native else "python"] += 1
+            if gone.is_set():
+                legs.ended.set()
             idle, longest = decisions.stream_limits(fn)
-            reason = await self._relay(client, upstream, idle, longest, decisions.ping_bound(fn, rec), gone)
+            reason = await self._relay(legs, idle, longest, decisions.ping_bound(fn, rec), gone)
         finally:
             self.pool.forget(slot)
             self.metrics.streams_open[name] -= 1
             bound = CLOSE_GRACE + self.settings.handler_grace + 2 * REQUEST_TIMEOUT + 1
             with anyio.move_on_after(bound, shield=True):
-                if not upstream.lost.is_set():
-                    upstream.transport.close()
-                    with anyio.move_on_after(CLOSE_GRACE):
-                        await upstream.lost.wait()
-                    if not upstream.lost.is_set():
-                        upstream.transport.abort()
-                if client.transport is not None:
-                    client.transport.close()
+                if legs is None:
+                    legs = ProtocolLegs(client, upstream)
+                await legs.close(CLOSE_GRACE)
                 if reason == "instance_silent":
                     await self.holdings.mark_unhealthy(slot, "hung")
                 elif reason == "instance_gone":
@@ -100,10 +112,10 @@ class Streams:
                 name,
                 rec.instance_id,
                 rec.slot,
-                client.client_ip,
+                client_ip,
                 anyio.current_time() - relay_started,
-                client.bytes_in,
-                upstream.bytes_out,
+                legs.bytes_in if legs else 0,
+                legs.bytes_out if legs else 0,
                 reason,
             )
 
@@ -235,8 +247,7 @@ class Streams:
 
     async def _relay(
         self,
-        client: ClientSide,
-        upstream: UpstreamSide,
+        legs: Legs,
         idle: float | None,
         longest: float | None,
         silent: float | None = None,
@@ -254,25 +265,25 @@ class Streams:
                 # Idle detection samples the byte counters a few times per window instead of taking the time
                 # per chunk: a stream is never closed before `idle` seconds without traffic.
                 with anyio.move_on_after(min(windows) if windows else None):
-                    await client.ended.wait()
+                    await legs.ended.wait()
                 if gone is not None and gone.is_set():
                     log.warning("the registry no longer accounts for the instance (its entry is gone): ending")
                     return "instance_gone"
-                if upstream.lost.is_set() or upstream.eof_from_instance:
-                    return "instance_closed"
-                if client.lost.is_set() or client.eof:
-                    return "client_closed"
+                closed_by = legs.closed_by()
+                if closed_by is not None:
+                    return closed_by
                 now = anyio.current_time()
                 if idle:
-                    total = client.bytes_in + upstream.bytes_out
+                    total = legs.bytes_in + legs.bytes_out
                     if total != last_total:
                         last_total, last_change = total, now
                     elif now - last_change >= idle:
                         return "idle_timeout"
                 if silent:
                     # While the client leg is full the proxy stops reading the instance: its silence is then ours.
-                    if upstream.bytes_out != last_out or client.writing_paused:
-                        last_out, last_out_change = upstream.bytes_out, now
+                    bytes_out = legs.bytes_out
+                    if bytes_out != last_out or legs.client_full:
+                        last_out, last_out_change = bytes_out, now
                     elif now - last_out_change >= silent:
                         log.warning("instance sent nothing for %.1fs though it pings: hung", now - last_out_change)
                         return "instance_silent"

@@ -770,3 +770,27 @@ async def test_an_instance_that_answers_busy_is_set_aside_and_the_client_served_
                 # Still busy after the handler grace: never handed to a client again, recycled instead.
                 await env.wait_state(taken_key, "unhealthy")
                 assert await metric(settings, 'aube_claims_total{function="who",result="instance_busy"}') == 1
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+async def test_relay_engines_carry_large_messages_both_ways_and_count_them(
+    nats_server: LocalNatsServer, engine: str
+) -> None:
+    """Both relay engines (AUBE_RELAY_ENGINE): the stream's bytes pass intact, the metrics name the engine that moved
+    them and count the bytes, and the instance goes back to the pool. `native` fails where the engine is not built."""
+    settings = proxy_settings(nats_server, relay_engine=engine)
+    text = os.urandom(300_000).hex()  # 600 kB: over one read of either engine
+    with instance_servers(REVERSE, 1) as (inst,):
+        async with environment(nats_server) as env:
+            await env.add_function("reverse")
+            key = await env.add_instance("reverse", 0, inst)
+            async with running_proxy(settings) as port:
+                async with connect(f"ws://127.0.0.1:{port}/reverse", proxy=None, max_size=None, compression=None) as ws:
+                    for _ in range(3):
+                        await ws.send(text)
+                        assert await ws.recv() == text[::-1]
+                await env.wait_state(key, "free")
+                assert await metric(settings, f'aube_streams_relayed_total{{engine="{engine}"}}') == 1
+                relayed_in = await metric(settings, 'aube_relayed_bytes_total{direction="client_to_instance"}')
+                relayed_out = await metric(settings, 'aube_relayed_bytes_total{direction="instance_to_client"}')
+                assert relayed_in > 3 * len(text) and relayed_out > 3 * len(text)
