@@ -83,6 +83,21 @@ def targets_of(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                             None if ratio is None else ratio <= bound,
                         )
                     )
+    if dp:
+        for size in sorted({row["size"] for row in dp["table"]}):
+            for streams in sorted({r["streams"] for r in dp["table"]}):
+                by = {r["config"]: r for r in dp["table"] if r["size"] == size and r["streams"] == streams}
+                if "relay" in by and "relay-python" in by:
+                    a, t = by["relay"]["proxy_cpu_us_per_rt"], by["relay-python"]["proxy_cpu_us_per_rt"]
+                    ratio = a / t if a is not None and t else None
+                    out.append(
+                        (
+                            f"proxy CPU/round trip, `relay` vs `relay-python` (no target; "
+                            f"{size_label(size)}, {streams} stream{'s' if streams > 1 else ''})",
+                            f"{fmt(ratio, 2)}x ({fmt(a, 1)} vs {fmt(t, 1)} µs)",
+                            None,
+                        )
+                    )
     su = results.get("setup")
     if su and isinstance(su.get("added_p50_ms"), dict):
         for path, added in su["added_p50_ms"].items():
@@ -265,6 +280,7 @@ def chart(results: dict[str, Any], out_dir: Path) -> Path | None:
     colors = {
         "direct": "#4c72b0",
         "relay": "#dd8452",
+        "relay-python": "#937860",
         "handoff": "#8172b3",
         "nginx-stock": "#55a868",
         "nginx-tuned": "#c44e52",

@@ -127,9 +127,12 @@ http {{
 # Scenarios
 
 
-def scenario_datapath(s: Settings, stack: Stack, hand: Stack, work: Path, stop: ExitStack) -> dict[str, Any]:
+def scenario_datapath(
+    s: Settings, stack: Stack, hand: Stack, work: Path, stop: ExitStack, python_relay: Stack | None = None
+) -> dict[str, Any]:
     """Echo round trips on each path. `stack` (instances on loopback TCP) serves direct, relay and both nginx;
-    `hand` (sandboxed instances, whose socket folders take handoffs) serves the handoff path through its proxy."""
+    `hand` (sandboxed instances, whose socket folders take handoffs) serves the handoff path through its proxy;
+    `python_relay` (like `stack`, its own platform) relays in the event loop's protocols, not the native engine."""
     n = max(s.streams)
     log(f"data path: uploading echo with {n} warm instances on each platform")
     anyio.run(upload, stack, "echo", manifest(n, n))
@@ -139,13 +142,18 @@ def scenario_datapath(s: Settings, stack: Stack, hand: Stack, work: Path, stop: 
     assert stack.proxy is not None
     assert hand.proxy is not None
     configs = ["direct", "relay", "handoff"]
+    proxies = {"relay": stack, "handoff": hand}
+    if python_relay is not None:
+        anyio.run(upload, python_relay, "echo", manifest(n, n))
+        anyio.run(free_addresses, python_relay, "echo", n)
+        configs.insert(2, "relay-python")
+        proxies["relay-python"] = python_relay
     nginxes: dict[str, Nginx] = {}
     if s.nginx:
         for label, tuned in (("nginx-stock", False), ("nginx-tuned", True)):
             nginxes[label] = Nginx(work, label, addrs, tuned)
             stop.callback(nginxes[label].stop)
             configs.append(label)
-    proxies = {"relay": stack, "handoff": hand}
 
     def targets(config: str, streams: int) -> list[str]:
         if config == "direct":
@@ -364,9 +372,18 @@ def relay_and_handoff(work: Path, owner: str, stop: ExitStack) -> tuple[Stack, S
     hand = Stack(work, "process", f"{owner}h", stop, "handoff", AUBE_SANDBOX="bwrap")
     anyio.run(proc.wait_ready)
     anyio.run(hand.wait_ready)
-    proc.start_proxy(AUBE_HANDOFF="off")
+    proc.start_proxy(AUBE_HANDOFF="off", AUBE_RELAY_ENGINE="native")  # fails to start where the engine is not built
     hand.start_proxy(AUBE_HANDOFF="auto")
     return proc, hand
+
+
+def python_relay(work: Path, owner: str, stop: ExitStack) -> Stack:
+    """A relaying platform whose proxy keeps the bytes in the event loop (AUBE_RELAY_ENGINE=python): the relay before
+    the native engine, measured in the same run."""
+    py = Stack(work, "process", f"{owner}p", stop, "relay-python")
+    anyio.run(py.wait_ready)
+    py.start_proxy(AUBE_HANDOFF="off", AUBE_RELAY_ENGINE="python")
+    return py
 
 
 def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
@@ -383,7 +400,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
     try:
         with ExitStack() as stop:
             proc, hand = relay_and_handoff(work, owner, stop)
-            dp = scenario_datapath(s, proc, hand, work, stop)
+            dp = scenario_datapath(s, proc, hand, work, stop, python_relay(work, owner, stop))
             results["datapath"] = dp
             results["setup"] = scenario_setup(s, proc, hand, dp["addresses"])
             results["memory"] = perstream.memory_per_stream(
@@ -454,6 +471,31 @@ def cold_only(s: Settings, out_dir: Path) -> None:
     write_report(results, out_dir, Settings(**results["settings"]))
 
 
+def datapath_only(s: Settings, out_dir: Path) -> None:
+    """Only the data path scenario into OUT/results.json; the other scenarios' results there are kept."""
+    work = Path(tempfile.mkdtemp(prefix="aube-bench-"))
+    owner = f"bench{uuid.uuid4().hex[:8]}"
+    path = out_dir / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "notes": []}
+    results.setdefault("settings", s.__dict__)
+    load_at_start = load_average()
+    s = Settings(**{**s.__dict__, "nginx": s.nginx and shutil.which("nginx") is not None})
+    try:
+        with ExitStack() as stop:
+            proc, hand = relay_and_handoff(work, owner, stop)
+            results["datapath"] = scenario_datapath(s, proc, hand, work, stop, python_relay(work, owner, stop))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    note = f"Section 1 (data path) and its target rows are from a later run of that scenario alone, {when}"
+    note += f" (`bench/run.py --datapath-only`, load average at its start {load_at_start})."
+    results["notes"] = [n for n in results.get("notes", []) if not n.startswith("Section 1 (data path)")] + [note]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    write_report(results, out_dir, Settings(**results["settings"]))
+    chart(results, out_dir)
+
+
 def setup_only(s: Settings, out_dir: Path) -> None:
     """Only the stream setup scenario (relay, handoff, direct) into OUT/results.json; the other scenarios' results
     there are kept. For working on the setup path without the whole run's half hour."""
@@ -495,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-from", type=Path, help="only rewrite RESULTS.md and the chart from a results.json")
     p.add_argument("--cold-only", action="store_true", help="only the process cold start, into OUT/results.json")
     p.add_argument("--setup-only", action="store_true", help="only the stream setup, into OUT/results.json")
+    p.add_argument("--datapath-only", action="store_true", help="only the data path, into OUT/results.json")
     args = p.parse_args(argv)
     if args.report_from:
         results = json.loads(args.report_from.read_text())
@@ -509,6 +552,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.setup_only:
         settings = Settings.smoke_run(False, False) if args.smoke else Settings.full(False, False)
         setup_only(settings, args.out or BENCH)
+        return
+    if args.datapath_only:
+        nginx_on = not args.no_nginx
+        settings = Settings.smoke_run(False, nginx_on) if args.smoke else Settings.full(False, nginx_on)
+        datapath_only(settings, args.out or BENCH)
         return
     if args.profile_only:
         out_dir = args.out or BENCH

@@ -226,6 +226,7 @@ def test_shutdown_ends_running_streams_and_refuses_new_ones() -> None:
     with relayed(engine) as s:
         engine.shutdown()
         assert all(map(is_closed, s.legs))  # the running stream's legs were closed with the engine
+        assert s.pump.end == "closed"
         assert receive_to_eof(s.client) == b""
         assert receive_to_eof(s.instance) == b""
         refused = socket.socketpair()
