@@ -206,8 +206,10 @@ impl Drop for EndOfStream {
     }
 }
 
-async fn carry(client: OwnedFd, instance: OwnedFd, counters: Arc<Counters>, shared: Arc<Shared>, id: u64) {
-    let mut end_of_stream = EndOfStream { counters: counters.clone(), shared, id, code: RUNNING };
+/// Relay one stream until it ends. The guard comes in made (not made here) so that it is dropped, and the end
+/// announced, even when the task is dropped before it first runs.
+async fn carry(client: OwnedFd, instance: OwnedFd, mut end_of_stream: EndOfStream) {
+    let counters = end_of_stream.counters.clone();
     let shared = end_of_stream.shared.clone();
     let both = Interest::READABLE | Interest::WRITABLE;
     // SAFETY: each descriptor is an OwnedFd this engine alone holds; it stays open while registered and is closed
@@ -347,7 +349,8 @@ impl Engine {
             end: AtomicU8::new(RUNNING),
             cancel: Notify::new(),
         });
-        self.handle.spawn(carry(client, instance, counters.clone(), self.shared.clone(), id));
+        let end_of_stream = EndOfStream { counters: counters.clone(), shared: self.shared.clone(), id, code: RUNNING };
+        self.handle.spawn(carry(client, instance, end_of_stream));
         Ok(Pump { id, counters })
     }
 
