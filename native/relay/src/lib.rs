@@ -75,10 +75,19 @@ struct Shared {
 
 impl Shared {
     fn announce(&self, id: u64) {
-        self.ended.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
         let one: u64 = 1;
         // Nonblocking; it fails only when the counter would overflow, and then the reader is woken anyway.
-        unsafe { libc::write(self.eventfd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        unsafe {
+            libc::write(
+                self.eventfd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
     }
 }
 
@@ -97,7 +106,14 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Send what the socket takes now; 0 when it takes nothing. MSG_NOSIGNAL: a peer gone is an error, not a SIGPIPE.
 fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    let n = unsafe { libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), libc::MSG_NOSIGNAL) };
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
     if n < 0 {
         let e = errno();
         if e.kind() == io::ErrorKind::WouldBlock {
@@ -200,7 +216,11 @@ struct EndOfStream {
 
 impl Drop for EndOfStream {
     fn drop(&mut self) {
-        let code = if self.code == RUNNING { CLOSED_HERE } else { self.code };
+        let code = if self.code == RUNNING {
+            CLOSED_HERE
+        } else {
+            self.code
+        };
         self.counters.end.store(code, Ordering::Release);
         self.shared.announce(self.id);
     }
@@ -215,7 +235,10 @@ async fn carry(client: OwnedFd, instance: OwnedFd, mut end_of_stream: EndOfStrea
     // SAFETY: each descriptor is an OwnedFd this engine alone holds; it stays open while registered and is closed
     // only by dropping its AsyncFd, which deregisters it first.
     let registered = unsafe {
-        (AsyncFd::register_with_interest(client, both), AsyncFd::register_with_interest(instance, both))
+        (
+            AsyncFd::register_with_interest(client, both),
+            AsyncFd::register_with_interest(instance, both),
+        )
     };
     let end = match registered {
         (Ok(client), Ok(instance)) => {
@@ -321,7 +344,13 @@ impl Engine {
             // Dropping the runtime when `stop` is notified drops every stream's task, closing its sockets.
             .spawn(move || runtime.block_on(stopped.notified()))
             .map_err(|e| PyOSError::new_err(format!("relay engine thread: {e}")))?;
-        Ok(Engine { handle, shared, next_id: AtomicU64::new(1), stop, thread: Mutex::new(Some(thread)) })
+        Ok(Engine {
+            handle,
+            shared,
+            next_id: AtomicU64::new(1),
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// The eventfd that becomes readable when streams ended (read 8 bytes from it, then call `take_ended`).
@@ -334,12 +363,20 @@ impl Engine {
     /// whatever happens: the caller must not use or close them.
     fn start(&self, client_fd: i32, instance_fd: i32) -> PyResult<Pump> {
         if client_fd < 0 || instance_fd < 0 || client_fd == instance_fd {
-            return Err(PyOSError::new_err("start: two distinct open descriptors are needed"));
+            return Err(PyOSError::new_err(
+                "start: two distinct open descriptors are needed",
+            ));
         }
         let client = unsafe { OwnedFd::from_raw_fd(client_fd) };
         let instance = unsafe { OwnedFd::from_raw_fd(instance_fd) };
-        if self.thread.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-            return Err(PyOSError::new_err("start: the relay engine is shut down")); // both descriptors closed
+        if self
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(PyOSError::new_err("start: the relay engine is shut down"));
+            // both descriptors closed
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let counters = Arc::new(Counters {
@@ -349,7 +386,12 @@ impl Engine {
             end: AtomicU8::new(RUNNING),
             cancel: Notify::new(),
         });
-        let end_of_stream = EndOfStream { counters: counters.clone(), shared: self.shared.clone(), id, code: RUNNING };
+        let end_of_stream = EndOfStream {
+            counters: counters.clone(),
+            shared: self.shared.clone(),
+            id,
+            code: RUNNING,
+        };
         self.handle.spawn(carry(client, instance, end_of_stream));
         Ok(Pump { id, counters })
     }
