@@ -38,12 +38,14 @@ except ImportError:  # not built here (no Rust toolchain when installed): the Py
 
 log = logging.getLogger(__name__)
 
-# Why a stream ended, as the engine says it, in stream supervision's words.
+# Why a stream ended, as the engine says it, in stream supervision's words. `closed` before the proxy closed the
+# stream means the engine let go of it by itself (its sockets could not be watched, or the engine stopped).
 _CLOSED_BY = {
     "client_closed": "client_closed",
     "client_error": "client_closed",
     "instance_closed": "instance_closed",
     "instance_error": "instance_closed",
+    "closed": "relay_failed",
 }
 
 
@@ -57,7 +59,8 @@ class NativeLegs:
 
     def __init__(self, pump: Pump) -> None:
         self.pump = pump
-        self.ended = asyncio.Event()
+        self.ended = asyncio.Event()  # the stream ended, or supervision is woken (the instance's entry went away)
+        self.released = asyncio.Event()  # the engine announced the end: it closed both sockets
 
     @property
     def bytes_in(self) -> int:
@@ -76,11 +79,11 @@ class NativeLegs:
         return _CLOSED_BY.get(end) if end is not None else None
 
     async def close(self, grace: float) -> None:
-        # The engine closes both sockets at once (the kernel still delivers what they took); `ended` is its word
-        # that it let go of them.
+        # The engine delivers what it holds for either side, then closes both sockets; `released` is its word that
+        # it let go of them.
         self.pump.close()
-        with anyio.move_on_after(grace):
-            await self.ended.wait()
+        with anyio.move_on_after(grace + 1):  # the engine's own flush bound is 2 s, the same as CLOSE_GRACE
+            await self.released.wait()
 
 
 class NativeRelay:
@@ -133,6 +136,7 @@ class NativeRelay:
         for stream_id in self.engine.take_ended():
             legs = self.carried.pop(stream_id, None)
             if legs is not None:
+                legs.released.set()
                 legs.ended.set()
 
     def shutdown(self) -> None:
@@ -140,5 +144,6 @@ class NativeRelay:
         self.loop.remove_reader(self.engine.notify_fd)
         self.engine.shutdown()
         for legs in self.carried.values():
+            legs.released.set()
             legs.ended.set()
         self.carried.clear()

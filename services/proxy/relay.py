@@ -235,11 +235,13 @@ class Legs(Protocol):
         ...
 
     def closed_by(self) -> str | None:
-        """`instance_closed` or `client_closed` once a side ended the stream; None while both are open."""
+        """`instance_closed` or `client_closed` once a side ended the stream, `relay_failed` when the engine ended it
+        with neither; None while it runs."""
         ...
 
     async def close(self, grace: float) -> None:
-        """Close both legs, letting each flush for up to `grace` seconds; returns once both are closed."""
+        """Close both legs; what the engine holds for either side is delivered first, within about `grace` seconds.
+        As with any close, bytes a peer sent that were not read yet are dropped (its kernel may then reset)."""
         ...
 
 

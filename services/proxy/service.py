@@ -91,7 +91,7 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
                         ahead=settings.reserve,
                     )
                     claimer = Claimer(settings, nc, registry, pool, metrics, holdings, reserve, tcp_options, tg)
-                    native = native_relay.NativeRelay(asyncio.get_running_loop()) if use_native else None
+                    native = _native_relay_engine(settings) if use_native else None
                     if native is not None:
                         stack.callback(native.shutdown)  # after the task group: every stream has closed its legs
                         metrics.native_bytes = lambda: native.totals
@@ -138,6 +138,17 @@ async def serve(settings: ProxySettings, *, task_status: TaskStatus[int] = anyio
     finally:
         with anyio.move_on_after(5, shield=True):
             await nc.close()
+
+
+def _native_relay_engine(settings: ProxySettings) -> native_relay.NativeRelay | None:
+    """The native relay engine; with `auto`, None (the Python relay) when it cannot start here."""
+    try:
+        return native_relay.NativeRelay(asyncio.get_running_loop())
+    except OSError as e:
+        if settings.relay_engine == "native":
+            raise
+        log.warning("the native relay engine could not start (%s): relaying in Python", e)
+        return None
 
 
 def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

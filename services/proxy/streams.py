@@ -1,11 +1,12 @@
 """Relay supervision: one claimed stream from the instance's answer to its end, and the instance's return.
 
-Bytes move in the protocols (relay.py), not here: this module starts the relay, then only watches why the stream
-ends (either side closing, `[limits] stream_idle_timeout`, `stream_max_duration`, a silent instance, shutdown),
-closes both legs, hands the instance back (`Holdings.release_when_done`; kept for this replica's next client when it
-may serve again, `reserve.py`), and writes the one canonical log line
-per stream. The release runs in the stream's `finally` under a shielded, bounded scope, so cancelling the proxy
-still releases every instance it carries.
+Bytes move in the protocols (relay.py) or the native relay engine (native_relay.py), not here: this module starts
+the relay, hands an established stream to the engine when it has one, then only watches why the stream ends, through
+`Legs`, whichever engine carries it (either side closing, the engine failing, `[limits] stream_idle_timeout`,
+`stream_max_duration`, a silent instance, shutdown), closes both legs, hands the instance back
+(`Holdings.release_when_done`; kept for this replica's next client when it may serve again, `reserve.py`), and
+writes the one canonical log line per stream. The release runs in the stream's `finally` under a shielded, bounded
+scope, so cancelling the proxy still releases every instance it carries.
 
 Hung peers: both TCP legs get keepalive and `TCP_USER_TIMEOUT` (`aube.proxy.sockopts`), which end a stream whose
 peer's host vanished. A peer whose process hangs while its kernel still answers is the ping policy's: with
@@ -253,7 +254,7 @@ class Streams:
         silent: float | None = None,
         gone: asyncio.Event | None = None,
     ) -> str:
-        """Wait for the stream to end; why it ended. Bytes move in the protocols, not here.
+        """Wait for the stream to end; why it ended. Bytes move in the relay engines, not here.
 
         `silent`: the instance pings, so it sending nothing for this long (while the client leg took bytes) means
         it hangs."""
@@ -272,6 +273,10 @@ class Streams:
                 closed_by = legs.closed_by()
                 if closed_by is not None:
                     return closed_by
+                if legs.ended.is_set():
+                    # Ended without a side's word (the engine failed or stopped): waiting again would not wait.
+                    log.warning("the relay ended the stream without either side closing it")
+                    return "relay_failed"
                 now = anyio.current_time()
                 if idle:
                     total = legs.bytes_in + legs.bytes_out

@@ -7,6 +7,8 @@ where a test needs scale requests answered, it subscribes to the scale subject i
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import signal
@@ -794,3 +796,57 @@ async def test_relay_engines_carry_large_messages_both_ways_and_count_them(
                 relayed_in = await metric(settings, 'aube_relayed_bytes_total{direction="client_to_instance"}')
                 relayed_out = await metric(settings, 'aube_relayed_bytes_total{direction="instance_to_client"}')
                 assert relayed_in > 3 * len(text) and relayed_out > 3 * len(text)
+
+
+async def test_the_first_frame_in_the_heads_packet_crosses_the_hand_over_to_the_native_engine(
+    nats_server: LocalNatsServer,
+) -> None:
+    """A client that sends its first frame in the same write as its request head: those bytes are read by the event
+    loop before the instance answers and must reach the instance, in order, before what the engine relays after."""
+    settings = proxy_settings(nats_server, relay_engine="native")
+    key_b64 = base64.b64encode(os.urandom(16)).decode()
+    head = (
+        "GET /reverse HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key_b64}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+    def masked_text(text: str) -> bytes:
+        payload, mask = text.encode(), os.urandom(4)
+        return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    with instance_servers(REVERSE, 1) as (inst,):
+        async with environment(nats_server) as env:
+            await env.add_function("reverse")
+            await env.add_instance("reverse", 0, inst)
+            async with running_proxy(settings) as port, await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(head + masked_text("first"))
+                answer = b""
+                with anyio.fail_after(10):
+                    while answer.count(b"tsrif") == 0:
+                        answer += await stream.receive()
+                    assert answer.startswith(b"HTTP/1.1 101")
+                    await stream.send(masked_text("second"))  # after the hand-over: the engine's
+                    while b"dnoces" not in answer:
+                        answer += await stream.receive()
+                assert answer.index(b"tsrif") < answer.index(b"dnoces")
+                assert await metric(settings, 'aube_streams_relayed_total{engine="native"}') == 1
+
+
+async def test_a_stream_the_engine_lets_go_of_by_itself_ends_its_supervision() -> None:
+    """The engine ending a stream with neither side's word (its sockets could not be watched, the engine stopped)
+    ends the stream's supervision: it is not waited on for ever, nor in a loop that never yields."""
+    from aube.proxy.native_relay import NativeLegs, NativeRelay
+    from aube.proxy.streams import Streams
+
+    relay = NativeRelay(asyncio.get_running_loop())
+    client, leg = socket.socketpair()
+    try:
+        with open(os.devnull, "rb") as not_a_socket:  # epoll refuses it: the engine lets go at once
+            legs = NativeLegs(relay.engine.start(leg.detach(), os.dup(not_a_socket.fileno())))
+        relay.carried[legs.pump.id] = legs
+        with anyio.fail_after(10):
+            reason = await Streams._relay(Streams.__new__(Streams), legs, idle=60.0, longest=None)
+        assert reason == "relay_failed"
+    finally:
+        client.close()
+        relay.shutdown()

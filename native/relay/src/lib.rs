@@ -32,6 +32,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+/// How long a stream that ended may take to deliver what the engine still holds for its peers (the proxy's own
+/// close grace for the event loop's transports).
+const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The read buffer's size: as large as a loopback segment train gets, so a 64 KiB message is one read.
 const CHUNK: usize = 256 * 1024;
 
@@ -96,7 +100,15 @@ fn errno() -> io::Error {
 }
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    // MSG_DONTWAIT: the thread carries every stream, so no call may block, whatever the descriptor's own mode.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
         Err(errno())
     } else {
@@ -111,7 +123,7 @@ fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
             fd,
             buf.as_ptr() as *const libc::c_void,
             buf.len(),
-            libc::MSG_NOSIGNAL,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
         )
     };
     if n < 0 {
@@ -130,44 +142,64 @@ enum Outcome {
     DestinationFailed,
 }
 
-/// One direction: read `source`, write `destination`, until the source ends or either side fails.
+/// Bytes read from one side that the other has not taken yet: the rest of one chunk at most.
+#[derive(Default)]
+struct Held {
+    bytes: Vec<u8>,
+    sent: usize,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.sent >= self.bytes.len()
+    }
+}
+
+/// Write what is held until the destination took all of it; Err when the destination fails.
+async fn flush(destination: &AsyncFd<OwnedFd>, held: &mut Held) -> io::Result<()> {
+    while !held.is_empty() {
+        let mut ready = destination.writable().await?;
+        match ready.try_io(|fd| {
+            let n = send_now(fd.as_raw_fd(), &held.bytes[held.sent..])?;
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        }) {
+            Ok(Ok(n)) => held.sent += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    *held = Held::default(); // give the memory back: a held chunk is the exception
+    Ok(())
+}
+
+/// One direction: read `source`, write `destination`, until the source ends or either side fails. What the
+/// destination has not taken stays in `held` (the caller's, so that it outlives this direction's end).
 async fn pump(
     source: &AsyncFd<OwnedFd>,
     destination: &AsyncFd<OwnedFd>,
+    held: &mut Held,
     count: &AtomicU64,
     total: &AtomicU64,
     full: Option<&AtomicBool>,
 ) -> Outcome {
-    let mut held: Vec<u8> = Vec::new(); // what the destination did not take yet
     loop {
         if !held.is_empty() {
             if let Some(flag) = full {
                 flag.store(true, Ordering::Relaxed);
             }
-            while !held.is_empty() {
-                let mut ready = match destination.writable().await {
-                    Ok(r) => r,
-                    Err(_) => return Outcome::DestinationFailed,
-                };
-                match ready.try_io(|fd| {
-                    let n = send_now(fd.as_raw_fd(), &held)?;
-                    if n == 0 {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                }) {
-                    Ok(Ok(n)) => {
-                        held.drain(..n);
-                    }
-                    Ok(Err(_)) => return Outcome::DestinationFailed,
-                    Err(_would_block) => continue,
-                }
+            if flush(destination, held).await.is_err() {
+                return Outcome::DestinationFailed;
             }
-            held = Vec::new(); // give the memory back: a held chunk is the exception
             if let Some(flag) = full {
                 flag.store(false, Ordering::Relaxed);
             }
         }
+        // Readiness waits do not count against tokio's cooperative budget: without this a stream whose two ends
+        // are always ready would keep the thread, and every other stream, to itself.
+        tokio::task::consume_budget().await;
         let mut ready = match source.readable().await {
             Ok(r) => r,
             Err(_) => return Outcome::SourceFailed,
@@ -191,13 +223,21 @@ async fn pump(
             Ok(Ok(Some((n, sent)))) => {
                 if n < CHUNK {
                     // A short read drained the socket: wait for the next edge rather than paying a recv to learn
-                    // it (tokio's own streams do the same). Data that came meanwhile raises a new edge.
+                    // it (tokio's own streams do the same). Data that came meanwhile raises a new edge. The one
+                    // exception is a read that stops at urgent (TCP out-of-band) data: that direction then waits
+                    // for its sender's next bytes. WebSocket has no use for urgent data, so only a peer that sends
+                    // it is delayed, itself.
                     ready.clear_ready();
                 }
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 total.fetch_add(n as u64, Ordering::Relaxed);
                 match sent {
-                    Ok(rest) => held = rest,
+                    Ok(rest) => {
+                        *held = Held {
+                            bytes: rest,
+                            sent: 0,
+                        }
+                    }
                     Err(_) => return Outcome::DestinationFailed,
                 }
             }
@@ -242,19 +282,28 @@ async fn carry(client: OwnedFd, instance: OwnedFd, mut end_of_stream: EndOfStrea
     };
     let end = match registered {
         (Ok(client), Ok(instance)) => {
-            tokio::select! {
-                outcome = pump(&client, &instance, &counters.bytes_in, &shared.total_in, None) => match outcome {
+            let (mut upward, mut downward) = (Held::default(), Held::default());
+            let end = tokio::select! {
+                outcome = pump(&client, &instance, &mut upward, &counters.bytes_in, &shared.total_in, None) => match outcome {
                     Outcome::SourceEnded => CLIENT_CLOSED,
                     Outcome::SourceFailed => CLIENT_ERROR,
                     Outcome::DestinationFailed => INSTANCE_ERROR,
                 },
-                outcome = pump(&instance, &client, &counters.bytes_out, &shared.total_out, Some(&counters.client_full)) => match outcome {
+                outcome = pump(&instance, &client, &mut downward, &counters.bytes_out, &shared.total_out, Some(&counters.client_full)) => match outcome {
                     Outcome::SourceEnded => INSTANCE_CLOSED,
                     Outcome::SourceFailed => INSTANCE_ERROR,
                     Outcome::DestinationFailed => CLIENT_ERROR,
                 },
                 _ = counters.cancel.notified() => CLOSED_HERE,
-            }
+            };
+            // What a direction still holds was read from one side and is the other's: deliver it before closing,
+            // as the event loop's transports flush when closed, within the same bound. A side that failed fails
+            // its flush at once.
+            let _ = tokio::time::timeout(FLUSH_GRACE, async {
+                tokio::join!(flush(&instance, &mut upward), flush(&client, &mut downward))
+            })
+            .await;
+            end
             // Both descriptors are closed here, as `client` and `instance` go out of scope.
         }
         _ => CLOSED_HERE, // not a pollable descriptor: dropping what was made closes both
@@ -296,7 +345,9 @@ impl Pump {
         end_name(self.counters.end.load(Ordering::Acquire))
     }
 
-    /// End the stream now: both sockets are closed (what they already took is still delivered) and the end announced.
+    /// End the stream now: what the engine holds for either side is delivered (within 2 s), both sockets are closed
+    /// and the end announced. As with any close, bytes a peer sent that were not read yet are dropped, and then its
+    /// kernel may reset the connection rather than end it.
     fn close(&self) {
         self.counters.cancel.notify_one();
     }
@@ -334,6 +385,7 @@ impl Engine {
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .map_err(|e| PyOSError::new_err(format!("relay engine: {e}")))?;
         let handle = runtime.handle().clone();
@@ -359,8 +411,8 @@ impl Engine {
         self.shared.eventfd.as_raw_fd()
     }
 
-    /// Relay between two connected, nonblocking stream sockets. The engine owns both descriptors from here on,
-    /// whatever happens: the caller must not use or close them.
+    /// Relay between two connected stream sockets. Once the two descriptors passed the check for two distinct
+    /// open ones, the engine owns both, whatever happens next: the caller must not use or close them.
     fn start(&self, client_fd: i32, instance_fd: i32) -> PyResult<Pump> {
         if client_fd < 0 || instance_fd < 0 || client_fd == instance_fd {
             return Err(PyOSError::new_err(
