@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -471,58 +472,57 @@ def cold_only(s: Settings, out_dir: Path) -> None:
     write_report(results, out_dir, Settings(**results["settings"]))
 
 
-def datapath_only(s: Settings, out_dir: Path) -> None:
-    """Only the data path scenario into OUT/results.json; the other scenarios' results there are kept."""
+def one_scenario(
+    s: Settings, out_dir: Path, key: str, section: str, flag: str, measure: Callable[[Path, str, ExitStack], Any]
+) -> None:
+    """Run one scenario alone (`measure(work, owner, stop)`) into OUT/results.json under `key`; the other scenarios'
+    results there are kept, and the notes say which section came from a later run. For working on one path without
+    the whole run."""
     work = Path(tempfile.mkdtemp(prefix="aube-bench-"))
     owner = f"bench{uuid.uuid4().hex[:8]}"
     path = out_dir / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "notes": []}
     results.setdefault("settings", s.__dict__)
     load_at_start = load_average()
-    s = Settings(**{**s.__dict__, "nginx": s.nginx and shutil.which("nginx") is not None})
     try:
         with ExitStack() as stop:
-            proc, hand = relay_and_handoff(work, owner, stop)
-            results["datapath"] = scenario_datapath(s, proc, hand, work, stop, python_relay(work, owner, stop))
+            results[key] = measure(work, owner, stop)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    note = f"Section 1 (data path) and its target rows are from a later run of that scenario alone, {when}"
-    note += f" (`bench/run.py --datapath-only`, load average at its start {load_at_start})."
-    results["notes"] = [n for n in results.get("notes", []) if not n.startswith("Section 1 (data path)")] + [note]
+    note = f"{section} and its target rows are from a later run of that scenario alone, {when}"
+    note += f" (`bench/run.py {flag}`, load average at its start {load_at_start})."
+    results["notes"] = [n for n in results.get("notes", []) if not n.startswith(section)] + [note]
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str))
     write_report(results, out_dir, Settings(**results["settings"]))
     chart(results, out_dir)
 
 
+def datapath_only(s: Settings, out_dir: Path) -> None:
+    """Only the data path scenario (every path, the relay-python platform included)."""
+    s = Settings(**{**s.__dict__, "nginx": s.nginx and shutil.which("nginx") is not None})
+
+    def measure(work: Path, owner: str, stop: ExitStack) -> dict[str, Any]:
+        proc, hand = relay_and_handoff(work, owner, stop)
+        return scenario_datapath(s, proc, hand, work, stop, python_relay(work, owner, stop))
+
+    one_scenario(s, out_dir, "datapath", "Section 1 (data path)", "--datapath-only", measure)
+
+
 def setup_only(s: Settings, out_dir: Path) -> None:
-    """Only the stream setup scenario (relay, handoff, direct) into OUT/results.json; the other scenarios' results
-    there are kept. For working on the setup path without the whole run's half hour."""
-    work = Path(tempfile.mkdtemp(prefix="aube-bench-"))
-    owner = f"bench{uuid.uuid4().hex[:8]}"
-    path = out_dir / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "notes": []}
-    results.setdefault("settings", s.__dict__)
-    load_at_start = load_average()
+    """Only the stream setup scenario (relay, handoff, direct)."""
     n = max(s.streams)
-    try:
-        with ExitStack() as stop:
-            proc, hand = relay_and_handoff(work, owner, stop)
-            anyio.run(upload, proc, "echo", manifest(n, n))
-            anyio.run(upload, hand, "echo", manifest(n, n))
-            addrs = anyio.run(free_addresses, proc, "echo", n)
-            anyio.run(free_addresses, hand, "echo", n)
-            results["setup"] = scenario_setup(s, proc, hand, addrs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    note = f"Section 2 (stream setup) and its target rows are from a later run of that scenario alone, {when}"
-    note += f" (`bench/run.py --setup-only`, load average at its start {load_at_start})."
-    results["notes"] = [n for n in results.get("notes", []) if not n.startswith("Section 2 (stream setup)")] + [note]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str))
-    write_report(results, out_dir, Settings(**results["settings"]))
+
+    def measure(work: Path, owner: str, stop: ExitStack) -> dict[str, Any]:
+        proc, hand = relay_and_handoff(work, owner, stop)
+        anyio.run(upload, proc, "echo", manifest(n, n))
+        anyio.run(upload, hand, "echo", manifest(n, n))
+        addrs = anyio.run(free_addresses, proc, "echo", n)
+        anyio.run(free_addresses, hand, "echo", n)
+        return scenario_setup(s, proc, hand, addrs)
+
+    one_scenario(s, out_dir, "setup", "Section 2 (stream setup)", "--setup-only", measure)
 
 
 def main(argv: list[str] | None = None) -> None:
